@@ -1,0 +1,482 @@
+//! Command-line and environment configuration shared by both services.
+//!
+//! Each flag has an environment variable (containers are configured with
+//! env vars, people with flags). The services differ only in defaults, which
+//! each binary supplies through [`ServiceDefaults`] so `--help` shows them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use rdkafka::ClientConfig;
+
+use crate::batch::BatchLimits;
+use crate::telemetry::LogFormat;
+
+/// Per-service defaults, applied to the shared flags before parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceDefaults {
+    /// Topic consumed.
+    pub topic: &'static str,
+    /// Consumer group.
+    pub group_id: &'static str,
+    /// Records per batch.
+    pub batch_max_events: usize,
+    /// Bytes per batch.
+    pub batch_max_bytes: usize,
+    /// Linger before a partial batch is written.
+    pub batch_linger_ms: u64,
+}
+
+/// Kafka, batching and operational settings of a consumer service.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Kafka consumer")]
+pub struct ConsumerArgs {
+    /// Kafka bootstrap servers, comma separated `host:port` list.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", value_name = "HOST:PORT,...")]
+    pub bootstrap_servers: String,
+
+    /// Topic to consume.
+    #[arg(
+        long,
+        env = "KAFKA_TOPIC",
+        value_name = "TOPIC",
+        default_value = "events"
+    )]
+    pub topic: String,
+
+    /// Consumer group; replicas of one service share it to split partitions.
+    #[arg(
+        long,
+        env = "KAFKA_GROUP_ID",
+        value_name = "GROUP",
+        default_value = "sink"
+    )]
+    pub group_id: String,
+
+    /// Dead-letter topic for records that can never be written [default: <topic>.dlq].
+    #[arg(long, env = "KAFKA_DLQ_TOPIC", value_name = "TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    /// Extra librdkafka property `key=value` (TLS, SASL, tuning); repeatable.
+    /// In KAFKA_OPTIONS, separate several with commas.
+    #[arg(
+        long = "kafka-option",
+        env = "KAFKA_OPTIONS",
+        value_name = "KEY=VALUE",
+        value_delimiter = ',',
+        value_parser = parse_kafka_option
+    )]
+    pub kafka_options: Vec<(String, String)>,
+
+    /// Consumer group session timeout: how long a dead replica keeps its partitions.
+    #[arg(
+        long,
+        env = "KAFKA_SESSION_TIMEOUT_MS",
+        value_name = "MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1_000..=3_600_000)
+    )]
+    pub session_timeout_ms: u64,
+
+    /// Seal a batch at this many records.
+    #[arg(long, env = "BATCH_MAX_EVENTS", value_name = "N", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_max_events: u64,
+
+    /// Seal a batch before it passes this many bytes of message data.
+    #[arg(long, env = "BATCH_MAX_BYTES", value_name = "BYTES", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u64).range(1_024..=1 << 30))]
+    pub batch_max_bytes: u64,
+
+    /// Write a partial batch this long after its first record arrived.
+    #[arg(long, env = "BATCH_LINGER_MS", value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub batch_linger_ms: u64,
+
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "METRICS_ADDR",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:9090"
+    )]
+    pub metrics_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// On SIGTERM/SIGINT, time allowed to write and commit what was fetched.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub shutdown_timeout_secs: u64,
+}
+
+/// librdkafka properties the service sets itself: overriding them would break
+/// the delivery guarantee or contradict a dedicated flag.
+const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use --bootstrap-servers"),
+    ("group.id", "use --group-id"),
+    ("session.timeout.ms", "use --session-timeout-ms"),
+    (
+        "enable.auto.commit",
+        "offsets are committed only after the sink acknowledged the records",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed only after the sink acknowledged the records",
+    ),
+];
+
+impl ConsumerArgs {
+    /// The dead-letter topic.
+    pub fn dlq_topic(&self) -> String {
+        self.dlq_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.topic))
+    }
+
+    /// Batching limits.
+    pub fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_events: usize::try_from(self.batch_max_events).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(self.batch_max_bytes).unwrap_or(usize::MAX),
+            linger: Duration::from_millis(self.batch_linger_ms),
+        }
+    }
+
+    /// Shutdown deadline.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    /// Checks what clap cannot: cross-field rules and reserved options.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.bootstrap_servers.trim().is_empty() {
+            bail!("--bootstrap-servers (KAFKA_BOOTSTRAP_SERVERS) is empty: expected host:port[,host:port...]");
+        }
+        if self.topic.trim().is_empty() || self.group_id.trim().is_empty() {
+            bail!("--topic and --group-id must not be empty");
+        }
+        if self.dlq_topic() == self.topic {
+            bail!(
+                "--dlq-topic must differ from --topic ({}): dead letters would be consumed again",
+                self.topic
+            );
+        }
+        for (key, _) in &self.kafka_options {
+            if let Some((_, why)) = MANAGED_KAFKA_OPTIONS.iter().find(|(k, _)| k == key) {
+                bail!("--kafka-option {key} cannot be set: {why}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings common to the consumer and the dead-letter producer, with the
+    /// user's `--kafka-option`s applied last.
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (key, value) in &self.kafka_options {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// The consumer's librdkafka configuration.
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("group.id", &self.group_id)
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            // A new group must not skip the backlog.
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "5000")
+            // Measured (docs/benchmarks.md, STACK.md): the default 1 s backoff
+            // once the local queue fills leaves the consumer idle most of the
+            // time; these keep throughput high with a ~20 MB footprint.
+            .set("fetch.queue.backoff.ms", "5")
+            .set("queued.min.messages", "10000")
+            .set("queued.max.messages.kbytes", "4096")
+            .set("max.partition.fetch.bytes", "262144")
+            .set("fetch.max.bytes", "1048576");
+        for (key, value) in &self.kafka_options {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// The dead-letter producer's librdkafka configuration. Consumer-only
+    /// `--kafka-option`s are dropped so librdkafka does not warn about them.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        for key in CONSUMER_ONLY_PREFIXES {
+            let keys: Vec<String> = config
+                .config_map()
+                .keys()
+                .filter(|k| k.starts_with(key))
+                .map(ToString::to_string)
+                .collect();
+            for k in keys {
+                config.remove(&k);
+            }
+        }
+        config
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            // Surface an unreachable DLQ as an error we retry and report,
+            // instead of librdkafka's silent 5-minute default.
+            .set("message.timeout.ms", "30000");
+        config
+    }
+
+    /// The `--kafka-option`s with secrets masked, for logs.
+    pub fn redacted_kafka_options(&self) -> String {
+        self.kafka_options
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_key(k) {
+                    format!("{k}=***")
+                } else {
+                    format!("{k}={v}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+const CONSUMER_ONLY_PREFIXES: &[&str] = &[
+    "fetch.",
+    "queued.",
+    "max.partition.fetch",
+    "auto.offset.reset",
+    "partition.assignment",
+    "group.",
+    "heartbeat.",
+    "max.poll",
+    "isolation.level",
+    "check.crcs",
+];
+
+fn parse_kafka_option(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(format!(
+            "expected KEY=VALUE (a librdkafka property such as security.protocol=SASL_SSL), got {raw:?}"
+        )),
+    }
+}
+
+/// True for librdkafka properties whose values must not be logged.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "jaas",
+        "oauthbearer.config",
+        "key.pem",
+        "ssl.key",
+        "keystore",
+    ]
+    .iter()
+    .any(|needle| key.contains(needle))
+}
+
+/// Masks the password of a URL (`redis://user:pass@host` -> `redis://user:***@host`).
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    if user.len() == userinfo.len() && !userinfo.is_empty() {
+        // `redis://token@host`: the lone userinfo is the password.
+        return format!("{}***{}", &url[..scheme_end], &rest[at..]);
+    }
+    format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
+}
+
+/// Parses the process arguments into `T`, after replacing the shared flags'
+/// placeholder defaults with this service's, in every subcommand.
+pub fn parse_args<T: CommandFactory + FromArgMatches>(defaults: &ServiceDefaults) -> T {
+    let command = with_defaults(T::command(), defaults);
+    let mut matches: ArgMatches = command.clone().get_matches();
+    match T::from_arg_matches_mut(&mut matches) {
+        Ok(args) => args,
+        Err(err) => err.with_cmd(&command).exit(),
+    }
+}
+
+/// Same as [`parse_args`] for an explicit argument list (tests).
+pub fn try_parse_args_from<T, I, S>(defaults: &ServiceDefaults, args: I) -> Result<T, clap::Error>
+where
+    T: CommandFactory + FromArgMatches,
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let command = with_defaults(T::command(), defaults);
+    let mut matches = command.clone().try_get_matches_from(args)?;
+    T::from_arg_matches_mut(&mut matches).map_err(|err| err.with_cmd(&command))
+}
+
+fn with_defaults(command: clap::Command, d: &ServiceDefaults) -> clap::Command {
+    let defaults: [(&str, String); 5] = [
+        ("topic", d.topic.to_owned()),
+        ("group_id", d.group_id.to_owned()),
+        ("batch_max_events", d.batch_max_events.to_string()),
+        ("batch_max_bytes", d.batch_max_bytes.to_string()),
+        ("batch_linger_ms", d.batch_linger_ms.to_string()),
+    ];
+    let mut command = command;
+    for (id, value) in defaults {
+        if command.get_arguments().any(|a| a.get_id() == id) {
+            command = command.mut_arg(id, |arg| arg.default_value(value));
+        }
+    }
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for name in names {
+        command = command.mut_subcommand(name, |sub| with_defaults(sub, d));
+    }
+    command
+}
+
+/// Wraps a librdkafka configuration error with the flag that feeds it.
+pub(crate) fn kafka_config_context<T, E>(result: Result<T, E>, what: &str) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    result.with_context(|| {
+        format!("cannot create the Kafka {what}: check --bootstrap-servers and every --kafka-option (KAFKA_OPTIONS)")
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        consumer: ConsumerArgs,
+    }
+
+    const DEFAULTS: ServiceDefaults = ServiceDefaults {
+        topic: "user3",
+        group_id: "redis-sink",
+        batch_max_events: 123,
+        batch_max_bytes: 4096,
+        batch_linger_ms: 7,
+    };
+
+    fn parse(args: &[&str]) -> Result<ConsumerArgs, clap::Error> {
+        let argv = std::iter::once("svc").chain(args.iter().copied());
+        try_parse_args_from::<Cli, _, _>(&DEFAULTS, argv).map(|c| c.consumer)
+    }
+
+    #[test]
+    fn service_defaults_apply() {
+        let args = parse(&["--bootstrap-servers", "k:9092"]).unwrap();
+        assert_eq!(args.topic, "user3");
+        assert_eq!(args.group_id, "redis-sink");
+        assert_eq!(args.dlq_topic(), "user3.dlq");
+        assert_eq!(args.batch_max_events, 123);
+        assert_eq!(args.batch_limits().linger, Duration::from_millis(7));
+    }
+
+    #[test]
+    fn repeatable_kafka_options() {
+        let args = parse(&[
+            "--bootstrap-servers",
+            "k:9092",
+            "--kafka-option",
+            "security.protocol=SASL_SSL",
+            "--kafka-option",
+            "sasl.password=hunter2",
+        ])
+        .unwrap();
+        assert_eq!(args.kafka_options.len(), 2);
+        assert_eq!(
+            args.redacted_kafka_options(),
+            "security.protocol=SASL_SSL,sasl.password=***"
+        );
+        let consumer = args.consumer_config();
+        assert_eq!(consumer.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    }
+
+    #[test]
+    fn user_options_override_tuning_defaults() {
+        let args = parse(&[
+            "--bootstrap-servers",
+            "k:9092",
+            "--kafka-option",
+            "auto.offset.reset=latest",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.consumer_config().get("auto.offset.reset"),
+            Some("latest")
+        );
+        assert_eq!(
+            args.producer_config().get("auto.offset.reset"),
+            None,
+            "consumer-only"
+        );
+    }
+
+    #[test]
+    fn wrong_values_name_the_flag() {
+        let err = parse(&["--bootstrap-servers", "k", "--batch-max-events", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--batch-max-events"), "{err}");
+        let err = parse(&["--bootstrap-servers", "k", "--kafka-option", "novalue"]).unwrap_err();
+        assert!(err.to_string().contains("KEY=VALUE"), "{err}");
+        let err = parse(&["--bootstrap-servers", "k", "--metrics-addr", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("--metrics-addr"), "{err}");
+    }
+
+    #[test]
+    fn managed_options_are_refused() {
+        let args = parse(&[
+            "--bootstrap-servers",
+            "k",
+            "--kafka-option",
+            "enable.auto.commit=true",
+        ])
+        .unwrap();
+        let err = args.validate().unwrap_err().to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+        let args = parse(&["--bootstrap-servers", "k", "--dlq-topic", "user3"]).unwrap();
+        assert!(args.validate().is_err());
+    }
+
+    #[test]
+    fn urls_lose_their_password() {
+        assert_eq!(
+            redact_url("redis://user:pw@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:pw@host"), "rediss://:***@host");
+        assert_eq!(redact_url("redis://token@host"), "redis://***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+}

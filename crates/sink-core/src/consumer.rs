@@ -1,0 +1,630 @@
+//! The consume → batch → write → dead-letter → commit loop, written once.
+//!
+//! Guarantee: at-least-once with no loss. A partition's committed offset only
+//! moves past records the sink acknowledged or the dead-letter topic
+//! accepted, and only for partitions this consumer owns. A sink that stores
+//! its offsets with its writes (Redis) turns this into exactly-once effects.
+//!
+//! Shape of the loop (one task):
+//! - fetch a record, decode it (the sink's pure `decode`), add it to the batcher;
+//! - sealed batches are written by spawned tasks, at most `max_in_flight` at
+//!   once; a task retries until the sink accepts, sends dead letters first,
+//!   then marks its offsets done in the shared [`OffsetTracker`];
+//! - when sealed batches pile up (the sink is behind or down), the assignment
+//!   is paused but polling goes on, so the consumer stays in its group;
+//! - rebalances run inside `recv()`: a revoke waits (bounded) for in-flight
+//!   batches of the revoked partitions and commits what they acknowledged; an
+//!   assignment starts each partition where the sink says it stands.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::task::JoinSet;
+
+use crate::batch::{Batcher, Work};
+use crate::config::{kafka_config_context, redact_url, ConsumerArgs};
+use crate::dlq::DeadLetters;
+use crate::metrics::{self as m, Health};
+use crate::offsets::{BatchId, OffsetTracker};
+use crate::retry;
+use crate::sink::{Record, Rejection, Sink};
+
+/// How long an assignment waits for the sink to say where partitions start.
+/// Past it, Kafka's committed offsets are used: a sink that stores offsets
+/// still refuses a replay at write time, so this costs a seek, not accuracy.
+const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often an idle sink is probed for readiness.
+const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// State shared by the loop, the batch tasks and the rebalance callback.
+struct Shared {
+    tracker: Mutex<OffsetTracker>,
+    /// Signalled whenever a batch completes (a revoke may be waiting).
+    batch_done: Condvar,
+    /// Set once shutdown started: rebalance callbacks stop waiting.
+    closing: AtomicBool,
+    /// Counts rebalances, so the loop knows librdkafka reset its pause state.
+    rebalances: AtomicU64,
+    /// Counts write attempts, so the idle readiness probe stays out of the way.
+    writes: AtomicU64,
+}
+
+impl Shared {
+    fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
+        // The tracker holds no invariant a panic elsewhere could break halfway.
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// librdkafka callbacks: rebalances, statistics, commit results.
+struct LoopContext<S: Sink> {
+    shared: Arc<Shared>,
+    sink: Arc<S>,
+    topic: Arc<str>,
+    health: Arc<Health>,
+    drain_timeout: Duration,
+}
+
+impl<S: Sink> ClientContext for LoopContext<S> {
+    fn stats(&self, statistics: Statistics) {
+        m::record_statistics(&statistics);
+    }
+}
+
+impl<S: Sink> ConsumerContext for LoopContext<S> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(&partitions, tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, &partitions);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed");
+                consumer.unassign()
+            }
+        };
+        self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
+        if let Err(err) = result {
+            tracing::error!(%err, "cannot apply the new assignment");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(err) = result {
+            // Not fatal: the next commit carries a later offset, and anything
+            // uncommitted is re-delivered (the sink copes with replays).
+            tracing::warn!(%err, offsets = ?offsets.to_topic_map(), "offset commit failed");
+        }
+    }
+}
+
+impl<S: Sink> LoopContext<S> {
+    fn on_assign(&self, partitions: &[i32], tpl: &mut TopicPartitionList) {
+        let stored = if self.shared.closing.load(Ordering::Relaxed) || partitions.is_empty() {
+            None
+        } else {
+            let lookup = self.sink.stored_offsets(&self.topic, partitions);
+            match block_on(async { tokio::time::timeout(STORED_OFFSETS_TIMEOUT, lookup).await }) {
+                Some(Ok(Ok(offsets))) if offsets.len() == partitions.len() => Some(offsets),
+                Some(Ok(Ok(_))) => {
+                    tracing::error!(
+                        "sink returned stored offsets for the wrong number of partitions"
+                    );
+                    None
+                }
+                Some(Ok(Err(err))) => {
+                    tracing::warn!(error = %err, "cannot read the sink's stored offsets; starting from Kafka's");
+                    None
+                }
+                Some(Err(_)) => {
+                    tracing::warn!(
+                        "the sink's stored offsets took too long; starting from Kafka's"
+                    );
+                    None
+                }
+                None => None,
+            }
+        };
+        let mut tracker = self.shared.tracker();
+        for (i, partition) in partitions.iter().enumerate() {
+            let start = stored.as_ref().and_then(|s| s[i]);
+            if let Some(offset) = start {
+                if let Err(err) =
+                    tpl.set_partition_offset(&self.topic, *partition, Offset::Offset(offset))
+                {
+                    tracing::error!(%err, partition, "cannot set the start offset");
+                }
+            }
+            tracker.assign(*partition, start);
+        }
+        self.health.set_in_group(true);
+        tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let lost = consumer.assignment_lost();
+        if !lost && !self.shared.closing.load(Ordering::Relaxed) {
+            self.drain(partitions);
+        }
+        let commits: Vec<(i32, i64)> = {
+            let mut tracker = self.shared.tracker();
+            partitions
+                .iter()
+                .filter_map(|p| tracker.revoke(*p).map(|offset| (*p, offset)))
+                .collect()
+        };
+        // After a lost assignment the partitions already belong to others:
+        // a commit now would be refused, and must not win if it were not.
+        if !lost && !commits.is_empty() {
+            if let Err(err) =
+                consumer.commit(&offsets_list(&self.topic, &commits), CommitMode::Sync)
+            {
+                tracing::warn!(%err, "commit on revoke failed; the next owner re-reads those records");
+            }
+        }
+        tracing::info!(topic = %self.topic, ?partitions, lost, "partitions revoked");
+    }
+
+    /// Waits, up to the drain timeout, for batches holding revoked partitions.
+    /// They run on other tasks; this thread is only parked.
+    fn drain(&self, partitions: &[i32]) {
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut tracker = self.shared.tracker();
+        while tracker.in_flight(partitions) {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                tracing::warn!(?partitions, "in-flight batches did not finish before the drain deadline; the next owner re-reads them");
+                return;
+            };
+            tracker = match block_in_place(|| self.shared.batch_done.wait_timeout(tracker, left)) {
+                Some(Ok((guard, _))) => guard,
+                Some(Err(poisoned)) => poisoned.into_inner().0,
+                None => return,
+            };
+        }
+    }
+}
+
+/// Runs a future to completion from a librdkafka callback, which is
+/// synchronous. Only possible on a multi-thread runtime; elsewhere `None`.
+fn block_on<F: Future>(future: F) -> Option<F::Output> {
+    let handle = Handle::try_current().ok()?;
+    if handle.runtime_flavor() == RuntimeFlavor::CurrentThread {
+        return None;
+    }
+    Some(tokio::task::block_in_place(|| handle.block_on(future)))
+}
+
+/// Blocks this thread without starving the runtime's other tasks.
+fn block_in_place<T>(f: impl FnOnce() -> T) -> Option<T> {
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::CurrentThread => None,
+        Ok(_) => Some(tokio::task::block_in_place(f)),
+        Err(_) => Some(f()),
+    }
+}
+
+fn offsets_list(topic: &str, offsets: &[(i32, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (partition, offset) in offsets {
+        // Only fails for Offset::Invalid, which we never build.
+        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+/// Consumes `args.topic` into `sink` until `shutdown` resolves, then writes
+/// and commits what it fetched (within `--shutdown-timeout-secs`) and leaves
+/// the group. Also serves /metrics, /healthz and /readyz on
+/// `--metrics-addr`. Needs a multi-thread tokio runtime: rebalance callbacks
+/// wait for in-flight writes while other tasks keep running.
+pub async fn run<S: Sink>(
+    args: &ConsumerArgs,
+    sink: S,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    args.validate()?;
+    let health = Health::new();
+    let metrics = m::install()?;
+    let metrics_addr = m::serve(args.metrics_addr, metrics, Arc::clone(&health)).await?;
+    let topic: Arc<str> = args.topic.as_str().into();
+    tracing::info!(
+        topic = %topic,
+        group = %args.group_id,
+        bootstrap = %redact_url(&args.bootstrap_servers),
+        dlq = %args.dlq_topic(),
+        kafka_options = %args.redacted_kafka_options(),
+        metrics = %metrics_addr,
+        "starting consumer"
+    );
+
+    let sink = Arc::new(sink);
+    let shared = Arc::new(Shared {
+        tracker: Mutex::new(OffsetTracker::default()),
+        batch_done: Condvar::new(),
+        closing: AtomicBool::new(false),
+        rebalances: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
+    });
+    let context = LoopContext {
+        shared: Arc::clone(&shared),
+        sink: Arc::clone(&sink),
+        topic: Arc::clone(&topic),
+        health: Arc::clone(&health),
+        // As Vector does: half the session timeout, so a slow drain never
+        // gets this member evicted mid-rebalance.
+        drain_timeout: Duration::from_millis(args.session_timeout_ms / 2),
+    };
+    let consumer: StreamConsumer<LoopContext<S>> = kafka_config_context(
+        args.consumer_config().create_with_context(context),
+        "consumer",
+    )?;
+    consumer
+        .subscribe(&[&topic])
+        .with_context(|| format!("cannot subscribe to topic {topic}"))?;
+    let dlq = Arc::new(DeadLetters::new(args)?);
+
+    let checker = tokio::spawn(probe_sink(
+        Arc::clone(&sink),
+        Arc::clone(&shared),
+        Arc::clone(&health),
+    ));
+    let mut consume = Loop {
+        batcher: Batcher::new(Arc::clone(&topic), args.batch_limits()),
+        max_in_flight: sink.max_in_flight().max(1),
+        consumer,
+        sink,
+        dlq: Arc::clone(&dlq),
+        shared: Arc::clone(&shared),
+        health: Arc::clone(&health),
+        topic,
+        tasks: JoinSet::new(),
+        paused: false,
+        rebalances_seen: 0,
+    };
+    let result = consume.run(shutdown).await;
+    let leftover = consume.drain(args.shutdown_timeout()).await;
+    checker.abort();
+    health.set_in_group(false);
+    shared.closing.store(true, Ordering::Relaxed);
+    let Loop { consumer, .. } = consume;
+    // Closing leaves the group and may block on the network: off the runtime.
+    let closed = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "leaving the consumer group took too long; the broker will time this member out"
+        );
+    }
+    dlq.flush(Duration::from_secs(5));
+    if leftover.buffered == 0 && leftover.batches == 0 {
+        tracing::info!("stopped; everything fetched was written and committed");
+    } else {
+        tracing::warn!(
+            buffered_records = leftover.buffered,
+            unfinished_batches = leftover.batches,
+            "stopped before the sink took everything; the rest was not committed and will be consumed again"
+        );
+    }
+    result
+}
+
+/// What shutdown could not write before its deadline.
+struct Leftover {
+    buffered: usize,
+    batches: usize,
+}
+
+/// Probes the sink for readiness while no write says anything about it.
+async fn probe_sink<S: Sink>(sink: Arc<S>, shared: Arc<Shared>, health: Arc<Health>) {
+    let mut writes_seen = u64::MAX;
+    loop {
+        let writes = shared.writes.load(Ordering::Relaxed);
+        if writes == writes_seen {
+            match sink.check().await {
+                Ok(()) => health.set_sink_ok(true),
+                Err(err) => {
+                    health.set_sink_ok(false);
+                    tracing::warn!(error = %err, "sink is not reachable");
+                }
+            }
+        } else if writes_seen == u64::MAX {
+            // First round: probe once at start.
+            health.set_sink_ok(sink.check().await.is_ok());
+        }
+        writes_seen = writes;
+        tokio::time::sleep(CHECK_INTERVAL).await;
+    }
+}
+
+struct Loop<S: Sink> {
+    consumer: StreamConsumer<LoopContext<S>>,
+    sink: Arc<S>,
+    dlq: Arc<DeadLetters>,
+    shared: Arc<Shared>,
+    health: Arc<Health>,
+    topic: Arc<str>,
+    batcher: Batcher<S::Item>,
+    tasks: JoinSet<()>,
+    max_in_flight: usize,
+    paused: bool,
+    rebalances_seen: u64,
+}
+
+impl<S: Sink> Loop<S> {
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            self.dispatch();
+            self.pause_while_behind();
+            let linger = self.batcher.deadline();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                Some(joined) = self.tasks.join_next() => joined.context("a batch task panicked")?,
+                () = sleep_until(linger), if linger.is_some() => self.batcher.tick(Instant::now()),
+                message = self.consumer.recv() => {
+                    match message.map(|m| detach(&self.topic, &m)) {
+                        Ok(record) => self.accept(record),
+                        Err(err) => tracing::warn!(%err, "Kafka consumer error"),
+                    }
+                }
+            }
+            self.after_step();
+        }
+    }
+
+    /// Adds a fetched record to the open batch, unless it is stale.
+    fn accept(&mut self, record: Record) {
+        if !self
+            .shared
+            .tracker()
+            .accept(record.partition, record.offset)
+        {
+            return;
+        }
+        metrics::counter!(m::EVENTS_CONSUMED, "topic" => self.topic.to_string()).increment(1);
+        let decoded = self.sink.decode(&record);
+        self.batcher.push(record, decoded, Instant::now());
+    }
+
+    /// Starts writing sealed batches while there is room.
+    fn dispatch(&mut self) {
+        while self.tasks.len() < self.max_in_flight {
+            let Some(work) = self.batcher.pop_sealed() else {
+                break;
+            };
+            let batch_id = self.shared.tracker().begin(&work.batch.ranges);
+            self.tasks.spawn(write_batch(
+                Arc::clone(&self.sink),
+                Arc::clone(&self.dlq),
+                Arc::clone(&self.shared),
+                Arc::clone(&self.health),
+                batch_id,
+                work,
+            ));
+        }
+        metrics::gauge!(m::BUFFERED_EVENTS).set(self.batcher.buffered() as f64);
+    }
+
+    /// Pauses fetching while sealed batches wait for the sink (memory stays
+    /// bounded), resumes when they are gone. Polling continues either way.
+    fn pause_while_behind(&mut self) {
+        let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
+        if rebalances != self.rebalances_seen {
+            // A new assignment starts unpaused.
+            self.rebalances_seen = rebalances;
+            self.paused = false;
+        }
+        let behind = self.batcher.has_sealed();
+        if behind == self.paused {
+            return;
+        }
+        let partitions: Vec<(i32, i64)> = self
+            .shared
+            .tracker()
+            .assigned()
+            .into_iter()
+            .map(|p| (p, 0))
+            .collect();
+        let tpl = offsets_list(&self.topic, &partitions);
+        let result = if behind {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => {
+                self.paused = behind;
+                metrics::gauge!(m::PAUSED).set(if behind { 1.0 } else { 0.0 });
+                tracing::debug!(
+                    paused = behind,
+                    "fetching {}",
+                    if behind {
+                        "paused: the sink is behind"
+                    } else {
+                        "resumed"
+                    }
+                );
+            }
+            Err(err) => tracing::warn!(%err, "cannot pause/resume fetching"),
+        }
+    }
+
+    /// Applies what rebalances and completed batches decided: drops records of
+    /// revoked partitions, seeks where the sink is ahead, commits.
+    fn after_step(&mut self) {
+        let (revoked, seeks, commits) = {
+            let mut tracker = self.shared.tracker();
+            (
+                tracker.take_revoked(),
+                tracker.take_seeks(),
+                tracker.take_commits(),
+            )
+        };
+        for partition in revoked {
+            self.batcher.purge(partition);
+        }
+        for (partition, offset) in seeks {
+            self.batcher.purge(partition);
+            metrics::counter!(m::ALREADY_APPLIED, "topic" => self.topic.to_string()).increment(1);
+            tracing::info!(
+                partition,
+                offset,
+                "the sink already holds records up to this offset; resuming there"
+            );
+            // Zero timeout: asynchronous; the tracker drops stale records meanwhile.
+            if let Err(err) = self.consumer.seek(
+                &self.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::ZERO,
+            ) {
+                tracing::warn!(%err, partition, offset, "seek failed; the sink will refuse the replayed records");
+            }
+        }
+        if !commits.is_empty() {
+            if let Err(err) = self
+                .consumer
+                .commit(&offsets_list(&self.topic, &commits), CommitMode::Async)
+            {
+                tracing::warn!(%err, "cannot send offset commit");
+            }
+        }
+    }
+
+    /// Shutdown: writes what was fetched, within the deadline, and commits it
+    /// synchronously. Returns what was left unwritten.
+    async fn drain(&mut self, timeout: Duration) -> Leftover {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.batcher.seal();
+        while !self.tasks.is_empty() || self.batcher.has_sealed() {
+            self.dispatch();
+            tokio::select! {
+                joined = self.tasks.join_next() => {
+                    if let Some(Err(err)) = joined {
+                        tracing::error!(%err, "a batch task failed during shutdown");
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            self.after_step();
+        }
+        let unfinished = self.tasks.len();
+        self.tasks.abort_all();
+        let commits = self.shared.tracker().take_commits();
+        if !commits.is_empty() {
+            if let Err(err) = self
+                .consumer
+                .commit(&offsets_list(&self.topic, &commits), CommitMode::Sync)
+            {
+                tracing::warn!(%err, "final commit failed; the next owner re-reads the last batches");
+            }
+        }
+        Leftover {
+            buffered: self.batcher.buffered(),
+            batches: unfinished,
+        }
+    }
+}
+
+/// Copies a message out of librdkafka's buffer (a batch outlives the poll).
+fn detach(topic: &Arc<str>, message: &impl Message) -> Record {
+    Record {
+        topic: Arc::clone(topic),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline.into()).await;
+    }
+}
+
+/// Writes one batch: dead letters first (a sink that stores offsets moves
+/// past them in the same write), then the sink, then its own rejections.
+/// Retries until each step succeeds, then marks the offsets done.
+async fn write_batch<S: Sink>(
+    sink: Arc<S>,
+    dlq: Arc<DeadLetters>,
+    shared: Arc<Shared>,
+    health: Arc<Health>,
+    batch_id: BatchId,
+    work: Work<S::Item>,
+) {
+    let started = Instant::now();
+    if !work.dead_letters.is_empty() {
+        let letters: Vec<(&Record, &Rejection)> =
+            work.dead_letters.iter().map(|(r, why)| (r, why)).collect();
+        retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
+    }
+    let outcome = retry::until_ok(
+        "write",
+        || {
+            shared.writes.fetch_add(1, Ordering::Relaxed);
+            sink.write(&work.batch)
+        },
+        &health,
+    )
+    .await;
+    health.set_sink_ok(true);
+    if !outcome.rejected.is_empty() {
+        let letters: Vec<(&Record, &Rejection)> = outcome
+            .rejected
+            .iter()
+            .filter_map(|(index, why)| work.batch.entries.get(*index).map(|e| (&e.record, why)))
+            .collect();
+        retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
+    }
+    metrics::counter!(m::BATCHES, "topic" => work.batch.topic.to_string()).increment(1);
+    metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::BATCH_EVENTS).record(work.len() as f64);
+    shared
+        .tracker()
+        .complete(batch_id, &outcome.already_applied);
+    shared.batch_done.notify_all();
+}

@@ -1,0 +1,51 @@
+//! Shared core of the movie-log sinks.
+//!
+//! Both services are "consume one topic, write it somewhere, never lose an
+//! event". Everything but the "somewhere" lives here:
+//!
+//! - [`event`]: the Logstash event schema, parsed lazily from message bytes;
+//! - [`config`]: flags and env vars common to both services;
+//! - [`sink`]: the contract a service implements ([`Sink`]);
+//! - [`consumer`]: the consume → batch → write → dead-letter → commit loop
+//!   ([`run`]), with [`batch`] and [`offsets`] as its pure parts;
+//! - [`dlq`], [`metrics`], [`retry`], [`shutdown`], [`telemetry`]: the edges.
+
+pub mod batch;
+pub mod config;
+pub mod consumer;
+pub mod dlq;
+pub mod event;
+pub mod metrics;
+pub mod offsets;
+pub mod retry;
+pub mod shutdown;
+pub mod sink;
+pub mod telemetry;
+
+pub use config::{parse_args, ConsumerArgs, ServiceDefaults};
+pub use consumer::run;
+pub use event::{Event, EventError};
+pub use metrics::Health;
+pub use sink::{Batch, Entry, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
+
+/// Runs a service's entry point on a multi-thread runtime (the consume loop
+/// needs one) and turns an error into a one-paragraph message and exit code
+/// 1: operators read what is wrong, never a backtrace.
+pub fn block_on_main<F>(main: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(main));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Prometheus metrics, health flags, and the HTTP endpoint serving them.
+//!
+//! Metric names are a contract with dashboards and alerts
+//! (deploy/grafana): they are constants here and nowhere else.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use rdkafka::Statistics;
+
+/// Records fetched from Kafka, by topic.
+pub const EVENTS_CONSUMED: &str = "sink_events_consumed_total";
+/// Batches written, by topic.
+pub const BATCHES: &str = "sink_batches_total";
+/// Seconds from sealing a batch to its durable write (DLQ included).
+pub const BATCH_DURATION: &str = "sink_batch_duration_seconds";
+/// Records per written batch.
+pub const BATCH_EVENTS: &str = "sink_batch_events";
+/// Failed attempts that are retried, by operation and error kind.
+pub const RETRIES: &str = "sink_retries_total";
+/// Records sent to the dead-letter topic, by topic and error code.
+pub const DLQ_EVENTS: &str = "sink_dlq_events_total";
+/// Batches a sink found already applied (replays it refused), by topic.
+pub const ALREADY_APPLIED: &str = "sink_already_applied_total";
+/// Last committed offset, by topic and partition (librdkafka statistics).
+pub const COMMITTED_OFFSET: &str = "sink_committed_offset";
+/// Consumer lag in records, by topic and partition (librdkafka statistics).
+pub const CONSUMER_LAG: &str = "sink_consumer_lag";
+/// 1 while consumption is paused because the sink is behind.
+pub const PAUSED: &str = "sink_paused";
+/// Records held in memory waiting for the sink.
+pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
+
+/// Liveness and readiness, shared by the loop and the HTTP endpoint.
+#[derive(Debug, Default)]
+pub struct Health {
+    in_group: AtomicBool,
+    sink_ok: AtomicBool,
+}
+
+impl Health {
+    /// A fresh, not-yet-ready state.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// The consumer joined its group (with or without partitions).
+    pub fn set_in_group(&self, value: bool) {
+        self.in_group.store(value, Ordering::Relaxed);
+    }
+
+    /// The last sink call succeeded.
+    pub fn set_sink_ok(&self, value: bool) {
+        self.sink_ok.store(value, Ordering::Relaxed);
+    }
+
+    /// Ready to do work: in the group and the sink reachable.
+    pub fn ready(&self) -> bool {
+        self.in_group.load(Ordering::Relaxed) && self.sink_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// The global Prometheus recorder, installed on first use (a process, or a
+/// test binary running several consumers, has exactly one).
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut slot = HANDLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = slot.as_ref() {
+        return Ok(handle.clone());
+    }
+    let handle = build()?;
+    *slot = Some(handle.clone());
+    Ok(handle)
+}
+
+fn build() -> anyhow::Result<PrometheusHandle> {
+    let latency = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+    let sizes = [
+        1.0, 10.0, 100.0, 500.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), &latency)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_EVENTS.into()), &sizes))
+        .context("invalid histogram buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_CONSUMED, "Records fetched from Kafka");
+    describe_counter!(BATCHES, "Batches written durably");
+    describe_histogram!(
+        BATCH_DURATION,
+        Unit::Seconds,
+        "Time from sealing a batch to its durable write"
+    );
+    describe_histogram!(BATCH_EVENTS, "Records per written batch");
+    describe_counter!(RETRIES, "Failed attempts that are retried");
+    describe_counter!(DLQ_EVENTS, "Records sent to the dead-letter topic");
+    describe_counter!(ALREADY_APPLIED, "Batches the sink had already applied");
+    describe_gauge!(COMMITTED_OFFSET, "Last committed offset per partition");
+    describe_gauge!(CONSUMER_LAG, "Consumer lag per partition, in records");
+    describe_gauge!(PAUSED, "1 while consumption is paused");
+    describe_gauge!(BUFFERED_EVENTS, "Records waiting for the sink");
+}
+
+pub(crate) fn retry(what: &'static str, kind: &'static str) {
+    metrics::counter!(RETRIES, "operation" => what, "kind" => kind).increment(1);
+}
+
+/// Publishes per-partition offsets and lag from librdkafka's statistics.
+pub(crate) fn record_statistics(stats: &Statistics) {
+    for (topic, topic_stats) in &stats.topics {
+        for (partition, p) in &topic_stats.partitions {
+            // librdkafka lists an internal "-1" partition for unassigned messages.
+            if *partition < 0 || p.committed_offset < 0 {
+                continue;
+            }
+            let labels = [
+                ("topic", topic.clone()),
+                ("partition", partition.to_string()),
+            ];
+            metrics::gauge!(COMMITTED_OFFSET, &labels).set(p.committed_offset as f64);
+            if p.consumer_lag >= 0 {
+                metrics::gauge!(CONSUMER_LAG, &labels).set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Binds the HTTP endpoint now (so a port conflict fails at start) and serves
+/// it in the background.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {addr}: is the port in use?"))?;
+    let local = listener.local_addr()?;
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        // Histograms are drained into their buckets on upkeep.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(e): State<Endpoint>| async move { e.metrics.render() }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(e): State<Endpoint>| async move {
+                if e.health.ready() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        )
+        .with_state(Endpoint { metrics, health });
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(%err, "metrics endpoint stopped");
+        }
+    });
+    Ok(local)
+}

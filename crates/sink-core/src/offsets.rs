@@ -1,0 +1,250 @@
+//! Which offsets may be committed, per assigned partition.
+//!
+//! Batches complete out of order when several are in flight; a partition's
+//! commit position only moves past a batch once every earlier batch holding
+//! that partition is done too. State exists only for partitions this consumer
+//! owns right now: a completion for a revoked partition finds nothing and is
+//! ignored, so nothing is ever committed for a partition we no longer own.
+//!
+//! Shared between the consume loop, the batch tasks and the rebalance callback
+//! behind one mutex; every method is short and does no I/O.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::sink::PartitionRange;
+
+/// Identifies a dispatched batch.
+pub type BatchId = u64;
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// Batches holding this partition, in dispatch (= offset) order.
+    in_flight: VecDeque<InFlight>,
+    /// Everything below this is durable in the sink (or dead-lettered).
+    acked: Option<i64>,
+    /// What was last handed to Kafka as committed.
+    committed: Option<i64>,
+    /// The next offset expected from the fetcher; older ones are stale
+    /// leftovers of a seek and are dropped.
+    position: Option<i64>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    batch: BatchId,
+    next: i64,
+    done: bool,
+}
+
+/// Per-partition offsets of the current assignment.
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    partitions: HashMap<i32, PartitionState>,
+    next_batch: BatchId,
+    seeks: Vec<(i32, i64)>,
+    revoked: Vec<i32>,
+}
+
+impl OffsetTracker {
+    /// A partition was assigned; `start` is where fetching begins, if known.
+    pub fn assign(&mut self, partition: i32, start: Option<i64>) {
+        self.partitions.insert(
+            partition,
+            PartitionState {
+                position: start,
+                ..PartitionState::default()
+            },
+        );
+    }
+
+    /// A partition was revoked. Returns the acknowledged offset not yet
+    /// committed, which the caller commits before letting go.
+    pub fn revoke(&mut self, partition: i32) -> Option<i64> {
+        let state = self.partitions.remove(&partition)?;
+        self.seeks.retain(|(p, _)| *p != partition);
+        self.revoked.push(partition);
+        state.acked.filter(|acked| Some(*acked) != state.committed)
+    }
+
+    /// Partitions currently owned.
+    pub fn assigned(&self) -> Vec<i32> {
+        let mut partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
+    }
+
+    /// Whether a fetched message should be processed: its partition is owned
+    /// and it is not a leftover from before a seek.
+    pub fn accept(&mut self, partition: i32, offset: i64) -> bool {
+        let Some(state) = self.partitions.get_mut(&partition) else {
+            return false;
+        };
+        if state.position.is_some_and(|position| offset < position) {
+            return false;
+        }
+        state.position = Some(offset + 1);
+        true
+    }
+
+    /// Registers a batch about to be written.
+    pub fn begin(&mut self, ranges: &[PartitionRange]) -> BatchId {
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        for range in ranges {
+            if let Some(state) = self.partitions.get_mut(&range.partition) {
+                state.in_flight.push_back(InFlight {
+                    batch,
+                    next: range.next,
+                    done: false,
+                });
+            }
+        }
+        batch
+    }
+
+    /// Records that a batch is durable. For partitions in `already_applied`
+    /// the sink holds everything below the given offset: fetching must resume
+    /// there, which the loop learns from [`OffsetTracker::take_seeks`].
+    pub fn complete(&mut self, batch: BatchId, already_applied: &[(i32, i64)]) {
+        for (partition, state) in &mut self.partitions {
+            let Some(entry) = state.in_flight.iter_mut().find(|e| e.batch == batch) else {
+                continue;
+            };
+            entry.done = true;
+            if let Some((_, applied)) = already_applied.iter().find(|(p, _)| p == partition) {
+                entry.next = *applied;
+                self.seeks.push((*partition, *applied));
+            }
+            while state.in_flight.front().is_some_and(|e| e.done) {
+                if let Some(done) = state.in_flight.pop_front() {
+                    state.acked = Some(state.acked.map_or(done.next, |a| a.max(done.next)));
+                }
+            }
+        }
+    }
+
+    /// Partitions whose fetch position must move (and whose buffered records
+    /// must be dropped), because the sink already holds more than we fetched.
+    pub fn take_seeks(&mut self) -> Vec<(i32, i64)> {
+        let seeks = std::mem::take(&mut self.seeks);
+        for (partition, offset) in &seeks {
+            if let Some(state) = self.partitions.get_mut(partition) {
+                state.position = Some(*offset);
+            }
+        }
+        seeks
+    }
+
+    /// Partitions revoked since the last call: their buffered records are
+    /// stale.
+    pub fn take_revoked(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.revoked)
+    }
+
+    /// Acknowledged offsets not yet committed; marks them committed.
+    pub fn take_commits(&mut self) -> Vec<(i32, i64)> {
+        let mut commits = Vec::new();
+        for (partition, state) in &mut self.partitions {
+            if let Some(acked) = state.acked.filter(|a| Some(*a) != state.committed) {
+                state.committed = Some(acked);
+                commits.push((*partition, acked));
+            }
+        }
+        commits.sort_unstable();
+        commits
+    }
+
+    /// True while a batch holding any of `partitions` is being written.
+    pub fn in_flight(&self, partitions: &[i32]) -> bool {
+        partitions.iter().any(|p| {
+            self.partitions
+                .get(p)
+                .is_some_and(|s| s.in_flight.iter().any(|e| !e.done))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(partition: i32, first: i64, next: i64) -> PartitionRange {
+        PartitionRange {
+            partition,
+            first,
+            next,
+        }
+    }
+
+    #[test]
+    fn commits_advance_in_order_only() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, None);
+        let b1 = t.begin(&[range(0, 0, 10)]);
+        let b2 = t.begin(&[range(0, 10, 20)]);
+        t.complete(b2, &[]);
+        assert_eq!(t.take_commits(), vec![], "batch 1 is still in flight");
+        t.complete(b1, &[]);
+        assert_eq!(t.take_commits(), vec![(0, 20)]);
+        assert_eq!(t.take_commits(), vec![], "nothing new");
+    }
+
+    #[test]
+    fn partitions_advance_independently() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, None);
+        t.assign(1, None);
+        let b1 = t.begin(&[range(0, 0, 5)]);
+        let b2 = t.begin(&[range(1, 0, 3), range(0, 5, 8)]);
+        t.complete(b2, &[]);
+        assert_eq!(t.take_commits(), vec![(1, 3)]);
+        assert!(t.in_flight(&[0]));
+        assert!(!t.in_flight(&[1]));
+        t.complete(b1, &[]);
+        assert_eq!(t.take_commits(), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn revoked_partitions_are_never_committed() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, None);
+        let b = t.begin(&[range(0, 0, 5)]);
+        assert_eq!(t.revoke(0), None, "nothing acknowledged yet");
+        t.complete(b, &[]);
+        assert_eq!(t.take_commits(), vec![]);
+        assert!(!t.accept(0, 5), "not ours any more");
+        assert_eq!(t.take_revoked(), vec![0]);
+    }
+
+    #[test]
+    fn revoke_returns_acknowledged_but_uncommitted_offset() {
+        let mut t = OffsetTracker::default();
+        t.assign(2, None);
+        let b = t.begin(&[range(2, 0, 5)]);
+        t.complete(b, &[]);
+        assert_eq!(t.revoke(2), Some(5));
+    }
+
+    #[test]
+    fn already_applied_moves_position_and_commit() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, Some(100));
+        assert!(t.accept(0, 100));
+        let b = t.begin(&[range(0, 100, 150)]);
+        t.complete(b, &[(0, 400)]);
+        assert_eq!(t.take_seeks(), vec![(0, 400)]);
+        assert_eq!(t.take_commits(), vec![(0, 400)]);
+        assert!(!t.accept(0, 150), "stale: fetched before the seek");
+        assert!(t.accept(0, 400));
+    }
+
+    #[test]
+    fn accept_drops_replayed_offsets() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, None);
+        assert!(t.accept(0, 7));
+        assert!(!t.accept(0, 7));
+        assert!(t.accept(0, 8));
+        assert!(!t.accept(1, 0), "partition 1 is not assigned");
+    }
+}

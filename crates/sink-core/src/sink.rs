@@ -1,0 +1,208 @@
+//! The contract between the shared consume loop and a service's sink.
+//!
+//! The loop owns Kafka: fetching, batching, the dead-letter topic, offsets and
+//! rebalances. A sink owns one thing: turning records into durable writes. It
+//! tells the loop, per record, whether the record can ever be written
+//! ([`Sink::decode`]), and per batch, what happened ([`Sink::write`]).
+//!
+//! A sink that stores its own offsets atomically with its writes (the Redis
+//! sink) also answers [`Sink::stored_offsets`] when partitions are assigned and
+//! reports [`WriteOutcome::already_applied`] when a batch starts below what it
+//! has already applied (a stale consumer, or a replay after a crash).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One Kafka message, detached from the consumer so it can outlive the poll
+/// that produced it (a batch may wait for retries while polling goes on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The topic the message came from.
+    pub topic: Arc<str>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset within the partition.
+    pub offset: i64,
+    /// The message timestamp (create or log-append time), in ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+    /// The message key, kept so a dead letter carries it unchanged.
+    pub key: Option<Vec<u8>>,
+    /// The message value: the raw event bytes.
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    /// Size used for the batch byte limit: what the sink will have to carry.
+    pub fn size(&self) -> usize {
+        self.payload.len() + self.key.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A record the sink will never accept, with the reason an operator reads in
+/// the dead-letter topic's `error` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stable, low-cardinality code (a metrics label), e.g. `not_json`.
+    pub code: &'static str,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl Rejection {
+    /// A rejection with a code and a reason.
+    pub fn new(code: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A record the sink accepted at decode time, with what it decoded to.
+#[derive(Debug)]
+pub struct Entry<T> {
+    /// The original record (the dead-letter topic needs its bytes if the sink
+    /// rejects it at write time).
+    pub record: Record,
+    /// What [`Sink::decode`] made of it.
+    pub item: T,
+}
+
+/// The offsets of one partition covered by a batch: every record in
+/// `first..next` was consumed, whether it decoded or went to the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// The partition.
+    pub partition: i32,
+    /// Offset of the first record of this partition in the batch.
+    pub first: i64,
+    /// One past the last record's offset: where the partition resumes.
+    pub next: i64,
+}
+
+/// What the loop hands to [`Sink::write`].
+#[derive(Debug)]
+pub struct Batch<T> {
+    /// The topic all entries come from.
+    pub topic: Arc<str>,
+    /// Decoded entries, in the order they were consumed (so in offset order
+    /// within each partition).
+    pub entries: Vec<Entry<T>>,
+    /// One range per partition present in the batch, including partitions
+    /// whose records were all rejected at decode time (their offsets still
+    /// advance, and a sink that stores offsets must store them).
+    pub ranges: Vec<PartitionRange>,
+}
+
+/// What a successful [`Sink::write`] reports.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Entries (by index into [`Batch::entries`]) the sink refused for good;
+    /// they go to the dead-letter topic. Every other entry is durable.
+    pub rejected: Vec<(usize, Rejection)>,
+    /// Partitions the sink had already applied beyond the batch's start, with
+    /// the offset it has applied up to (exclusive). Nothing of this batch was
+    /// written for them; the loop resumes each from that offset.
+    pub already_applied: Vec<(i32, i64)>,
+}
+
+/// Why a write failed. Every failure is retried: nothing is dropped because a
+/// sink is down; the variant only decides how loudly and how readiness reports.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Expected to pass on its own (timeouts, 5xx, 429, connection resets).
+    #[error("{kind}: {source:#}")]
+    Transient {
+        /// Stable label for metrics and logs, e.g. `http_503`.
+        kind: &'static str,
+        /// What went wrong.
+        source: anyhow::Error,
+    },
+    /// Needs an operator (permissions, a missing table): readiness turns
+    /// false until a retry succeeds.
+    #[error("{kind}: {source:#}")]
+    Unavailable {
+        /// Stable label for metrics and logs, e.g. `forbidden`.
+        kind: &'static str,
+        /// What went wrong, said so that the operator knows what to fix.
+        source: anyhow::Error,
+    },
+}
+
+impl SinkError {
+    /// A transient error.
+    pub fn transient(kind: &'static str, source: impl Into<anyhow::Error>) -> Self {
+        Self::Transient {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// An error that needs an operator.
+    pub fn unavailable(kind: &'static str, source: impl Into<anyhow::Error>) -> Self {
+        Self::Unavailable {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// The stable label of this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Transient { kind, .. } | Self::Unavailable { kind, .. } => kind,
+        }
+    }
+
+    /// Backoff ceiling for this error: an operator fix takes minutes, so
+    /// there is no point in hammering the service meanwhile.
+    pub fn max_backoff(&self) -> Duration {
+        match self {
+            Self::Transient { .. } => Duration::from_secs(60),
+            Self::Unavailable { .. } => Duration::from_secs(30),
+        }
+    }
+}
+
+/// A destination for one topic's events. Shared by the loop's tasks (up to
+/// [`Sink::max_in_flight`] writes run at once), hence `&self` everywhere.
+pub trait Sink: Send + Sync + 'static {
+    /// What a record decodes to: everything the sink needs to write it.
+    type Item: Send + Sync + 'static;
+
+    /// Checks and converts one record. `Err` sends it to the dead-letter
+    /// topic: only for records that no retry could ever make acceptable.
+    fn decode(&self, record: &Record) -> Result<Self::Item, Rejection>;
+
+    /// Writes a batch durably. `Ok` means every entry not listed in
+    /// [`WriteOutcome::rejected`] (and not in a partition listed in
+    /// [`WriteOutcome::already_applied`]) is durable in the sink.
+    fn write(
+        &self,
+        batch: &Batch<Self::Item>,
+    ) -> impl Future<Output = Result<WriteOutcome, SinkError>> + Send;
+
+    /// Where newly assigned partitions start, for a sink that stores offsets
+    /// with its writes: `None` for a partition means "use Kafka's committed
+    /// offset". The default stores nothing.
+    fn stored_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> impl Future<Output = Result<Vec<Option<i64>>, SinkError>> + Send {
+        let _ = topic;
+        let none = vec![None; partitions.len()];
+        async move { Ok(none) }
+    }
+
+    /// Readiness probe: can the sink take writes right now?
+    fn check(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
+
+    /// How many batches may be written at once. Offsets still advance in
+    /// order per partition. A sink that stores offsets itself must say 1.
+    fn max_in_flight(&self) -> usize {
+        1
+    }
+}
