@@ -70,13 +70,27 @@ impl<T> Batcher<T> {
         }
     }
 
-    /// Adds a consumed record with what decode made of it.
-    pub fn push(&mut self, record: Record, decoded: Result<T, Rejection>, now: Instant) {
+    /// Adds a consumed record with what decode made of it. `resumed_from` is
+    /// where fetching of its partition resumed before it (see
+    /// [`crate::offsets::OffsetTracker::accept`]); a range this record opens
+    /// starts there.
+    pub fn push(
+        &mut self,
+        record: Record,
+        decoded: Result<T, Rejection>,
+        resumed_from: i64,
+        now: Instant,
+    ) {
         let size = record.size();
         if !self.open.is_empty() && self.open_bytes + size > self.limits.max_bytes {
             self.seal();
         }
-        extend_range(&mut self.open.batch.ranges, record.partition, record.offset);
+        extend_range(
+            &mut self.open.batch.ranges,
+            record.partition,
+            resumed_from,
+            record.offset,
+        );
         match decoded {
             Ok(item) => self.open.batch.entries.push(Entry { record, item }),
             Err(rejection) => self.open.dead_letters.push((record, rejection)),
@@ -166,12 +180,12 @@ fn empty_work<T>(topic: &Arc<str>) -> Work<T> {
     }
 }
 
-fn extend_range(ranges: &mut Vec<PartitionRange>, partition: i32, offset: i64) {
+fn extend_range(ranges: &mut Vec<PartitionRange>, partition: i32, resumed_from: i64, offset: i64) {
     match ranges.iter_mut().find(|r| r.partition == partition) {
         Some(range) => range.next = offset + 1,
         None => ranges.push(PartitionRange {
             partition,
-            first: offset,
+            first: resumed_from.min(offset),
             next: offset + 1,
         }),
     }
@@ -214,7 +228,7 @@ mod tests {
         let now = Instant::now();
         let mut b = Batcher::new("t".into(), limits(3, 1 << 20, 1000));
         for offset in 0..7 {
-            b.push(record(0, offset, 10), Ok(offset), now);
+            b.push(record(0, offset, 10), Ok(offset), offset, now);
         }
         let sizes: Vec<usize> = std::iter::from_fn(|| b.pop_sealed())
             .map(|w| w.len())
@@ -228,7 +242,7 @@ mod tests {
         let now = Instant::now();
         let mut b = Batcher::new("t".into(), limits(1000, 100, 1000));
         for offset in 0..10 {
-            b.push(record(0, offset, 30), Ok(()), now);
+            b.push(record(0, offset, 30), Ok(()), offset, now);
         }
         b.seal();
         let sizes: Vec<usize> = std::iter::from_fn(|| b.pop_sealed())
@@ -242,9 +256,9 @@ mod tests {
     fn an_oversized_record_is_a_batch_of_its_own() {
         let now = Instant::now();
         let mut b = Batcher::new("t".into(), limits(1000, 100, 1000));
-        b.push(record(0, 0, 10), Ok(()), now);
-        b.push(record(0, 1, 500), Ok(()), now);
-        b.push(record(0, 2, 10), Ok(()), now);
+        b.push(record(0, 0, 10), Ok(()), 0, now);
+        b.push(record(0, 1, 500), Ok(()), 1, now);
+        b.push(record(0, 2, 10), Ok(()), 2, now);
         b.seal();
         let sizes: Vec<usize> = std::iter::from_fn(|| b.pop_sealed())
             .map(|w| w.len())
@@ -257,8 +271,8 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Batcher::new("t".into(), limits(1000, 1 << 20, 100));
         assert_eq!(b.deadline(), None, "nothing to linger for");
-        b.push(record(0, 0, 1), Ok(()), t0);
-        b.push(record(0, 1, 1), Ok(()), t0 + Duration::from_millis(90));
+        b.push(record(0, 0, 1), Ok(()), 0, t0);
+        b.push(record(0, 1, 1), Ok(()), 1, t0 + Duration::from_millis(90));
         assert_eq!(b.deadline(), Some(t0 + Duration::from_millis(100)));
         b.tick(t0 + Duration::from_millis(99));
         assert!(!b.has_sealed());
@@ -271,10 +285,10 @@ mod tests {
     fn ranges_cover_rejected_records_too() {
         let now = Instant::now();
         let mut b = Batcher::new("t".into(), limits(1000, 1 << 20, 100));
-        b.push(record(1, 5, 1), Err(Rejection::new("bad", "bad")), now);
-        b.push(record(2, 7, 1), Ok(7), now);
-        b.push(record(1, 6, 1), Ok(6), now);
-        b.push(record(1, 9, 1), Err(Rejection::new("bad", "bad")), now);
+        b.push(record(1, 5, 1), Err(Rejection::new("bad", "bad")), 5, now);
+        b.push(record(2, 7, 1), Ok(7), 7, now);
+        b.push(record(1, 6, 1), Ok(6), 6, now);
+        b.push(record(1, 9, 1), Err(Rejection::new("bad", "bad")), 9, now);
         b.seal();
         let work = b.pop_sealed().unwrap();
         assert_eq!(
@@ -297,12 +311,31 @@ mod tests {
     }
 
     #[test]
+    fn a_range_starts_where_fetching_resumed() {
+        let now = Instant::now();
+        let mut b = Batcher::new("t".into(), limits(1000, 1 << 20, 100));
+        // Offsets 3 and 4 do not exist (a transaction marker, say).
+        b.push(record(0, 5, 1), Ok(()), 3, now);
+        b.push(record(0, 6, 1), Ok(()), 6, now);
+        b.seal();
+        let work = b.pop_sealed().unwrap();
+        assert_eq!(
+            work.batch.ranges,
+            vec![PartitionRange {
+                partition: 0,
+                first: 3,
+                next: 7
+            }]
+        );
+    }
+
+    #[test]
     fn purge_drops_a_partition_everywhere() {
         let now = Instant::now();
         let mut b = Batcher::new("t".into(), limits(2, 1 << 20, 100));
-        b.push(record(0, 0, 1), Ok(()), now);
-        b.push(record(1, 0, 1), Ok(()), now); // sealed: [p0, p1]
-        b.push(record(1, 1, 1), Ok(()), now); // open: [p1]
+        b.push(record(0, 0, 1), Ok(()), 0, now);
+        b.push(record(1, 0, 1), Ok(()), 0, now); // sealed: [p0, p1]
+        b.push(record(1, 1, 1), Ok(()), 1, now); // open: [p1]
         b.purge(1);
         assert_eq!(b.buffered(), 1);
         assert_eq!(b.deadline(), None, "the open batch is empty again");

@@ -60,15 +60,16 @@ pub struct ConsumerArgs {
     pub dlq_topic: Option<String>,
 
     /// Extra librdkafka property `key=value` (TLS, SASL, tuning); repeatable.
-    /// In KAFKA_OPTIONS, separate several with commas.
+    /// Several may share one value, separated by commas (as in KAFKA_OPTIONS):
+    /// a comma starts a new option only when `key=` follows it, so values
+    /// such as `debug=fetch,cgrp` stay whole.
     #[arg(
         long = "kafka-option",
         env = "KAFKA_OPTIONS",
         value_name = "KEY=VALUE",
-        value_delimiter = ',',
-        value_parser = parse_kafka_option
+        value_parser = parse_kafka_options
     )]
-    pub kafka_options: Vec<(String, String)>,
+    pub kafka_option_lists: Vec<KafkaOptions>,
 
     /// Consumer group session timeout: how long a dead replica keeps its partitions.
     #[arg(
@@ -130,7 +131,16 @@ const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The `key=value` pairs of one `--kafka-option` occurrence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaOptions(pub Vec<(String, String)>);
+
 impl ConsumerArgs {
+    /// Every `--kafka-option` pair, in order (later ones win).
+    pub fn kafka_options(&self) -> impl Iterator<Item = &(String, String)> {
+        self.kafka_option_lists.iter().flat_map(|list| &list.0)
+    }
+
     /// The dead-letter topic.
     pub fn dlq_topic(&self) -> String {
         self.dlq_topic
@@ -166,7 +176,7 @@ impl ConsumerArgs {
                 self.topic
             );
         }
-        for (key, _) in &self.kafka_options {
+        for (key, _) in self.kafka_options() {
             if let Some((_, why)) = MANAGED_KAFKA_OPTIONS.iter().find(|(k, _)| k == key) {
                 bail!("--kafka-option {key} cannot be set: {why}");
             }
@@ -179,7 +189,7 @@ impl ConsumerArgs {
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.bootstrap_servers);
-        for (key, value) in &self.kafka_options {
+        for (key, value) in self.kafka_options() {
             config.set(key, value);
         }
         config
@@ -206,7 +216,7 @@ impl ConsumerArgs {
             .set("queued.max.messages.kbytes", "4096")
             .set("max.partition.fetch.bytes", "262144")
             .set("fetch.max.bytes", "1048576");
-        for (key, value) in &self.kafka_options {
+        for (key, value) in self.kafka_options() {
             config.set(key, value);
         }
         config
@@ -238,8 +248,7 @@ impl ConsumerArgs {
 
     /// The `--kafka-option`s with secrets masked, for logs.
     pub fn redacted_kafka_options(&self) -> String {
-        self.kafka_options
-            .iter()
+        self.kafka_options()
             .map(|(k, v)| {
                 if is_secret_key(k) {
                     format!("{k}=***")
@@ -265,15 +274,36 @@ const CONSUMER_ONLY_PREFIXES: &[&str] = &[
     "check.crcs",
 ];
 
-fn parse_kafka_option(raw: &str) -> Result<(String, String), String> {
-    match raw.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => {
-            Ok((key.trim().to_owned(), value.trim().to_owned()))
+fn parse_kafka_options(raw: &str) -> Result<KafkaOptions, String> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for piece in raw.split(',') {
+        match piece.split_once('=') {
+            Some((key, value)) if is_property_name(key.trim()) => {
+                pairs.push((key.trim().to_owned(), value.trim().to_owned()));
+            }
+            // No `key=`: the comma belonged to the previous value.
+            _ => match pairs.last_mut() {
+                Some((_, value)) => {
+                    value.push(',');
+                    value.push_str(piece.trim());
+                }
+                None => {
+                    return Err(format!(
+                        "expected KEY=VALUE (a librdkafka property such as security.protocol=SASL_SSL), got {raw:?}"
+                    ))
+                }
+            },
         }
-        _ => Err(format!(
-            "expected KEY=VALUE (a librdkafka property such as security.protocol=SASL_SSL), got {raw:?}"
-        )),
     }
+    Ok(KafkaOptions(pairs))
+}
+
+fn is_property_name(key: &str) -> bool {
+    !key.is_empty()
+        && key.starts_with(|c: char| c.is_ascii_alphabetic())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// True for librdkafka properties whose values must not be logged.
@@ -413,7 +443,7 @@ mod tests {
             "sasl.password=hunter2",
         ])
         .unwrap();
-        assert_eq!(args.kafka_options.len(), 2);
+        assert_eq!(args.kafka_options().count(), 2);
         assert_eq!(
             args.redacted_kafka_options(),
             "security.protocol=SASL_SSL,sasl.password=***"
@@ -421,6 +451,28 @@ mod tests {
         let consumer = args.consumer_config();
         assert_eq!(consumer.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    }
+
+    #[test]
+    fn commas_split_options_only_before_a_key() {
+        let args = parse(&[
+            "--bootstrap-servers",
+            "k",
+            "--kafka-option",
+            "debug=fetch,cgrp,security.protocol=SSL",
+            "--kafka-option",
+            "client.id=a",
+        ])
+        .unwrap();
+        let pairs: Vec<(String, String)> = args.kafka_options().cloned().collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("debug".into(), "fetch,cgrp".into()),
+                ("security.protocol".into(), "SSL".into()),
+                ("client.id".into(), "a".into()),
+            ]
+        );
     }
 
     #[test]

@@ -403,7 +403,11 @@ impl<S: Sink> Loop<S> {
                 Some(joined) = self.tasks.join_next() => joined.context("a batch task panicked")?,
                 () = sleep_until(linger), if linger.is_some() => self.batcher.tick(Instant::now()),
                 message = self.consumer.recv() => {
-                    match message.map(|m| detach(&self.topic, &m)) {
+                    let message = message.map(|m| detach(&self.topic, &m));
+                    // A rebalance inside this recv() may have revoked what the
+                    // batcher holds: purge before adding the new record.
+                    self.after_step();
+                    match message {
                         Ok(record) => self.accept(record),
                         Err(err) => tracing::warn!(%err, "Kafka consumer error"),
                     }
@@ -415,16 +419,17 @@ impl<S: Sink> Loop<S> {
 
     /// Adds a fetched record to the open batch, unless it is stale.
     fn accept(&mut self, record: Record) {
-        if !self
+        let Some(resumed_from) = self
             .shared
             .tracker()
             .accept(record.partition, record.offset)
-        {
+        else {
             return;
-        }
+        };
         metrics::counter!(m::EVENTS_CONSUMED, "topic" => self.topic.to_string()).increment(1);
         let decoded = self.sink.decode(&record);
-        self.batcher.push(record, decoded, Instant::now());
+        self.batcher
+            .push(record, decoded, resumed_from, Instant::now());
     }
 
     /// Starts writing sealed batches while there is room.

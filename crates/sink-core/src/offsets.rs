@@ -73,17 +73,21 @@ impl OffsetTracker {
         partitions
     }
 
-    /// Whether a fetched message should be processed: its partition is owned
-    /// and it is not a leftover from before a seek.
-    pub fn accept(&mut self, partition: i32, offset: i64) -> bool {
-        let Some(state) = self.partitions.get_mut(&partition) else {
-            return false;
+    /// Whether a fetched message should be processed: `None` when its
+    /// partition is not owned or it is a leftover from before a seek.
+    /// Otherwise the offset fetching resumed from before this record: a batch
+    /// range starting with it begins there, so consecutive ranges of a
+    /// partition chain without holes even where offsets skip (transaction
+    /// markers), and a sink storing offsets can demand exact continuity.
+    pub fn accept(&mut self, partition: i32, offset: i64) -> Option<i64> {
+        let state = self.partitions.get_mut(&partition)?;
+        let resumed_from = match state.position {
+            Some(position) if offset < position => return None,
+            Some(position) => position,
+            None => offset,
         };
-        if state.position.is_some_and(|position| offset < position) {
-            return false;
-        }
         state.position = Some(offset + 1);
-        true
+        Some(resumed_from)
     }
 
     /// Registers a batch about to be written.
@@ -212,7 +216,7 @@ mod tests {
         assert_eq!(t.revoke(0), None, "nothing acknowledged yet");
         t.complete(b, &[]);
         assert_eq!(t.take_commits(), vec![]);
-        assert!(!t.accept(0, 5), "not ours any more");
+        assert_eq!(t.accept(0, 5), None, "not ours any more");
         assert_eq!(t.take_revoked(), vec![0]);
     }
 
@@ -229,22 +233,27 @@ mod tests {
     fn already_applied_moves_position_and_commit() {
         let mut t = OffsetTracker::default();
         t.assign(0, Some(100));
-        assert!(t.accept(0, 100));
+        assert_eq!(t.accept(0, 100), Some(100));
         let b = t.begin(&[range(0, 100, 150)]);
         t.complete(b, &[(0, 400)]);
         assert_eq!(t.take_seeks(), vec![(0, 400)]);
         assert_eq!(t.take_commits(), vec![(0, 400)]);
-        assert!(!t.accept(0, 150), "stale: fetched before the seek");
-        assert!(t.accept(0, 400));
+        assert_eq!(t.accept(0, 150), None, "stale: fetched before the seek");
+        assert_eq!(t.accept(0, 400), Some(400));
     }
 
     #[test]
     fn accept_drops_replayed_offsets() {
         let mut t = OffsetTracker::default();
         t.assign(0, None);
-        assert!(t.accept(0, 7));
-        assert!(!t.accept(0, 7));
-        assert!(t.accept(0, 8));
-        assert!(!t.accept(1, 0), "partition 1 is not assigned");
+        assert_eq!(t.accept(0, 7), Some(7), "unknown start: the record itself");
+        assert_eq!(t.accept(0, 7), None);
+        assert_eq!(t.accept(0, 8), Some(8));
+        assert_eq!(
+            t.accept(0, 11),
+            Some(9),
+            "offsets 9 and 10 do not exist: the range still starts at 9"
+        );
+        assert_eq!(t.accept(1, 0), None, "partition 1 is not assigned");
     }
 }

@@ -101,9 +101,12 @@ pub struct WriteOutcome {
     /// Entries (by index into [`Batch::entries`]) the sink refused for good;
     /// they go to the dead-letter topic. Every other entry is durable.
     pub rejected: Vec<(usize, Rejection)>,
-    /// Partitions the sink had already applied beyond the batch's start, with
-    /// the offset it has applied up to (exclusive). Nothing of this batch was
-    /// written for them; the loop resumes each from that offset.
+    /// Partitions whose stored offset says this batch must not apply, with
+    /// that offset: the sink holds exactly the records below it. Usually it
+    /// is ahead of the batch (a replay, a stale consumer); behind it means
+    /// the sink lost writes and needs the records in between again. Nothing
+    /// of this batch was written for these partitions; the loop resumes each
+    /// from the given offset.
     pub already_applied: Vec<(i32, i64)>,
 }
 
