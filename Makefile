@@ -1,0 +1,38 @@
+# Entry points. `make test` and `make demo` work on a fresh machine: the stack
+# script installs what is missing (tansu, redis-server, the BigQuery emulator).
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+STACK := scripts/stack.sh
+
+.PHONY: build test unit lint fmt stack-up stack-down clean
+
+build:
+	cargo build --workspace --release
+
+## test: start the local stack, run every test, stop the stack even on failure.
+test:
+	@$(STACK) up > /dev/null
+	@set +e; eval "$$($(STACK) env)"; \
+	  cargo nextest --version >/dev/null 2>&1 && runner="cargo nextest run --workspace --no-fail-fast" || runner="cargo test --workspace --no-fail-fast"; \
+	  $$runner; status=$$?; \
+	  $(STACK) down; exit $$status
+
+## unit: tests that need no stack.
+unit:
+	cargo test --workspace --lib --bins
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+stack-up:
+	@$(STACK) up
+
+stack-down:
+	@$(STACK) down
+
+clean: stack-down
+	cargo clean

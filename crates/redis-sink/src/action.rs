@@ -1,0 +1,228 @@
+//! What one user3 event does: a search or a movie view, decoded and
+//! normalized, or the reason it can never be applied (→ dead-letter topic).
+
+use sink_core::{Event, Record, Rejection};
+use unicode_normalization::UnicodeNormalization;
+
+/// The two rankings (and histories) this service keeps.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `info` = `search`: member is the normalized keyword.
+    Search,
+    /// `info` = `movie_detail`: member is the movie id.
+    Movie,
+}
+
+impl Kind {
+    /// The word used in key names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Search => "search",
+            Self::Movie => "movie",
+        }
+    }
+}
+
+/// A decoded user3 event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// Which ranking it counts in.
+    pub kind: Kind,
+    /// The normalized keyword or the movie id.
+    pub member: String,
+    /// The user, or `None` for an anonymous visitor (ranked, no history).
+    pub user: Option<String>,
+    /// Event time, whole milliseconds since the epoch.
+    pub time_ms: i64,
+}
+
+/// Decoding limits.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeRules {
+    /// Longest keyword kept, in characters after normalization.
+    pub max_keyword_chars: usize,
+}
+
+/// Decodes one record. Every `Err` is permanent: replaying the record can
+/// never make it valid.
+pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> {
+    let event = Event::parse(&record.payload, record.timestamp_ms).map_err(reject)?;
+    let user = event.user_id().map_err(reject)?.map(|u| u.into_owned());
+    let time_ms = event.time().timestamp_millis();
+    let (kind, member) = match event.info().map_err(reject)?.as_deref() {
+        Some("search") => {
+            let raw = event
+                .keyword()
+                .map_err(reject)?
+                .ok_or_else(|| Rejection::new("missing_field", "search event without a keyword"))?;
+            (
+                Kind::Search,
+                normalize_keyword(&raw, rules.max_keyword_chars)?,
+            )
+        }
+        Some("movie_detail") => {
+            let id = event.movie_id().map_err(reject)?.ok_or_else(|| {
+                Rejection::new("missing_field", "movie_detail event without a movie_id")
+            })?;
+            (Kind::Movie, id.into_owned())
+        }
+        Some(other) => {
+            return Err(Rejection::new(
+                "off_topic",
+                format!(
+                    "info is {:?}: only search and movie_detail events belong on this topic",
+                    truncate(other, 64)
+                ),
+            ))
+        }
+        None => return Err(Rejection::new("missing_field", "event without info")),
+    };
+    Ok(Action {
+        kind,
+        member,
+        user,
+        time_ms,
+    })
+}
+
+fn reject(err: sink_core::EventError) -> Rejection {
+    Rejection::new(err.code(), err.to_string())
+}
+
+/// Keywords that differ only in case, width or spacing rank together:
+/// Unicode NFKC (full-width `ｉｐｈｏｎｅ` → `iphone`), trimmed, runs of
+/// whitespace collapsed to one space, lowercased.
+pub fn normalize_keyword(raw: &str, max_chars: usize) -> Result<String, Rejection> {
+    let nfkc: String = raw.nfkc().collect();
+    let mut out = String::with_capacity(nfkc.len());
+    for word in nfkc.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(word.chars().flat_map(char::to_lowercase));
+    }
+    if out.is_empty() {
+        return Err(Rejection::new(
+            "empty_keyword",
+            "keyword is empty after normalization",
+        ));
+    }
+    let chars = out.chars().count();
+    if chars > max_chars {
+        return Err(Rejection::new(
+            "keyword_too_long",
+            format!("keyword has {chars} characters after normalization, more than --max-keyword-chars {max_chars}: {}…", truncate(&out, 40)),
+        ));
+    }
+    Ok(out)
+}
+
+fn truncate(s: &str, chars: usize) -> &str {
+    s.char_indices().nth(chars).map_or(s, |(i, _)| &s[..i])
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const RULES: DecodeRules = DecodeRules {
+        max_keyword_chars: 200,
+    };
+
+    fn record(json: &str) -> Record {
+        Record {
+            topic: "user3".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: None,
+            payload: json.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn keywords_differing_in_case_width_and_spacing_collide() {
+        for raw in [
+            "iPhone 15",
+            "  IPHONE   15 ",
+            "ｉＰｈｏｎｅ　１５",
+            "iphone\t15\n",
+        ] {
+            assert_eq!(normalize_keyword(raw, 200).unwrap(), "iphone 15", "{raw:?}");
+        }
+        assert_eq!(normalize_keyword("  기생충  ", 200).unwrap(), "기생충");
+        // Compatibility jamo and half-width katakana are folded by NFKC too.
+        assert_eq!(normalize_keyword("ｶﾀｶﾅ", 200).unwrap(), "カタカナ");
+    }
+
+    #[test]
+    fn empty_and_overlong_keywords_are_rejected() {
+        assert_eq!(
+            normalize_keyword(" \u{3000}\t", 200).unwrap_err().code,
+            "empty_keyword"
+        );
+        assert!(normalize_keyword(&"가".repeat(200), 200).is_ok());
+        let err = normalize_keyword(&"가".repeat(201), 200).unwrap_err();
+        assert_eq!(err.code, "keyword_too_long");
+        assert!(err.reason.len() < 300);
+    }
+
+    #[test]
+    fn decodes_search_and_movie_detail() {
+        let search = decode(
+            &record(r#"{"@timestamp":"2024-05-01T12:00:00.123456Z","info":"search","user_id":42,"keyword":" Parasite "}"#),
+            RULES,
+        )
+        .unwrap();
+        assert_eq!(
+            search,
+            Action {
+                kind: Kind::Search,
+                member: "parasite".into(),
+                user: Some("42".into()),
+                time_ms: 1_714_564_800_123
+            }
+        );
+        let movie = decode(
+            &record(r#"{"info":"movie_detail","movie_id":"tt01"}"#),
+            RULES,
+        )
+        .unwrap();
+        assert_eq!(movie.kind, Kind::Movie);
+        assert_eq!(movie.member, "tt01");
+        assert_eq!(movie.user, None, "anonymous");
+        assert_eq!(
+            movie.time_ms, 1_700_000_000_000,
+            "Kafka timestamp when @timestamp is absent"
+        );
+    }
+
+    #[test]
+    fn rejections_say_why() {
+        let cases = [
+            (r#"{"info":"login","user_id":"u"}"#, "off_topic"),
+            (r#"{"info":"search","user_id":"u"}"#, "missing_field"),
+            (r#"{"info":"search","keyword":"   "}"#, "empty_keyword"),
+            (r#"{"info":"movie_detail","movie_id":""}"#, "empty_field"),
+            (r#"{"info":"movie_detail"}"#, "missing_field"),
+            (
+                r#"{"info":"search","keyword":"x","user_id":true}"#,
+                "wrong_type",
+            ),
+            (r#"{"user_id":"u"}"#, "missing_field"),
+            (r#"[1,2]"#, "not_an_object"),
+            ("not json", "not_json"),
+        ];
+        for (json, code) in cases {
+            assert_eq!(
+                decode(&record(json), RULES).unwrap_err().code,
+                code,
+                "{json}"
+            );
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The Redis key contract (docs/redis-keys.md): the web service and the
+//! `top` / `history` commands read exactly these names.
+
+use chrono::{DateTime, Utc};
+
+use crate::action::Kind;
+
+/// Builds key names under an optional prefix.
+#[derive(Debug, Clone, Default)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (empty by default).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// All-time ranking: ZSET member → count.
+    pub fn total(&self, kind: Kind) -> String {
+        format!("{}rank:{}:total", self.prefix, kind.as_str())
+    }
+
+    /// Ranking of one UTC hour (`YYYYMMDDHH`): ZSET member → count.
+    pub fn hour(&self, kind: Kind, hour: &str) -> String {
+        format!("{}rank:{}:h:{hour}", self.prefix, kind.as_str())
+    }
+
+    /// A user's recent items: ZSET member → event time in ms.
+    pub fn history(&self, kind: Kind, user: &str) -> String {
+        format!("{}history:{}:{user}", self.prefix, kind.as_str())
+    }
+
+    /// HASH partition → next offset to apply, per consumer group and topic:
+    /// written by the same script as the data it covers.
+    pub fn offsets(&self, group: &str, topic: &str) -> String {
+        format!("{}offsets:{group}:{topic}", self.prefix)
+    }
+
+    /// Short-lived union of recent hourly rankings, shared by readers.
+    pub fn top_cache(&self, kind: Kind, hours: u32, hour: &str) -> String {
+        format!("{}cache:top:{}:{hours}h:{hour}", self.prefix, kind.as_str())
+    }
+}
+
+/// The hourly bucket of a time: `YYYYMMDDHH` in UTC.
+pub fn hour_bucket(time_ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(time_ms)
+        .unwrap_or_default()
+        .format("%Y%m%d%H")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let keys = Keys::new("");
+        assert_eq!(keys.total(Kind::Search), "rank:search:total");
+        assert_eq!(
+            keys.hour(Kind::Movie, "2024050112"),
+            "rank:movie:h:2024050112"
+        );
+        assert_eq!(keys.history(Kind::Search, "u1"), "history:search:u1");
+        assert_eq!(
+            Keys::new("prod:").total(Kind::Movie),
+            "prod:rank:movie:total"
+        );
+    }
+
+    #[test]
+    fn hour_bucket_is_utc() {
+        // 2024-05-01T12:59:59.999Z
+        assert_eq!(hour_bucket(1_714_568_399_999), "2024050112");
+        assert_eq!(hour_bucket(1_714_568_400_000), "2024050113");
+    }
+}

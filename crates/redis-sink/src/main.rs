@@ -1,0 +1,214 @@
+//! `redis-sink`: the consumer (`redis-sink` or `redis-sink run`) and the
+//! read-back commands (`redis-sink top`, `redis-sink history`).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use redis_sink::action::{DecodeRules, Kind};
+use redis_sink::keys::Keys;
+use redis_sink::plan::Retention;
+use redis_sink::query;
+use redis_sink::sink::{connect, RedisSettings, RedisSink};
+use sink_core::{ConsumerArgs, ServiceDefaults};
+
+mod table;
+
+const DEFAULTS: ServiceDefaults = ServiceDefaults {
+    topic: "user3",
+    group_id: "redis-sink",
+    batch_max_events: 5_000,
+    batch_max_bytes: 4 << 20,
+    batch_linger_ms: 100,
+};
+
+/// Live rankings and per-user history in Redis from search / movie_detail events.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Consume the topic into Redis (the default).
+    Run(RunArgs),
+    /// Print the most searched keywords or most viewed movies.
+    Top(TopArgs),
+    /// Print a user's recent searches or viewed movies, newest first.
+    History(HistoryArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Redis")]
+struct RedisArgs {
+    /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Prepended to every key (see docs/redis-keys.md).
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "")]
+    key_prefix: String,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    consumer: ConsumerArgs,
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Longest keyword kept, in characters after normalization; longer ones go to the DLQ.
+    #[arg(long, env = "MAX_KEYWORD_CHARS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_keyword_chars: u64,
+    /// Hourly ranking buckets expire this long after their last write.
+    #[arg(long, env = "BUCKET_TTL_SECS", default_value_t = 172_800, value_parser = clap::value_parser!(u64).range(3_600..=31_536_000))]
+    bucket_ttl_secs: u64,
+    /// Items kept per user history.
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    history_size: u64,
+    /// User histories expire this long after their last write.
+    #[arg(long, env = "HISTORY_TTL_SECS", default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(60..=315_360_000))]
+    history_ttl_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Which ranking.
+    #[arg(long, value_enum)]
+    kind: Kind,
+    /// Only the last H hours (the current one included); all time when absent.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=8_760))]
+    hours: Option<u32>,
+    /// How many to print.
+    #[arg(long, default_value_t = 10)]
+    limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Which history.
+    #[arg(long, value_enum)]
+    kind: Kind,
+    /// The user id.
+    #[arg(long)]
+    user: String,
+    /// How many to print.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = sink_core::parse_args(&DEFAULTS);
+    let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let log_format = match &command {
+        Command::Run(run) => run.consumer.log_format,
+        _ => sink_core::telemetry::LogFormat::Pretty,
+    };
+    sink_core::telemetry::init(log_format);
+    sink_core::block_on_main(async move {
+        match command {
+            Command::Run(args) => run(args).await,
+            Command::Top(args) => top(args).await,
+            Command::History(args) => history(args).await,
+        }
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.consumer.validate()?;
+    let shutdown = sink_core::shutdown::signal();
+    tokio::pin!(shutdown);
+    let conn = tokio::select! {
+        conn = connect(&args.redis.redis_url) => conn?,
+        () = &mut shutdown => return Ok(()),
+    };
+    let settings = RedisSettings {
+        keys: Keys::new(args.redis.key_prefix),
+        group: args.consumer.group_id.clone(),
+        retention: Retention {
+            bucket_ttl_secs: args.bucket_ttl_secs,
+            history_size: usize::try_from(args.history_size).context("--history-size")?,
+            history_ttl_secs: args.history_ttl_secs,
+        },
+        rules: DecodeRules {
+            max_keyword_chars: usize::try_from(args.max_keyword_chars)
+                .context("--max-keyword-chars")?,
+        },
+    };
+    sink_core::run(&args.consumer, RedisSink::new(conn, settings), shutdown).await
+}
+
+async fn top(args: TopArgs) -> anyhow::Result<()> {
+    let mut conn = connect(&args.redis.redis_url).await?;
+    let keys = Keys::new(args.redis.key_prefix);
+    let rows = query::top(
+        &mut conn,
+        &keys,
+        args.kind,
+        args.hours,
+        args.limit,
+        chrono::Utc::now(),
+    )
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        let label = if args.kind == Kind::Search {
+            "keyword"
+        } else {
+            "movie"
+        };
+        let body: Vec<Vec<String>> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| vec![(i + 1).to_string(), r.member.clone(), r.count.to_string()])
+            .collect();
+        print!("{}", table::render(&["#", label, "count"], &body));
+    }
+    Ok(())
+}
+
+async fn history(args: HistoryArgs) -> anyhow::Result<()> {
+    let mut conn = connect(&args.redis.redis_url).await?;
+    let keys = Keys::new(args.redis.key_prefix);
+    let rows = query::history(&mut conn, &keys, args.kind, &args.user, args.limit).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        let label = if args.kind == Kind::Search {
+            "keyword"
+        } else {
+            "movie"
+        };
+        let body: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(r.time_ms)
+                    .map_or_else(
+                        || r.time_ms.to_string(),
+                        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    );
+                vec![time, r.member.clone()]
+            })
+            .collect();
+        print!("{}", table::render(&["time (UTC)", label], &body));
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! The one script that applies a partition's batch atomically: the data and
+//! the partition's next offset change together, or not at all.
+//!
+//! It first compares the stored offset with the batch's first offset: the
+//! batch applies only if it starts exactly where the partition stands (or
+//! nothing is stored yet). Batch ranges of a partition chain without holes
+//! (sink-core makes a range start where fetching resumed), so any other
+//! stored value means this batch must not apply:
+//! - ahead of it: a replay after a crash, or a stale consumer whose partition
+//!   moved; the consumer resumes at the stored offset;
+//! - behind it: records between were never applied (Redis lost its last
+//!   writes, or a bug); the consumer goes back and applies them.
+//!
+//! Either way the stored offset is returned; -1 means applied.
+
+/// Members per ZADD inside the script: `unpack` is bounded by Lua's C stack.
+pub const ZADD_CHUNK: usize = 500;
+
+/// KEYS[1] offsets hash; KEYS[2..] data keys.
+/// ARGV: field, first, next, history size, then per data key:
+/// op (`incr` | `hist`), ttl (0 = none), n, then n pairs
+/// (`member count` for incr, `score member` for hist).
+pub const APPLY_BATCH: &str = r"
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if stored and tonumber(stored) ~= tonumber(ARGV[2]) then
+  return tonumber(stored)
+end
+local history_size = tonumber(ARGV[4])
+local a = 5
+for k = 2, #KEYS do
+  local key, op, ttl, n = KEYS[k], ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  if op == 'incr' then
+    for i = 0, n - 1 do
+      redis.call('ZINCRBY', key, ARGV[a + 2 * i + 1], ARGV[a + 2 * i])
+    end
+  else
+    local i = 0
+    while i < n do
+      local m = math.min(n - i, 500)
+      local args = {}
+      for j = 0, 2 * m - 1 do
+        args[j + 1] = ARGV[a + 2 * i + j]
+      end
+      redis.call('ZADD', key, 'GT', unpack(args))
+      i = i + m
+    end
+    redis.call('ZREMRANGEBYRANK', key, 0, -(history_size + 1))
+  end
+  a = a + 2 * n
+  if ttl > 0 then
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return -1
+";

@@ -1,0 +1,199 @@
+//! The Redis side: connection, the [`Sink`] implementation, error sorting.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, RedisError, Script};
+use sink_core::config::redact_url;
+use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
+
+use crate::action::{decode, Action, DecodeRules};
+use crate::keys::Keys;
+use crate::plan::{build, OffsetFence, Retention};
+use crate::script::APPLY_BATCH;
+
+/// Opens a connection that reconnects by itself, waiting (with backoff) for
+/// Redis to come up, and checks the server can keep our guarantees. Bad
+/// URLs, Redis Cluster and too old servers fail at once.
+pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(url)
+        .context("--redis-url (REDIS_URL) is not a valid redis:// or rediss:// URL")?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_number_of_retries(1);
+    let mut delay = Duration::from_millis(200);
+    let mut conn = loop {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(conn) => break conn,
+            Err(err) if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
+                tracing::warn!(url = %redact_url(url), error = %err, retry_in = ?delay, "Redis is not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot connect to Redis at {}", redact_url(url)))
+            }
+        }
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await
+        .context("INFO")?;
+    check_server(&info)?;
+    Ok(conn)
+}
+
+fn check_server(info: &str) -> anyhow::Result<()> {
+    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        bail!(
+            "Redis Cluster is not supported: a batch's rankings, histories and offset must change in one atomic script, \
+             which Cluster only allows within one hash slot. Point --redis-url at a standalone or Sentinel-managed primary."
+        );
+    }
+    if let Some(version) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
+        let mut parts = version
+            .trim()
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) < (6, 2) {
+            bail!(
+                "Redis {} is too old: ZADD GT needs Redis 6.2 or later",
+                version.trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Settings of the Redis sink.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Key names.
+    pub keys: Keys,
+    /// Consumer group (the offsets are per group).
+    pub group: String,
+    /// Retention of buckets and histories.
+    pub retention: Retention,
+    /// Decoding limits.
+    pub rules: DecodeRules,
+}
+
+/// Writes user3 batches into Redis, exactly once per event.
+pub struct RedisSink {
+    conn: ConnectionManager,
+    settings: RedisSettings,
+    script: Script,
+}
+
+impl RedisSink {
+    /// A sink over an open connection.
+    pub fn new(conn: ConnectionManager, settings: RedisSettings) -> Self {
+        Self {
+            conn,
+            settings,
+            script: Script::new(APPLY_BATCH),
+        }
+    }
+}
+
+impl Sink for RedisSink {
+    type Item = Action;
+
+    fn decode(&self, record: &Record) -> Result<Action, Rejection> {
+        decode(record, self.settings.rules)
+    }
+
+    async fn write(&self, batch: &Batch<Action>) -> Result<WriteOutcome, SinkError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let offsets_key = self
+            .settings
+            .keys
+            .offsets(&self.settings.group, &batch.topic);
+        let mut outcome = WriteOutcome::default();
+        let mut conn = self.conn.clone();
+        for range in &batch.ranges {
+            let actions = batch
+                .entries
+                .iter()
+                .filter(|e| e.record.partition == range.partition)
+                .map(|e| &e.item);
+            let fence = OffsetFence {
+                key: offsets_key.clone(),
+                field: range.partition.to_string(),
+                first: range.first,
+                next: range.next,
+            };
+            let plan = build(
+                &self.settings.keys,
+                self.settings.retention,
+                fence,
+                actions,
+                now_ms,
+            );
+            let mut invocation = self.script.prepare_invoke();
+            for key in &plan.keys {
+                invocation.key(key);
+            }
+            for arg in &plan.args {
+                invocation.arg(arg);
+            }
+            let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
+            // `stored == next`: an earlier attempt of this very write got
+            // through before its reply was lost; it is applied, once.
+            // Any other stored offset: resume there (ahead or behind).
+            if stored >= 0 && stored != range.next {
+                outcome.already_applied.push((range.partition, stored));
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn stored_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, SinkError> {
+        let key = self.settings.keys.offsets(&self.settings.group, topic);
+        let fields: Vec<String> = partitions.iter().map(ToString::to_string).collect();
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<i64>> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&fields)
+            .query_async(&mut conn)
+            .await
+            .map_err(classify)?;
+        Ok(values)
+    }
+
+    async fn check(&self) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+}
+
+/// Sorts Redis errors: anything about reaching the server is transient;
+/// errors an operator must fix (memory, a read-only replica, a key of the
+/// wrong type, auth) make the sink unavailable until fixed.
+fn classify(err: RedisError) -> SinkError {
+    let kind = match (err.kind(), err.code()) {
+        (ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH" | "WRONGPASS" | "NOPERM")) => {
+            "redis_auth"
+        }
+        (_, Some("OOM")) => "redis_oom",
+        (_, Some("READONLY")) => "redis_read_only",
+        (_, Some("WRONGTYPE")) => "redis_wrong_type",
+        (_, Some("MISCONF")) => "redis_misconf",
+        _ => return SinkError::transient("redis_unreachable", err),
+    };
+    SinkError::unavailable(kind, err)
+}

@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# The local stack for tests, benchmarks and `make demo`: a Kafka-protocol broker
+# (tansu), Redis and a BigQuery emulator (bqemulator), each on a free loopback port.
+#
+#   scripts/stack.sh up             install what is missing, start, print `export` lines
+#   scripts/stack.sh env            print the `export` lines of the running stack
+#   scripts/stack.sh status         one line per component: up/down (exit 1 if any is down)
+#   scripts/stack.sh down           stop what `up` started (by PID), safe when nothing is up
+#   scripts/stack.sh restart-redis  restart Redis on the same port with the same AOF dir
+#   scripts/stack.sh install        only install the components
+#
+#   eval "$(scripts/stack.sh up)"   # stdout of up/env is only `export` lines
+#
+# Settings: STACK_DIR (run dir, default <repo>/.stack), STACK_KAFKA_STORAGE=memory|sqlite
+# (sqlite: durable broker storage; Kafka and Redis data then also survive down/up),
+# STACK_READY_TIMEOUT (seconds per component, default 60), XDG_CACHE_HOME.
+# Versions and pitfalls behind the recipes below: STACK.md (shared notes).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STACK_DIR="${STACK_DIR:-$REPO/.stack}"
+# Cached outside the repo so that fresh clones and worktrees reuse one install.
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/movielog-stack"
+BQ_VENV="$CACHE_DIR/venv-bq"
+BQ_HOME="$CACHE_DIR/bq-home"
+BQ_PACKAGES=(bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5)
+TANSU_VERSION=0.6.0
+KAFKA_STORAGE="${STACK_KAFKA_STORAGE:-memory}"
+READY_TIMEOUT="${STACK_READY_TIMEOUT:-60}"
+BQ_PROJECT=test-project
+BQ_DATASET=movielog
+TOPICS=(user2 user3 user2.dlq user3.dlq)
+COMPONENTS=(tansu redis bqemulator)
+export PATH="$HOME/.cargo/bin:$PATH"   # where `cargo install` puts tansu
+
+# stdout is reserved for the `export` lines (fd 3); everything else, including the
+# output of cargo/apt/pip, goes to stderr.
+exec 3>&1 1>&2
+log() { echo "stack: $*" >&2; }
+die() { echo "stack: ERROR: $*" >&2; exit 1; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# ---------------------------------------------------------------- installation
+
+install_tansu() {
+    [[ "$(tansu --version 2>/dev/null || true)" == *" $TANSU_VERSION"* ]] && return 0
+    # An install started by hand (or by another checkout) would race with ours.
+    while command -v pgrep >/dev/null && pgrep -f "cargo install tansu" >/dev/null; do
+        log "waiting for a running 'cargo install tansu' to finish"; sleep 5
+    done
+    [[ "$(tansu --version 2>/dev/null || true)" == *" $TANSU_VERSION"* ]] && return 0
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs), then re-run"
+    log "installing tansu $TANSU_VERSION with cargo (about 10 minutes on 2 cores, once)"
+    # dynostore is required for memory:// storage, libsql for sqlite://.
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+        || die "'cargo install tansu' failed (output above)"
+}
+
+install_apt_packages() {   # redis-server (+ redis-cli) and curl
+    local missing=()
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
+    command -v curl >/dev/null || missing+=(curl)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing ${missing[*]} with apt-get"
+    local apt=(as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}")
+    "${apt[@]}" || { as_root apt-get update && "${apt[@]}"; } \
+        || die "could not install ${missing[*]} with apt-get; install them (redis-server, redis-cli, curl on PATH) and re-run"
+}
+
+install_bqemulator() {
+    local stamp="$BQ_VENV/.movielog-stack-installed"
+    [ "$(cat "$stamp" 2>/dev/null)" = "${BQ_PACKAGES[*]}" ] && return 0
+    log "installing ${BQ_PACKAGES[*]} into $BQ_VENV (about 30 s, once)"
+    mkdir -p "$BQ_HOME"
+    [ -x "$BQ_VENV/bin/python" ] || python3 -m venv "$BQ_VENV" \
+        || die "python3 -m venv failed (on Debian: apt-get install -y python3-venv)"
+    "$BQ_VENV/bin/pip" install --disable-pip-version-check -q "${BQ_PACKAGES[@]}" \
+        || die "pip install into $BQ_VENV failed (output above); 'rm -rf $BQ_VENV' and retry"
+    # The emulator loads DuckDB's spatial extension at start and, offline, fails to
+    # download it: register the copy shipped in the wheel, once, in the emulator's HOME.
+    HOME="$BQ_HOME" "$BQ_VENV/bin/python" - <<'EOF' || die "registering DuckDB's spatial extension failed"
+import duckdb, glob, os, duckdb_extension_spatial as pkg
+ext = glob.glob(os.path.join(os.path.dirname(pkg.__file__), "extensions", "*", "spatial.duckdb_extension"))
+if not ext:
+    raise SystemExit("spatial.duckdb_extension not found in the duckdb-extension-spatial wheel")
+duckdb.connect().execute(f"INSTALL '{ext[0]}'")
+EOF
+    echo "${BQ_PACKAGES[*]}" >"$stamp"
+}
+
+install_all() {
+    mkdir -p "$CACHE_DIR"
+    exec 8>"$CACHE_DIR/install.lock"   # one installer at a time per machine/cache
+    flock 8
+    install_tansu; install_apt_packages; install_bqemulator
+    exec 8>&-
+}
+
+# ---------------------------------------------------------------- processes
+
+pid_of() { cat "$STACK_DIR/$1.pid" 2>/dev/null || true; }
+port_of() { cat "$STACK_DIR/$1.port" 2>/dev/null || true; }
+
+# Alive AND still our program: a stale pid file (e.g. after a reboot) must never make
+# us signal an unrelated process that reused the PID. Zombies have an empty cmdline.
+is_running() {
+    local pid marker
+    pid=$(pid_of "$1")
+    case $1 in tansu) marker="tansu broker" ;; redis) marker="redis-server" ;; *) marker="bqemulator" ;; esac
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+        && [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"$marker"* ]]
+}
+
+# spawn NAME CMD...: start CMD in the background in its own session (it outlives this
+# script and the caller's Ctrl-C) with the run dir as working directory. fds 3/8/9 are
+# closed so that `$(stack.sh up)` and our locks do not wait for the child.
+spawn() {
+    local name=$1; shift
+    (cd "$STACK_DIR" && exec setsid "$@") </dev/null >>"$STACK_DIR/$name.log" 2>&1 3>&- 8>&- 9>&- &
+    echo $! >"$STACK_DIR/$name.pid"
+}
+
+stop_component() {
+    local name=$1 pid deadline
+    pid=$(pid_of "$name")
+    if [ -n "$pid" ] && is_running "$name"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        deadline=$((SECONDS + 10))
+        while is_running "$name" && ((SECONDS < deadline)); do sleep 0.1; done
+        if is_running "$name"; then
+            log "$name (pid $pid) still running 10 s after TERM; sending KILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            while is_running "$name"; do sleep 0.1; done
+        fi
+        log "stopped $name (pid $pid)"
+    elif [ -n "$pid" ]; then
+        log "$name (pid $pid) is not running (or that PID is now another program); removing its pid file"
+    fi
+    rm -f "$STACK_DIR/$name.pid"
+}
+
+stop_all() { local c; for c in "${COMPONENTS[@]}"; do stop_component "$c"; done; }
+
+port_open() { (exec 4<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+redis_ping() { [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; }
+bq_ready() {
+    [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$1/readyz")" = 200 ] \
+        && port_open "$2"
+}
+
+# wait_ready NAME CHECK ARGS...: poll CHECK until it succeeds; fail with the log tail
+# when the process exits or READY_TIMEOUT passes.
+wait_ready() {
+    local name=$1 deadline=$((SECONDS + READY_TIMEOUT)) why=""; shift
+    until "$@"; do
+        is_running "$name" || why="exited during start-up"
+        ((SECONDS < deadline)) || why="not ready after ${READY_TIMEOUT} s"
+        if [ -n "$why" ]; then
+            log "$name $why; last lines of $STACK_DIR/$name.log:"
+            tail -n 30 "$STACK_DIR/$name.log" >&2 || true
+            die "$name failed to start ($why); fix the cause above, then run: $0 up"
+        fi
+        sleep 0.1
+    done
+    log "$name ready on port $(port_of "$name")"
+}
+
+# ---------------------------------------------------------------- components
+
+start_tansu() {
+    local storage=memory://tansu/
+    # The sqlite path is relative to the broker's working directory (the run dir);
+    # sqlite:///abs/path did not work.
+    [ "$KAFKA_STORAGE" = sqlite ] && storage=sqlite://tansu.db
+    echo "$1" >"$STACK_DIR/tansu.port"
+    echo "$KAFKA_STORAGE" >"$STACK_DIR/tansu.storage"
+    spawn tansu tansu broker --listener-url "tcp://127.0.0.1:$1" \
+        --advertised-listener-url "tcp://127.0.0.1:$1" --storage-engine "$storage"
+}
+
+start_redis() {
+    mkdir -p "$STACK_DIR/redis"
+    echo "$1" >"$STACK_DIR/redis.port"
+    # Not daemonized, so the PID we record is redis itself; AOF so restart-redis keeps data.
+    spawn redis redis-server --port "$1" --bind 127.0.0.1 --appendonly yes \
+        --dir "$STACK_DIR/redis" --save '' --daemonize no
+}
+
+start_bqemulator() {
+    echo "$1" >"$STACK_DIR/bqemulator.port"
+    echo "$2" >"$STACK_DIR/bqemulator.grpc.port"
+    spawn bqemulator env HOME="$BQ_HOME" BQEMU_ENABLE_FORMAT_EXTENSIONS=false \
+        "$BQ_VENV/bin/python" -m bqemulator start \
+        --rest-port "$1" --grpc-port "$2" --project "$BQ_PROJECT"
+}
+
+create_topics() {
+    local topic out
+    for topic in "${TOPICS[@]}"; do
+        # For an existing topic tansu exits 1 with "Topic with this name already
+        # exists."; tolerate that so `up` stays idempotent.
+        out=$(tansu topic create --broker "tcp://127.0.0.1:$1" --partitions 3 "$topic" 2>&1) \
+            || [[ "$out" == *"already exists"* ]] || die "could not create topic $topic: $out"
+    done
+    # Check every topic exists with 3 partitions (sqlite storage keeps older topics).
+    tansu topic list --broker "tcp://127.0.0.1:$1" | python3 -c '
+import json, sys
+have = {t["name"]: len(t["partitions"]) for t in json.load(sys.stdin)}
+bad = ["%s (%d partitions)" % (t, have.get(t, 0)) for t in sys.argv[1:] if have.get(t) != 3]
+sys.exit("topics without 3 partitions: " + ", ".join(bad) if bad else 0)' "${TOPICS[@]}" \
+        || die "Kafka topics are not as expected (see above); with sqlite storage: $0 down && rm $STACK_DIR/tansu.db"
+    log "topics ${TOPICS[*]} ready (3 partitions each)"
+}
+
+create_dataset() {
+    local code body='{"datasetReference":{"projectId":"'$BQ_PROJECT'","datasetId":"'$BQ_DATASET'"}}'
+    code=$(curl -s -o "$STACK_DIR/dataset.response" -w '%{http_code}' --max-time 10 -X POST \
+        -H 'Content-Type: application/json' -d "$body" \
+        "http://127.0.0.1:$1/bigquery/v2/projects/$BQ_PROJECT/datasets") || true
+    case $code in
+        200) log "created dataset $BQ_PROJECT.$BQ_DATASET" ;;
+        409) log "dataset $BQ_PROJECT.$BQ_DATASET already exists" ;;
+        *) die "creating dataset $BQ_DATASET failed (HTTP ${code:-none}): $(cat "$STACK_DIR/dataset.response" 2>/dev/null)" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- stack
+
+stack_is_up() {
+    local c
+    for c in "${COMPONENTS[@]}"; do is_running "$c" || return 1; done
+    [ -f "$STACK_DIR/env" ] && port_open "$(port_of tansu)" && redis_ping "$(port_of redis)" \
+        && bq_ready "$(port_of bqemulator)" "$(port_of bqemulator.grpc)"
+}
+
+write_env() {
+    {
+        printf 'export %s=%q\n' KAFKA_BOOTSTRAP_SERVERS "127.0.0.1:$1" REDIS_URL "redis://127.0.0.1:$2" \
+            BIGQUERY_ENDPOINT "http://127.0.0.1:$3" BIGQUERY_GRPC_ENDPOINT "http://127.0.0.1:$4" \
+            BIGQUERY_PROJECT "$BQ_PROJECT" BIGQUERY_DATASET "$BQ_DATASET" STACK_DIR "$STACK_DIR"
+    } >"$STACK_DIR/env.tmp"
+    mv "$STACK_DIR/env.tmp" "$STACK_DIR/env"
+}
+
+lock_stack() {   # one mutating stack.sh per run dir at a time
+    mkdir -p "$STACK_DIR"
+    exec 9>"$STACK_DIR/.lock"
+    flock -n 9 || { log "another stack.sh is working on $STACK_DIR; waiting"; flock 9; }
+}
+
+cmd_up() {
+    case $KAFKA_STORAGE in memory | sqlite) ;; *) die "STACK_KAFKA_STORAGE must be memory or sqlite, not '$KAFKA_STORAGE'" ;; esac
+    install_all
+    lock_stack
+    if stack_is_up && [ "$(cat "$STACK_DIR/tansu.storage" 2>/dev/null)" = "$KAFKA_STORAGE" ]; then
+        log "stack already up in $STACK_DIR"
+        cat "$STACK_DIR/env" >&3
+        return 0
+    fi
+    stop_all   # a partial (or differently configured) stack: stop the survivors
+    # If anything below fails, stop what we started rather than leave half a stack.
+    trap 'log "up failed; stopping what was started"; stop_all' EXIT
+    rm -f "$STACK_DIR"/*.log "$STACK_DIR"/*.port "$STACK_DIR/env"
+    # The memory broker starts empty, so Redis starts empty too (its AOF is only for
+    # restart-redis); with durable sqlite storage both keep their data.
+    [ "$KAFKA_STORAGE" = sqlite ] || rm -rf "$STACK_DIR/redis"
+
+    local ports
+    mapfile -t ports < <(python3 "$REPO/scripts/free_port.py" 4)
+    [ "${#ports[@]}" -eq 4 ] || die "could not pick free ports with scripts/free_port.py"
+    log "starting tansu ($KAFKA_STORAGE) :${ports[0]}, redis :${ports[1]}, bqemulator :${ports[2]} (gRPC :${ports[3]}) in $STACK_DIR"
+    start_tansu "${ports[0]}"
+    start_redis "${ports[1]}"
+    start_bqemulator "${ports[2]}" "${ports[3]}"
+    wait_ready tansu port_open "${ports[0]}"
+    wait_ready redis redis_ping "${ports[1]}"
+    wait_ready bqemulator bq_ready "${ports[2]}" "${ports[3]}"
+    create_topics "${ports[0]}"
+    create_dataset "${ports[2]}"
+    write_env "${ports[@]}"
+    trap - EXIT
+    cat "$STACK_DIR/env" >&3
+}
+
+cmd_down() {
+    [ -d "$STACK_DIR" ] || { log "nothing to stop ($STACK_DIR does not exist)"; return 0; }
+    lock_stack
+    stop_all
+    rm -f "$STACK_DIR/env"
+}
+
+cmd_env() {
+    stack_is_up || die "the stack is not up in $STACK_DIR; start it with: $0 up"
+    cat "$STACK_DIR/env" >&3
+}
+
+cmd_status() {
+    local c all=0
+    for c in "${COMPONENTS[@]}"; do
+        if is_running "$c"; then
+            echo "$c: up (pid $(pid_of "$c"), port $(port_of "$c"))" >&3
+        else
+            echo "$c: down" >&3; all=1
+        fi
+    done
+    return $all
+}
+
+cmd_restart_redis() {
+    lock_stack
+    local port; port=$(port_of redis)
+    [ -f "$STACK_DIR/env" ] && [ -n "$port" ] || die "the stack is not up in $STACK_DIR; start it with: $0 up"
+    stop_component redis   # TERM: Redis flushes its AOF and exits
+    start_redis "$port"
+    wait_ready redis redis_ping "$port"
+}
+
+case "${1:-}" in
+    up) cmd_up ;;
+    down) cmd_down ;;
+    env) cmd_env ;;
+    status) cmd_status ;;
+    restart-redis) cmd_restart_redis ;;
+    install) install_all ;;
+    *) die "usage: $0 up|down|env|status|restart-redis|install" ;;
+esac

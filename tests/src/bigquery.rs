@@ -1,0 +1,1 @@
+//! BigQuery emulator helpers and the fault proxy (bigquery-sink tests).

@@ -1,0 +1,142 @@
+//! Shared harness of the end-to-end tests: the local stack started by
+//! `scripts/stack.sh`, per-test topics and groups, and Kafka helpers.
+//!
+//! Every test talks to real components on loopback. The stack's addresses
+//! come from the environment (`eval "$(scripts/stack.sh up)"`, which `make
+//! test` does) or, failing that, from `.stack/env` at the workspace root.
+
+pub mod bigquery;
+pub mod generator;
+pub mod kafka;
+pub mod process;
+pub mod redis_model;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Addresses of the running stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// `host:port` of the Kafka-protocol broker (tansu).
+    pub kafka: String,
+    /// `redis://host:port` of redis-server.
+    pub redis_url: String,
+    /// Base URL of the BigQuery REST emulator.
+    pub bigquery_endpoint: String,
+    /// BigQuery project of the emulator.
+    pub bigquery_project: String,
+    /// Dataset created by the stack script.
+    pub bigquery_dataset: String,
+    /// The stack's run directory.
+    pub dir: PathBuf,
+}
+
+impl Stack {
+    /// The running stack, or an error saying how to start it.
+    pub fn get() -> anyhow::Result<Self> {
+        let file = workspace_root().join(".stack/env");
+        let mut vars: HashMap<String, String> = std::fs::read_to_string(&file)
+            .map(|text| parse_env_file(&text))
+            .unwrap_or_default();
+        for key in [
+            "KAFKA_BOOTSTRAP_SERVERS",
+            "REDIS_URL",
+            "BIGQUERY_ENDPOINT",
+            "BIGQUERY_PROJECT",
+            "BIGQUERY_DATASET",
+            "STACK_DIR",
+        ] {
+            if let Ok(value) = std::env::var(key) {
+                vars.insert(key.to_owned(), value);
+            }
+        }
+        let get = |key: &str| -> anyhow::Result<String> {
+            match vars.get(key) {
+                Some(value) if !value.is_empty() => Ok(value.clone()),
+                _ => bail!(
+                    "{key} is not set and {} has no value for it: start the local stack with \
+                     `scripts/stack.sh up` (or run the tests with `make test`)",
+                    file.display()
+                ),
+            }
+        };
+        Ok(Self {
+            kafka: get("KAFKA_BOOTSTRAP_SERVERS")?,
+            redis_url: get("REDIS_URL")?,
+            bigquery_endpoint: get("BIGQUERY_ENDPOINT")?,
+            bigquery_project: get("BIGQUERY_PROJECT")?,
+            bigquery_dataset: get("BIGQUERY_DATASET")?,
+            dir: PathBuf::from(get("STACK_DIR")?),
+        })
+    }
+}
+
+fn parse_env_file(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("export ").or(Some(line.trim())))
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| {
+            (
+                k.trim().to_owned(),
+                v.trim().trim_matches(['"', '\'']).to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// A name no other test (or earlier run) uses: topics and groups per test.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+/// Awaits a condition, checking it every 20 ms, and fails with `what` if it
+/// does not hold within `timeout`.
+pub async fn wait_for<F>(timeout: Duration, what: &str, mut condition: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> bool,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Same as [`wait_for`] with an async condition.
+pub async fn wait_for_async<F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut condition: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition()
+            .await
+            .with_context(|| format!("while waiting for {what}"))?
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,203 @@
+//! Running the service binaries as real processes (kill -9, SIGTERM, scale).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// The path of a workspace binary built next to the test executable.
+/// `make test` builds them first (`cargo build --workspace --bins`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test executable has no parent dir")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} not found: build the binaries first with `cargo build --workspace --bins` (make test does)", path.display());
+    }
+    Ok(path)
+}
+
+/// A running service process; killed when dropped.
+pub struct Service {
+    child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Service {
+    /// Starts `binary` with `args`, logging to `<log_dir>/<name>.log`.
+    pub fn start(
+        binary: &str,
+        args: &[String],
+        log_dir: &std::path::Path,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(log_dir)?;
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(self::binary(binary)?)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("KAFKA_OPTIONS")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {binary}"))?;
+        Ok(Self { child, log })
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill().context("kill")?;
+        self.child.wait().context("wait")?;
+        Ok(())
+    }
+
+    /// Sends a signal by name (TERM, STOP, CONT) with kill(1).
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits for exit, up to `timeout`; returns the exit code.
+    pub async fn wait(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<i32>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "process did not exit within {timeout:?}; log: {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The last lines of its log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A redis-server of a test's own (append-only file on), for tests that
+/// restart Redis without disturbing the shared stack's other users.
+pub struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PrivateRedis {
+    /// Starts redis-server on a free loopback port with its data in `dir`.
+    pub async fn start(dir: PathBuf) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir,
+        };
+        redis.spawn().await?;
+        Ok(redis)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "cannot start redis-server (is it installed? scripts/stack.sh up installs it)",
+            )?;
+        self.child = Some(child);
+        let url = self.url();
+        crate::wait_for_async(
+            std::time::Duration::from_secs(20),
+            "redis-server to answer PING",
+            || {
+                let url = url.clone();
+                async move {
+                    let Ok(client) = redis::Client::open(url.as_str()) else {
+                        return Ok(false);
+                    };
+                    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                        return Ok(false);
+                    };
+                    Ok(redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .is_ok())
+                }
+            },
+        )
+        .await
+    }
+
+    /// Stops the server gracefully (it flushes its append-only file) and
+    /// starts it again on the same port and data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()?;
+            anyhow::ensure!(status.success(), "kill -TERM redis-server failed");
+            child.wait()?;
+        }
+        self.spawn().await
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

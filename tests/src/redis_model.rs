@@ -1,0 +1,133 @@
+//! The Redis state the key contract promises for a set of events, computed
+//! from the generator's ground truth, and a dump of the real state to
+//! compare it with.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use redis::aio::MultiplexedConnection;
+
+use crate::generator::Truth;
+
+/// key → member → score, for every key the contract names.
+pub type State = BTreeMap<String, BTreeMap<String, i64>>;
+
+/// The expected state for `events` under key `prefix`, with the default
+/// bucket TTL (events are recent) and `history_size`.
+pub fn expected<'a>(
+    prefix: &str,
+    events: impl IntoIterator<Item = &'a Truth>,
+    history_size: usize,
+) -> State {
+    let mut state = State::new();
+    let mut histories: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for truth in events {
+        let kind = if truth.info == "search" {
+            "search"
+        } else {
+            "movie"
+        };
+        let hour = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(truth.time_ms)
+            .unwrap_or_default()
+            .format("%Y%m%d%H")
+            .to_string();
+        for key in [
+            format!("{prefix}rank:{kind}:total"),
+            format!("{prefix}rank:{kind}:h:{hour}"),
+        ] {
+            *state
+                .entry(key)
+                .or_default()
+                .entry(truth.member.clone())
+                .or_default() += 1;
+        }
+        if let Some(user) = &truth.user {
+            let latest = histories
+                .entry(format!("{prefix}history:{kind}:{user}"))
+                .or_default()
+                .entry(truth.member.clone())
+                .or_insert(truth.time_ms);
+            *latest = (*latest).max(truth.time_ms);
+        }
+    }
+    for (key, items) in histories {
+        // Keep the newest `history_size` by (time, member), as ZREMRANGEBYRANK does.
+        let mut sorted: Vec<(i64, String)> = items.into_iter().map(|(m, t)| (t, m)).collect();
+        sorted.sort();
+        let keep = sorted.split_off(sorted.len().saturating_sub(history_size));
+        state.insert(key, keep.into_iter().map(|(t, m)| (m, t)).collect());
+    }
+    state
+}
+
+/// Every `rank:*` and `history:*` key under `prefix`, with members and
+/// scores (cache and offset keys are not part of the compared contract).
+pub async fn dump(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<State> {
+    let mut state = State::new();
+    for pattern in [format!("{prefix}rank:*"), format!("{prefix}history:*")] {
+        let mut keys: Vec<String> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .context("SCAN")?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        for key in keys {
+            let members: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES")
+                .query_async(conn)
+                .await
+                .with_context(|| format!("ZRANGE {key}"))?;
+            state.insert(
+                key,
+                members.into_iter().map(|(m, s)| (m, s as i64)).collect(),
+            );
+        }
+    }
+    Ok(state)
+}
+
+/// Explains the first differences between two states (for assertion messages).
+pub fn diff(expected: &State, actual: &State) -> String {
+    let mut out = Vec::new();
+    for (key, members) in expected {
+        match actual.get(key) {
+            None => out.push(format!("missing key {key}")),
+            Some(got) if got != members => {
+                for (m, s) in members {
+                    if got.get(m) != Some(s) {
+                        out.push(format!("{key} {m}: expected {s}, got {:?}", got.get(m)));
+                    }
+                }
+                for (m, s) in got {
+                    if !members.contains_key(m) {
+                        out.push(format!("{key} {m}: unexpected score {s}"));
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for key in actual.keys() {
+        if !expected.contains_key(key) {
+            out.push(format!("unexpected key {key}"));
+        }
+    }
+    let total = out.len();
+    out.truncate(20);
+    format!("{total} differences; first ones:\n{}", out.join("\n"))
+}

@@ -1,0 +1,410 @@
+//! The shared consume loop against the real broker, with a recording sink.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use e2e::{kafka, unique, wait_for, Stack};
+use sink_core::config::try_parse_args_from;
+use sink_core::{
+    Batch, ConsumerArgs, Record, Rejection, ServiceDefaults, Sink, SinkError, WriteOutcome,
+};
+use tokio::sync::oneshot;
+
+const PARTITIONS: i32 = 3;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the sink saw: (partition, offset, payload) in write order.
+type Seen = Arc<Mutex<Vec<(i32, i64, String)>>>;
+
+/// Accepts everything except payloads starting with "BAD" (rejected at
+/// decode) and "REFUSE" (rejected at write); fails its first `fail_first`
+/// writes; can claim partitions are already applied up to an offset.
+#[derive(Default)]
+struct RecordingSink {
+    seen: Seen,
+    fail_first: AtomicUsize,
+    writes: Arc<AtomicUsize>,
+    stored: BTreeMap<i32, i64>,
+}
+
+impl Sink for RecordingSink {
+    type Item = String;
+
+    fn decode(&self, record: &Record) -> Result<String, Rejection> {
+        let text = String::from_utf8_lossy(&record.payload).into_owned();
+        if text.starts_with("BAD") {
+            return Err(Rejection::new(
+                "bad_test_payload",
+                format!("payload {text} is bad"),
+            ));
+        }
+        Ok(text)
+    }
+
+    async fn write(&self, batch: &Batch<String>) -> Result<WriteOutcome, SinkError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(SinkError::transient(
+                "test_outage",
+                anyhow::anyhow!("injected failure"),
+            ));
+        }
+        let mut outcome = WriteOutcome::default();
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        for range in &batch.ranges {
+            if let Some(stored) = self.stored.get(&range.partition) {
+                if range.first < *stored {
+                    outcome.already_applied.push((range.partition, *stored));
+                }
+            }
+        }
+        for (index, entry) in batch.entries.iter().enumerate() {
+            let partition = entry.record.partition;
+            if outcome.already_applied.iter().any(|(p, _)| *p == partition) {
+                continue;
+            }
+            if entry.item.starts_with("REFUSE") {
+                outcome
+                    .rejected
+                    .push((index, Rejection::new("refused", "sink refused it")));
+                continue;
+            }
+            seen.push((partition, entry.record.offset, entry.item.clone()));
+        }
+        Ok(outcome)
+    }
+
+    async fn stored_offsets(
+        &self,
+        _topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, SinkError> {
+        Ok(partitions
+            .iter()
+            .map(|p| self.stored.get(p).copied())
+            .collect())
+    }
+
+    fn max_in_flight(&self) -> usize {
+        3
+    }
+}
+
+fn args(stack: &Stack, topic: &str, group: &str) -> anyhow::Result<ConsumerArgs> {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        consumer: ConsumerArgs,
+    }
+    let defaults = ServiceDefaults {
+        topic: "unused",
+        group_id: "unused",
+        batch_max_events: 500,
+        batch_max_bytes: 1 << 20,
+        batch_linger_ms: 50,
+    };
+    let argv = [
+        "test",
+        "--bootstrap-servers",
+        &stack.kafka,
+        "--topic",
+        topic,
+        "--group-id",
+        group,
+        "--session-timeout-ms",
+        "6000",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--shutdown-timeout-secs",
+        "10",
+    ];
+    Ok(try_parse_args_from::<Cli, _, _>(&defaults, argv)?.consumer)
+}
+
+/// A consumer running in the background until `stop` is called.
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn start(args: ConsumerArgs, sink: RecordingSink) -> Self {
+        sink_core::telemetry::init(sink_core::telemetry::LogFormat::Pretty);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            sink_core::run(&args, sink, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Self {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.context("consumer task")?
+    }
+}
+
+async fn topic_with_dlq(stack: &Stack) -> anyhow::Result<String> {
+    let topic = unique("core");
+    kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
+    kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
+    Ok(topic)
+}
+
+fn len(seen: &Seen) -> usize {
+    seen.lock().map(|s| s.len()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let topic = topic_with_dlq(&stack).await?;
+    let group = unique("group");
+    let producer = kafka::producer(&stack.kafka)?;
+    let n = 10_000;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..n).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
+    )
+    .await?;
+
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args(&stack, &topic, &group)?, sink);
+    wait_for(TIMEOUT, "all 10,000 events", || len(&seen) >= n as usize).await?;
+    running.stop().await?;
+
+    let seen = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    assert_eq!(seen.len(), n as usize, "each event exactly once");
+    for p in 0..PARTITIONS {
+        let payloads: Vec<&str> = seen
+            .iter()
+            .filter(|(q, _, _)| *q == p)
+            .map(|(_, _, s)| s.as_str())
+            .collect();
+        let expected: Vec<String> = (0..n)
+            .filter(|i| i % PARTITIONS == p)
+            .map(|i| format!("event-{i}"))
+            .collect();
+        assert_eq!(payloads, expected, "partition {p} in order");
+    }
+    let committed = kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?;
+    let expected: Vec<Option<i64>> = (0..PARTITIONS)
+        .map(|p| Some(((0..n).filter(|i| i % PARTITIONS == p).count()) as i64))
+        .collect();
+    assert_eq!(
+        committed, expected,
+        "offsets committed after the sink took everything"
+    );
+
+    // The same group again: only what is produced now arrives.
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args(&stack, &topic, &group)?, sink);
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..PARTITIONS).map(|p| (p, format!("late-{p}").into_bytes())),
+    )
+    .await?;
+    wait_for(TIMEOUT, "the 3 late events", || len(&seen) >= 3).await?;
+    running.stop().await?;
+    let mut payloads: Vec<String> = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .map(|s| s.2.clone())
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        vec!["late-0", "late-1", "late-2"],
+        "nothing already committed came back"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_sink_gets_everything_later_and_nothing_is_committed_before() -> anyhow::Result<()>
+{
+    let stack = Stack::get()?;
+    let topic = topic_with_dlq(&stack).await?;
+    let group = unique("group");
+    let producer = kafka::producer(&stack.kafka)?;
+    let n = 900;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..n).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
+    )
+    .await?;
+
+    let fail_first = 4;
+    let sink = RecordingSink {
+        fail_first: AtomicUsize::new(fail_first),
+        ..RecordingSink::default()
+    };
+    let seen = Arc::clone(&sink.seen);
+    let writes = Arc::clone(&sink.writes);
+    let running = Running::start(args(&stack, &topic, &group)?, sink);
+    // While the sink has failed and not yet succeeded, nothing may be committed.
+    wait_for(TIMEOUT, "the injected failures", || {
+        writes.load(Ordering::SeqCst) >= fail_first
+    })
+    .await?;
+    if len(&seen) == 0 {
+        let committed = kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?;
+        assert_eq!(
+            committed,
+            vec![None; PARTITIONS as usize],
+            "committed while the sink was failing"
+        );
+    }
+    wait_for(TIMEOUT, "every event after the outage", || {
+        len(&seen) >= n as usize
+    })
+    .await?;
+    running.stop().await?;
+    let mut offsets: Vec<(i32, i64)> = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .map(|s| (s.0, s.1))
+        .collect();
+    let total = offsets.len();
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(
+        (total, offsets.len()),
+        (n as usize, n as usize),
+        "every event, none twice"
+    );
+    let committed = kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?;
+    assert_eq!(committed, vec![Some(300); 3]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_records_land_in_the_dlq_with_headers() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let topic = topic_with_dlq(&stack).await?;
+    let group = unique("group");
+    let producer = kafka::producer(&stack.kafka)?;
+    let payloads = ["ok-1", "BAD-1", "ok-2", "REFUSE-1", "ok-3", "BAD-2"];
+    kafka::produce(
+        &producer,
+        &topic,
+        payloads.iter().map(|p| (1, p.as_bytes().to_vec())),
+    )
+    .await?;
+
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args(&stack, &topic, &group)?, sink);
+    wait_for(TIMEOUT, "the 3 good events", || len(&seen) >= 3).await?;
+    wait_for_committed(&stack, &group, &topic, vec![None, Some(6), None]).await?;
+    running.stop().await?;
+
+    let letters = kafka::read_messages(&stack.kafka, &format!("{topic}.dlq"), 3, TIMEOUT)?;
+    let mut by_payload: BTreeMap<String, &kafka::ReadMessage> = BTreeMap::new();
+    for letter in &letters {
+        by_payload.insert(
+            String::from_utf8_lossy(&letter.payload).into_owned(),
+            letter,
+        );
+    }
+    assert_eq!(
+        by_payload.keys().collect::<Vec<_>>(),
+        vec!["BAD-1", "BAD-2", "REFUSE-1"]
+    );
+    let bad = by_payload["BAD-1"];
+    assert_eq!(bad.headers["error"], "payload BAD-1 is bad");
+    assert_eq!(bad.headers["error.code"], "bad_test_payload");
+    assert_eq!(bad.headers["source.topic"], topic);
+    assert_eq!(bad.headers["source.partition"], "1");
+    assert_eq!(bad.headers["source.offset"], "1");
+    assert!(bad.headers["failed.at"].ends_with('Z'), "{:?}", bad.headers);
+    assert_eq!(by_payload["REFUSE-1"].headers["error"], "sink refused it");
+    assert_eq!(by_payload["REFUSE-1"].headers["source.offset"], "3");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_stores_offsets_decides_where_partitions_start() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let topic = topic_with_dlq(&stack).await?;
+    let group = unique("group");
+    let producer = kafka::producer(&stack.kafka)?;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..30).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
+    )
+    .await?;
+
+    // Partition 0 already applied up to offset 4, partition 2 up to 10 (all of it).
+    let sink = RecordingSink {
+        stored: BTreeMap::from([(0, 4), (2, 10)]),
+        ..RecordingSink::default()
+    };
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args(&stack, &topic, &group)?, sink);
+    wait_for_committed(&stack, &group, &topic, vec![Some(10), Some(10), None]).await?;
+    running.stop().await?;
+    let mut got: Vec<(i32, i64)> = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+        .map(|s| (s.0, s.1))
+        .collect();
+    got.sort_unstable();
+    let expected: Vec<(i32, i64)> = (4..10)
+        .map(|o| (0, o))
+        .chain((0..10).map(|o| (1, o)))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "partition 0 from 4, partition 1 from the start, partition 2 nothing"
+    );
+    Ok(())
+}
+
+async fn wait_for_committed(
+    stack: &Stack,
+    group: &str,
+    topic: &str,
+    expected: Vec<Option<i64>>,
+) -> anyhow::Result<()> {
+    let mut last = Vec::new();
+    let result = e2e::wait_for_async(TIMEOUT, "committed offsets", || {
+        let current = kafka::committed(&stack.kafka, group, topic, PARTITIONS);
+        let matches = current.as_ref().map(|c| *c == expected).unwrap_or(false);
+        if let Ok(c) = current {
+            last = c;
+        }
+        async move { Ok(matches) }
+    })
+    .await;
+    result.with_context(|| format!("committed {last:?}, expected {expected:?}"))
+}

@@ -1,0 +1,410 @@
+//! redis-sink end to end: real broker, real redis-server, the real binary.
+//! Every test compares the whole Redis state with a model computed from the
+//! generator's ground truth.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use e2e::generator::{Generated, Generator, Mix, Truth};
+use e2e::process::{PrivateRedis, Service};
+use e2e::redis_model::{diff, dump, expected};
+use e2e::{kafka, unique, Stack};
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+
+const PARTITIONS: i32 = 3;
+const HISTORY_SIZE: usize = 50;
+
+struct Fixture {
+    stack: Stack,
+    redis_url: String,
+    topic: String,
+    group: String,
+    prefix: String,
+    redis: MultiplexedConnection,
+    producer: rdkafka::producer::FutureProducer,
+    /// Messages produced per partition.
+    produced: [i64; PARTITIONS as usize],
+    truths: Vec<Truth>,
+    services: usize,
+}
+
+impl Fixture {
+    async fn new() -> anyhow::Result<Self> {
+        let stack = Stack::get()?;
+        let url = stack.redis_url.clone();
+        Self::with_redis(stack, url).await
+    }
+
+    async fn with_redis(stack: Stack, redis_url: String) -> anyhow::Result<Self> {
+        let topic = unique("user3");
+        kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
+        kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
+        let redis = redis::Client::open(redis_url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?;
+        Ok(Self {
+            redis_url,
+            producer: kafka::producer(&stack.kafka)?,
+            group: unique("redis-sink"),
+            prefix: format!("{topic}:"),
+            topic,
+            stack,
+            redis,
+            produced: [0; PARTITIONS as usize],
+            truths: Vec::new(),
+            services: 0,
+        })
+    }
+
+    /// Produces events round-robin over the partitions, remembering the truth.
+    async fn produce(&mut self, events: Vec<Generated>) -> anyhow::Result<()> {
+        let mut messages = Vec::with_capacity(events.len());
+        for event in events {
+            let partition = (self.produced.iter().sum::<i64>() % i64::from(PARTITIONS)) as i32;
+            self.produced[partition as usize] += 1;
+            if let Some(truth) = event.truth.filter(|_| event.valid) {
+                self.truths.push(truth);
+            }
+            messages.push((partition, event.payload));
+        }
+        kafka::produce(&self.producer, &self.topic, messages).await
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "--bootstrap-servers",
+            &self.stack.kafka,
+            "--topic",
+            &self.topic,
+            "--group-id",
+            &self.group,
+            "--redis-url",
+            &self.redis_url,
+            "--key-prefix",
+            &self.prefix,
+            "--session-timeout-ms",
+            "6000",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--batch-linger-ms",
+            "50",
+            "--shutdown-timeout-secs",
+            "10",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    fn start(&mut self) -> anyhow::Result<Service> {
+        self.services += 1;
+        let name = format!("{}-{}", self.topic, self.services);
+        Service::start(
+            "redis-sink",
+            &self.args(),
+            &self.stack.dir.join("logs"),
+            &name,
+        )
+    }
+
+    /// Next offsets stored in Redis per partition.
+    async fn applied(&mut self) -> anyhow::Result<[i64; PARTITIONS as usize]> {
+        let key = format!("{}offsets:{}:{}", self.prefix, self.group, self.topic);
+        let map: BTreeMap<i32, i64> = redis::cmd("HGETALL")
+            .arg(&key)
+            .query_async(&mut self.redis)
+            .await?;
+        let mut out = [0; PARTITIONS as usize];
+        for (p, o) in map {
+            if let Some(slot) = out.get_mut(p as usize) {
+                *slot = o;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until Redis has applied at least `target` records in total.
+    async fn wait_applied_at_least(
+        &mut self,
+        target: i64,
+        service: &Service,
+    ) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let applied: i64 = self.applied().await?.iter().sum();
+            if applied >= target {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "applied {applied} of {target}; service log:\n{}",
+                    service.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every produced record is applied.
+    async fn wait_all_applied(&mut self, service: &Service) -> anyhow::Result<()> {
+        let total = self.produced.iter().sum();
+        self.wait_applied_at_least(total, service).await?;
+        assert_eq!(
+            self.applied().await?,
+            self.produced,
+            "stored offsets = produced per partition"
+        );
+        Ok(())
+    }
+
+    async fn assert_state_matches_model(&mut self) -> anyhow::Result<()> {
+        let want = expected(&self.prefix, &self.truths, HISTORY_SIZE);
+        let got = dump(&mut self.redis, &self.prefix).await?;
+        assert!(
+            want == got,
+            "Redis state differs from the model: {}",
+            diff(&want, &got)
+        );
+        Ok(())
+    }
+}
+
+fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Generated> {
+    let mut generator = Generator::new(seed, Mix::User3, chrono::Utc::now().timestamp_millis())
+        .bad_fraction(bad_fraction)
+        .users(500);
+    (0..n).map(|_| generator.next_event()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_events_equal_the_model() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    f.produce(events(1, 50_000, 0.0)).await?;
+    let service = f.start()?;
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_three_times_neither_loses_nor_double_counts() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    f.produce(events(2, 100_000, 0.0)).await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let mut service = f.start()?;
+    for round in 0..3 {
+        let target = 100_000 * (round * 25 + rng.random_range(5..20)) / 100;
+        f.wait_applied_at_least(target, &service).await?;
+        service.kill()?;
+        service = f.start()?;
+    }
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_joining_and_leaving_mid_stream_equal_the_model() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    let all = events(3, 60_000, 0.0);
+    let mut chunks = all.chunks(15_000).map(<[Generated]>::to_vec);
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    let first = f.start()?;
+    f.wait_applied_at_least(5_000, &first).await?;
+    let second = f.start()?;
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    let mut third = f.start()?;
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    third.signal("TERM")?;
+    assert_eq!(
+        third.wait(Duration::from_secs(30)).await?,
+        Some(0),
+        "graceful exit"
+    );
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    f.wait_all_applied(&second).await?;
+    drop(first);
+    f.assert_state_matches_model().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    let mut batch = events(4, 5_000, 0.1);
+    let now = chrono::Utc::now().to_rfc3339();
+    for i in 0..50 {
+        let info = ["login", "play", "logout"][i % 3];
+        let payload =
+            format!(r#"{{"@timestamp":"{now}","info":"{info}","user_id":"u{i}"}}"#).into_bytes();
+        batch.push(Generated {
+            info,
+            payload,
+            truth: None,
+            valid: false,
+        });
+    }
+    let bad = batch.iter().filter(|e| !e.valid).count();
+    f.produce(batch).await?;
+    let service = f.start()?;
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await?;
+    let letters = kafka::read_messages(
+        &f.stack.kafka,
+        &format!("{}.dlq", f.topic),
+        bad,
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(letters.len(), bad);
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    for letter in &letters {
+        let reason = letter.headers.get("error").context("error header")?;
+        assert!(!reason.is_empty(), "a dead letter without a reason");
+        assert_eq!(letter.headers.get("source.topic"), Some(&f.topic));
+        *codes
+            .entry(
+                letter
+                    .headers
+                    .get("error.code")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .or_default() += 1;
+    }
+    assert_eq!(codes.get("off_topic"), Some(&50), "{codes:?}");
+    // Nothing more than the bad ones: the DLQ holds exactly `bad` letters.
+    let extra = kafka::read_messages(
+        &f.stack.kafka,
+        &format!("{}.dlq", f.topic),
+        bad + 1,
+        Duration::from_secs(3),
+    );
+    assert!(extra.is_err(), "more dead letters than bad events");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_stream_equals_the_model() -> anyhow::Result<()> {
+    // A redis-server of this test's own: restarting the shared one would
+    // disturb the tests running beside this one.
+    let stack = Stack::get()?;
+    let mut redis = PrivateRedis::start(stack.dir.join(unique("redis-restart"))).await?;
+    let mut f = Fixture::with_redis(stack, redis.url()).await?;
+    f.produce(events(5, 60_000, 0.0)).await?;
+    let service = f.start()?;
+    f.wait_applied_at_least(15_000, &service).await?;
+    redis.restart().await?;
+    // A fresh connection: the test's own one died with the server.
+    f.redis = redis::Client::open(redis.url().as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    f.produce(events(6, 5_000, 0.0)).await?;
+    let service = f.start()?;
+    f.wait_all_applied(&service).await?;
+    let model = expected(&f.prefix, &f.truths, HISTORY_SIZE);
+
+    // Ties are ordered as ZRANGE REV does: score, then member, both descending.
+    let ranked = |key: &str, limit: usize| -> Vec<(String, i64)> {
+        let mut rows: Vec<(String, i64)> = model
+            .get(key)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        rows.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+        rows.truncate(limit);
+        rows
+    };
+    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let output = std::process::Command::new(e2e::process::binary("redis-sink")?)
+            .args(args)
+            .args([
+                "--redis-url",
+                &f.redis_url,
+                "--key-prefix",
+                &f.prefix,
+                "--json",
+            ])
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(serde_json::from_slice(&output.stdout)?)
+    };
+    let as_rows = |value: serde_json::Value, score: &str| -> Vec<(String, i64)> {
+        value
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        (
+                            r["member"].as_str().unwrap_or_default().to_owned(),
+                            r[score].as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let top_search = as_rows(cli(&["top", "--kind", "search", "--limit", "5"])?, "count");
+    assert_eq!(
+        top_search,
+        ranked(&format!("{}rank:search:total", f.prefix), 5)
+    );
+    // Every generated event is from the last two hours: three hours = all time.
+    let top_movies_3h = as_rows(
+        cli(&["top", "--kind", "movie", "--hours", "3", "--limit", "7"])?,
+        "count",
+    );
+    assert_eq!(
+        top_movies_3h,
+        ranked(&format!("{}rank:movie:total", f.prefix), 7)
+    );
+
+    let user = f
+        .truths
+        .iter()
+        .find_map(|t| t.user.clone().filter(|_| t.info == "search"))
+        .context("a user")?;
+    let history = as_rows(
+        cli(&["history", "--kind", "search", "--user", &user])?,
+        "time_ms",
+    );
+    assert!(!history.is_empty());
+    assert_eq!(
+        history,
+        ranked(&format!("{}history:search:{user}", f.prefix), HISTORY_SIZE)
+    );
+
+    // The table form is aligned and lists the same members.
+    let output = std::process::Command::new(e2e::process::binary("redis-sink")?)
+        .args([
+            "top",
+            "--kind",
+            "search",
+            "--limit",
+            "3",
+            "--redis-url",
+            &f.redis_url,
+            "--key-prefix",
+            &f.prefix,
+        ])
+        .output()?;
+    let table = String::from_utf8(output.stdout)?;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[0].starts_with("#  keyword"), "{table}");
+    for (line, (member, count)) in lines[1..].iter().zip(&top_search) {
+        assert!(
+            line.contains(member.as_str()) && line.trim_end().ends_with(&count.to_string()),
+            "{line}"
+        );
+    }
+    Ok(())
+}
