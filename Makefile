@@ -13,6 +13,7 @@ build:
 test:
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
+	  cargo build --workspace --bins || { $(STACK) down; exit 1; }; \
 	  cargo nextest --version >/dev/null 2>&1 && runner="cargo nextest run --workspace --no-fail-fast" || runner="cargo test --workspace --no-fail-fast"; \
 	  $$runner; status=$$?; \
 	  $(STACK) down; exit $$status
