@@ -135,6 +135,11 @@ impl<T> Batcher<T> {
         !self.sealed.is_empty()
     }
 
+    /// How many sealed batches wait for the sink.
+    pub fn sealed_len(&self) -> usize {
+        self.sealed.len()
+    }
+
     /// Records held, open and sealed.
     pub fn buffered(&self) -> usize {
         self.open.len() + self.sealed.iter().map(Work::len).sum::<usize>()

@@ -215,7 +215,12 @@ impl ConsumerArgs {
             .set("queued.min.messages", "10000")
             .set("queued.max.messages.kbytes", "4096")
             .set("max.partition.fetch.bytes", "262144")
-            .set("fetch.max.bytes", "1048576");
+            .set("fetch.max.bytes", "1048576")
+            // tansu (the local broker) holds a fetch for fetch.wait.max.ms
+            // even while another partition has data: librdkafka's 500 ms
+            // default capped a do-nothing consumer at ~25k events/s there
+            // (docs/benchmarks.md). On Kafka it only bounds idle fetches.
+            .set("fetch.wait.max.ms", "20");
         for (key, value) in self.kafka_options() {
             config.set(key, value);
         }

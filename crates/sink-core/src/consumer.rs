@@ -45,6 +45,10 @@ use crate::sink::{Record, Rejection, Sink};
 /// still refuses a replay at write time, so this costs a seek, not accuracy.
 const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the loop may stop taking messages (holding) while the sink is
+/// behind before it pauses the assignment to serve rebalances again.
+const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(5);
+
 /// How often an idle sink is probed for readiness.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -307,6 +311,8 @@ pub async fn run<S: Sink>(
         Arc::clone(&health),
     ));
     let mut consume = Loop {
+        consumed: metrics::counter!(m::EVENTS_CONSUMED, "topic" => topic.to_string()),
+        gaps: metrics::counter!(m::OFFSET_GAPS, "topic" => topic.to_string()),
         batcher: Batcher::new(Arc::clone(&topic), args.batch_limits()),
         max_in_flight: sink.max_in_flight().max(1),
         consumer,
@@ -317,6 +323,7 @@ pub async fn run<S: Sink>(
         topic,
         tasks: JoinSet::new(),
         paused: false,
+        held_since: None,
         rebalances_seen: 0,
     };
     let result = consume.run(shutdown).await;
@@ -387,7 +394,12 @@ struct Loop<S: Sink> {
     tasks: JoinSet<()>,
     max_in_flight: usize,
     paused: bool,
+    /// Since when the loop stopped taking messages because the sink is behind.
+    held_since: Option<Instant>,
     rebalances_seen: u64,
+    /// Counted per record: a handle, not a lookup by name each time.
+    consumed: metrics::Counter,
+    gaps: metrics::Counter,
 }
 
 impl<S: Sink> Loop<S> {
@@ -395,14 +407,19 @@ impl<S: Sink> Loop<S> {
         tokio::pin!(shutdown);
         loop {
             self.dispatch();
-            self.pause_while_behind();
+            self.flow_control(Instant::now());
             let linger = self.batcher.deadline();
+            let pause_at = self
+                .held_since
+                .filter(|_| !self.paused)
+                .map(|since| since + HOLD_BEFORE_PAUSE);
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
                 Some(joined) = self.tasks.join_next() => joined.context("a batch task panicked")?,
                 () = sleep_until(linger), if linger.is_some() => self.batcher.tick(Instant::now()),
-                message = self.consumer.recv() => {
+                () = sleep_until(pause_at), if pause_at.is_some() => {}
+                message = self.consumer.recv(), if self.taking() => {
                     let message = message.map(|m| detach(&self.topic, &m));
                     // A rebalance inside this recv() may have revoked what the
                     // batcher holds: purge before adding the new record.
@@ -426,7 +443,20 @@ impl<S: Sink> Loop<S> {
         else {
             return;
         };
-        metrics::counter!(m::EVENTS_CONSUMED, "topic" => self.topic.to_string()).increment(1);
+        if record.offset > resumed_from {
+            // Kafka only skips offsets for transaction markers or compaction;
+            // neither applies to Logstash's topics. Anything else means the
+            // broker skipped records: say so loudly.
+            self.gaps
+                .increment(u64::try_from(record.offset - resumed_from).unwrap_or(0));
+            tracing::warn!(
+                partition = record.partition,
+                expected = resumed_from,
+                got = record.offset,
+                "offset gap: the broker returned a later offset than requested"
+            );
+        }
+        self.consumed.increment(1);
         let decoded = self.sink.decode(&record);
         self.batcher
             .push(record, decoded, resumed_from, Instant::now());
@@ -451,19 +481,45 @@ impl<S: Sink> Loop<S> {
         metrics::gauge!(m::BUFFERED_EVENTS).set(self.batcher.buffered() as f64);
     }
 
-    /// Pauses fetching while sealed batches wait for the sink (memory stays
-    /// bounded), resumes when they are gone. Polling continues either way.
-    fn pause_while_behind(&mut self) {
+    /// Flow control while the sink is behind ("behind": more sealed batches
+    /// waiting than can be written at once). First the loop just stops taking
+    /// messages: librdkafka's prefetch queue fills up and fetching stops by
+    /// itself, bounded by `queued.max.messages.kbytes`, and nothing is
+    /// dropped. If the sink stays behind past [`HOLD_BEFORE_PAUSE`] (an
+    /// outage, not a busy sink), the assignment is paused so the loop can go
+    /// back to polling and serve rebalances while it waits. Pausing drops the
+    /// prefetched messages and refetches them on resume, which costs a fetch
+    /// round trip: far too slow to do on every busy moment.
+    fn flow_control(&mut self, now: Instant) {
         let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
         if rebalances != self.rebalances_seen {
             // A new assignment starts unpaused.
             self.rebalances_seen = rebalances;
             self.paused = false;
         }
-        let behind = self.batcher.has_sealed();
-        if behind == self.paused {
-            return;
+        let waiting = self.batcher.sealed_len();
+        let behind = waiting > self.max_in_flight || (self.held_since.is_some() && waiting > 0);
+        self.held_since = match (behind, self.held_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(now),
+            (false, _) => None,
+        };
+        let pause = self
+            .held_since
+            .is_some_and(|since| now >= since + HOLD_BEFORE_PAUSE);
+        if pause != self.paused && (pause || waiting == 0) {
+            self.set_paused(pause);
         }
+        metrics::gauge!(m::PAUSED).set(if self.held_since.is_some() { 1.0 } else { 0.0 });
+    }
+
+    /// Whether to take messages now: not while holding, unless paused (then
+    /// no messages come, and polling serves rebalances).
+    fn taking(&self) -> bool {
+        self.held_since.is_none() || self.paused
+    }
+
+    fn set_paused(&mut self, pause: bool) {
         let partitions: Vec<(i32, i64)> = self
             .shared
             .tracker()
@@ -472,24 +528,22 @@ impl<S: Sink> Loop<S> {
             .map(|p| (p, 0))
             .collect();
         let tpl = offsets_list(&self.topic, &partitions);
-        let result = if behind {
+        let result = if pause {
             self.consumer.pause(&tpl)
         } else {
             self.consumer.resume(&tpl)
         };
         match result {
             Ok(()) => {
-                self.paused = behind;
-                metrics::gauge!(m::PAUSED).set(if behind { 1.0 } else { 0.0 });
-                tracing::debug!(
-                    paused = behind,
-                    "fetching {}",
-                    if behind {
-                        "paused: the sink is behind"
-                    } else {
-                        "resumed"
-                    }
-                );
+                self.paused = pause;
+                if pause {
+                    tracing::info!(
+                        waiting_batches = self.batcher.sealed_len(),
+                        "the sink is behind: fetching paused"
+                    );
+                } else {
+                    tracing::info!("the sink caught up: fetching resumed");
+                }
             }
             Err(err) => tracing::warn!(%err, "cannot pause/resume fetching"),
         }

@@ -43,7 +43,7 @@ where
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
+            // One line on stderr, where the logs go too: no backtrace.
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }

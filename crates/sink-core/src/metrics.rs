@@ -34,8 +34,10 @@ pub const ALREADY_APPLIED: &str = "sink_already_applied_total";
 pub const COMMITTED_OFFSET: &str = "sink_committed_offset";
 /// Consumer lag in records, by topic and partition (librdkafka statistics).
 pub const CONSUMER_LAG: &str = "sink_consumer_lag";
-/// 1 while consumption is paused because the sink is behind.
+/// 1 while consumption is held or paused because the sink is behind.
 pub const PAUSED: &str = "sink_paused";
+/// Offsets the broker skipped (a later offset than requested), by topic.
+pub const OFFSET_GAPS: &str = "sink_offset_gaps_total";
 /// Records held in memory waiting for the sink.
 pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
 
@@ -115,7 +117,11 @@ fn describe() {
     describe_counter!(ALREADY_APPLIED, "Batches the sink had already applied");
     describe_gauge!(COMMITTED_OFFSET, "Last committed offset per partition");
     describe_gauge!(CONSUMER_LAG, "Consumer lag per partition, in records");
-    describe_gauge!(PAUSED, "1 while consumption is paused");
+    describe_gauge!(
+        PAUSED,
+        "1 while consumption is held or paused because the sink is behind"
+    );
+    describe_counter!(OFFSET_GAPS, "Offsets skipped by the broker");
     describe_gauge!(BUFFERED_EVENTS, "Records waiting for the sink");
 }
 
