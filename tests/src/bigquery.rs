@@ -1,1 +1,547 @@
 //! BigQuery emulator helpers and the fault proxy (bigquery-sink tests).
+//!
+//! - [`Emulator`]: queries and tables through the emulator's REST API
+//!   (TIMESTAMP values come back as int64 microseconds);
+//! - [`FaultProxy`]: a small HTTP/1.1 proxy on loopback between the sink and
+//!   the emulator that can answer errors, drop connections, refuse large
+//!   requests or fail some rows instead of forwarding, and records the size
+//!   of every insertAll request it receives.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::Stack;
+
+/// The emulator's REST API, for one project and dataset.
+#[derive(Debug, Clone)]
+pub struct Emulator {
+    http: reqwest::Client,
+    /// `<endpoint>/bigquery/v2`.
+    v2: String,
+    /// Project.
+    pub project: String,
+    /// Dataset.
+    pub dataset: String,
+}
+
+impl Emulator {
+    /// The stack's emulator.
+    pub fn new(stack: &Stack) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                // The emulator closes connections after a 500.
+                .pool_max_idle_per_host(0)
+                .build()?,
+            v2: format!(
+                "{}/bigquery/v2",
+                stack.bigquery_endpoint.trim_end_matches('/')
+            ),
+            project: stack.bigquery_project.clone(),
+            dataset: stack.bigquery_dataset.clone(),
+        })
+    }
+
+    /// `` `project.dataset.name` `` for SQL.
+    pub fn sql_name(&self, name: &str) -> String {
+        format!("`{}.{}.{name}`", self.project, self.dataset)
+    }
+
+    /// Runs a query; each row is its cells (`v`), strings or null.
+    pub async fn query(&self, sql: &str) -> anyhow::Result<Vec<Vec<Value>>> {
+        let url = format!("{}/projects/{}/queries", self.v2, self.project);
+        let body = json!({"query": sql, "useLegacySql": false, "maxResults": 1_000_000, "timeoutMs": 60_000});
+        let response = self
+            .http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status();
+        let reply: Value = response.json().await.context("query response")?;
+        if !status.is_success() {
+            bail!("query failed with HTTP {status}: {reply}\n{sql}");
+        }
+        if reply["jobComplete"] != json!(true) {
+            bail!("query did not complete: {reply}");
+        }
+        let rows: Vec<Vec<Value>> = reply["rows"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|row| {
+                        row["f"]
+                            .as_array()
+                            .map(|cells| cells.iter().map(|c| c["v"].clone()).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let total: usize = reply["totalRows"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(rows.len());
+        if total != rows.len() {
+            bail!(
+                "query returned {} of {total} rows (paged results are not supported here)",
+                rows.len()
+            );
+        }
+        Ok(rows)
+    }
+
+    /// A query returning one integer cell.
+    pub async fn scalar(&self, sql: &str) -> anyhow::Result<i64> {
+        let rows = self.query(sql).await?;
+        let cell = rows
+            .first()
+            .and_then(|r| r.first())
+            .with_context(|| format!("no result for {sql}"))?;
+        int(cell).with_context(|| format!("not an integer: {cell}"))
+    }
+
+    /// Rows in a table or view (0 if it does not exist yet).
+    pub async fn count(&self, name: &str) -> anyhow::Result<i64> {
+        if !self.exists(name).await? {
+            return Ok(0);
+        }
+        self.scalar(&format!("SELECT COUNT(*) FROM {}", self.sql_name(name)))
+            .await
+    }
+
+    /// Whether a table or view exists.
+    pub async fn exists(&self, name: &str) -> anyhow::Result<bool> {
+        let url = format!(
+            "{}/projects/{}/datasets/{}/tables/{name}",
+            self.v2, self.project, self.dataset
+        );
+        let status = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .status();
+        match status.as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => bail!("GET {url}: HTTP {status}"),
+        }
+    }
+
+    /// Creates a table with `fields` (BigQuery schema JSON).
+    pub async fn create_table(&self, name: &str, fields: Value) -> anyhow::Result<()> {
+        let url = format!(
+            "{}/projects/{}/datasets/{}/tables",
+            self.v2, self.project, self.dataset
+        );
+        let body = json!({
+            "tableReference": {"projectId": self.project, "datasetId": self.dataset, "tableId": name},
+            "schema": {"fields": fields},
+        });
+        let response = self.http.post(&url).json(&body).send().await?;
+        if !response.status().is_success() {
+            bail!(
+                "creating table {name}: HTTP {}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// The table's schema as (name, type, mode).
+    pub async fn schema(&self, name: &str) -> anyhow::Result<Vec<(String, String, String)>> {
+        let url = format!(
+            "{}/projects/{}/datasets/{}/tables/{name}",
+            self.v2, self.project, self.dataset
+        );
+        let table: Value = self
+            .http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(table["schema"]["fields"]
+            .as_array()
+            .map(|fields| {
+                fields
+                    .iter()
+                    .map(|f| {
+                        let text = |k: &str| f[k].as_str().unwrap_or_default().to_owned();
+                        (text("name"), text("type"), text("mode"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// A query cell as an integer (the REST API sends INT64 as strings).
+pub fn int(cell: &Value) -> Option<i64> {
+    match cell {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_i64(),
+        _ => None,
+    }
+}
+
+/// What the proxy does with one insertAll request. Other requests (table
+/// reads at start, readiness checks) are always forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward it.
+    Forward,
+    /// Answer this status with a BigQuery-style JSON error, forward nothing.
+    Status(u16),
+    /// Answer this status with a plain-text body (as a load balancer would).
+    PlainStatus(u16),
+    /// Read the request, then close the connection without an answer.
+    Drop,
+    /// Forward it (the rows are stored), then close the connection without
+    /// passing the answer on: the sink cannot know, and sends them again.
+    DropAfterForward,
+    /// Answer 413 when the request holds more than this many rows (nothing
+    /// stored); forward smaller ones.
+    TooLargeAbove(usize),
+    /// Forward only the rows at even positions; answer 200 with a
+    /// `backendError` for each row at an odd position.
+    FailOddRows,
+}
+
+/// One insertAll request the proxy received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InsertSeen {
+    /// Body bytes.
+    pub bytes: usize,
+    /// Rows in the body.
+    pub rows: usize,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    /// Applied in turn to successive insertAll requests; empty: forward.
+    pattern: Vec<Fault>,
+    next: usize,
+    /// Faults served, by kind (`Forward` not counted).
+    served: BTreeMap<String, usize>,
+    inserts: Vec<InsertSeen>,
+}
+
+/// An HTTP/1.1 proxy with fault injection, on `127.0.0.1:<free port>`.
+/// One request per connection (answers carry `connection: close`).
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy in front of `upstream` (`http://host:port`).
+    pub fn start(upstream: &str) -> anyhow::Result<Self> {
+        let upstream: SocketAddr = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .with_context(|| format!("upstream {upstream} is not http://ip:port"))?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(ProxyState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_state, thread_stop) = (Arc::clone(&state), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("fault-proxy".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if thread_stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let state = Arc::clone(&thread_state);
+                    std::thread::spawn(move || {
+                        if let Err(err) = serve(stream, upstream, &state) {
+                            eprintln!("fault proxy: {err:#}");
+                        }
+                    });
+                }
+            })?;
+        Ok(Self { addr, state, stop })
+    }
+
+    /// The base URL to give the sink as `--bigquery-endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ProxyState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies `pattern` in turn to the next insertAll requests, cycling.
+    pub fn set_faults(&self, pattern: Vec<Fault>) {
+        let mut state = self.state();
+        state.pattern = pattern;
+        state.next = 0;
+    }
+
+    /// Forwards everything from now on.
+    pub fn clear_faults(&self) {
+        self.set_faults(Vec::new());
+    }
+
+    /// Faults served so far, by kind.
+    pub fn served(&self) -> BTreeMap<String, usize> {
+        self.state().served.clone()
+    }
+
+    /// Faults served so far.
+    pub fn faults_served(&self) -> usize {
+        self.state().served.values().sum()
+    }
+
+    /// Every insertAll request received so far.
+    pub fn inserts(&self) -> Vec<InsertSeen> {
+        self.state().inserts.clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so that it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// A request as read from the client.
+struct HttpRequest {
+    /// Request line and headers, without the final blank line.
+    head: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl HttpRequest {
+    fn path(&self) -> &str {
+        self.head
+            .first()
+            .and_then(|l| l.split(' ').nth(1))
+            .unwrap_or_default()
+    }
+
+    /// The request as bytes for the upstream, with `connection: close` so
+    /// that the answer ends at EOF, and `body` as its body.
+    fn to_upstream(&self, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(body.len() + 512);
+        for line in &self.head {
+            let name = line
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase();
+            if matches!(
+                name.as_str(),
+                "connection" | "keep-alive" | "content-length"
+            ) {
+                continue;
+            }
+            out.extend_from_slice(line.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(
+            format!(
+                "content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(body);
+        out
+    }
+}
+
+fn read_request(stream: &mut TcpStream) -> anyhow::Result<Option<HttpRequest>> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0_u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head: Vec<String> = String::from_utf8_lossy(&buffer[..head_end])
+        .split("\r\n")
+        .map(str::to_owned)
+        .collect();
+    let length: usize = head
+        .iter()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .map(|v| v.parse())
+        .transpose()
+        .context("content-length")?
+        .unwrap_or(0);
+    if head
+        .iter()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:"))
+    {
+        bail!("chunked requests are not supported by the test proxy");
+    }
+    let mut body = buffer.split_off(head_end + 4);
+    while body.len() < length {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("client closed the connection mid-body");
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(length);
+    Ok(Some(HttpRequest { head, body }))
+}
+
+fn forward(upstream: SocketAddr, request: &HttpRequest, body: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&upstream, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.write_all(&request.to_upstream(body))?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    Ok(response)
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> anyhow::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} Injected\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    Ok(())
+}
+
+fn google_error(status: u16) -> Vec<u8> {
+    let (reason, name) = match status {
+        429 => ("rateLimitExceeded", "RESOURCE_EXHAUSTED"),
+        413 => ("badRequest", "INVALID_ARGUMENT"),
+        401 => ("authError", "UNAUTHENTICATED"),
+        403 => ("accessDenied", "PERMISSION_DENIED"),
+        s if s >= 500 => ("backendError", "INTERNAL"),
+        _ => ("invalid", "INVALID_ARGUMENT"),
+    };
+    let message = format!("injected by the test proxy (HTTP {status})");
+    json!({"error": {"code": status, "message": message, "errors": [{"domain": "global", "reason": reason, "message": message}], "status": name}})
+        .to_string()
+        .into_bytes()
+}
+
+fn serve(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    state: &Mutex<ProxyState>,
+) -> anyhow::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let Some(request) = read_request(&mut client)? else {
+        return Ok(());
+    };
+    let lock = || state.lock().unwrap_or_else(PoisonError::into_inner);
+    let is_insert = request.path().contains("/insertAll");
+    let mut rows: Vec<Value> = Vec::new();
+    let fault = if is_insert {
+        let body: Value =
+            serde_json::from_slice(&request.body).context("insertAll body is not JSON")?;
+        rows = body["rows"].as_array().cloned().unwrap_or_default();
+        let mut s = lock();
+        s.inserts.push(InsertSeen {
+            bytes: request.body.len(),
+            rows: rows.len(),
+        });
+        let fault = match s.pattern.len() {
+            0 => Fault::Forward,
+            n => {
+                let fault = s.pattern[s.next % n];
+                s.next += 1;
+                fault
+            }
+        };
+        let fault = match fault {
+            Fault::TooLargeAbove(max) if rows.len() <= max => Fault::Forward,
+            other => other,
+        };
+        if fault != Fault::Forward {
+            *s.served.entry(format!("{fault:?}")).or_default() += 1;
+        }
+        fault
+    } else {
+        Fault::Forward
+    };
+    match fault {
+        Fault::Forward => client.write_all(&forward(upstream, &request, &request.body)?)?,
+        Fault::Status(status) => respond(
+            &mut client,
+            status,
+            "application/json; charset=UTF-8",
+            &google_error(status),
+        )?,
+        Fault::TooLargeAbove(_) => respond(
+            &mut client,
+            413,
+            "application/json; charset=UTF-8",
+            &google_error(413),
+        )?,
+        Fault::PlainStatus(status) => respond(
+            &mut client,
+            status,
+            "text/html",
+            b"<html><body>Service Unavailable</body></html>",
+        )?,
+        Fault::Drop => {}
+        Fault::DropAfterForward => {
+            forward(upstream, &request, &request.body)?;
+        }
+        Fault::FailOddRows => {
+            let mut body: Value = serde_json::from_slice(&request.body)?;
+            let even: Vec<Value> = rows.iter().step_by(2).cloned().collect();
+            body["rows"] = Value::Array(even);
+            let upstream_body = serde_json::to_vec(&body)?;
+            let answer = forward(upstream, &request, &upstream_body)?;
+            let text = String::from_utf8_lossy(&answer);
+            if !text.starts_with("HTTP/1.1 200") || !text.contains(r#""insertErrors":[]"#) {
+                bail!("upstream did not take the even rows: {text}");
+            }
+            let errors: Vec<Value> = (1..rows.len())
+                .step_by(2)
+                .map(|i| json!({"index": i, "errors": [{"reason": "backendError", "location": "", "message": "injected by the test proxy"}]}))
+                .collect();
+            let reply =
+                json!({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors});
+            respond(
+                &mut client,
+                200,
+                "application/json; charset=UTF-8",
+                reply.to_string().as_bytes(),
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! The service's own flags (the Kafka and batching ones are
+//! [`sink_core::ConsumerArgs`]), checked into [`Settings`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sink_core::ConsumerArgs;
+
+use crate::request::{RequestLimits, MAX_REQUEST_BYTES, MAX_REQUEST_ROWS};
+use crate::table::Target;
+
+/// Where rows go and how they are sent.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "BigQuery")]
+pub struct BigQueryArgs {
+    /// Google Cloud project holding the dataset.
+    #[arg(long, env = "BIGQUERY_PROJECT", value_name = "PROJECT")]
+    pub project: String,
+
+    /// Dataset holding the table. It must exist: the sink does not create datasets.
+    #[arg(long, env = "BIGQUERY_DATASET", value_name = "DATASET")]
+    pub dataset: String,
+
+    /// Table the rows go to; created at start if missing (see docs/bigquery.md).
+    #[arg(
+        long,
+        env = "BIGQUERY_TABLE",
+        value_name = "TABLE",
+        default_value = "user_logs"
+    )]
+    pub table: String,
+
+    /// Fail at start when the table does not exist, instead of creating it.
+    #[arg(long, env = "BIGQUERY_NO_CREATE_TABLE")]
+    pub no_create_table: bool,
+
+    /// Base URL of a BigQuery-compatible REST API, such as the emulator
+    /// (`http://127.0.0.1:9050`; `/bigquery/v2` is appended). A static token is
+    /// sent and idle connections are not reused. Without it: Google's endpoint.
+    #[arg(long, env = "BIGQUERY_ENDPOINT", value_name = "URL")]
+    pub bigquery_endpoint: Option<String>,
+
+    /// Service-account key file (or an authorized-user file). Without it:
+    /// application default credentials (the metadata server on Google Cloud,
+    /// or `gcloud auth application-default login`).
+    #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS", value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+
+    /// Most rows per insertAll request. A batch of the consume loop
+    /// (--batch-max-events) is split into requests of at most this many rows,
+    /// each with a JSON body of at most --batch-max-bytes (below 10 MB).
+    #[arg(long, env = "BATCH_MAX_ROWS", value_name = "N", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_REQUEST_ROWS as u64))]
+    pub batch_max_rows: u64,
+
+    /// insertAll requests (batches) written at once. Offsets still advance in
+    /// order per partition.
+    #[arg(long, env = "MAX_IN_FLIGHT", value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub max_in_flight: u64,
+
+    /// Give up on one insertAll call after this long (then it is retried).
+    #[arg(long, env = "BIGQUERY_REQUEST_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub request_timeout_secs: u64,
+}
+
+/// Checked settings of the sink.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The table.
+    pub target: Target,
+    /// Create the table when it is missing.
+    pub create_table: bool,
+    /// `<base>/bigquery/v2` of a BigQuery-compatible API, if not Google's.
+    pub endpoint: Option<String>,
+    /// Credentials file, if not application default credentials.
+    pub credentials: Option<PathBuf>,
+    /// Limits of one insertAll request.
+    pub limits: RequestLimits,
+    /// Batches written at once.
+    pub max_in_flight: usize,
+    /// Timeout of one HTTP call.
+    pub request_timeout: Duration,
+}
+
+impl Settings {
+    /// Checks the flags, including the batch byte limit the consume loop
+    /// shares with the requests.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the flag and what is wrong with it.
+    pub fn from_args(args: &BigQueryArgs, consumer: &ConsumerArgs) -> anyhow::Result<Self> {
+        let max_bytes = usize::try_from(consumer.batch_max_bytes).unwrap_or(usize::MAX);
+        if max_bytes >= MAX_REQUEST_BYTES {
+            bail!(
+                "--batch-max-bytes (BATCH_MAX_BYTES) is {max_bytes}: BigQuery refuses insertAll requests of \
+                 10 MB or more, so it must be below {MAX_REQUEST_BYTES} (default 9000000)"
+            );
+        }
+        let target = Target {
+            project: checked_name("--project (BIGQUERY_PROJECT)", &args.project, "-.:")?,
+            dataset: checked_name("--dataset (BIGQUERY_DATASET)", &args.dataset, "")?,
+            table: checked_name("--table (BIGQUERY_TABLE)", &args.table, "-$ ")?,
+        };
+        let endpoint = args
+            .bigquery_endpoint
+            .as_deref()
+            .filter(|url| !url.trim().is_empty())
+            .map(v2_base_url)
+            .transpose()?;
+        Ok(Self {
+            target,
+            create_table: !args.no_create_table,
+            endpoint,
+            credentials: args
+                .credentials
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
+            limits: RequestLimits {
+                max_rows: usize::try_from(args.batch_max_rows).context("--batch-max-rows")?,
+                max_bytes,
+            },
+            max_in_flight: usize::try_from(args.max_in_flight).context("--max-in-flight")?,
+            request_timeout: Duration::from_secs(args.request_timeout_secs),
+        })
+    }
+}
+
+/// A project, dataset or table name: letters, digits, underscores and the
+/// `extra` characters BigQuery allows in that kind of name. Catching a typo
+/// here gives a clearer message than BigQuery's 400.
+fn checked_name(flag: &str, value: &str, extra: &str) -> anyhow::Result<String> {
+    let value = value.trim();
+    if value.is_empty() {
+        bail!("{flag} is empty");
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_alphanumeric() || *c == '_' || extra.contains(*c)))
+    {
+        bail!("{flag} {value:?} contains {bad:?}, which BigQuery does not allow there");
+    }
+    Ok(value.to_owned())
+}
+
+/// `http://host:port` → `http://host:port/bigquery/v2` (also accepted with
+/// the suffix already there).
+fn v2_base_url(raw: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(raw.trim()).ok().filter(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host().is_some() && u.query().is_none()
+    });
+    let Some(url) = url else {
+        bail!(
+            "--bigquery-endpoint (BIGQUERY_ENDPOINT) {raw:?} is not an http(s) base URL such as http://127.0.0.1:9050"
+        );
+    };
+    let base = url.as_str().trim_end_matches('/');
+    Ok(if base.ends_with("/bigquery/v2") {
+        base.to_owned()
+    } else {
+        format!("{base}/bigquery/v2")
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+    use sink_core::config::try_parse_args_from;
+    use sink_core::ServiceDefaults;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        consumer: ConsumerArgs,
+        #[command(flatten)]
+        bigquery: BigQueryArgs,
+    }
+
+    const DEFAULTS: ServiceDefaults = ServiceDefaults {
+        topic: "user2",
+        group_id: "bigquery-sink",
+        batch_max_events: 500,
+        batch_max_bytes: 9_000_000,
+        batch_linger_ms: 1_000,
+    };
+
+    /// Parses the required flags plus `extra`, which may override them.
+    fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let required = [
+            ("--bootstrap-servers", "k:9092"),
+            ("--project", "test-project"),
+            ("--dataset", "movielog"),
+        ];
+        let mut argv = vec!["bigquery-sink"];
+        for (flag, value) in required {
+            if !extra.contains(&flag) {
+                argv.extend([flag, value]);
+            }
+        }
+        argv.extend(extra);
+        try_parse_args_from::<Cli, _, _>(&DEFAULTS, argv)
+    }
+
+    fn settings(extra: &[&str]) -> anyhow::Result<Settings> {
+        let cli = parse(extra)?;
+        Settings::from_args(&cli.bigquery, &cli.consumer)
+    }
+
+    #[test]
+    fn defaults() {
+        // BIGQUERY_ENDPOINT may be set by the test stack's environment.
+        let cli = parse(&["--bigquery-endpoint", ""]).unwrap();
+        assert_eq!(cli.consumer.topic, "user2");
+        assert_eq!(cli.consumer.group_id, "bigquery-sink");
+        assert_eq!(cli.consumer.batch_linger_ms, 1_000);
+        let settings = Settings::from_args(&cli.bigquery, &cli.consumer).unwrap();
+        assert_eq!(
+            settings.target.to_string(),
+            "test-project.movielog.user_logs"
+        );
+        assert_eq!(
+            settings.limits,
+            RequestLimits {
+                max_rows: 500,
+                max_bytes: 9_000_000
+            }
+        );
+        assert_eq!(settings.max_in_flight, 4);
+        assert!(settings.create_table);
+        assert_eq!(settings.endpoint, None);
+    }
+
+    #[test]
+    fn endpoint_gets_the_v2_path() {
+        for raw in [
+            "http://127.0.0.1:9050",
+            "http://127.0.0.1:9050/",
+            "http://127.0.0.1:9050/bigquery/v2",
+        ] {
+            let s = settings(&["--bigquery-endpoint", raw]).unwrap();
+            assert_eq!(
+                s.endpoint.as_deref(),
+                Some("http://127.0.0.1:9050/bigquery/v2")
+            );
+        }
+        for bad in [
+            "127.0.0.1:9050",
+            "not a url",
+            "ftp://host",
+            "http://h:1/?q=1",
+        ] {
+            let err = settings(&["--bigquery-endpoint", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--bigquery-endpoint"), "{err}");
+        }
+    }
+
+    #[test]
+    fn byte_limit_stays_below_ten_megabytes() {
+        let err = settings(&["--batch-max-bytes", "10000000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--batch-max-bytes"), "{err}");
+        let s = settings(&["--batch-max-bytes", "9999999"]).unwrap();
+        assert_eq!(s.limits.max_bytes, 9_999_999);
+    }
+
+    #[test]
+    fn row_limit_is_bigquerys() {
+        assert!(parse(&["--batch-max-rows", "50000"]).is_ok());
+        let err = parse(&["--batch-max-rows", "50001"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--batch-max-rows"), "{err}");
+        assert!(parse(&["--batch-max-rows", "0"]).is_err());
+        assert!(parse(&["--max-in-flight", "0"]).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let err = settings(&["--dataset", "movie-log"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--dataset"), "{err}");
+        let err = settings(&["--table", "a.b"]).unwrap_err().to_string();
+        assert!(err.contains("--table"), "{err}");
+        assert!(settings(&["--table", "user_logs-2024"]).is_ok());
+        assert!(settings(&["--project", "example.com:my-project"]).is_ok());
+    }
+
+    #[test]
+    fn no_create_table_flag() {
+        assert!(!settings(&["--no-create-table"]).unwrap().create_table);
+    }
+}

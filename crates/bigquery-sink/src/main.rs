@@ -1,0 +1,75 @@
+//! `bigquery-sink`: consumes topic user2 into a BigQuery table.
+
+use std::process::ExitCode;
+
+use bigquery_sink::config::{BigQueryArgs, Settings};
+use bigquery_sink::sink::{BigQuerySink, SinkSettings};
+use bigquery_sink::{client, table};
+use clap::Parser;
+use sink_core::{ConsumerArgs, ServiceDefaults};
+
+const DEFAULTS: ServiceDefaults = ServiceDefaults {
+    topic: "user2",
+    group_id: "bigquery-sink",
+    batch_max_events: 500,
+    // Requests must stay below BigQuery's 10 MB (checked at start).
+    batch_max_bytes: 9_000_000,
+    batch_linger_ms: 1_000,
+};
+
+/// Every movie-service log event (topic user2) into a BigQuery table, at least
+/// once; rows BigQuery refuses go to the dead-letter topic with its reason.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    consumer: ConsumerArgs,
+    #[command(flatten)]
+    bigquery: BigQueryArgs,
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = sink_core::parse_args(&DEFAULTS);
+    sink_core::telemetry::init(cli.consumer.log_format);
+    sink_core::block_on_main(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    cli.consumer.validate()?;
+    let settings = Settings::from_args(&cli.bigquery, &cli.consumer)?;
+    if cli.consumer.batch_max_events < cli.bigquery.batch_max_rows {
+        tracing::warn!(
+            batch_max_rows = cli.bigquery.batch_max_rows,
+            batch_max_events = cli.consumer.batch_max_events,
+            "requests hold at most --batch-max-events rows (a batch of the consume loop); raise it too for bigger requests"
+        );
+    }
+    tracing::info!(
+        table = %settings.target,
+        endpoint = settings.endpoint.as_deref().unwrap_or("Google"),
+        max_rows = settings.limits.max_rows,
+        max_bytes = settings.limits.max_bytes,
+        max_in_flight = settings.max_in_flight,
+        "starting the BigQuery sink"
+    );
+    let shutdown = sink_core::shutdown::signal();
+    tokio::pin!(shutdown);
+    let setup = async {
+        let client = client::connect(&settings).await?;
+        table::ensure(&client, &settings.target, settings.create_table).await?;
+        anyhow::Ok(client)
+    };
+    let client = tokio::select! {
+        client = setup => client?,
+        () = &mut shutdown => return Ok(()),
+    };
+    let sink = BigQuerySink::new(
+        client,
+        SinkSettings {
+            target: settings.target,
+            limits: settings.limits,
+            max_in_flight: settings.max_in_flight,
+        },
+    );
+    sink_core::run(&cli.consumer, sink, shutdown).await
+}

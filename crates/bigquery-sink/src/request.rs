@@ -1,0 +1,406 @@
+//! The pure parts of talking to `tabledata.insertAll`: packing rows into
+//! requests under the row and byte limits, and sorting a response's per-row
+//! errors into "refused for good" and "try again".
+//!
+//! Sizes are exact, not estimated: a row's size is the length of its JSON
+//! serialization inside the request body, and a body is the empty request's
+//! envelope plus its rows and the commas between them. serde_json writes the
+//! same bytes for the same value, so what is measured here is what is sent
+//! (a test checks it against the serialized request).
+
+use std::collections::BTreeSet;
+use std::io;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequest;
+use gcp_bigquery_client::model::table_data_insert_all_request_rows::TableDataInsertAllRequestRows;
+use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
+
+/// BigQuery refuses an insertAll request of 10 MB or more.
+pub const MAX_REQUEST_BYTES: usize = 10_000_000;
+
+/// BigQuery's limit on rows per insertAll request.
+pub const MAX_REQUEST_ROWS: usize = 50_000;
+
+/// Longest reason kept from BigQuery's messages for one row: it ends up in a
+/// dead-letter header.
+const MAX_REASON_CHARS: usize = 1_000;
+
+/// How big one request may get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Rows per request.
+    pub max_rows: usize,
+    /// Serialized body bytes per request; below [`MAX_REQUEST_BYTES`].
+    pub max_bytes: usize,
+}
+
+/// An insertAll request for `rows`: invalid rows are skipped (and reported
+/// per row) instead of failing the whole request.
+///
+/// # Errors
+///
+/// Never in practice: the client's `add_rows` cannot fail.
+pub fn new_request(
+    rows: Vec<TableDataInsertAllRequestRows>,
+) -> Result<TableDataInsertAllRequest, BQError> {
+    let mut request = TableDataInsertAllRequest::new();
+    request.skip_invalid_rows();
+    request.add_rows(rows)?;
+    Ok(request)
+}
+
+/// Bytes of a request without rows: `{"ignoreUnknownValues":false,"rows":[],...}`.
+pub fn envelope_size() -> usize {
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| {
+        new_request(Vec::new())
+            .ok()
+            .and_then(|request| serde_json::to_vec(&request).ok())
+            .map_or(MAX_REQUEST_BYTES, |body| body.len())
+    })
+}
+
+/// Bytes one row adds to a request body (without the comma before it).
+pub fn row_size(row: &TableDataInsertAllRequestRows) -> usize {
+    let mut counter = ByteCounter(0);
+    match serde_json::to_writer(&mut counter, row) {
+        Ok(()) => counter.0,
+        // Cannot happen for a JSON value; counted as too large to send.
+        Err(_) => usize::MAX,
+    }
+}
+
+/// Counts what serde_json writes, without keeping it.
+struct ByteCounter(usize);
+
+impl io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Bytes of a request body holding rows of these sizes.
+pub fn body_size(row_sizes: &[usize]) -> usize {
+    let rows: usize = row_sizes.iter().fold(0, |sum, s| sum.saturating_add(*s));
+    envelope_size()
+        .saturating_add(rows)
+        .saturating_add(row_sizes.len().saturating_sub(1))
+}
+
+/// Rows grouped into requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// Consecutive rows per request, in order; each within the limits.
+    pub requests: Vec<Range<usize>>,
+    /// Rows that exceed the byte limit on their own: never sent.
+    pub oversized: Vec<usize>,
+}
+
+/// Packs rows, in order, into as few requests as the limits allow: a
+/// request is closed when it holds `max_rows` rows or when the next row
+/// would take its body past `max_bytes`.
+pub fn split(row_sizes: &[usize], limits: RequestLimits) -> Split {
+    let max_rows = limits.max_rows.max(1);
+    let mut split = Split {
+        requests: Vec::new(),
+        oversized: Vec::new(),
+    };
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, &size) in row_sizes.iter().enumerate() {
+        let alone = body_size(&[size]);
+        let grown = bytes + size + 1;
+        if start < i && (i - start >= max_rows || grown > limits.max_bytes) {
+            split.requests.push(start..i);
+            start = i;
+        }
+        if alone > limits.max_bytes {
+            if start < i {
+                split.requests.push(start..i);
+            }
+            split.oversized.push(i);
+            start = i + 1;
+            continue;
+        }
+        bytes = if start == i { alone } else { grown };
+    }
+    if start < row_sizes.len() {
+        split.requests.push(start..row_sizes.len());
+    }
+    split
+}
+
+/// What a response says about the rows of its request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RowErrors {
+    /// Rows BigQuery refused for good (reason `invalid`), with its message.
+    pub rejected: Vec<(usize, String)>,
+    /// Rows to send again (any other reason), in order.
+    pub retry: Vec<usize>,
+    /// The reasons of the rows to send again, for the log.
+    pub retry_reasons: BTreeSet<String>,
+}
+
+/// Sorts a response's `insertErrors` for a request of `rows` rows. Rows not
+/// mentioned were inserted. An error that names no valid row makes every row
+/// not refused a row to retry: sending a row twice is allowed, losing one
+/// is not.
+pub fn sort_errors(response: &TableDataInsertAllResponse, rows: usize) -> RowErrors {
+    #[derive(Clone)]
+    enum Verdict {
+        Inserted,
+        Refused(String),
+        Retry,
+    }
+    let mut verdicts = vec![Verdict::Inserted; rows];
+    let mut out = RowErrors::default();
+    let mut unattributed = false;
+    for insert_error in response.insert_errors.iter().flatten() {
+        let index = insert_error
+            .index
+            .and_then(|i| usize::try_from(i).ok())
+            .filter(|i| *i < rows);
+        let Some(index) = index else {
+            unattributed = true;
+            out.retry_reasons
+                .insert("an error without a row index".into());
+            continue;
+        };
+        let errors = insert_error.errors.as_deref().unwrap_or_default();
+        let invalid: Vec<String> = errors
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some("invalid"))
+            .map(|e| match (&e.message, &e.location) {
+                (Some(message), Some(location)) if !location.is_empty() => {
+                    format!("{message} (location: {location})")
+                }
+                (Some(message), _) => message.clone(),
+                (None, _) => "invalid row".to_owned(),
+            })
+            .collect();
+        if !invalid.is_empty() {
+            let reason = format!("BigQuery refused the row: {}", invalid.join("; "));
+            verdicts[index] = Verdict::Refused(truncate(reason));
+        } else if !matches!(verdicts[index], Verdict::Refused(_)) {
+            verdicts[index] = Verdict::Retry;
+            let reasons = errors.iter().filter_map(|e| e.reason.clone());
+            let before = out.retry_reasons.len();
+            out.retry_reasons.extend(reasons);
+            if out.retry_reasons.len() == before && errors.is_empty() {
+                out.retry_reasons.insert("an error without a reason".into());
+            }
+        }
+    }
+    for (index, verdict) in verdicts.into_iter().enumerate() {
+        match verdict {
+            Verdict::Refused(reason) => out.rejected.push((index, reason)),
+            Verdict::Retry => out.retry.push(index),
+            Verdict::Inserted if unattributed => out.retry.push(index),
+            Verdict::Inserted => {}
+        }
+    }
+    out
+}
+
+fn truncate(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(MAX_REASON_CHARS) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use gcp_bigquery_client::model::error_proto::ErrorProto;
+    use gcp_bigquery_client::model::table_data_insert_all_response_insert_errors::TableDataInsertAllResponseInsertErrors;
+    use serde_json::json;
+
+    use super::*;
+
+    fn row(i: usize, payload_len: usize) -> TableDataInsertAllRequestRows {
+        TableDataInsertAllRequestRows {
+            insert_id: Some(format!("t:0:{i}")),
+            json: json!({"payload": "\"x".repeat(payload_len), "kafka_offset": i, "info": "검색"}),
+        }
+    }
+
+    #[test]
+    fn measured_sizes_are_the_serialized_body() {
+        for n in [0, 1, 2, 7, 100] {
+            let rows: Vec<_> = (0..n).map(|i| row(i, i * 3)).collect();
+            let sizes: Vec<usize> = rows.iter().map(row_size).collect();
+            let body = serde_json::to_vec(&new_request(rows).unwrap()).unwrap();
+            assert_eq!(body_size(&sizes), body.len(), "{n} rows");
+        }
+        let body = serde_json::to_string(&new_request(vec![row(0, 1)]).unwrap()).unwrap();
+        assert!(body.contains(r#""skipInvalidRows":true"#), "{body}");
+        assert!(body.contains(r#""insertId":"t:0:0""#), "{body}");
+    }
+
+    fn check(sizes: &[usize], limits: RequestLimits) -> Split {
+        let split = split(sizes, limits);
+        let mut seen: Vec<usize> = split.oversized.clone();
+        let mut last_end = 0;
+        for range in &split.requests {
+            assert!(!range.is_empty());
+            assert!(range.start >= last_end, "in order: {split:?}");
+            last_end = range.end;
+            assert!(
+                range.len() <= limits.max_rows,
+                "{range:?} has too many rows"
+            );
+            assert!(
+                body_size(&sizes[range.clone()]) <= limits.max_bytes,
+                "{range:?} is {} bytes",
+                body_size(&sizes[range.clone()])
+            );
+            seen.extend(range.clone());
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>(), "every row once");
+        split
+    }
+
+    #[test]
+    fn requests_close_at_max_rows() {
+        let limits = RequestLimits {
+            max_rows: 3,
+            max_bytes: 1_000_000,
+        };
+        let split = check(&[10; 8], limits);
+        assert_eq!(split.requests, vec![0..3, 3..6, 6..8]);
+    }
+
+    #[test]
+    fn requests_close_before_passing_max_bytes() {
+        let max_bytes = envelope_size() + 100 + 1 + 100;
+        let limits = RequestLimits {
+            max_rows: 500,
+            max_bytes,
+        };
+        // Two 100-byte rows and their comma fill a request exactly.
+        let split = check(&[100, 100, 100, 1, 100], limits);
+        assert_eq!(split.requests, vec![0..2, 2..4, 4..5]);
+        assert_eq!(body_size(&[100, 100]), max_bytes);
+    }
+
+    #[test]
+    fn a_row_too_big_alone_is_never_sent() {
+        let limits = RequestLimits {
+            max_rows: 500,
+            max_bytes: envelope_size() + 50,
+        };
+        let split = check(&[10, 20, 51, 10, 1_000, 5], limits);
+        assert_eq!(split.oversized, vec![2, 4]);
+        assert_eq!(split.requests, vec![0..2, 3..4, 5..6]);
+    }
+
+    #[test]
+    fn splits_stay_within_limits_for_many_shapes() {
+        let mut seed = 7_u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) as usize
+        };
+        for _ in 0..200 {
+            let n = next() % 300;
+            let sizes: Vec<usize> = (0..n).map(|_| 1 + next() % 5_000).collect();
+            let limits = RequestLimits {
+                max_rows: 1 + next() % 50,
+                max_bytes: envelope_size() + 1 + next() % 20_000,
+            };
+            check(&sizes, limits);
+        }
+    }
+
+    fn insert_error(
+        index: Option<i32>,
+        errors: &[(&str, &str)],
+    ) -> TableDataInsertAllResponseInsertErrors {
+        TableDataInsertAllResponseInsertErrors {
+            index,
+            errors: Some(
+                errors
+                    .iter()
+                    .map(|(reason, message)| ErrorProto {
+                        reason: Some((*reason).into()),
+                        message: Some((*message).into()),
+                        location: Some("event_time".into()),
+                        debug_info: None,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn response(errors: Vec<TableDataInsertAllResponseInsertErrors>) -> TableDataInsertAllResponse {
+        TableDataInsertAllResponse {
+            insert_errors: Some(errors),
+            kind: None,
+        }
+    }
+
+    #[test]
+    fn no_errors_means_every_row_is_in() {
+        let sorted = sort_errors(&TableDataInsertAllResponse::default(), 5);
+        assert_eq!(sorted, RowErrors::default());
+        assert_eq!(sort_errors(&response(vec![]), 5), RowErrors::default());
+    }
+
+    #[test]
+    fn invalid_rows_are_refused_with_the_message_and_others_retried() {
+        let sorted = sort_errors(
+            &response(vec![
+                insert_error(Some(1), &[("invalid", "Cannot convert value to timestamp")]),
+                insert_error(Some(3), &[("backendError", "try again")]),
+                insert_error(Some(4), &[("stopped", "")]),
+            ]),
+            5,
+        );
+        assert_eq!(sorted.rejected.len(), 1);
+        assert_eq!(sorted.rejected[0].0, 1);
+        assert_eq!(
+            sorted.rejected[0].1,
+            "BigQuery refused the row: Cannot convert value to timestamp (location: event_time)"
+        );
+        assert_eq!(sorted.retry, vec![3, 4]);
+        assert_eq!(
+            sorted.retry_reasons.into_iter().collect::<Vec<_>>(),
+            ["backendError", "stopped"]
+        );
+    }
+
+    #[test]
+    fn an_error_naming_no_row_retries_every_row_not_refused() {
+        let sorted = sort_errors(
+            &response(vec![
+                insert_error(None, &[("backendError", "")]),
+                insert_error(Some(0), &[("invalid", "bad")]),
+                insert_error(Some(9), &[("backendError", "")]),
+            ]),
+            3,
+        );
+        assert_eq!(sorted.rejected.len(), 1);
+        assert_eq!(sorted.retry, vec![1, 2]);
+    }
+
+    #[test]
+    fn long_reasons_are_truncated() {
+        let long = "é".repeat(5_000);
+        let sorted = sort_errors(
+            &response(vec![insert_error(Some(0), &[("invalid", &long)])]),
+            1,
+        );
+        assert!(sorted.rejected[0].1.chars().count() <= MAX_REASON_CHARS + 1);
+    }
+}

@@ -1,0 +1,338 @@
+//! The [`Sink`] over BigQuery: a batch of the consume loop becomes one or
+//! more insertAll requests, sent one after the other.
+//!
+//! A write succeeds only when every row of the batch is inserted or refused
+//! for good (those go to the dead-letter topic with BigQuery's reason). When
+//! it fails part way (a 5xx, a reset, rows BigQuery asks to send again), the
+//! rows already inserted are remembered, so the loop's retry of the same
+//! batch sends only the others: nothing is lost, and nothing is sent twice
+//! without need. (A row is sent twice when a reply is lost after BigQuery
+//! stored it; the de-duplicated view in docs/bigquery.md absorbs that.)
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::anyhow;
+use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::table_data_insert_all_request_rows::TableDataInsertAllRequestRows;
+use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
+use gcp_bigquery_client::Client;
+use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
+
+use crate::error::{classify, Failure};
+use crate::request::{self, RequestLimits};
+use crate::row::{self, Columns};
+use crate::table::Target;
+
+/// Dead-letter code of a row BigQuery refused as invalid.
+pub const REFUSED: &str = "bigquery_invalid";
+
+/// Dead-letter code of a row too large for any insertAll request.
+pub const TOO_LARGE: &str = "row_too_large";
+
+/// Settings of the sink.
+#[derive(Debug, Clone)]
+pub struct SinkSettings {
+    /// The table.
+    pub target: Target,
+    /// Limits of one request.
+    pub limits: RequestLimits,
+    /// Batches written at once.
+    pub max_in_flight: usize,
+}
+
+/// Identifies a batch across the loop's retries of it: its topic and, per
+/// partition, the offsets it covers.
+type BatchKey = (Arc<str>, Vec<(i32, i64, i64)>);
+
+fn batch_key(batch: &Batch<Columns>) -> BatchKey {
+    let ranges = batch
+        .ranges
+        .iter()
+        .map(|r| (r.partition, r.first, r.next))
+        .collect();
+    (Arc::clone(&batch.topic), ranges)
+}
+
+/// What is known of a batch's entries between attempts.
+#[derive(Debug)]
+struct Progress {
+    /// Per entry: inserted, or refused for good.
+    settled: Vec<bool>,
+    /// Entries refused for good, with the reason.
+    rejected: Vec<(usize, Rejection)>,
+    /// Why rows are waiting to be sent again (this attempt).
+    retry_reasons: BTreeSet<String>,
+}
+
+impl Progress {
+    fn new(entries: usize) -> Self {
+        Self {
+            settled: vec![false; entries],
+            rejected: Vec::new(),
+            retry_reasons: BTreeSet::new(),
+        }
+    }
+
+    fn pending(&self) -> Vec<usize> {
+        (0..self.settled.len())
+            .filter(|i| !self.settled[*i])
+            .collect()
+    }
+
+    fn insert(&mut self, entry: usize) {
+        self.settled[entry] = true;
+    }
+
+    fn reject(&mut self, entry: usize, rejection: Rejection) {
+        if !self.settled[entry] {
+            self.settled[entry] = true;
+            self.rejected.push((entry, rejection));
+        }
+    }
+}
+
+/// Rows of one request and the entries they come from.
+struct Chunk {
+    entries: Vec<usize>,
+    rows: Vec<TableDataInsertAllRequestRows>,
+}
+
+/// Writes user2 batches into one BigQuery table.
+pub struct BigQuerySink {
+    client: Client,
+    settings: SinkSettings,
+    /// Batches whose last write attempt failed part way.
+    progress: Mutex<HashMap<BatchKey, Progress>>,
+}
+
+impl BigQuerySink {
+    /// A sink over a client (see [`crate::client::connect`]) for a table that
+    /// exists (see [`crate::table::ensure`]).
+    pub fn new(client: Client, settings: SinkSettings) -> Self {
+        Self {
+            client,
+            settings,
+            progress: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<BatchKey, Progress>> {
+        // Progress entries hold no invariant a panic elsewhere could break.
+        self.progress.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn insert_all(
+        &self,
+        rows: Vec<TableDataInsertAllRequestRows>,
+    ) -> Result<TableDataInsertAllResponse, BQError> {
+        let target = &self.settings.target;
+        self.client
+            .tabledata()
+            .insert_all(
+                &target.project,
+                &target.dataset,
+                &target.table,
+                request::new_request(rows)?,
+            )
+            .await
+    }
+
+    /// One pass over the entries not settled yet. Rows to send again stay
+    /// unsettled; what the pass settled stays settled whatever it returns.
+    async fn send_pending(
+        &self,
+        batch: &Batch<Columns>,
+        progress: &mut Progress,
+    ) -> Result<(), SinkError> {
+        let ingested_at = row::timestamp(chrono::Utc::now());
+        let build = |entries: &[usize]| -> Vec<TableDataInsertAllRequestRows> {
+            entries
+                .iter()
+                .map(|i| {
+                    let entry = &batch.entries[*i];
+                    row::build(&entry.record, &entry.item, &ingested_at)
+                })
+                .collect()
+        };
+        let pending = progress.pending();
+        let rows = build(&pending);
+        let sizes: Vec<usize> = rows.iter().map(request::row_size).collect();
+        let split = request::split(&sizes, self.settings.limits);
+        for &j in &split.oversized {
+            progress.reject(
+                pending[j],
+                Rejection::new(
+                    TOO_LARGE,
+                    format!(
+                        "the row is {} bytes as JSON, more than one insertAll request may carry \
+                         (--batch-max-bytes {})",
+                        sizes[j], self.settings.limits.max_bytes
+                    ),
+                ),
+            );
+        }
+        let mut rows: Vec<Option<TableDataInsertAllRequestRows>> =
+            rows.into_iter().map(Some).collect();
+        let mut queue: VecDeque<Chunk> = split
+            .requests
+            .iter()
+            .map(|range| Chunk {
+                entries: pending[range.clone()].to_vec(),
+                rows: rows[range.clone()]
+                    .iter_mut()
+                    .filter_map(Option::take)
+                    .collect(),
+            })
+            .collect();
+
+        // A transient failure does not stop the pass while requests still get
+        // through: a batch that makes progress on every attempt finishes
+        // before its backoff grows long. Once failures outnumber successes by
+        // two (BigQuery is down, not flaky), or on an operator error, the
+        // pass stops: the loop's backoff takes over.
+        let (mut transient, mut failures, mut successes) = (None, 0_usize, 0_usize);
+        while let Some(chunk) = queue.pop_front() {
+            let Chunk { entries, rows } = chunk;
+            let count = entries.len();
+            tracing::debug!(rows = count, "insertAll");
+            match self.insert_all(rows).await {
+                Ok(response) => {
+                    successes += 1;
+                    let sorted = request::sort_errors(&response, count);
+                    for (j, reason) in sorted.rejected {
+                        progress.reject(entries[j], Rejection::new(REFUSED, reason));
+                    }
+                    let retry: BTreeSet<usize> = sorted.retry.iter().copied().collect();
+                    for (j, entry) in entries.iter().enumerate() {
+                        if !retry.contains(&j) {
+                            progress.insert(*entry);
+                        }
+                    }
+                    progress.retry_reasons.extend(sorted.retry_reasons);
+                }
+                Err(err) => match classify(&err, &self.settings.target) {
+                    Failure::TooLarge(why) if count > 1 => {
+                        tracing::warn!(rows = count, error = %why, "BigQuery found the request too large; sending it in halves");
+                        let (first, second) = entries.split_at(count / 2);
+                        queue.push_front(Chunk {
+                            rows: build(second),
+                            entries: second.to_vec(),
+                        });
+                        queue.push_front(Chunk {
+                            rows: build(first),
+                            entries: first.to_vec(),
+                        });
+                    }
+                    Failure::TooLarge(why) => progress.reject(
+                        entries[0],
+                        Rejection::new(
+                            TOO_LARGE,
+                            format!("BigQuery refused a request holding only this row: {why}"),
+                        ),
+                    ),
+                    Failure::Sink(err @ SinkError::Transient { .. }) => {
+                        failures += 1;
+                        if failures > successes + 1 {
+                            return Err(err);
+                        }
+                        transient.get_or_insert(err);
+                    }
+                    Failure::Sink(err) => return Err(err),
+                },
+            }
+        }
+        transient.map_or(Ok(()), Err)
+    }
+}
+
+impl Sink for BigQuerySink {
+    type Item = Columns;
+
+    fn decode(&self, record: &Record) -> Result<Columns, Rejection> {
+        row::decode(record)
+    }
+
+    async fn write(&self, batch: &Batch<Columns>) -> Result<WriteOutcome, SinkError> {
+        if batch.entries.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
+        let key = batch_key(batch);
+        let mut progress = self
+            .progress()
+            .remove(&key)
+            .filter(|p| p.settled.len() == batch.entries.len())
+            .unwrap_or_else(|| Progress::new(batch.entries.len()));
+        progress.retry_reasons.clear();
+        let result = self.send_pending(batch, &mut progress).await;
+        let waiting = progress.pending().len();
+        let result = match result {
+            Ok(()) if waiting == 0 => {
+                return Ok(WriteOutcome {
+                    rejected: progress.rejected,
+                    already_applied: Vec::new(),
+                })
+            }
+            Ok(()) => Err(SinkError::transient(
+                "rows_to_retry",
+                anyhow!(
+                    "BigQuery did not insert {waiting} rows of the batch ({}); sending them again",
+                    progress
+                        .retry_reasons
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+            Err(err) => Err(err),
+        };
+        tracing::debug!(
+            inserted_or_refused = batch.entries.len() - waiting,
+            waiting,
+            "write of a batch failed part way; keeping its progress"
+        );
+        self.progress().insert(key, progress);
+        result
+    }
+
+    async fn check(&self) -> Result<(), SinkError> {
+        let target = &self.settings.target;
+        self.client
+            .table()
+            .get(
+                &target.project,
+                &target.dataset,
+                &target.table,
+                Some(vec!["event_time"]),
+            )
+            .await
+            .map(drop)
+            .map_err(|err| match classify(&err, target) {
+                Failure::Sink(err) => err,
+                Failure::TooLarge(why) => SinkError::transient("bad_response", anyhow!(why)),
+            })
+    }
+
+    fn max_in_flight(&self) -> usize {
+        self.settings.max_in_flight
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_settles_each_entry_once() {
+        let mut progress = Progress::new(4);
+        progress.insert(1);
+        progress.reject(2, Rejection::new(REFUSED, "bad"));
+        progress.reject(2, Rejection::new(REFUSED, "again"));
+        progress.reject(1, Rejection::new(REFUSED, "already inserted"));
+        assert_eq!(progress.pending(), vec![0, 3]);
+        assert_eq!(progress.rejected.len(), 1);
+        assert_eq!(progress.rejected[0].1.reason, "bad");
+    }
+}
