@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 STACK := scripts/stack.sh
 
-.PHONY: build test unit lint fmt stack-up stack-down clean
+.PHONY: build test unit lint fmt stack-up stack-down clean bench
 
 build:
 	cargo build --workspace --release
@@ -37,3 +37,11 @@ stack-down:
 
 clean: stack-down
 	cargo clean
+
+## bench: release builds against the local stack; prints the figures.
+bench:
+	cargo build --release --workspace --bins
+	@$(STACK) up > /dev/null
+	@set +e; eval "$$($(STACK) env)"; \
+	  target/release/bench redis; status=$$?; \
+	  $(STACK) down; exit $$status

@@ -43,13 +43,28 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyh
 /// consumers mid-stream all the time; with single-message batches every
 /// offset is a batch boundary.
 pub fn producer(bootstrap: &str) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
+    producer_with(bootstrap, true)
+}
+
+/// A producer; `single_message_batches` as explained at [`producer`]
+/// (benchmarks, which never resume mid-stream, batch for speed).
+pub fn producer_with(
+    bootstrap: &str,
+    single_message_batches: bool,
+) -> anyhow::Result<FutureProducer> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
-        .set("batch.num.messages", "1")
-        .set("acks", "all")
-        .create()
-        .context("producer")
+        .set("acks", "all");
+    if single_message_batches {
+        config.set("batch.num.messages", "1");
+    } else {
+        // Record batches the size Logstash's kafka output makes (its
+        // batch_size is 16 KB), not librdkafka's 1 MB default.
+        config.set("batch.size", "65536");
+    }
+    config.create().context("producer")
 }
 
 /// Produces payloads to explicit partitions and waits for every delivery.

@@ -9,11 +9,14 @@ use anyhow::{bail, Context};
 /// `make test` builds them first (`cargo build --workspace --bins`).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("current_exe")?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test executable has no parent dir")?;
+    // A test runs from target/<profile>/deps/, a binary (bench) from
+    // target/<profile>/: the services sit in target/<profile>/.
+    let dir = exe.parent().context("executable has no parent dir")?;
+    let dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
     let path = dir.join(name);
     if !path.exists() {
         bail!("{} not found: build the binaries first with `cargo build --workspace --bins` (make test does)", path.display());
@@ -52,6 +55,42 @@ impl Service {
             .spawn()
             .with_context(|| format!("cannot start {binary}"))?;
         Ok(Self { child, log })
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM in /proc/PID/status")?;
+        Ok(kb * 1024)
+    }
+
+    /// CPU seconds used so far (user + system), from /proc/PID/stat.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name (which may hold spaces) start past ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 (1-based), 11 and 12 after ')'.
+        Ok((ticks(11) + ticks(12)) / 100.0)
     }
 
     /// SIGKILL, and reap.

@@ -1,0 +1,235 @@
+//! bench: throughput and memory of the services against the local stack.
+//!
+//! `bench redis`: N generated events already in a fresh user3-like topic;
+//! measures, for the do-nothing sink (the consumer's own ceiling) and for
+//! redis-sink, the time from process start until every offset is applied,
+//! events/s, peak RSS, and (redis) Redis commands per event. Run through
+//! `make bench`, which builds release binaries and starts the stack.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use e2e::generator::{Generator, Mix};
+use e2e::process::Service;
+use e2e::{kafka, unique, Stack};
+
+const PARTITIONS: i32 = 3;
+
+/// Benchmarks against the local stack (scripts/stack.sh up).
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// redis-sink: events/s, Redis commands per event, peak RSS.
+    Redis {
+        /// Events in the topic before the consumer starts.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        /// Distinct users in the generated events.
+        #[arg(long, default_value_t = 100_000)]
+        users: u32,
+    },
+}
+
+struct Figures {
+    name: &'static str,
+    events: usize,
+    seconds: f64,
+    peak_rss: u64,
+    cpu_seconds: f64,
+    redis_commands: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Redis { events, users } = Cli::parse().command;
+    let stack = Stack::get()?;
+    let topic = unique("bench-user3");
+    kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
+    kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
+    eprintln!("bench: producing {events} events into {topic} ...");
+    let producer = kafka::producer_with(&stack.kafka, false)?;
+    let mut generator =
+        Generator::new(42, Mix::User3, chrono::Utc::now().timestamp_millis()).users(users);
+    let mut bytes = 0usize;
+    let mut produced = 0usize;
+    while produced < events {
+        let n = (events - produced).min(50_000);
+        let chunk: Vec<(i32, Vec<u8>)> = (0..n)
+            .map(|i| {
+                let payload = generator.next_event().payload;
+                bytes += payload.len();
+                (((produced + i) % PARTITIONS as usize) as i32, payload)
+            })
+            .collect();
+        kafka::produce(&producer, &topic, chunk).await?;
+        produced += n;
+    }
+    eprintln!("bench: {events} events, {:.0} MB", bytes as f64 / 1e6);
+
+    let null = run_null(&stack, &topic, events).await?;
+    let redis = run_redis(&stack, &topic, events).await?;
+    println!();
+    println!(
+        "{:<22} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12}",
+        "consumer", "events", "seconds", "events/s", "peak RSS MB", "CPU s", "cmds/event"
+    );
+    for f in [&null, &redis] {
+        println!(
+            "{:<22} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12}",
+            f.name,
+            f.events,
+            f.seconds,
+            f.events as f64 / f.seconds,
+            f.peak_rss as f64 / (1024.0 * 1024.0),
+            f.cpu_seconds,
+            f.redis_commands.map_or("-".to_owned(), |c| format!(
+                "{:.3}",
+                c as f64 / f.events as f64
+            )),
+        );
+    }
+    Ok(())
+}
+
+fn common_args(stack: &Stack, topic: &str, group: &str) -> Vec<String> {
+    [
+        "--bootstrap-servers",
+        &stack.kafka,
+        "--topic",
+        topic,
+        "--group-id",
+        group,
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+async fn run_null(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<Figures> {
+    let group = unique("bench-null");
+    let started = Instant::now();
+    let service = Service::start(
+        "null-sink",
+        &common_args(stack, topic, &group),
+        &stack.dir.join("logs"),
+        &group,
+    )?;
+    let per_partition = per_partition(events);
+    let mut peak = 0;
+    let mut cpu = 0.0;
+    loop {
+        peak = peak.max(service.peak_rss().unwrap_or(0));
+        cpu = service.cpu_seconds().unwrap_or(cpu);
+        let committed = kafka::committed(&stack.kafka, &group, topic, PARTITIONS)?;
+        if committed
+            .iter()
+            .zip(&per_partition)
+            .all(|(c, n)| *c == Some(*n))
+        {
+            break;
+        }
+        check_timeout(started, &service)?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Figures {
+        name: "null sink (ceiling)",
+        events,
+        seconds,
+        peak_rss: peak,
+        cpu_seconds: cpu,
+        redis_commands: None,
+    })
+}
+
+async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<Figures> {
+    let group = unique("bench-redis");
+    let prefix = format!("{group}:");
+    let mut conn = redis::Client::open(stack.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let calls_before = total_calls(&mut conn).await?;
+    let mut args = common_args(stack, topic, &group);
+    args.extend([
+        "--redis-url".into(),
+        stack.redis_url.clone(),
+        "--key-prefix".into(),
+        prefix.clone(),
+    ]);
+    let started = Instant::now();
+    let service = Service::start("redis-sink", &args, &stack.dir.join("logs"), &group)?;
+    let offsets_key = format!("{prefix}offsets:{group}:{topic}");
+    let total = events as i64;
+    let mut peak = 0;
+    let mut cpu = 0.0;
+    let mut polls = 0u64;
+    loop {
+        peak = peak.max(service.peak_rss().unwrap_or(0));
+        cpu = service.cpu_seconds().unwrap_or(cpu);
+        polls += 1;
+        let applied: BTreeMap<i32, i64> = redis::cmd("HGETALL")
+            .arg(&offsets_key)
+            .query_async(&mut conn)
+            .await?;
+        if applied.values().sum::<i64>() >= total {
+            break;
+        }
+        check_timeout(started, &service)?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    // Our own commands are not the sink's: every HGETALL, and the first INFO
+    // (counted once it completed).
+    let calls_after = total_calls(&mut conn).await?;
+    Ok(Figures {
+        name: "redis-sink",
+        events,
+        seconds,
+        peak_rss: peak,
+        cpu_seconds: cpu,
+        redis_commands: Some(
+            calls_after
+                .saturating_sub(calls_before)
+                .saturating_sub(polls + 1),
+        ),
+    })
+}
+
+/// Sum of `calls=` over INFO commandstats (commands run inside scripts count).
+async fn total_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .context("INFO commandstats")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split("calls=").nth(1))
+        .filter_map(|rest| rest.split(',').next())
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum())
+}
+
+fn per_partition(events: usize) -> Vec<i64> {
+    (0..PARTITIONS as usize)
+        .map(|p| ((events + PARTITIONS as usize - 1 - p) / PARTITIONS as usize) as i64)
+        .collect()
+}
+
+fn check_timeout(started: Instant, service: &Service) -> anyhow::Result<()> {
+    if started.elapsed() > Duration::from_secs(600) {
+        bail!("not done after 10 minutes; log:\n{}", service.log_tail());
+    }
+    Ok(())
+}
