@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 STACK := scripts/stack.sh
 
-.PHONY: build test unit lint fmt stack-up stack-down clean bench
+.PHONY: build test unit lint fmt stack-up stack-down clean bench demo
 
 build:
 	cargo build --workspace --release
@@ -43,5 +43,9 @@ bench:
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
-	  target/release/bench redis; status=$$?; \
+	  target/release/bench redis && target/release/bench bigquery; status=$$?; \
 	  $(STACK) down; exit $$status
+
+## demo: the whole pipeline locally with live rankings (DEMO_SECONDS, default 30).
+demo:
+	@scripts/demo.sh

@@ -3,14 +3,22 @@
 //! `bench redis`: N generated events already in a fresh user3-like topic;
 //! measures, for the do-nothing sink (the consumer's own ceiling) and for
 //! redis-sink, the time from process start until every offset is applied,
-//! events/s, peak RSS, and (redis) Redis commands per event. Run through
-//! `make bench`, which builds release binaries and starts the stack.
+//! events/s, peak RSS, and (redis) Redis commands per event.
+//!
+//! `bench bigquery`: N events of every kind in a fresh user2-like topic;
+//! bigquery-sink (a) against an endpoint that accepts insertAll at once (the
+//! sink's own ceiling) and (b) against the emulator; time until every offset
+//! is committed, rows/s, peak RSS.
+//!
+//! Run through `make bench`, which builds release binaries and starts the
+//! stack.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use e2e::bigquery::{Fault, FaultProxy};
 use e2e::generator::{Generator, Mix};
 use e2e::process::Service;
 use e2e::{kafka, unique, Stack};
@@ -26,6 +34,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// bigquery-sink: rows/s and peak RSS, against an instant endpoint and the emulator.
+    Bigquery {
+        /// Events in the topic before the sink starts.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+    },
     /// redis-sink: events/s, Redis commands per event, peak RSS.
     Redis {
         /// Events in the topic before the consumer starts.
@@ -48,15 +62,60 @@ struct Figures {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Redis { events, users } = Cli::parse().command;
     let stack = Stack::get()?;
-    let topic = unique("bench-user3");
+    match Cli::parse().command {
+        Command::Redis { events, users } => {
+            let topic = fill_topic(&stack, "bench-user3", Mix::User3, events, users).await?;
+            let null = run_null(&stack, &topic, events).await?;
+            let redis = run_redis(&stack, &topic, events).await?;
+            print_figures(&[null, redis]);
+        }
+        Command::Bigquery { events } => {
+            let topic = fill_topic(&stack, "bench-user2", Mix::All, events, 2_000).await?;
+            let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
+            proxy.set_faults(vec![Fault::Accept]);
+            let instant = run_bigquery(
+                &stack,
+                &topic,
+                events,
+                &proxy.endpoint(),
+                "bigquery-sink, instant endpoint",
+            )
+            .await?;
+            let emulator = run_bigquery(
+                &stack,
+                &topic,
+                events,
+                &stack.bigquery_endpoint,
+                "bigquery-sink, emulator",
+            )
+            .await?;
+            let accepted: usize = proxy.inserts().iter().map(|i| i.rows).sum();
+            anyhow::ensure!(
+                accepted >= events,
+                "the instant endpoint saw {accepted} rows of {events}"
+            );
+            print_figures(&[instant, emulator]);
+        }
+    }
+    Ok(())
+}
+
+/// A fresh topic (and its DLQ) holding `events` generated events, produced
+/// in record batches of the size Logstash makes.
+async fn fill_topic(
+    stack: &Stack,
+    prefix: &str,
+    mix: Mix,
+    events: usize,
+    users: u32,
+) -> anyhow::Result<String> {
+    let topic = unique(prefix);
     kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
     kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
     eprintln!("bench: producing {events} events into {topic} ...");
     let producer = kafka::producer_with(&stack.kafka, false)?;
-    let mut generator =
-        Generator::new(42, Mix::User3, chrono::Utc::now().timestamp_millis()).users(users);
+    let mut generator = Generator::new(42, mix, chrono::Utc::now().timestamp_millis()).users(users);
     let mut bytes = 0usize;
     let mut produced = 0usize;
     while produced < events {
@@ -72,17 +131,18 @@ async fn main() -> anyhow::Result<()> {
         produced += n;
     }
     eprintln!("bench: {events} events, {:.0} MB", bytes as f64 / 1e6);
+    Ok(topic)
+}
 
-    let null = run_null(&stack, &topic, events).await?;
-    let redis = run_redis(&stack, &topic, events).await?;
+fn print_figures(figures: &[Figures]) {
     println!();
     println!(
-        "{:<22} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12}",
+        "{:<34} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12}",
         "consumer", "events", "seconds", "events/s", "peak RSS MB", "CPU s", "cmds/event"
     );
-    for f in [&null, &redis] {
+    for f in figures {
         println!(
-            "{:<22} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12}",
+            "{:<34} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12}",
             f.name,
             f.events,
             f.seconds,
@@ -95,7 +155,6 @@ async fn main() -> anyhow::Result<()> {
             )),
         );
     }
-    Ok(())
 }
 
 fn common_args(stack: &Stack, topic: &str, group: &str) -> Vec<String> {
@@ -118,20 +177,58 @@ fn common_args(stack: &Stack, topic: &str, group: &str) -> Vec<String> {
 
 async fn run_null(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<Figures> {
     let group = unique("bench-null");
+    let args = common_args(stack, topic, &group);
+    let figures = run_until_committed(stack, topic, events, "null-sink", &group, &args).await?;
+    Ok(Figures {
+        name: "null sink (ceiling)",
+        ..figures
+    })
+}
+
+async fn run_bigquery(
+    stack: &Stack,
+    topic: &str,
+    events: usize,
+    endpoint: &str,
+    name: &'static str,
+) -> anyhow::Result<Figures> {
+    let group = unique("bench-bq");
+    let table = group.replace('-', "_");
+    let mut args = common_args(stack, topic, &group);
+    for arg in [
+        "--bigquery-endpoint",
+        endpoint,
+        "--project",
+        &stack.bigquery_project,
+        "--dataset",
+        &stack.bigquery_dataset,
+        "--table",
+        &table,
+    ] {
+        args.push(arg.to_owned());
+    }
+    let figures = run_until_committed(stack, topic, events, "bigquery-sink", &group, &args).await?;
+    Ok(Figures { name, ..figures })
+}
+
+/// Runs a service until its group has committed every offset.
+async fn run_until_committed(
+    stack: &Stack,
+    topic: &str,
+    events: usize,
+    binary: &str,
+    group: &str,
+    args: &[String],
+) -> anyhow::Result<Figures> {
     let started = Instant::now();
-    let service = Service::start(
-        "null-sink",
-        &common_args(stack, topic, &group),
-        &stack.dir.join("logs"),
-        &group,
-    )?;
+    let service = Service::start(binary, args, &stack.dir.join("logs"), group)?;
     let per_partition = per_partition(events);
     let mut peak = 0;
     let mut cpu = 0.0;
     loop {
         peak = peak.max(service.peak_rss().unwrap_or(0));
         cpu = service.cpu_seconds().unwrap_or(cpu);
-        let committed = kafka::committed(&stack.kafka, &group, topic, PARTITIONS)?;
+        let committed = kafka::committed(&stack.kafka, group, topic, PARTITIONS)?;
         if committed
             .iter()
             .zip(&per_partition)
@@ -144,7 +241,7 @@ async fn run_null(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<F
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(Figures {
-        name: "null sink (ceiling)",
+        name: "",
         events,
         seconds,
         peak_rss: peak,
