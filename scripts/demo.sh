@@ -21,6 +21,11 @@ cargo build --release --workspace --bins --quiet
 
 stack_was_up=false
 scripts/stack.sh status >/dev/null 2>&1 && stack_was_up=true
+# Each demo starts empty, so its counts add up: the broker and Redis keep
+# their data across restarts, the emulator keeps its rows in memory only.
+if [ "$stack_was_up" = false ] && [ "$STACK_DIR" = "$REPO/.stack-demo" ]; then
+    rm -rf "$STACK_DIR"
+fi
 eval "$(scripts/stack.sh up)"
 mkdir -p "$RUN"
 
@@ -32,7 +37,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r REDIS_METRICS BQ_METRICS < <(python3 scripts/free_port.py 2 | tr '\n' ' ')
+mapfile -t ports < <(python3 scripts/free_port.py 2)
+REDIS_METRICS=${ports[0]} BQ_METRICS=${ports[1]}
 "$BIN/redis-sink" --metrics-addr "127.0.0.1:$REDIS_METRICS" --log-format json \
     >"$RUN/redis-sink.log" 2>&1 &
 pids+=($!)
@@ -47,7 +53,7 @@ pids+=("$gen")
 
 # metric NAME PORT: the sum of a Prometheus metric over its labels.
 metric() {
-    curl -sf "http://127.0.0.1:$2/metrics" 2>/dev/null \
+    { curl -sf "http://127.0.0.1:$2/metrics" 2>/dev/null || true; } \
         | awk -v m="$1" '$1 ~ "^"m"({|$)" { s += $2 } END { printf "%d", s }'
 }
 lag() { "$BIN/kafka-lag" --group "$1" --topic "$2" 2>/dev/null || echo "?"; }
@@ -85,7 +91,7 @@ done
 view "done"
 
 echo
-user=$(redis-cli -u "$REDIS_URL" --scan --pattern 'history:search:*' 2>/dev/null | head -1 | cut -d: -f3)
+user=$( (redis-cli -u "$REDIS_URL" --scan --pattern 'history:search:*' 2>/dev/null || true) | awk -F: 'NR == 1 { print $3 }')
 if [ -n "$user" ]; then
     echo "Recent searches of user $user"
     "$BIN/redis-sink" history --kind search --user "$user" --limit 10 --redis-url "$REDIS_URL"
