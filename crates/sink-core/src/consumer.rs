@@ -363,10 +363,12 @@ struct Leftover {
 
 /// Probes the sink for readiness while no write says anything about it.
 async fn probe_sink<S: Sink>(sink: Arc<S>, shared: Arc<Shared>, health: Arc<Health>) {
-    let mut writes_seen = u64::MAX;
+    // Probe at start; afterwards only in rounds without a write, whose
+    // outcome already sets readiness.
+    let mut writes_seen = None;
     loop {
         let writes = shared.writes.load(Ordering::Relaxed);
-        if writes == writes_seen {
+        if writes_seen.is_none_or(|seen| seen == writes) {
             match sink.check().await {
                 Ok(()) => health.set_sink_ok(true),
                 Err(err) => {
@@ -374,11 +376,8 @@ async fn probe_sink<S: Sink>(sink: Arc<S>, shared: Arc<Shared>, health: Arc<Heal
                     tracing::warn!(error = %err, "sink is not reachable");
                 }
             }
-        } else if writes_seen == u64::MAX {
-            // First round: probe once at start.
-            health.set_sink_ok(sink.check().await.is_ok());
         }
-        writes_seen = writes;
+        writes_seen = Some(writes);
         tokio::time::sleep(CHECK_INTERVAL).await;
     }
 }
