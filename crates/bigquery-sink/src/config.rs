@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use sink_core::ConsumerArgs;
+use sink_core::{ConsumerArgs, ServiceDefaults};
 
 use crate::request::{RequestLimits, MAX_REQUEST_BYTES, MAX_REQUEST_ROWS};
 use crate::table::Target;
@@ -165,12 +165,21 @@ fn v2_base_url(raw: &str) -> anyhow::Result<String> {
     })
 }
 
+/// The shared flags' defaults for this service.
+pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
+    topic: "user2",
+    group_id: "bigquery-sink",
+    batch_max_events: 500,
+    // Requests must stay below BigQuery's 10 MB (checked at start).
+    batch_max_bytes: 9_000_000,
+    batch_linger_ms: 1_000,
+};
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use clap::Parser;
     use sink_core::config::try_parse_args_from;
-    use sink_core::ServiceDefaults;
 
     use super::*;
 
@@ -181,14 +190,6 @@ mod tests {
         #[command(flatten)]
         bigquery: BigQueryArgs,
     }
-
-    const DEFAULTS: ServiceDefaults = ServiceDefaults {
-        topic: "user2",
-        group_id: "bigquery-sink",
-        batch_max_events: 500,
-        batch_max_bytes: 9_000_000,
-        batch_linger_ms: 1_000,
-    };
 
     /// Parses the required flags plus `extra`, which may override them.
     fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {

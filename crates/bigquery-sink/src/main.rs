@@ -2,20 +2,11 @@
 
 use std::process::ExitCode;
 
-use bigquery_sink::config::{BigQueryArgs, Settings};
+use bigquery_sink::config::{BigQueryArgs, Settings, DEFAULTS};
 use bigquery_sink::sink::{BigQuerySink, SinkSettings};
 use bigquery_sink::{client, table};
 use clap::Parser;
-use sink_core::{ConsumerArgs, ServiceDefaults};
-
-const DEFAULTS: ServiceDefaults = ServiceDefaults {
-    topic: "user2",
-    group_id: "bigquery-sink",
-    batch_max_events: 500,
-    // Requests must stay below BigQuery's 10 MB (checked at start).
-    batch_max_bytes: 9_000_000,
-    batch_linger_ms: 1_000,
-};
+use sink_core::ConsumerArgs;
 
 /// Every movie-service log event (topic user2) into a BigQuery table, at least
 /// once; rows BigQuery refuses go to the dead-letter topic with its reason.

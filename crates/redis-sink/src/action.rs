@@ -17,6 +17,14 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// What a member of this kind is, for table headers.
+    pub fn member_label(self) -> &'static str {
+        match self {
+            Self::Search => "keyword",
+            Self::Movie => "movie",
+        }
+    }
+
     /// The word used in key names.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -170,11 +170,7 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let label = if args.kind == Kind::Search {
-            "keyword"
-        } else {
-            "movie"
-        };
+        let label = args.kind.member_label();
         let body: Vec<Vec<String>> = rows
             .iter()
             .enumerate()
@@ -192,11 +188,7 @@ async fn history(args: HistoryArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        let label = if args.kind == Kind::Search {
-            "keyword"
-        } else {
-            "movie"
-        };
+        let label = args.kind.member_label();
         let body: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {

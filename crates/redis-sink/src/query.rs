@@ -45,7 +45,6 @@ pub async fn top<C: ConnectionLike>(
     limit: usize,
     now: DateTime<Utc>,
 ) -> redis::RedisResult<Vec<Ranked>> {
-    let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
     if limit == 0 {
         return Ok(Vec::new());
     }
@@ -74,14 +73,7 @@ pub async fn top<C: ConnectionLike>(
             cache
         }
     };
-    let rows: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(&key)
-        .arg(0)
-        .arg(stop)
-        .arg("REV")
-        .arg("WITHSCORES")
-        .query_async(conn)
-        .await?;
+    let rows = newest_first(conn, &key, limit).await?;
     Ok(rows
         .into_iter()
         .map(|(member, score)| Ranked {
@@ -99,18 +91,7 @@ pub async fn history<C: ConnectionLike>(
     user: &str,
     limit: usize,
 ) -> redis::RedisResult<Vec<Seen>> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
-    let rows: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(keys.history(kind, user))
-        .arg(0)
-        .arg(stop)
-        .arg("REV")
-        .arg("WITHSCORES")
-        .query_async(conn)
-        .await?;
+    let rows = newest_first(conn, &keys.history(kind, user), limit).await?;
     Ok(rows
         .into_iter()
         .map(|(member, score)| Seen {
@@ -118,6 +99,27 @@ pub async fn history<C: ConnectionLike>(
             time_ms: score as i64,
         })
         .collect())
+}
+
+/// The `limit` highest-scored members of a ZSET, highest first (ties: member
+/// descending, as ZRANGE REV orders them).
+async fn newest_first<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    limit: usize,
+) -> redis::RedisResult<Vec<(String, f64)>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(stop)
+        .arg("REV")
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
 }
 
 #[cfg(test)]
