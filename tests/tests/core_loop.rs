@@ -21,13 +21,18 @@ type Seen = Arc<Mutex<Vec<(i32, i64, String)>>>;
 
 /// Accepts everything except payloads starting with "BAD" (rejected at
 /// decode) and "REFUSE" (rejected at write); fails its first `fail_first`
-/// writes; can claim partitions are already applied up to an offset.
+/// writes; can claim partitions are already applied up to an offset; writes
+/// `in_flight` batches at once (1 by default: with more, batches may finish
+/// in any order, and only the commits stay in order).
 #[derive(Default)]
 struct RecordingSink {
     seen: Seen,
     fail_first: AtomicUsize,
     writes: Arc<AtomicUsize>,
     stored: BTreeMap<i32, i64>,
+    in_flight: usize,
+    /// Fails every write until then (an outage).
+    down_until: Option<std::time::Instant>,
 }
 
 impl Sink for RecordingSink {
@@ -46,6 +51,15 @@ impl Sink for RecordingSink {
 
     async fn write(&self, batch: &Batch<String>) -> Result<WriteOutcome, SinkError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
+        if self
+            .down_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+        {
+            return Err(SinkError::transient(
+                "test_outage",
+                anyhow::anyhow!("injected outage"),
+            ));
+        }
         if self
             .fail_first
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -96,7 +110,7 @@ impl Sink for RecordingSink {
     }
 
     fn max_in_flight(&self) -> usize {
-        3
+        self.in_flight.max(1)
     }
 }
 
@@ -207,7 +221,14 @@ async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<
             .filter(|i| i % PARTITIONS == p)
             .map(|i| format!("event-{i}"))
             .collect();
-        assert_eq!(payloads, expected, "partition {p} in order");
+        let first_difference = payloads.iter().zip(&expected).position(|(a, b)| a != b);
+        assert!(
+            payloads.len() == expected.len() && first_difference.is_none(),
+            "partition {p}: {} events seen, {} expected, first difference at {first_difference:?}: {:?}",
+            payloads.len(),
+            expected.len(),
+            first_difference.map(|i| (&payloads[i.saturating_sub(2)..(i + 3).min(payloads.len())], &expected[i.saturating_sub(2)..(i + 3).min(expected.len())])),
+        );
     }
     let committed = kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?;
     let expected: Vec<Option<i64>> = (0..PARTITIONS)
@@ -263,6 +284,7 @@ async fn failing_sink_gets_everything_later_and_nothing_is_committed_before() ->
     let fail_first = 4;
     let sink = RecordingSink {
         fail_first: AtomicUsize::new(fail_first),
+        in_flight: 3,
         ..RecordingSink::default()
     };
     let seen = Arc::clone(&sink.seen);
@@ -387,6 +409,62 @@ async fn a_sink_that_stores_offsets_decides_where_partitions_start() -> anyhow::
         got, expected,
         "partition 0 from 4, partition 1 from the start, partition 2 nothing"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_consumer_resumes_after_a_rebalance() -> anyhow::Result<()> {
+    // The sink is down long enough for the loop to pause its assignment;
+    // meanwhile a second consumer joins and the partitions are dealt again.
+    // librdkafka keeps an application's pause across revoke and re-assign:
+    // unless the loop resumes, the first consumer's partitions stall forever.
+    let stack = Stack::get()?;
+    let topic = topic_with_dlq(&stack).await?;
+    let group = unique("group");
+    let producer = kafka::producer(&stack.kafka)?;
+    let n = 30_000;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..n).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
+    )
+    .await?;
+
+    let outage = Duration::from_secs(12);
+    let first = RecordingSink {
+        down_until: Some(std::time::Instant::now() + outage),
+        ..RecordingSink::default()
+    };
+    let (seen_first, writes) = (Arc::clone(&first.seen), Arc::clone(&first.writes));
+    let running_first = Running::start(args(&stack, &topic, &group)?, first);
+    // Past the loop's 5 s hold: it has paused by now.
+    wait_for(TIMEOUT, "the outage to begin", || {
+        writes.load(Ordering::SeqCst) > 0
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let second = RecordingSink::default();
+    let seen_second = Arc::clone(&second.seen);
+    let running_second = Running::start(args(&stack, &topic, &group)?, second);
+    wait_for(
+        Duration::from_secs(120),
+        "every event, in one consumer or the other",
+        || len(&seen_first) + len(&seen_second) >= n as usize,
+    )
+    .await?;
+    running_second.stop().await?;
+    running_first.stop().await?;
+    let mut offsets: Vec<(i32, i64)> = [&seen_first, &seen_second]
+        .iter()
+        .flat_map(|seen| {
+            seen.lock()
+                .map(|s| s.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    offsets.sort_unstable();
+    offsets.dedup();
+    assert_eq!(offsets.len(), n as usize, "every offset at least once");
     Ok(())
 }
 

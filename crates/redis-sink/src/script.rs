@@ -25,6 +25,14 @@ local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if stored and tonumber(stored) ~= tonumber(ARGV[2]) then
   return tonumber(stored)
 end
+-- A script that fails half way keeps what it wrote (Redis has no rollback):
+-- refuse before writing anything if a key holds something else than a ZSET.
+for k = 2, #KEYS do
+  local t = redis.call('TYPE', KEYS[k])['ok']
+  if t ~= 'zset' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a sorted set: remove or rename it')
+  end
+end
 local history_size = tonumber(ARGV[4])
 local a = 5
 for k = 2, #KEYS do

@@ -38,6 +38,25 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
             }
         }
     };
+    // With an allkeys-* eviction policy Redis may drop the offsets hash, and
+    // replays would then be applied twice. (Managed Redis may forbid CONFIG:
+    // then we cannot tell, and go on.)
+    let policy: Option<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut conn)
+        .await
+        .ok();
+    if let Some(policy) = policy
+        .as_ref()
+        .and_then(|v| v.get(1))
+        .filter(|p| p.starts_with("allkeys"))
+    {
+        bail!(
+            "Redis maxmemory-policy is {policy}: it may evict the offsets that keep writes exactly-once. \
+             Use noeviction or a volatile-* policy (the offsets hash has no TTL)"
+        );
+    }
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("cluster")

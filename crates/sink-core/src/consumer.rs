@@ -49,6 +49,10 @@ const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
 /// behind before it pauses the assignment to serve rebalances again.
 const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(5);
 
+/// How long a seek may take (the loop waits: the fetch position must have
+/// moved before the tracker says so).
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often an idle sink is probed for readiness.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -106,11 +110,15 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(&partitions, tpl);
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
-                }
+                };
+                // A pause set by the application survives revoke and
+                // re-assign in librdkafka; the loop treats a new assignment
+                // as unpaused, so make it so (it pauses again if needed).
+                assigned.and_then(|()| consumer.resume(tpl))
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.on_revoke(consumer, &partitions);
@@ -121,7 +129,13 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
                 }
             }
             other => {
-                tracing::error!(error = ?other, "rebalance failed");
+                tracing::error!(error = ?other, "rebalance failed; dropping the assignment");
+                // Like a lost assignment: nothing of it may be committed.
+                let mut tracker = self.shared.tracker();
+                for partition in tracker.assigned() {
+                    tracker.revoke(partition);
+                }
+                drop(tracker);
                 consumer.unassign()
             }
         };
@@ -570,14 +584,17 @@ impl<S: Sink> Loop<S> {
                 offset,
                 "the sink already holds records up to this offset; resuming there"
             );
-            // Zero timeout: asynchronous; the tracker drops stale records meanwhile.
-            if let Err(err) = self.consumer.seek(
-                &self.topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::ZERO,
-            ) {
-                tracing::warn!(%err, partition, offset, "seek failed; the sink will refuse the replayed records");
+            // Bounded wait: the position may only move once the fetcher did.
+            let seek = || {
+                self.consumer
+                    .seek(&self.topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+            };
+            match block_in_place(seek).unwrap_or_else(seek) {
+                Ok(()) => self.shared.tracker().moved_to(partition, offset),
+                Err(err) => tracing::warn!(
+                    %err, partition, offset,
+                    "seek failed; the sink refuses the records fetched meanwhile and asks again"
+                ),
             }
         }
         if !commits.is_empty() {
@@ -594,6 +611,8 @@ impl<S: Sink> Loop<S> {
     /// synchronously. Returns what was left unwritten.
     async fn drain(&mut self, timeout: Duration) -> Leftover {
         let deadline = tokio::time::Instant::now() + timeout;
+        // A rebalance may have run in the last recv(): purge before sealing.
+        self.after_step();
         self.batcher.seal();
         while !self.tasks.is_empty() || self.batcher.has_sealed() {
             self.dispatch();
@@ -674,7 +693,13 @@ async fn write_batch<S: Sink>(
         let letters: Vec<(&Record, &Rejection)> = outcome
             .rejected
             .iter()
-            .filter_map(|(index, why)| work.batch.entries.get(*index).map(|e| (&e.record, why)))
+            .filter_map(|(index, why)| {
+                let entry = work.batch.entries.get(*index);
+                if entry.is_none() {
+                    tracing::error!(index, reason = %why.reason, "the sink rejected an entry that is not in the batch (a sink bug)");
+                }
+                entry.map(|e| (&e.record, why))
+            })
             .collect();
         retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
     }

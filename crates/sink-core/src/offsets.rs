@@ -57,13 +57,14 @@ impl OffsetTracker {
         );
     }
 
-    /// A partition was revoked. Returns the acknowledged offset not yet
-    /// committed, which the caller commits before letting go.
+    /// A partition was revoked. Returns its acknowledged offset, which the
+    /// caller commits (synchronously) before letting go: even if an
+    /// asynchronous commit of it was sent, it may have failed.
     pub fn revoke(&mut self, partition: i32) -> Option<i64> {
         let state = self.partitions.remove(&partition)?;
         self.seeks.retain(|(p, _)| *p != partition);
         self.revoked.push(partition);
-        state.acked.filter(|acked| Some(*acked) != state.committed)
+        state.acked
     }
 
     /// Partitions currently owned.
@@ -128,15 +129,17 @@ impl OffsetTracker {
     }
 
     /// Partitions whose fetch position must move (and whose buffered records
-    /// must be dropped), because the sink already holds more than we fetched.
+    /// must be dropped), because the sink holds exactly the records below
+    /// another offset than we fetched from.
     pub fn take_seeks(&mut self) -> Vec<(i32, i64)> {
-        let seeks = std::mem::take(&mut self.seeks);
-        for (partition, offset) in &seeks {
-            if let Some(state) = self.partitions.get_mut(partition) {
-                state.position = Some(*offset);
-            }
+        std::mem::take(&mut self.seeks)
+    }
+
+    /// The fetcher of `partition` now starts at `offset` (a seek succeeded).
+    pub fn moved_to(&mut self, partition: i32, offset: i64) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.position = Some(offset);
         }
-        seeks
     }
 
     /// Partitions revoked since the last call: their buffered records are
@@ -238,6 +241,7 @@ mod tests {
         t.complete(b, &[(0, 400)]);
         assert_eq!(t.take_seeks(), vec![(0, 400)]);
         assert_eq!(t.take_commits(), vec![(0, 400)]);
+        t.moved_to(0, 400);
         assert_eq!(t.accept(0, 150), None, "stale: fetched before the seek");
         assert_eq!(t.accept(0, 400), Some(400));
     }
