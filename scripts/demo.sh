@@ -11,13 +11,20 @@ DEMO_SECONDS="${DEMO_SECONDS:-30}"
 DEMO_RATE="${DEMO_RATE:-400}"
 export STACK_DIR="${STACK_DIR:-$REPO/.stack-demo}"
 export STACK_KAFKA_STORAGE=sqlite
-BIN="$REPO/target/release"
+# DEMO_PROFILE=debug uses the binaries `make test` built (the demo's own test).
+PROFILE="${DEMO_PROFILE:-release}"
+BIN="$REPO/target/$PROFILE"
 RUN="$STACK_DIR/demo"
 
 say() { echo "demo: $*" >&2; }
 
-say "building release binaries"
-cargo build --release --workspace --bins --quiet
+if [ "$PROFILE" = release ]; then
+    say "building release binaries"
+    cargo build --release --workspace --bins --quiet
+fi
+for bin in redis-sink bigquery-sink gen-events kafka-lag; do
+    [ -x "$BIN/$bin" ] || { say "$BIN/$bin is missing: run cargo build --workspace --bins"; exit 1; }
+done
 
 stack_was_up=false
 scripts/stack.sh status >/dev/null 2>&1 && stack_was_up=true
@@ -101,6 +108,7 @@ rows=$(curl -sf -X POST "$BIGQUERY_ENDPOINT/bigquery/v2/projects/$BIGQUERY_PROJE
     -H 'content-type: application/json' \
     -d "{\"query\":\"SELECT COUNT(*) FROM \`$BIGQUERY_PROJECT.$BIGQUERY_DATASET.user_logs\`\",\"useLegacySql\":false}" \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["rows"][0]["f"][0]["v"])')
+echo "Events generated: $(grep -o 'sent [0-9]*' "$RUN/gen-events.log" | cut -d' ' -f2)"
 echo "BigQuery rows in $BIGQUERY_DATASET.user_logs: $rows"
 echo "Dead letters: user3.dlq $(metric sink_dlq_events_total "$REDIS_METRICS"), user2.dlq $(metric sink_dlq_events_total "$BQ_METRICS")"
 echo "Logs: $RUN"
