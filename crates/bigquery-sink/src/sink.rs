@@ -292,7 +292,15 @@ impl Sink for BigQuerySink {
             waiting,
             "write of a batch failed part way; keeping its progress"
         );
-        self.progress().insert(key, progress);
+        let mut kept = self.progress();
+        // At most max_in_flight batches are being retried at once; more
+        // entries are batches abandoned on a revoke. Forgetting them (or, at
+        // worst, a live one) only re-sends rows, which the view absorbs.
+        if kept.len() >= 2 * self.settings.max_in_flight {
+            kept.clear();
+        }
+        kept.insert(key, progress);
+        drop(kept);
         result
     }
 
