@@ -137,6 +137,10 @@ stop_component() {
         log "$name (pid $pid) is not running (or that PID is now another program); removing its pid file"
     fi
     rm -f "$STACK_DIR/$name.pid"
+    # The emulator's DuckDB spills to .tmp in its working directory; the
+    # files are garbage once it exited, and large ones filled a 60 GB disk
+    # here after many test tables and a benchmark.
+    if [ "$name" = bqemulator ]; then rm -rf "$STACK_DIR/.tmp"; fi
 }
 
 stop_all() { local c; for c in "${COMPONENTS[@]}"; do stop_component "$c"; done; }
