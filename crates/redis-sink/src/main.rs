@@ -167,40 +167,53 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
         chrono::Utc::now(),
     )
     .await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        let label = args.kind.member_label();
-        let body: Vec<Vec<String>> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| vec![(i + 1).to_string(), r.member.clone(), r.count.to_string()])
-            .collect();
-        print!("{}", table::render(&["#", label, "count"], &body));
-    }
-    Ok(())
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| vec![(i + 1).to_string(), r.member.clone(), r.count.to_string()])
+        .collect();
+    print_rows(
+        &rows,
+        args.json,
+        &["#", args.kind.member_label(), "count"],
+        &body,
+    )
 }
 
 async fn history(args: HistoryArgs) -> anyhow::Result<()> {
     let mut conn = connect(&args.redis.redis_url).await?;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::history(&mut conn, &keys, args.kind, &args.user, args.limit).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(r.time_ms)
+                .map_or_else(
+                    || r.time_ms.to_string(),
+                    |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                );
+            vec![time, r.member.clone()]
+        })
+        .collect();
+    print_rows(
+        &rows,
+        args.json,
+        &["time (UTC)", args.kind.member_label()],
+        &body,
+    )
+}
+
+/// Prints query results as JSON, or as an aligned table of `body`.
+fn print_rows<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    header: &[&str],
+    body: &[Vec<String>],
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
     } else {
-        let label = args.kind.member_label();
-        let body: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(r.time_ms)
-                    .map_or_else(
-                        || r.time_ms.to_string(),
-                        |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                    );
-                vec![time, r.member.clone()]
-            })
-            .collect();
-        print!("{}", table::render(&["time (UTC)", label], &body));
+        print!("{}", table::render(header, body));
     }
     Ok(())
 }
