@@ -46,6 +46,9 @@ pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
 pub struct Health {
     in_group: AtomicBool,
     sink_ok: AtomicBool,
+    /// Woken when the sink turns reachable again, so that writes waiting out
+    /// a long backoff retry at once instead of up to a minute later.
+    sink_back: tokio::sync::Notify,
 }
 
 impl Health {
@@ -61,7 +64,16 @@ impl Health {
 
     /// The last sink call succeeded.
     pub fn set_sink_ok(&self, value: bool) {
-        self.sink_ok.store(value, Ordering::Relaxed);
+        let was = self.sink_ok.swap(value, Ordering::Relaxed);
+        if value && !was {
+            self.sink_back.notify_waiters();
+        }
+    }
+
+    /// Resolves the next time the sink turns reachable (a probe or a write
+    /// succeeded after a failure).
+    pub async fn sink_back(&self) {
+        self.sink_back.notified().await;
     }
 
     /// Ready to do work: in the group and the sink reachable.
