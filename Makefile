@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 STACK := scripts/stack.sh
 
-.PHONY: build test unit lint fmt stack-up stack-down clean bench demo
+.PHONY: build test unit lint fmt stack-up stack-down clean bench faults demo
 
 build:
 	cargo build --workspace --release
@@ -44,6 +44,16 @@ bench:
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
 	  target/release/bench redis && target/release/bench bigquery; status=$$?; \
+	  $(STACK) down; exit $$status
+
+## faults: the fault suite against the local stack (release builds); prints
+## one table and fails on any loss or double count. FAULTS="--only sigkill"
+## runs a subset.
+faults:
+	cargo build --release --workspace --bins
+	@$(STACK) up > /dev/null
+	@set +e; eval "$$($(STACK) env)"; \
+	  target/release/faults $(FAULTS); status=$$?; \
 	  $(STACK) down; exit $$status
 
 ## demo: the whole pipeline locally with live rankings (DEMO_SECONDS, default 30).

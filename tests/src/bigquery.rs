@@ -54,6 +54,27 @@ impl Emulator {
         format!("`{}.{}.{name}`", self.project, self.dataset)
     }
 
+    /// Creates `<table>_dedup`, the de-duplicated view exactly as
+    /// docs/bigquery.md gives it, over `table`; returns the view's name.
+    pub async fn create_documented_dedup_view(&self, table: &str) -> anyhow::Result<String> {
+        let docs = std::fs::read_to_string(crate::workspace_root().join("docs/bigquery.md"))?;
+        let sql = docs
+            .split("```sql\n")
+            .skip(1)
+            .filter_map(|block| block.split("```").next())
+            .find(|block| block.contains("CREATE OR REPLACE VIEW"))
+            .context("docs/bigquery.md has no CREATE OR REPLACE VIEW block")?;
+        let view = format!("{table}_dedup");
+        let replaced = sql
+            .replace("`PROJECT.DATASET.user_logs_dedup`", &self.sql_name(&view))
+            .replace("`PROJECT.DATASET.user_logs`", &self.sql_name(table));
+        if replaced.contains("PROJECT.DATASET") {
+            bail!("unexpected table names in the documented view:\n{sql}");
+        }
+        self.query(&replaced).await?;
+        Ok(view)
+    }
+
     /// Runs a query; each row is its cells (`v`), strings or null.
     pub async fn query(&self, sql: &str) -> anyhow::Result<Vec<Vec<Value>>> {
         let url = format!("{}/projects/{}/queries", self.v2, self.project);

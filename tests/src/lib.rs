@@ -6,6 +6,7 @@
 //! test` does) or, failing that, from `.stack/env` at the workspace root.
 
 pub mod bigquery;
+pub mod faults;
 pub mod generator;
 pub mod kafka;
 pub mod process;

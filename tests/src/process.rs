@@ -217,9 +217,8 @@ impl PrivateRedis {
         .await
     }
 
-    /// Stops the server gracefully (it flushes its append-only file) and
-    /// starts it again on the same port and data.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
+    /// Stops the server gracefully (it flushes its append-only file).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
             let status = Command::new("kill")
                 .arg("-TERM")
@@ -228,6 +227,19 @@ impl PrivateRedis {
             anyhow::ensure!(status.success(), "kill -TERM redis-server failed");
             child.wait()?;
         }
+        Ok(())
+    }
+
+    /// Starts a stopped server again on the same port and data.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "redis-server is already running");
+        self.spawn().await
+    }
+
+    /// Stops the server gracefully and starts it again on the same port and
+    /// data.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
         self.spawn().await
     }
 }

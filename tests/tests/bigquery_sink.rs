@@ -142,28 +142,9 @@ impl Fixture {
 
     /// Creates the de-duplicated view exactly as docs/bigquery.md gives it.
     async fn create_dedup_view(&self) -> anyhow::Result<String> {
-        let docs = std::fs::read_to_string(e2e::workspace_root().join("docs/bigquery.md"))?;
-        let sql = docs
-            .split("```sql\n")
-            .skip(1)
-            .filter_map(|block| block.split("```").next())
-            .find(|block| block.contains("CREATE OR REPLACE VIEW"))
-            .context("docs/bigquery.md has no CREATE OR REPLACE VIEW block")?;
-        let view = format!("{}_dedup", self.table);
-        let replaced = sql
-            .replace(
-                "`PROJECT.DATASET.user_logs_dedup`",
-                &self.emulator.sql_name(&view),
-            )
-            .replace(
-                "`PROJECT.DATASET.user_logs`",
-                &self.emulator.sql_name(&self.table),
-            );
-        if replaced.contains("PROJECT.DATASET") {
-            bail!("unexpected table names in the documented view:\n{sql}");
-        }
-        self.emulator.query(&replaced).await?;
-        Ok(view)
+        self.emulator
+            .create_documented_dedup_view(&self.table)
+            .await
     }
 
     /// Every (partition, offset) in `relation`, with repeats.
