@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -167,6 +168,13 @@ impl Pipeline {
         })
     }
 
+    /// Produces from now on in record batches of up to 64 KB instead of one
+    /// record per batch (see [`kafka::producer`] for why that is the default).
+    pub fn batch_production(&mut self) -> anyhow::Result<()> {
+        self.producer = kafka::producer_with(&self.config.bootstrap, false)?;
+        Ok(())
+    }
+
     /// Starts producing `items` round-robin over the partitions at about
     /// `per_second`; [`Pipeline::finish`] waits for the deliveries.
     pub fn start_load(&mut self, items: Vec<Item>, per_second: usize) -> Load {
@@ -176,6 +184,17 @@ impl Pipeline {
         self.sent += items.len();
         // Deliveries are awaited in chunks of a tenth of a second's worth.
         let chunk = (per_second / 10).clamp(1, 5_000);
+        let delivered = Arc::new(Mutex::new(vec![0; PARTITIONS as usize]));
+        let delivered_ends = Arc::clone(&delivered);
+        let record = move |out: &mut Vec<(Coordinates, Item)>,
+                           result: anyhow::Result<(Coordinates, Item)>| {
+            let (coordinates, item) = result?;
+            if let Some(end) = lock(&delivered_ends).get_mut(coordinates.0 as usize) {
+                *end = (*end).max(coordinates.1 + 1);
+            }
+            out.push((coordinates, item));
+            anyhow::Ok(())
+        };
         let task = tokio::spawn(async move {
             let mut out = Vec::with_capacity(items.len());
             let started = Instant::now();
@@ -198,7 +217,7 @@ impl Pipeline {
                 });
                 if pending.len() == chunk {
                     for result in futures::future::join_all(std::mem::take(&mut pending)).await {
-                        out.push(result?);
+                        record(&mut out, result)?;
                     }
                     // Paces the load: record i is not sent before i / per_second s.
                     let due = Duration::from_secs_f64((i + 1) as f64 / per_second as f64);
@@ -208,11 +227,11 @@ impl Pipeline {
                 }
             }
             for result in futures::future::join_all(pending).await {
-                out.push(result?);
+                record(&mut out, result)?;
             }
             Ok(out)
         });
-        Load { task }
+        Load { task, delivered }
     }
 
     /// Waits until every record of `load` is delivered and remembers them.
@@ -365,13 +384,41 @@ impl Pipeline {
         }
     }
 
+    /// The recovery time after a fault: from now until the sink has applied
+    /// everything produced until now (by `load`, if one is running). Records
+    /// the load produces afterwards do not count.
+    pub async fn recover(
+        &self,
+        load: Option<&Load>,
+        instance: &Instance,
+    ) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let target = match load {
+            Some(load) => {
+                let delivered = lock(&load.delivered).clone();
+                let mut ends = self.produced_ends();
+                for (end, d) in ends.iter_mut().zip(delivered) {
+                    *end = (*end).max(d);
+                }
+                ends
+            }
+            None => self.produced_ends(),
+        };
+        self.wait_applied(&target, instance).await?;
+        Ok(started.elapsed())
+    }
+
     /// Waits until the sink has applied every record produced so far.
     pub async fn wait_caught_up(&self, instance: &Instance) -> anyhow::Result<()> {
-        let want = self.produced_ends();
+        self.wait_applied(&self.produced_ends(), instance).await
+    }
+
+    /// Waits until the sink has applied each partition up to `want`.
+    async fn wait_applied(&self, want: &[i64], instance: &Instance) -> anyhow::Result<()> {
         let deadline = Instant::now() + CATCH_UP_TIMEOUT;
         loop {
             let applied = self.applied().await?;
-            if applied.iter().zip(&want).all(|(a, w)| a >= w) {
+            if applied.iter().zip(want).all(|(a, w)| a >= w) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -558,6 +605,12 @@ impl Pipeline {
 /// Records being produced in the background.
 pub struct Load {
     task: tokio::task::JoinHandle<anyhow::Result<Vec<(Coordinates, Item)>>>,
+    /// Next offset per partition of what is delivered so far.
+    delivered: Arc<Mutex<Vec<i64>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A running instance of a service, with its metrics endpoint.
