@@ -321,6 +321,10 @@ async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<
     let mut conn = redis::Client::open(stack.redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
+    // Redis may not answer within the client's default 500 ms while it runs
+    // a batch's script or forks for an AOF rewrite: that is not a failure of
+    // the run being measured.
+    conn.set_response_timeout(Duration::from_secs(30));
     let calls_before = total_calls(&mut conn).await?;
     let redis_cpu_before = redis_cpu(&mut conn).await?;
     let mut args = common_args(stack, topic, &group);
