@@ -45,6 +45,10 @@ local function apply(k, a)
     for i = 0, n - 1 do
       redis.call('ZINCRBY', key, ARGV[a + 2 * i + 1], ARGV[a + 2 * i])
     end
+  elseif n == 1 then
+    -- Most history keys get one item per batch: no argument table.
+    redis.call('ZADD', key, 'GT', ARGV[a], ARGV[a + 1])
+    redis.call('ZREMRANGEBYRANK', key, 0, -(history_size + 1))
   else
     local i = 0
     while i < n do
