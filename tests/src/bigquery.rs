@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -251,6 +251,8 @@ pub struct InsertSeen {
     pub bytes: usize,
     /// Rows in the body.
     pub rows: usize,
+    /// When the proxy had read the whole request.
+    pub at: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -507,6 +509,7 @@ fn serve(
         lock().inserts.push(InsertSeen {
             bytes: request.body.len(),
             rows,
+            at: Instant::now(),
         });
         Fault::Accept
     } else if is_insert {
@@ -517,6 +520,7 @@ fn serve(
         s.inserts.push(InsertSeen {
             bytes: request.body.len(),
             rows: rows.len(),
+            at: Instant::now(),
         });
         let fault = match s.pattern.len() {
             0 => Fault::Forward,

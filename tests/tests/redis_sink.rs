@@ -408,3 +408,57 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A key holding something else than a ZSET stops its partition (nothing
+/// applied, nothing committed past it) until an operator removes it; then
+/// every event counts exactly once. A bad history key fails the script
+/// among its (idempotent) history writes, a bad ranking key before the first
+/// increment: the retries after either must not count anything twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
+) -> anyhow::Result<()> {
+    for bad in ["history", "rank"] {
+        let mut f = Fixture::new().await?;
+        f.produce(events(6, 3_000, 0.0)).await?;
+        // The first event is offset 0 of partition 0: its first batch
+        // writes both keys below.
+        let first = f.truths.first().context("no valid event")?.clone();
+        let kind = if first.info == "search" {
+            "search"
+        } else {
+            "movie"
+        };
+        let key = match (bad, &first.user) {
+            ("history", Some(user)) => format!("{}history:{kind}:{user}", f.prefix),
+            ("history", None) => anyhow::bail!("the first event is anonymous: pick another seed"),
+            _ => format!("{}rank:{kind}:total", f.prefix),
+        };
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("not a sorted set")
+            .query_async::<()>(&mut f.redis)
+            .await?;
+        let service = f.start()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !service.log_tail().contains("WRONGTYPE") {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no WRONGTYPE error with a bad {bad} key; log:\n{}",
+                service.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            f.applied().await?[0],
+            0,
+            "partition 0 moved past a batch that failed on the bad {bad} key"
+        );
+        redis::cmd("DEL")
+            .arg(&key)
+            .query_async::<()>(&mut f.redis)
+            .await?;
+        f.wait_all_applied(&service).await?;
+        f.assert_state_matches_model().await?;
+    }
+    Ok(())
+}

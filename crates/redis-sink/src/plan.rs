@@ -38,7 +38,8 @@ pub struct OffsetFence {
 /// Keys and arguments of one script call, in the layout the script reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// KEYS: the offsets hash first, then each data key.
+    /// KEYS: the offsets hash first, then each history key, then each
+    /// ranking key (the script writes idempotent histories first).
     pub keys: Vec<String>,
     /// ARGV: field, first, next, history size, then per data key: op, ttl,
     /// pair count, pairs.
@@ -101,18 +102,6 @@ pub fn build<'a>(
         ],
         commands: 2, // HGET + HSET of the offset
     };
-    for (key, (ttl, members)) in counts {
-        plan.keys.push(key);
-        plan.args.extend([
-            "incr".to_owned(),
-            ttl.to_string(),
-            members.len().to_string(),
-        ]);
-        plan.commands += members.len() + usize::from(ttl > 0);
-        for (member, count) in members {
-            plan.args.extend([member.to_owned(), count.to_string()]);
-        }
-    }
     for (key, members) in histories {
         plan.keys.push(key);
         plan.args.extend([
@@ -123,6 +112,18 @@ pub fn build<'a>(
         plan.commands += members.len().div_ceil(crate::script::ZADD_CHUNK) + 2;
         for (member, time) in members {
             plan.args.extend([time.to_string(), member.to_owned()]);
+        }
+    }
+    for (key, (ttl, members)) in counts {
+        plan.keys.push(key);
+        plan.args.extend([
+            "incr".to_owned(),
+            ttl.to_string(),
+            members.len().to_string(),
+        ]);
+        plan.commands += members.len() + usize::from(ttl > 0);
+        for (member, count) in members {
+            plan.args.extend([member.to_owned(), count.to_string()]);
         }
     }
     plan
@@ -178,12 +179,12 @@ mod tests {
             plan.keys,
             strings(&[
                 "offsets:g:user3",
+                "history:movie:u2",
+                "history:search:u1",
                 "rank:movie:h:2024050111",
                 "rank:movie:total",
                 "rank:search:h:2024050111",
                 "rank:search:total",
-                "history:movie:u2",
-                "history:search:u1",
             ])
         );
         assert_eq!(
@@ -193,28 +194,6 @@ mod tests {
                 "10",
                 "15",
                 "50",
-                "incr",
-                "3600",
-                "1",
-                "m7",
-                "1",
-                "incr",
-                "0",
-                "1",
-                "m7",
-                "1",
-                "incr",
-                "3600",
-                "1",
-                "parasite",
-                "3",
-                "incr",
-                "0",
-                "2",
-                "old",
-                "1",
-                "parasite",
-                "3",
                 "hist",
                 "600",
                 "1",
@@ -227,6 +206,28 @@ mod tests {
                 "old",
                 "1714564799000",
                 "parasite",
+                "incr",
+                "3600",
+                "1",
+                "m7",
+                "1",
+                "incr",
+                "0",
+                "1",
+                "m7",
+                "1",
+                "incr",
+                "3600",
+                "1",
+                "parasite",
+                "3",
+                "incr",
+                "0",
+                "2",
+                "old",
+                "1",
+                "parasite",
+                "3",
             ])
         );
     }

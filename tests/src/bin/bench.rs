@@ -8,7 +8,9 @@
 //! `bench bigquery`: N events of every kind in a fresh user2-like topic;
 //! bigquery-sink (a) against an endpoint that accepts insertAll at once (the
 //! sink's own ceiling) and (b) against the emulator; time until every offset
-//! is committed, rows/s, peak RSS.
+//! is committed, rows/s, peak RSS. For (a) it also prints the steady-state
+//! rate (first insertAll to last, start-up excluded) and the CPU the bench
+//! process itself (the proxy) used meanwhile. `--skip-emulator` runs (a) only.
 //!
 //! Run through `make bench`, which builds release binaries and starts the
 //! stack.
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use e2e::bigquery::{Fault, FaultProxy};
+use e2e::bigquery::{Fault, FaultProxy, InsertSeen};
 use e2e::generator::{Generator, Mix};
 use e2e::process::Service;
 use e2e::{kafka, unique, Stack};
@@ -39,6 +41,9 @@ enum Command {
         /// Events in the topic before the sink starts.
         #[arg(long, default_value_t = 200_000)]
         events: usize,
+        /// Only the instant endpoint (the emulator run takes minutes).
+        #[arg(long)]
+        skip_emulator: bool,
     },
     /// redis-sink: events/s, Redis commands per event, peak RSS.
     Redis {
@@ -58,6 +63,8 @@ struct Figures {
     peak_rss: u64,
     cpu_seconds: f64,
     redis_commands: Option<u64>,
+    /// CPU seconds redis-server spent meanwhile (INFO cpu).
+    redis_cpu_seconds: Option<f64>,
 }
 
 #[tokio::main]
@@ -70,10 +77,15 @@ async fn main() -> anyhow::Result<()> {
             let redis = run_redis(&stack, &topic, events).await?;
             print_figures(&[null, redis]);
         }
-        Command::Bigquery { events } => {
+        Command::Bigquery {
+            events,
+            skip_emulator,
+        } => {
             let topic = fill_topic(&stack, "bench-user2", Mix::All, events, 2_000).await?;
             let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
             proxy.set_faults(vec![Fault::Accept]);
+            let started = Instant::now();
+            let cpu_before = own_cpu_seconds();
             let instant = run_bigquery(
                 &stack,
                 &topic,
@@ -82,20 +94,28 @@ async fn main() -> anyhow::Result<()> {
                 "bigquery-sink, instant endpoint",
             )
             .await?;
-            let emulator = run_bigquery(
-                &stack,
-                &topic,
-                events,
-                &stack.bigquery_endpoint,
-                "bigquery-sink, emulator",
-            )
-            .await?;
-            let accepted: usize = proxy.inserts().iter().map(|i| i.rows).sum();
+            let bench_cpu = own_cpu_seconds() - cpu_before;
+            let inserts = proxy.inserts();
+            let accepted: usize = inserts.iter().map(|i| i.rows).sum();
             anyhow::ensure!(
                 accepted >= events,
                 "the instant endpoint saw {accepted} rows of {events}"
             );
-            print_figures(&[instant, emulator]);
+            let mut figures = vec![instant];
+            if !skip_emulator {
+                figures.push(
+                    run_bigquery(
+                        &stack,
+                        &topic,
+                        events,
+                        &stack.bigquery_endpoint,
+                        "bigquery-sink, emulator",
+                    )
+                    .await?,
+                );
+            }
+            print_figures(&figures);
+            print_steady_state(started, &inserts, bench_cpu);
         }
     }
     Ok(())
@@ -137,12 +157,19 @@ async fn fill_topic(
 fn print_figures(figures: &[Figures]) {
     println!();
     println!(
-        "{:<34} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12}",
-        "consumer", "events", "seconds", "events/s", "peak RSS MB", "CPU s", "cmds/event"
+        "{:<34} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12} {:>12}",
+        "consumer",
+        "events",
+        "seconds",
+        "events/s",
+        "peak RSS MB",
+        "CPU s",
+        "cmds/event",
+        "Redis CPU s"
     );
     for f in figures {
         println!(
-            "{:<34} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12}",
+            "{:<34} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12} {:>12}",
             f.name,
             f.events,
             f.seconds,
@@ -153,8 +180,45 @@ fn print_figures(figures: &[Figures]) {
                 "{:.3}",
                 c as f64 / f.events as f64
             )),
+            f.redis_cpu_seconds
+                .map_or("-".to_owned(), |c| format!("{c:.2}")),
         );
     }
+}
+
+/// The instant endpoint's run without start-up: from the first insertAll
+/// request to the last (rows after the first request over that span).
+fn print_steady_state(started: Instant, inserts: &[InsertSeen], bench_cpu: f64) {
+    let (Some(first), Some(last)) = (inserts.first(), inserts.last()) else {
+        return;
+    };
+    let span = last.at.duration_since(first.at).as_secs_f64();
+    let rows: usize = inserts[1..].iter().map(|i| i.rows).sum();
+    println!();
+    println!(
+        "instant endpoint: first insertAll {:.2} s after start; steady state (first to last \
+         insertAll, {} requests): {rows} rows in {span:.2} s = {:.0} rows/s; bench process \
+         (proxy, polling) CPU {bench_cpu:.2} s",
+        first.at.duration_since(started).as_secs_f64(),
+        inserts.len(),
+        rows as f64 / span.max(f64::EPSILON),
+    );
+}
+
+/// User + system CPU seconds of this process so far (Linux).
+fn own_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks (100 per second here).
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
 }
 
 fn common_args(stack: &Stack, topic: &str, group: &str) -> Vec<String> {
@@ -247,6 +311,7 @@ async fn run_until_committed(
         peak_rss: peak,
         cpu_seconds: cpu,
         redis_commands: None,
+        redis_cpu_seconds: None,
     })
 }
 
@@ -256,7 +321,12 @@ async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<
     let mut conn = redis::Client::open(stack.redis_url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
+    // Redis may not answer within the client's default 500 ms while it runs
+    // a batch's script or forks for an AOF rewrite: that is not a failure of
+    // the run being measured.
+    conn.set_response_timeout(Duration::from_secs(30));
     let calls_before = total_calls(&mut conn).await?;
+    let redis_cpu_before = redis_cpu(&mut conn).await?;
     let mut args = common_args(stack, topic, &group);
     args.extend([
         "--redis-url".into(),
@@ -289,6 +359,7 @@ async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<
     // Our own commands are not the sink's: every HGETALL, and the first INFO
     // (counted once it completed).
     let calls_after = total_calls(&mut conn).await?;
+    let redis_cpu_seconds = redis_cpu(&mut conn).await? - redis_cpu_before;
     Ok(Figures {
         name: "redis-sink",
         events,
@@ -300,6 +371,7 @@ async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<
                 .saturating_sub(calls_before)
                 .saturating_sub(polls + 1),
         ),
+        redis_cpu_seconds: Some(redis_cpu_seconds),
     })
 }
 
@@ -315,6 +387,24 @@ async fn total_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Re
         .filter_map(|l| l.split("calls=").nth(1))
         .filter_map(|rest| rest.split(',').next())
         .filter_map(|n| n.parse::<u64>().ok())
+        .sum())
+}
+
+/// used_cpu_user + used_cpu_sys of redis-server (its main thread and the
+/// rest of the process), in seconds.
+async fn redis_cpu(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .context("INFO cpu")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("used_cpu_user:")
+                .or_else(|| l.strip_prefix("used_cpu_sys:"))
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum())
 }
 
