@@ -115,6 +115,16 @@ impl Sink for RecordingSink {
 }
 
 fn args(stack: &Stack, topic: &str, group: &str) -> anyhow::Result<ConsumerArgs> {
+    args_with(stack, topic, group, &[])
+}
+
+/// [`args`] and `extra` flags.
+fn args_with(
+    stack: &Stack,
+    topic: &str,
+    group: &str,
+    extra: &[&str],
+) -> anyhow::Result<ConsumerArgs> {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -142,6 +152,7 @@ fn args(stack: &Stack, topic: &str, group: &str) -> anyhow::Result<ConsumerArgs>
         "--shutdown-timeout-secs",
         "10",
     ];
+    let argv = argv.iter().chain(extra);
     Ok(try_parse_args_from::<Cli, _, _>(&defaults, argv)?.consumer)
 }
 
@@ -369,6 +380,52 @@ async fn rejected_records_land_in_the_dlq_with_headers() -> anyhow::Result<()> {
     assert!(bad.headers["failed.at"].ends_with('Z'), "{:?}", bad.headers);
     assert_eq!(by_payload["REFUSE-1"].headers["error"], "sink refused it");
     assert_eq!(by_payload["REFUSE-1"].headers["source.offset"], "3");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_the_topic_goes_with_its_payload_cut() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let topic = topic_with_dlq(&stack).await?;
+    let group = unique("group");
+    let producer = kafka::producer(&stack.kafka)?;
+    let big = format!("BAD-{}", "x".repeat(100_000));
+    kafka::produce(
+        &producer,
+        &topic,
+        ["ok-1", big.as_str(), "ok-2"]
+            .iter()
+            .map(|p| (2, p.as_bytes().to_vec())),
+    )
+    .await?;
+
+    // The dead-letter producer accepts at most 20,000 bytes, as a topic
+    // with a smaller max.message.bytes than its source would.
+    let args = args_with(
+        &stack,
+        &topic,
+        &group,
+        &["--kafka-option", "message.max.bytes=20000"],
+    )?;
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
+    wait_for(TIMEOUT, "the 2 good events", || len(&seen) >= 2).await?;
+    wait_for_committed(&stack, &group, &topic, vec![None, None, Some(3)]).await?;
+    running.stop().await?;
+
+    let letters = kafka::read_messages(&stack.kafka, &format!("{topic}.dlq"), 1, TIMEOUT)?;
+    let letter = &letters[0];
+    assert_eq!(letter.headers["payload.truncated"], big.len().to_string());
+    assert_eq!(letter.headers["source.offset"], "1");
+    assert_eq!(letter.headers["error.code"], "bad_test_payload");
+    // The test sink's reason quotes the payload: cut to 1 KB with it.
+    assert!(letter.headers["error"].starts_with("payload BAD-xxx"));
+    assert_eq!(letter.headers["error"].len(), 1_024);
+    assert_eq!(
+        letter.payload,
+        big.as_bytes()[..sink_core::dlq::TRUNCATED_PAYLOAD_BYTES].to_vec()
+    );
     Ok(())
 }
 
