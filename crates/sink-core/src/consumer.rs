@@ -55,6 +55,10 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often an idle sink is probed for readiness.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the sink is probed while it is down: the probe is what wakes
+/// writes waiting out a long backoff, so this bounds recovery after an
+/// outage.
+const DOWN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// State shared by the loop, the batch tasks and the rebalance callback.
 struct Shared {
@@ -380,19 +384,32 @@ async fn probe_sink<S: Sink>(sink: Arc<S>, shared: Arc<Shared>, health: Arc<Heal
     // Probe at start; afterwards only in rounds without a write, whose
     // outcome already sets readiness.
     let mut writes_seen = None;
+    // While the sink is down, probes run every second but warn every 10 s.
+    let mut warned_at: Option<Instant> = None;
     loop {
         let writes = shared.writes.load(Ordering::Relaxed);
         if writes_seen.is_none_or(|seen| seen == writes) {
             match sink.check().await {
-                Ok(()) => health.set_sink_ok(true),
+                Ok(()) => {
+                    health.set_sink_ok(true);
+                    warned_at = None;
+                }
                 Err(err) => {
                     health.set_sink_ok(false);
-                    tracing::warn!(error = %err, "sink is not reachable");
+                    if warned_at.is_none_or(|at| at.elapsed() >= CHECK_INTERVAL) {
+                        tracing::warn!(error = %err, "sink is not reachable");
+                        warned_at = Some(Instant::now());
+                    }
                 }
             }
         }
         writes_seen = Some(writes);
-        tokio::time::sleep(CHECK_INTERVAL).await;
+        let interval = if health.sink_ok() {
+            CHECK_INTERVAL
+        } else {
+            DOWN_CHECK_INTERVAL
+        };
+        tokio::time::sleep(interval).await;
     }
 }
 

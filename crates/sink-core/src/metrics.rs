@@ -76,6 +76,11 @@ impl Health {
         self.sink_back.notified().await;
     }
 
+    /// The last sink call or probe succeeded.
+    pub fn sink_ok(&self) -> bool {
+        self.sink_ok.load(Ordering::Relaxed)
+    }
+
     /// Ready to do work: in the group and the sink reachable.
     pub fn ready(&self) -> bool {
         self.in_group.load(Ordering::Relaxed) && self.sink_ok.load(Ordering::Relaxed)
