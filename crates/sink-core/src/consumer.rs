@@ -595,7 +595,6 @@ impl<S: Sink> Loop<S> {
         }
         for (partition, offset) in seeks {
             self.batcher.purge(partition);
-            metrics::counter!(m::ALREADY_APPLIED, "topic" => self.topic.to_string()).increment(1);
             tracing::info!(
                 partition,
                 offset,
@@ -719,6 +718,17 @@ async fn write_batch<S: Sink>(
             })
             .collect();
         retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
+    }
+    // Counted here, not where the loop seeks: a refused batch of a partition
+    // this consumer has lost meanwhile (a stale consumer) needs no seek, but
+    // is exactly what an operator wants to see counted.
+    for (partition, stored) in &outcome.already_applied {
+        metrics::counter!(m::ALREADY_APPLIED, "topic" => work.batch.topic.to_string()).increment(1);
+        tracing::info!(
+            partition,
+            stored,
+            "the sink already holds this batch's records: not applied again"
+        );
     }
     metrics::counter!(m::BATCHES, "topic" => work.batch.topic.to_string()).increment(1);
     metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());

@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use e2e::bigquery::{Fault, FaultProxy};
-use e2e::faults::{
-    Instance, Item, Pipeline, PipelineConfig, SinkKind, Tally, SESSION_TIMEOUT, SHUTDOWN_TIMEOUT,
-};
+use e2e::faults::{Instance, Item, Pipeline, PipelineConfig, SinkKind, Tally, SHUTDOWN_TIMEOUT};
 use e2e::generator::{Generator, Mix, Truth};
 use e2e::process::PrivateRedis;
 use e2e::{unique, Stack};
@@ -634,8 +632,21 @@ async fn sigterm(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
+/// One of two instances stops (SIGSTOP) until its partitions have moved to
+/// the others, and then continues (SIGCONT). For
+/// redis-sink the instance is stopped while its Redis is down, so that it
+/// holds batches it has not written yet: its late writes, which the
+/// script must refuse because the other instance applied that range.
 async fn stale_consumer(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let mut p = Pipeline::new(stack, kind, PipelineConfig::stack(stack), None).await?;
+    let mut redis = match kind {
+        SinkKind::Redis => Some(PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?),
+        SinkKind::BigQuery => None,
+    };
+    let mut config = PipelineConfig::stack(stack);
+    if let Some(redis) = &redis {
+        config.redis_url = redis.url();
+    }
+    let mut p = Pipeline::new(stack, kind, config, None).await?;
     let (items, rate) = load(kind, 8, 30);
     let load = p.start_load(items, rate);
     let mut stale = p.start()?;
@@ -653,28 +664,78 @@ async fn stale_consumer(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome
         },
     )
     .await?;
+    if let Some(redis) = &mut redis {
+        redis.stop()?;
+        e2e::wait_for_async(
+            Duration::from_secs(60),
+            "the instance to hold batches it cannot write",
+            || async { Ok(stale.counter("sink_paused").await? > 0.0) },
+        )
+        .await?;
+    }
     stale.service.signal("STOP")?;
     let stopped = Instant::now();
-    let before = other.counter("sink_events_consumed_total").await?;
-    // Past the session timeout, the group moves the silent member's partitions.
-    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(4)).await;
-    let during = other.counter("sink_events_consumed_total").await? - before;
+    if let Some(redis) = &mut redis {
+        redis.start_again().await?;
+    }
+    // The stopped instance's partitions stay where they are until they move.
+    let at_stop = p.applied().await?;
+    // tansu moves a silent member's partitions only when the group
+    // rebalances, so a third replica joins (as an autoscaler would add one).
+    let mut third = p.start()?;
+    // The stale instance's partitions have moved once every partition
+    // advances again.
+    e2e::wait_for_async(
+        Duration::from_secs(120),
+        "every partition to advance without the stopped instance",
+        || async {
+            let now = p.applied().await?;
+            Ok(now.iter().zip(&at_stop).all(|(n, s)| n > s))
+        },
+    )
+    .await?;
     stale.service.signal("CONT")?;
     let stopped_for = stopped.elapsed();
     let recovery = p.recover(Some(&load), &other).await?;
     p.finish(load).await?;
     p.wait_caught_up(&other).await?;
-    let refused = stale.counter("sink_already_applied_total").await? as u64;
-    let (stale_exit, _) = graceful_stop(&mut stale).await?;
-    let (other_exit, _) = graceful_stop(&mut other).await?;
-    Ok(Outcome::new(p.tally().await?)
+    let mut refused = (0, 0);
+    if kind == SinkKind::Redis {
+        // The stale instance's held batches are retried once it runs again.
+        let _ = e2e::wait_for_async(
+            Duration::from_secs(30),
+            "the stale instance's late writes to be refused",
+            || async { Ok(stale.counter("sink_already_applied_total").await? > 0.0) },
+        )
+        .await;
+        refused = (
+            stale.counter("sink_already_applied_total").await? as u64,
+            other.counter("sink_already_applied_total").await? as u64
+                + third.counter("sink_already_applied_total").await? as u64,
+        );
+    }
+    let mut exits = Vec::new();
+    for instance in [&mut stale, &mut other, &mut third] {
+        exits.push(graceful_stop(instance).await?.0);
+    }
+    let mut outcome = Outcome::new(p.tally().await?)
         .recovered_in(recovery)
         .note(format!(
-            "stopped {:.0} s; the other instance consumed {during} meanwhile",
+            "stopped {:.1} s, until its partitions moved",
             stopped_for.as_secs_f64()
         ))
-        .note(format!("late batches refused: {refused}"))
-        .note(format!("exits {stale_exit:?} {other_exit:?}")))
+        .note(format!("exits {exits:?}"));
+    if kind == SinkKind::Redis {
+        outcome = outcome.note(format!(
+            "late batches refused: {} from the stale instance, {} from the others",
+            refused.0, refused.1
+        ));
+        if refused == (0, 0) {
+            outcome =
+                outcome.problem("no late write was refused: the scenario did not exercise one");
+        }
+    }
+    Ok(outcome)
 }
 
 /// A Redis outage while 1,000,000 events pile up, long enough for the
