@@ -75,6 +75,32 @@ impl Emulator {
         Ok(view)
     }
 
+    /// Every (partition, offset) in a table or view of `topic`'s rows, with
+    /// repeats, sorted; a row of another topic is an error.
+    pub async fn coordinates(
+        &self,
+        relation: &str,
+        topic: &str,
+    ) -> anyhow::Result<Vec<(i32, i64)>> {
+        let rows = self
+            .query(&format!(
+                "SELECT kafka_topic, kafka_partition, kafka_offset FROM {}",
+                self.sql_name(relation)
+            ))
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.first().and_then(Value::as_str) != Some(topic) {
+                bail!("a row of another topic: {row:?}");
+            }
+            let partition = row.get(1).and_then(int).context("kafka_partition")?;
+            let offset = row.get(2).and_then(int).context("kafka_offset")?;
+            out.push((i32::try_from(partition)?, offset));
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
     /// Runs a query; each row is its cells (`v`), strings or null.
     pub async fn query(&self, sql: &str) -> anyhow::Result<Vec<Vec<Value>>> {
         let url = format!("{}/projects/{}/queries", self.v2, self.project);

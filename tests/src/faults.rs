@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
-use crate::bigquery::{int, Emulator};
+use crate::bigquery::Emulator;
 use crate::generator::{Generated, Truth};
 use crate::process::Service;
 use crate::redis_model;
@@ -491,8 +491,8 @@ impl Pipeline {
             .emulator
             .create_documented_dedup_view(&self.table)
             .await?;
-        let raw = self.coordinates(&self.table).await?;
-        let deduplicated = self.coordinates(&view).await?;
+        let raw = self.emulator.coordinates(&self.table, &self.topic).await?;
+        let deduplicated = self.emulator.coordinates(&view, &self.topic).await?;
         let distinct: BTreeSet<Coordinates> = deduplicated.iter().copied().collect();
         tally.double_counted = deduplicated.len() - distinct.len();
         tally.raw_duplicates = raw.len() - raw.iter().collect::<BTreeSet<_>>().len();
@@ -516,24 +516,6 @@ impl Pipeline {
                 .push(format!("{unknown} rows of records never produced"));
         }
         Ok(())
-    }
-
-    /// Every (partition, offset) in a table or view, with repeats.
-    async fn coordinates(&self, relation: &str) -> anyhow::Result<Vec<Coordinates>> {
-        let rows = self
-            .emulator
-            .query(&format!(
-                "SELECT kafka_partition, kafka_offset FROM {}",
-                self.emulator.sql_name(relation)
-            ))
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let partition = row.first().and_then(int).context("kafka_partition")?;
-                let offset = row.get(1).and_then(int).context("kafka_offset")?;
-                Ok((i32::try_from(partition)?, offset))
-            })
-            .collect()
     }
 
     async fn tally_dead_letters(&self, tally: &mut Tally) -> anyhow::Result<()> {

@@ -24,6 +24,28 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// CPU seconds (user + system) a process used so far, from
+/// `/proc/<pid>/stat`; `pid` may be `self`.
+pub fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start past ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after ')',
+    // in clock ticks (100 per second here).
+    Ok((ticks(11) + ticks(12)) / 100.0)
+}
+
 /// A running service process; killed when dropped.
 pub struct Service {
     child: Child,
@@ -73,24 +95,9 @@ impl Service {
         Ok(kb * 1024)
     }
 
-    /// CPU seconds used so far (user + system), from /proc/PID/stat.
+    /// CPU seconds used so far (user + system).
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the command name (which may hold spaces) start past ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 (1-based), 11 and 12 after ')'.
-        Ok((ticks(11) + ticks(12)) / 100.0)
+        cpu_seconds(&self.child.id().to_string())
     }
 
     /// SIGKILL, and reap.

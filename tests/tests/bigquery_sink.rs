@@ -149,24 +149,7 @@ impl Fixture {
 
     /// Every (partition, offset) in `relation`, with repeats.
     async fn coordinates(&self, relation: &str) -> anyhow::Result<Vec<Coordinates>> {
-        let rows = self
-            .emulator
-            .query(&format!(
-                "SELECT kafka_topic, kafka_partition, kafka_offset FROM {}",
-                self.emulator.sql_name(relation)
-            ))
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            if row.first().and_then(Value::as_str) != Some(self.topic.as_str()) {
-                bail!("a row of another topic: {row:?}");
-            }
-            let partition = row.get(1).and_then(int).context("kafka_partition")?;
-            let offset = row.get(2).and_then(int).context("kafka_offset")?;
-            out.push((i32::try_from(partition)?, offset));
-        }
-        out.sort_unstable();
-        Ok(out)
+        self.emulator.coordinates(relation, &self.topic).await
     }
 
     /// `relation` holds exactly one row per expected record, and no other.

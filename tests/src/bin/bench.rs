@@ -205,20 +205,9 @@ fn print_steady_state(started: Instant, inserts: &[InsertSeen], bench_cpu: f64) 
     );
 }
 
-/// User + system CPU seconds of this process so far (Linux).
+/// User + system CPU seconds of this process so far (0 if unreadable).
 fn own_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line, in clock ticks (100 per second here).
-    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / 100.0
+    e2e::process::cpu_seconds("self").unwrap_or(0.0)
 }
 
 fn common_args(stack: &Stack, topic: &str, group: &str) -> Vec<String> {
