@@ -321,6 +321,9 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     };
     let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
         let output = std::process::Command::new(e2e::process::binary("redis-sink")?)
+            // The read-back commands need Redis only: they once asked for
+            // the consumer's --bootstrap-servers.
+            .env_remove("KAFKA_BOOTSTRAP_SERVERS")
             .args(args)
             .args([
                 "--redis-url",

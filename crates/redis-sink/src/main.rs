@@ -33,6 +33,16 @@ const DEFAULTS: ServiceDefaults = ServiceDefaults {
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `None` under `top` / `history`: their required Kafka flags must not
+    /// be asked for there.
+    #[command(flatten)]
+    run: Option<RunArgs>,
+}
+
+/// The consumer's arguments alone (see `main`).
+#[derive(Debug, Parser)]
+#[command(name = "redis-sink", version, about)]
+struct RunOnly {
     #[command(flatten)]
     run: RunArgs,
 }
@@ -116,7 +126,15 @@ struct HistoryArgs {
 
 fn main() -> ExitCode {
     let cli: Cli = sink_core::parse_args(&DEFAULTS);
-    let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let command = match (cli.command, cli.run) {
+        (Some(command), _) => command,
+        (None, Some(run)) => Command::Run(run),
+        // clap leaves an optional flattened group out when none of its
+        // flags is on the command line, even if the environment sets them
+        // all (as in a container): parse the same arguments as `run` alone,
+        // which also names whatever is missing.
+        (None, None) => Command::Run(sink_core::parse_args::<RunOnly>(&DEFAULTS).run),
+    };
     let log_format = match &command {
         Command::Run(run) => run.consumer.log_format,
         _ => sink_core::telemetry::LogFormat::Pretty,
