@@ -1,5 +1,14 @@
-//! The pure half of a write: one partition's actions in a batch → the keys
-//! and arguments of one atomic script call ([`crate::script`]).
+//! The pure half of a write: one partition's actions in a batch → the
+//! Redis work that applies them.
+//!
+//! Two parts, sent in this order (see [`crate::script`] for why the split is
+//! safe):
+//! - [`History`] writes: `ZADD GT`, trim, `EXPIRE`, as plain commands. They
+//!   are idempotent, so a replay or a stale consumer re-applying them
+//!   changes nothing, and they need no fence.
+//! - one script call that checks the partition's stored offset, counts the
+//!   rankings and stores the next offset, atomically: counting twice is the
+//!   one thing that must never happen.
 //!
 //! Pre-aggregated: N events with K distinct (key, member) pairs cost K
 //! increments, and each (user, item) is written once with its latest time.
@@ -7,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::action::Action;
+use crate::action::{Action, Kind};
 use crate::keys::{hour_bucket, Keys};
 
 /// Retention settings.
@@ -35,56 +44,67 @@ pub struct OffsetFence {
     pub next: i64,
 }
 
-/// Keys and arguments of one script call, in the layout the script reads.
+/// One user history's new items: `ZADD key GT time member ...`, then trim to
+/// the newest [`Retention::history_size`] and `EXPIRE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// KEYS: the offsets hash first, then each history key, then each
-    /// ranking key (the script writes idempotent histories first).
-    pub keys: Vec<String>,
-    /// ARGV: field, first, next, history size, then per data key: op, ttl,
-    /// pair count, pairs.
-    pub args: Vec<String>,
-    /// Redis commands the script will run (for the benchmark's figure).
-    pub commands: usize,
+pub struct History<'a> {
+    /// `history:{kind}:{user}`.
+    pub key: String,
+    /// (time, member), each member once with its latest time; at most
+    /// `history_size` of them, the newest (older ones would be trimmed
+    /// right away).
+    pub items: Vec<(i64, &'a str)>,
 }
 
-/// Builds the script call for one partition of a batch.
+/// Everything one partition's batch writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan<'a> {
+    /// Idempotent history writes, sent before the script.
+    pub histories: Vec<History<'a>>,
+    /// The script's KEYS: the offsets hash, then each ranking key.
+    pub keys: Vec<String>,
+    /// The script's ARGV: field, first, next, then per ranking key: ttl
+    /// (0 = none), pair count, pairs (`member count`).
+    pub args: Vec<String>,
+}
+
+/// Builds the writes for one partition of a batch.
 pub fn build<'a>(
     keys: &Keys,
     retention: Retention,
     fence: OffsetFence,
     actions: impl IntoIterator<Item = &'a Action>,
     now_ms: i64,
-) -> Plan {
+) -> Plan<'a> {
     let bucket_cutoff_ms = now_ms.saturating_sub(
         i64::try_from(retention.bucket_ttl_secs)
             .unwrap_or(i64::MAX)
             .saturating_mul(1000),
     );
-    // key → (ttl, member → count)
-    let mut counts: BTreeMap<String, (u64, BTreeMap<&str, u64>)> = BTreeMap::new();
-    // key → member → latest time
-    let mut histories: BTreeMap<String, BTreeMap<&str, i64>> = BTreeMap::new();
+    // Keyed by parts, not by key names: a name is formatted once per
+    // distinct key, not once per event.
+    // (kind, hour since the epoch or None for the total) → member → count
+    let mut counts: BTreeMap<(Kind, Option<i64>), BTreeMap<&str, u64>> = BTreeMap::new();
+    // (kind, user) → member → latest time
+    let mut histories: BTreeMap<(Kind, &str), BTreeMap<&str, i64>> = BTreeMap::new();
     for action in actions {
         let member = action.member.as_str();
         *counts
-            .entry(keys.total(action.kind))
-            .or_insert((0, BTreeMap::new()))
-            .1
+            .entry((action.kind, None))
+            .or_default()
             .entry(member)
             .or_default() += 1;
         if action.time_ms >= bucket_cutoff_ms {
-            let key = keys.hour(action.kind, &hour_bucket(action.time_ms));
+            let hour = action.time_ms.div_euclid(MS_PER_HOUR);
             *counts
-                .entry(key)
-                .or_insert((retention.bucket_ttl_secs, BTreeMap::new()))
-                .1
+                .entry((action.kind, Some(hour)))
+                .or_default()
                 .entry(member)
                 .or_default() += 1;
         }
         if let Some(user) = &action.user {
             let latest = histories
-                .entry(keys.history(action.kind, user))
+                .entry((action.kind, user.as_str()))
                 .or_default()
                 .entry(member)
                 .or_insert(action.time_ms);
@@ -92,36 +112,36 @@ pub fn build<'a>(
         }
     }
 
+    let histories = histories
+        .into_iter()
+        .map(|((kind, user), members)| {
+            let mut items: Vec<(i64, &str)> = members.into_iter().map(|(m, t)| (t, m)).collect();
+            // Newest first in Redis's order (score, then member), so that
+            // keeping a prefix keeps exactly what the trim would keep.
+            items.sort_unstable_by(|a, b| b.cmp(a));
+            items.truncate(retention.history_size);
+            History {
+                key: keys.history(kind, user),
+                items,
+            }
+        })
+        .collect();
     let mut plan = Plan {
+        histories,
         keys: vec![fence.key],
-        args: vec![
-            fence.field,
-            fence.first.to_string(),
-            fence.next.to_string(),
-            retention.history_size.to_string(),
-        ],
-        commands: 2, // HGET + HSET of the offset
+        args: vec![fence.field, fence.first.to_string(), fence.next.to_string()],
     };
-    for (key, members) in histories {
+    for ((kind, hour), members) in counts {
+        let (key, ttl) = match hour {
+            None => (keys.total(kind), 0),
+            Some(hour) => (
+                keys.hour(kind, &hour_bucket(hour * MS_PER_HOUR)),
+                retention.bucket_ttl_secs,
+            ),
+        };
         plan.keys.push(key);
-        plan.args.extend([
-            "hist".to_owned(),
-            retention.history_ttl_secs.to_string(),
-            members.len().to_string(),
-        ]);
-        plan.commands += members.len().div_ceil(crate::script::ZADD_CHUNK) + 2;
-        for (member, time) in members {
-            plan.args.extend([time.to_string(), member.to_owned()]);
-        }
-    }
-    for (key, (ttl, members)) in counts {
-        plan.keys.push(key);
-        plan.args.extend([
-            "incr".to_owned(),
-            ttl.to_string(),
-            members.len().to_string(),
-        ]);
-        plan.commands += members.len() + usize::from(ttl > 0);
+        plan.args
+            .extend([ttl.to_string(), members.len().to_string()]);
         for (member, count) in members {
             plan.args.extend([member.to_owned(), count.to_string()]);
         }
@@ -129,10 +149,11 @@ pub fn build<'a>(
     plan
 }
 
+const MS_PER_HOUR: i64 = 3_600_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::action::Kind;
 
     const RETENTION: Retention = Retention {
         bucket_ttl_secs: 3600,
@@ -176,58 +197,77 @@ mod tests {
         ];
         let plan = build(&Keys::default(), RETENTION, fence(), &actions, NOW);
         assert_eq!(
+            plan.histories,
+            vec![
+                History {
+                    key: "history:search:u1".into(),
+                    items: vec![(NOW - 1000, "parasite"), (NOW - 3_600_001, "old")],
+                },
+                History {
+                    key: "history:movie:u2".into(),
+                    items: vec![(NOW - 10, "m7")],
+                },
+            ]
+        );
+        assert_eq!(
             plan.keys,
             strings(&[
                 "offsets:g:user3",
-                "history:movie:u2",
-                "history:search:u1",
-                "rank:movie:h:2024050111",
-                "rank:movie:total",
-                "rank:search:h:2024050111",
                 "rank:search:total",
+                "rank:search:h:2024050111",
+                "rank:movie:total",
+                "rank:movie:h:2024050111",
             ])
         );
         assert_eq!(
             plan.args,
             strings(&[
-                "1",
-                "10",
-                "15",
-                "50",
-                "hist",
-                "600",
-                "1",
-                "1714564799990",
-                "m7",
-                "hist",
-                "600",
-                "2",
-                "1714561199999",
-                "old",
-                "1714564799000",
-                "parasite",
-                "incr",
-                "3600",
-                "1",
-                "m7",
-                "1",
-                "incr",
-                "0",
-                "1",
-                "m7",
-                "1",
-                "incr",
-                "3600",
-                "1",
-                "parasite",
-                "3",
-                "incr",
-                "0",
-                "2",
-                "old",
-                "1",
-                "parasite",
-                "3",
+                "1", "10", "15", // fence
+                "0", "2", "old", "1", "parasite", "3", // search total
+                "3600", "1", "parasite", "3", // search, hour 11
+                "0", "1", "m7", "1", // movie total
+                "3600", "1", "m7", "1", // movie, hour 11
+            ])
+        );
+    }
+
+    #[test]
+    fn a_history_carries_only_what_the_trim_would_keep() {
+        let retention = Retention {
+            history_size: 3,
+            ..RETENTION
+        };
+        // Five items; two share the newest time: Redis ranks ties by
+        // member, so "b" outranks "a".
+        let actions = [
+            action(Kind::Movie, "m1", Some("u"), NOW - 50),
+            action(Kind::Movie, "a", Some("u"), NOW),
+            action(Kind::Movie, "m2", Some("u"), NOW - 40),
+            action(Kind::Movie, "b", Some("u"), NOW),
+            action(Kind::Movie, "m3", Some("u"), NOW - 30),
+            action(Kind::Movie, "m1", Some("u"), NOW - 20),
+        ];
+        let plan = build(&Keys::default(), retention, fence(), &actions, NOW);
+        assert_eq!(
+            plan.histories,
+            vec![History {
+                key: "history:movie:u".into(),
+                items: vec![(NOW, "b"), (NOW, "a"), (NOW - 20, "m1")],
+            }]
+        );
+    }
+
+    #[test]
+    fn anonymous_events_rank_but_write_no_history() {
+        let actions = [action(Kind::Search, "joker", None, NOW)];
+        let plan = build(&Keys::new("p:"), RETENTION, fence(), &actions, NOW);
+        assert!(plan.histories.is_empty());
+        assert_eq!(
+            plan.keys,
+            strings(&[
+                "offsets:g:user3",
+                "p:rank:search:total",
+                "p:rank:search:h:2024050112"
             ])
         );
     }
@@ -235,7 +275,8 @@ mod tests {
     #[test]
     fn an_empty_partition_only_moves_the_offset() {
         let plan = build(&Keys::default(), RETENTION, fence(), &[], NOW);
+        assert!(plan.histories.is_empty());
         assert_eq!(plan.keys, strings(&["offsets:g:user3"]));
-        assert_eq!(plan.args, strings(&["1", "10", "15", "50"]));
+        assert_eq!(plan.args, strings(&["1", "10", "15"]));
     }
 }

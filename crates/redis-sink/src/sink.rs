@@ -6,11 +6,11 @@ use anyhow::{bail, Context};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script};
 use sink_core::config::redact_url;
-use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
+use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
 use crate::action::{decode, Action, DecodeRules};
 use crate::keys::Keys;
-use crate::plan::{build, OffsetFence, Retention};
+use crate::plan::{build, History, OffsetFence, Retention};
 use crate::script::APPLY_BATCH;
 
 /// Opens a connection that reconnects by itself, waiting (with backoff) for
@@ -119,6 +119,51 @@ impl RedisSink {
             script: Script::new(APPLY_BATCH),
         }
     }
+
+    /// Applies one partition's part of a batch. `Some((partition, stored))`
+    /// when Redis says the partition stands elsewhere (nothing counted).
+    async fn write_partition(
+        &self,
+        batch: &Batch<Action>,
+        range: &PartitionRange,
+        offsets_key: &str,
+        now_ms: i64,
+    ) -> Result<Option<(i32, i64)>, SinkError> {
+        let actions = batch
+            .entries
+            .iter()
+            .filter(|e| e.record.partition == range.partition)
+            .map(|e| &e.item);
+        let fence = OffsetFence {
+            key: offsets_key.to_owned(),
+            field: range.partition.to_string(),
+            first: range.first,
+            next: range.next,
+        };
+        let plan = build(
+            &self.settings.keys,
+            self.settings.retention,
+            fence,
+            actions,
+            now_ms,
+        );
+        let mut conn = self.conn.clone();
+        // Histories first, and the script only once they are all in: see
+        // crate::script for why this order makes both exactly-once.
+        write_histories(&mut conn, &plan.histories, self.settings.retention).await?;
+        let mut invocation = self.script.prepare_invoke();
+        for key in &plan.keys {
+            invocation.key(key);
+        }
+        for arg in &plan.args {
+            invocation.arg(arg);
+        }
+        let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
+        // `stored == next`: an earlier attempt of this very write got
+        // through before its reply was lost; it is applied, once.
+        // Any other stored offset: resume there (ahead or behind).
+        Ok((stored >= 0 && stored != range.next).then_some((range.partition, stored)))
+    }
 }
 
 impl Sink for RedisSink {
@@ -134,40 +179,19 @@ impl Sink for RedisSink {
             .settings
             .keys
             .offsets(&self.settings.group, &batch.topic);
+        // Partitions are independent (own offset, fenced separately), so
+        // they go concurrently over the one connection: Redis runs one
+        // partition's commands while the next partition's are being built.
+        let writes = batch
+            .ranges
+            .iter()
+            .map(|range| self.write_partition(batch, range, &offsets_key, now_ms));
         let mut outcome = WriteOutcome::default();
-        let mut conn = self.conn.clone();
-        for range in &batch.ranges {
-            let actions = batch
-                .entries
-                .iter()
-                .filter(|e| e.record.partition == range.partition)
-                .map(|e| &e.item);
-            let fence = OffsetFence {
-                key: offsets_key.clone(),
-                field: range.partition.to_string(),
-                first: range.first,
-                next: range.next,
-            };
-            let plan = build(
-                &self.settings.keys,
-                self.settings.retention,
-                fence,
-                actions,
-                now_ms,
-            );
-            let mut invocation = self.script.prepare_invoke();
-            for key in &plan.keys {
-                invocation.key(key);
-            }
-            for arg in &plan.args {
-                invocation.arg(arg);
-            }
-            let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
-            // `stored == next`: an earlier attempt of this very write got
-            // through before its reply was lost; it is applied, once.
-            // Any other stored offset: resume there (ahead or behind).
-            if stored >= 0 && stored != range.next {
-                outcome.already_applied.push((range.partition, stored));
+        // Every partition finishes before an error is returned: a retry of
+        // the batch finds those that got through already applied.
+        for result in futures::future::join_all(writes).await {
+            if let Some(stored) = result? {
+                outcome.already_applied.push(stored);
             }
         }
         Ok(outcome)
@@ -198,6 +222,55 @@ impl Sink for RedisSink {
             .map(drop)
             .map_err(classify)
     }
+}
+
+/// Commands per history in [`write_histories`]: `ZADD`, the trim, `EXPIRE`.
+const COMMANDS_PER_HISTORY: usize = 3;
+
+/// Writes the histories in one pipeline. Succeeds only if every command did:
+/// a key of another type fails the write (naming the key), and the retry
+/// writes them all again, which changes nothing for those already written.
+async fn write_histories(
+    conn: &mut ConnectionManager,
+    histories: &[History<'_>],
+    retention: Retention,
+) -> Result<(), SinkError> {
+    if histories.is_empty() {
+        return Ok(());
+    }
+    // Ranks 0 ..= -(size + 1): all but the newest `history_size`.
+    let size = i64::try_from(retention.history_size).unwrap_or(i64::MAX - 1);
+    let last_dropped = -(size + 1);
+    let mut pipe = redis::pipe();
+    for history in histories {
+        let zadd = pipe.cmd("ZADD").arg(&history.key).arg("GT");
+        for (time, member) in &history.items {
+            zadd.arg(time).arg(member);
+        }
+        pipe.cmd("ZREMRANGEBYRANK")
+            .arg(&history.key)
+            .arg(0)
+            .arg(last_dropped);
+        pipe.cmd("EXPIRE")
+            .arg(&history.key)
+            .arg(retention.history_ttl_secs);
+    }
+    pipe.query_async::<()>(conn).await.map_err(|err| {
+        let wrong_type = err.clone().into_server_errors().and_then(|errors| {
+            let (index, _) = errors.iter().find(|(_, e)| e.code() == "WRONGTYPE")?;
+            histories.get(index / COMMANDS_PER_HISTORY)
+        });
+        match wrong_type {
+            Some(history) => SinkError::unavailable(
+                "redis_wrong_type",
+                anyhow::anyhow!(
+                    "WRONGTYPE key {} holds another type than a sorted set: remove or rename it",
+                    history.key
+                ),
+            ),
+            None => classify(err),
+        }
+    })
 }
 
 /// Sorts Redis errors: anything about reaching the server is transient;
