@@ -194,23 +194,50 @@ pub fn committed(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<Vec<Option<i64>>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("offset reader")?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
+    OffsetReader::new(bootstrap, group, topic, partitions)?.committed()
+}
+
+/// Reads a group's committed offsets again and again over one client: for
+/// polling loops, which must not load the broker (or the poller's runtime)
+/// with a new client, connection and coordinator lookup per poll.
+pub struct OffsetReader {
+    consumer: BaseConsumer,
+    topic: String,
+    partitions: i32,
+}
+
+impl OffsetReader {
+    /// A reader for `group`'s offsets of `topic`; it never joins the group.
+    pub fn new(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .context("offset reader")?;
+        Ok(Self {
+            consumer,
+            topic: topic.to_owned(),
+            partitions,
+        })
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-    Ok((0..partitions)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            },
-        )
-        .collect())
+
+    /// The committed offset per partition (`None`: nothing committed).
+    pub fn committed(&self) -> anyhow::Result<Vec<Option<i64>>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, Duration::from_secs(10))?;
+        Ok((0..self.partitions)
+            .map(
+                |p| match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                },
+            )
+            .collect())
+    }
 }
