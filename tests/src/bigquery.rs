@@ -273,7 +273,7 @@ pub enum Fault {
 /// One insertAll request the proxy received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InsertSeen {
-    /// Body bytes.
+    /// Body bytes, as JSON (decompressed): what the request limits govern.
     pub bytes: usize,
     /// Rows in the body.
     pub rows: usize,
@@ -465,6 +465,29 @@ fn read_request(stream: &mut TcpStream) -> anyhow::Result<Option<HttpRequest>> {
         body.extend_from_slice(&chunk[..n]);
     }
     body.truncate(length);
+    // The sink gzips its insertAll bodies: hold (and forward) them as JSON,
+    // which is what the faults and the size checks are about.
+    let gzipped = |l: &String| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("content-encoding")
+                && v.trim().eq_ignore_ascii_case("gzip")
+        })
+    };
+    let (head, body) = if head.iter().any(gzipped) {
+        let mut json = Vec::with_capacity(body.len());
+        flate2::read::GzDecoder::new(body.as_slice())
+            .read_to_end(&mut json)
+            .context("a gzip body that does not decompress")?;
+        let is_content_type = |l: &String| l.to_ascii_lowercase().starts_with("content-type:");
+        let mut head: Vec<String> = head
+            .into_iter()
+            .filter(|l| !gzipped(l) && !is_content_type(l))
+            .collect();
+        head.push("content-type: application/json".into());
+        (head, json)
+    } else {
+        (head, body)
+    };
     Ok(Some(HttpRequest { head, body }))
 }
 

@@ -60,6 +60,13 @@ pub struct BigQueryArgs {
           value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_in_flight: u64,
 
+    /// gzip level of insertAll request bodies: 0 sends them stored
+    /// (uncompressed, the least CPU), 1-9 trade CPU for bytes on the wire.
+    /// The request limits apply to the JSON before compression.
+    #[arg(long, env = "BIGQUERY_GZIP_LEVEL", value_name = "0-9", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub gzip_level: u32,
+
     /// Give up on one insertAll call after this long (then it is retried).
     #[arg(long, env = "BIGQUERY_REQUEST_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=600))]
@@ -83,6 +90,8 @@ pub struct Settings {
     pub max_in_flight: usize,
     /// Timeout of one HTTP call.
     pub request_timeout: Duration,
+    /// gzip level of request bodies.
+    pub gzip_level: u32,
 }
 
 impl Settings {
@@ -125,6 +134,7 @@ impl Settings {
             },
             max_in_flight: usize::try_from(args.max_in_flight).context("--max-in-flight")?,
             request_timeout: Duration::from_secs(args.request_timeout_secs),
+            gzip_level: args.gzip_level,
         })
     }
 }

@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             target: settings.target,
             limits: settings.limits,
             max_in_flight: settings.max_in_flight,
+            gzip_level: settings.gzip_level,
         },
     );
     sink_core::run(&cli.consumer, sink, shutdown).await

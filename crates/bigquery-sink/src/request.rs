@@ -2,20 +2,17 @@
 //! requests under the row and byte limits, and sorting a response's per-row
 //! errors into "refused for good" and "try again".
 //!
-//! Sizes are exact, not estimated: a row's size is the length of its JSON
-//! serialization inside the request body, and a body is the empty request's
-//! envelope plus its rows and the commas between them. serde_json writes the
-//! same bytes for the same value, so what is measured here is what is sent
-//! (a test checks it against the serialized request).
+//! Sizes are exact, not estimated: a row is serialized once, and a body is
+//! the envelope plus its rows and the commas between them, so what is
+//! measured is what is sent (a test checks it against the body). The limits
+//! apply to the JSON before compression: what BigQuery parses.
 
 use std::collections::BTreeSet;
-use std::io;
+use std::io::Write as _;
 use std::ops::Range;
-use std::sync::OnceLock;
 
-use gcp_bigquery_client::error::BQError;
-use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequest;
-use gcp_bigquery_client::model::table_data_insert_all_request_rows::TableDataInsertAllRequestRows;
+use flate2::write::GzEncoder;
+use flate2::Compression;
 use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
 
 /// BigQuery refuses an insertAll request of 10 MB or more.
@@ -37,53 +34,68 @@ pub struct RequestLimits {
     pub max_bytes: usize,
 }
 
-/// An insertAll request for `rows`: invalid rows are skipped (and reported
-/// per row) instead of failing the whole request.
-///
-/// # Errors
-///
-/// Never in practice: the client's `add_rows` cannot fail.
-pub fn new_request(
-    rows: Vec<TableDataInsertAllRequestRows>,
-) -> Result<TableDataInsertAllRequest, BQError> {
-    let mut request = TableDataInsertAllRequest::new();
-    request.skip_invalid_rows();
-    request.add_rows(rows)?;
-    Ok(request)
-}
+/// A request body up to its first row. Invalid rows are skipped (and
+/// reported per row) instead of failing the whole request.
+const BODY_HEAD: &[u8] = br#"{"ignoreUnknownValues":false,"skipInvalidRows":true,"rows":["#;
 
-/// Bytes of a request without rows: `{"ignoreUnknownValues":false,"rows":[],...}`.
+/// A request body after its last row.
+const BODY_TAIL: &[u8] = b"]}";
+
+/// Bytes of a request without rows.
 pub fn envelope_size() -> usize {
-    static SIZE: OnceLock<usize> = OnceLock::new();
-    *SIZE.get_or_init(|| {
-        new_request(Vec::new())
-            .ok()
-            .and_then(|request| serde_json::to_vec(&request).ok())
-            .map_or(MAX_REQUEST_BYTES, |body| body.len())
-    })
+    BODY_HEAD.len() + BODY_TAIL.len()
 }
 
-/// Bytes one row adds to a request body (without the comma before it).
-pub fn row_size(row: &TableDataInsertAllRequestRows) -> usize {
-    let mut counter = ByteCounter(0);
-    match serde_json::to_writer(&mut counter, row) {
-        Ok(()) => counter.0,
-        // Cannot happen for a JSON value; counted as too large to send.
-        Err(_) => usize::MAX,
-    }
+/// Rows serialized back to back (see [`crate::row::write`]), so each is
+/// serialized once: its size is known before requests are cut, and a
+/// request body is the rows' bytes copied between the envelope's.
+#[derive(Debug, Default)]
+pub struct EncodedRows {
+    bytes: Vec<u8>,
+    /// Where each row ends in `bytes`.
+    ends: Vec<usize>,
 }
 
-/// Counts what serde_json writes, without keeping it.
-struct ByteCounter(usize);
-
-impl io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
+impl EncodedRows {
+    /// Appends one row written by `write`.
+    pub fn push(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.bytes);
+        self.ends.push(self.bytes.len());
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    /// Bytes of each row, in order.
+    pub fn sizes(&self) -> Vec<usize> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let size = end - start;
+                start = end;
+                size
+            })
+            .collect()
+    }
+
+    fn row(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+
+    /// The JSON body of an insertAll request holding `rows`, gzip-compressed
+    /// at `level` (0 = stored, 9 = smallest). Its uncompressed size is
+    /// [`body_size`] of those rows' sizes.
+    pub fn gzip_body(&self, rows: Range<usize>, level: u32) -> Vec<u8> {
+        let mut gz = GzEncoder::new(Vec::new(), Compression::new(level));
+        // Writing into a Vec cannot fail.
+        let _ = gz.write_all(BODY_HEAD);
+        for i in rows.clone() {
+            if i > rows.start {
+                let _ = gz.write_all(b",");
+            }
+            let _ = gz.write_all(self.row(i));
+        }
+        let _ = gz.write_all(BODY_TAIL);
+        gz.finish().unwrap_or_default()
     }
 }
 
@@ -227,24 +239,42 @@ mod tests {
 
     use super::*;
 
-    fn row(i: usize, payload_len: usize) -> TableDataInsertAllRequestRows {
-        TableDataInsertAllRequestRows {
-            insert_id: Some(format!("t:0:{i}")),
-            json: json!({"payload": "\"x".repeat(payload_len), "kafka_offset": i, "info": "검색"}),
+    fn rows(n: usize) -> EncodedRows {
+        let mut rows = EncodedRows::default();
+        for i in 0..n {
+            rows.push(|out| {
+                serde_json::to_writer(
+                    out,
+                    &json!({"insertId": format!("t:0:{i}"), "json": {"payload": "\"x".repeat(i * 3), "kafka_offset": i, "info": "검색"}}),
+                )
+                .unwrap();
+            });
         }
+        rows
+    }
+
+    fn gunzip(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(body), &mut out).unwrap();
+        out
     }
 
     #[test]
-    fn measured_sizes_are_the_serialized_body() {
+    fn measured_sizes_are_the_body() {
         for n in [0, 1, 2, 7, 100] {
-            let rows: Vec<_> = (0..n).map(|i| row(i, i * 3)).collect();
-            let sizes: Vec<usize> = rows.iter().map(row_size).collect();
-            let body = serde_json::to_vec(&new_request(rows).unwrap()).unwrap();
-            assert_eq!(body_size(&sizes), body.len(), "{n} rows");
+            let rows = rows(n);
+            for level in [0, 1, 9] {
+                let body = gunzip(&rows.gzip_body(0..n, level));
+                assert_eq!(body_size(&rows.sizes()), body.len(), "{n} rows");
+            }
         }
-        let body = serde_json::to_string(&new_request(vec![row(0, 1)]).unwrap()).unwrap();
-        assert!(body.contains(r#""skipInvalidRows":true"#), "{body}");
-        assert!(body.contains(r#""insertId":"t:0:0""#), "{body}");
+        let rows = rows(3);
+        let body: serde_json::Value =
+            serde_json::from_slice(&gunzip(&rows.gzip_body(1..3, 1))).unwrap();
+        assert_eq!(body["skipInvalidRows"], true);
+        assert_eq!(body["rows"][0]["insertId"], "t:0:1");
+        assert_eq!(body["rows"][1]["json"]["kafka_offset"], 2);
+        assert_eq!(body["rows"].as_array().unwrap().len(), 2);
     }
 
     fn check(sizes: &[usize], limits: RequestLimits) -> Split {

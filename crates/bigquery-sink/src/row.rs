@@ -12,11 +12,10 @@ use std::fmt;
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
-use gcp_bigquery_client::model::table_data_insert_all_request_rows::TableDataInsertAllRequestRows;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+
 use sink_core::{Event, EventError, Record, Rejection};
 
 /// The fields [`Event::parse`] knows, in the order of [`Columns`].
@@ -167,47 +166,66 @@ pub fn timestamp(time: DateTime<Utc>) -> String {
     out
 }
 
-/// Builds the insertAll row of one decoded record. `ingested_at` is the
-/// write's time, formatted by [`timestamp`] once per write. NULL columns are
-/// left out of the row (BigQuery stores NULL), which keeps requests small.
-pub fn build(
-    record: &Record,
-    columns: &Columns,
-    ingested_at: &str,
-) -> TableDataInsertAllRequestRows {
-    let mut json = Map::new();
-    json.insert(
-        "event_time".into(),
-        Value::String(timestamp(columns.event_time)),
-    );
-    for (name, value) in [
-        ("info", &columns.info),
-        ("user_id", &columns.user_id),
-        ("keyword", &columns.keyword),
-        ("movie_id", &columns.movie_id),
-        ("host", &columns.host),
-    ] {
-        if let Some(value) = value {
-            json.insert(name.into(), Value::String(value.clone()));
-        }
-    }
+/// Appends the insertAll row of one decoded record to `out`, as the JSON
+/// of one element of the request's `rows`: `{"insertId":…,"json":{…}}`.
+/// `ingested_at` is the write's time, formatted by [`timestamp`] once per
+/// write. NULL columns are left out of the row (BigQuery stores NULL),
+/// which keeps requests small.
+///
+/// Serialized straight from borrowed fields: building a `serde_json::Value`
+/// per row first (what the client's `insert_all` takes) cost more CPU than
+/// everything else the sink does (docs/benchmarks.md).
+pub fn write(out: &mut Vec<u8>, record: &Record, columns: &Columns, ingested_at: &str) {
     // A JSON column is written as a string holding the JSON text. Decoding
-    // checked the bytes are UTF-8, so this copies them unchanged.
-    json.insert(
-        "payload".into(),
-        Value::String(String::from_utf8_lossy(&record.payload).into_owned()),
-    );
-    json.insert(
-        "kafka_topic".into(),
-        Value::String(record.topic.to_string()),
-    );
-    json.insert("kafka_partition".into(), Value::from(record.partition));
-    json.insert("kafka_offset".into(), Value::from(record.offset));
-    json.insert("ingested_at".into(), Value::String(ingested_at.to_owned()));
-    TableDataInsertAllRequestRows {
-        insert_id: Some(insert_id(record)),
-        json: Value::Object(json),
-    }
+    // checked the bytes are UTF-8, so this borrows them unchanged.
+    let payload = String::from_utf8_lossy(&record.payload);
+    let row = Row {
+        insert_id: insert_id(record),
+        json: RowJson {
+            event_time: timestamp(columns.event_time),
+            info: columns.info.as_deref(),
+            user_id: columns.user_id.as_deref(),
+            keyword: columns.keyword.as_deref(),
+            movie_id: columns.movie_id.as_deref(),
+            host: columns.host.as_deref(),
+            payload: &payload,
+            kafka_topic: &record.topic,
+            kafka_partition: record.partition,
+            kafka_offset: record.offset,
+            ingested_at,
+        },
+    };
+    // Serializing these types into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &row);
+}
+
+/// One element of an insertAll request's `rows`.
+#[derive(Serialize)]
+struct Row<'a> {
+    #[serde(rename = "insertId")]
+    insert_id: String,
+    json: RowJson<'a>,
+}
+
+/// The table's columns of one row (docs/bigquery.md).
+#[derive(Serialize)]
+struct RowJson<'a> {
+    event_time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keyword: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    movie_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    payload: &'a str,
+    kafka_topic: &'a str,
+    kafka_partition: i32,
+    kafka_offset: i64,
+    ingested_at: &'a str,
 }
 
 #[cfg(test)]
@@ -216,7 +234,7 @@ mod tests {
     use std::sync::Arc;
 
     use chrono::TimeZone;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::*;
 
@@ -233,24 +251,31 @@ mod tests {
         }
     }
 
+    /// The row `write` appends, parsed back.
+    fn written(record: &Record, columns: &Columns, ingested_at: &str) -> Value {
+        let mut out = Vec::new();
+        write(&mut out, record, columns, ingested_at);
+        serde_json::from_slice(&out).unwrap()
+    }
+
     fn row_of(payload: &str) -> Value {
         let record = record(payload);
         let columns = decode(&record).unwrap();
-        build(&record, &columns, "2024-05-01T00:00:00.000000Z").json
+        written(&record, &columns, "2024-05-01T00:00:00.000000Z")["json"].take()
     }
 
     #[test]
     fn a_full_event_fills_every_column() {
         let payload = r#"{"@timestamp":"2024-05-01T21:34:56.789+09:00","info":"search","user_id":"u-1","keyword":"범죄도시","host":"web-03","message":"GET /search"}"#;
         let record = record(payload);
-        let row = build(
+        let row = written(
             &record,
             &decode(&record).unwrap(),
             "2024-05-02T00:00:00.000000Z",
         );
-        assert_eq!(row.insert_id.as_deref(), Some("user2:2:41"));
+        assert_eq!(row["insertId"], "user2:2:41");
         assert_eq!(
-            row.json,
+            row["json"],
             json!({
                 "event_time": "2024-05-01T12:34:56.789000Z",
                 "info": "search",

@@ -10,17 +10,18 @@
 //! stored it; the de-duplicated view in docs/bigquery.md absorbs that.)
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::anyhow;
 use gcp_bigquery_client::error::BQError;
-use gcp_bigquery_client::model::table_data_insert_all_request_rows::TableDataInsertAllRequestRows;
+use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequestGzipped;
 use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
 use gcp_bigquery_client::Client;
 use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
 
 use crate::error::{classify, Failure};
-use crate::request::{self, RequestLimits};
+use crate::request::{self, EncodedRows, RequestLimits};
 use crate::row::{self, Columns};
 use crate::table::Target;
 
@@ -39,6 +40,8 @@ pub struct SinkSettings {
     pub limits: RequestLimits,
     /// Batches written at once.
     pub max_in_flight: usize,
+    /// gzip level of request bodies (0 = stored, uncompressed).
+    pub gzip_level: u32,
 }
 
 /// Identifies a batch across the loop's retries of it: its topic and, per
@@ -92,11 +95,9 @@ impl Progress {
     }
 }
 
-/// Rows of one request and the entries they come from.
-struct Chunk {
-    entries: Vec<usize>,
-    rows: Vec<TableDataInsertAllRequestRows>,
-}
+/// One request of a pass: positions (into the pass's pending entries and
+/// their encoded rows) of consecutive rows.
+type Chunk = Range<usize>;
 
 /// Writes user2 batches into one BigQuery table.
 pub struct BigQuerySink {
@@ -122,18 +123,15 @@ impl BigQuerySink {
         self.progress.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn insert_all(
-        &self,
-        rows: Vec<TableDataInsertAllRequestRows>,
-    ) -> Result<TableDataInsertAllResponse, BQError> {
+    async fn insert_all(&self, body: Vec<u8>) -> Result<TableDataInsertAllResponse, BQError> {
         let target = &self.settings.target;
         self.client
             .tabledata()
-            .insert_all(
+            .insert_all_gzipped(
                 &target.project,
                 &target.dataset,
                 &target.table,
-                request::new_request(rows)?,
+                TableDataInsertAllRequestGzipped::new(body),
             )
             .await
     }
@@ -146,18 +144,13 @@ impl BigQuerySink {
         progress: &mut Progress,
     ) -> Result<(), SinkError> {
         let ingested_at = row::timestamp(chrono::Utc::now());
-        let build = |entries: &[usize]| -> Vec<TableDataInsertAllRequestRows> {
-            entries
-                .iter()
-                .map(|i| {
-                    let entry = &batch.entries[*i];
-                    row::build(&entry.record, &entry.item, &ingested_at)
-                })
-                .collect()
-        };
         let pending = progress.pending();
-        let rows = build(&pending);
-        let sizes: Vec<usize> = rows.iter().map(request::row_size).collect();
+        let mut rows = EncodedRows::default();
+        for &i in &pending {
+            let entry = &batch.entries[i];
+            rows.push(|out| row::write(out, &entry.record, &entry.item, &ingested_at));
+        }
+        let sizes = rows.sizes();
         let split = request::split(&sizes, self.settings.limits);
         for &j in &split.oversized {
             progress.reject(
@@ -172,19 +165,7 @@ impl BigQuerySink {
                 ),
             );
         }
-        let mut rows: Vec<Option<TableDataInsertAllRequestRows>> =
-            rows.into_iter().map(Some).collect();
-        let mut queue: VecDeque<Chunk> = split
-            .requests
-            .iter()
-            .map(|range| Chunk {
-                entries: pending[range.clone()].to_vec(),
-                rows: rows[range.clone()]
-                    .iter_mut()
-                    .filter_map(Option::take)
-                    .collect(),
-            })
-            .collect();
+        let mut queue: VecDeque<Chunk> = split.requests.into_iter().collect();
 
         // A transient failure does not stop the pass while requests still get
         // through: a batch that makes progress on every attempt finishes
@@ -193,10 +174,11 @@ impl BigQuerySink {
         // pass stops: the loop's backoff takes over.
         let (mut transient, mut failures, mut successes) = (None, 0_usize, 0_usize);
         while let Some(chunk) = queue.pop_front() {
-            let Chunk { entries, rows } = chunk;
+            let entries = &pending[chunk.clone()];
             let count = entries.len();
             tracing::debug!(rows = count, "insertAll");
-            match self.insert_all(rows).await {
+            let body = rows.gzip_body(chunk.clone(), self.settings.gzip_level);
+            match self.insert_all(body).await {
                 Ok(response) => {
                     successes += 1;
                     let sorted = request::sort_errors(&response, count);
@@ -214,15 +196,9 @@ impl BigQuerySink {
                 Err(err) => match classify(&err, &self.settings.target) {
                     Failure::TooLarge(why) if count > 1 => {
                         tracing::warn!(rows = count, error = %why, "BigQuery found the request too large; sending it in halves");
-                        let (first, second) = entries.split_at(count / 2);
-                        queue.push_front(Chunk {
-                            rows: build(second),
-                            entries: second.to_vec(),
-                        });
-                        queue.push_front(Chunk {
-                            rows: build(first),
-                            entries: first.to_vec(),
-                        });
+                        let middle = chunk.start + count / 2;
+                        queue.push_front(middle..chunk.end);
+                        queue.push_front(chunk.start..middle);
                     }
                     Failure::TooLarge(why) => progress.reject(
                         entries[0],
