@@ -241,7 +241,7 @@ async fn write_histories(
     // Ranks 0 ..= -(size + 1): all but the newest `history_size`.
     let size = i64::try_from(retention.history_size).unwrap_or(i64::MAX - 1);
     let last_dropped = -(size + 1);
-    let mut pipe = redis::pipe();
+    let mut pipe = redis::Pipeline::with_capacity(histories.len() * COMMANDS_PER_HISTORY);
     for history in histories {
         let zadd = pipe.cmd("ZADD").arg(&history.key).arg("GT");
         for (time, member) in &history.items {

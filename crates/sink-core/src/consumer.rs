@@ -331,6 +331,8 @@ pub async fn run<S: Sink>(
     let mut consume = Loop {
         consumed: metrics::counter!(m::EVENTS_CONSUMED, "topic" => topic.to_string()),
         gaps: metrics::counter!(m::OFFSET_GAPS, "topic" => topic.to_string()),
+        buffered: metrics::gauge!(m::BUFFERED_EVENTS),
+        holding: metrics::gauge!(m::PAUSED),
         batcher: Batcher::new(Arc::clone(&topic), args.batch_limits()),
         max_in_flight: sink.max_in_flight().max(1),
         consumer,
@@ -430,6 +432,9 @@ struct Loop<S: Sink> {
     /// Counted per record: a handle, not a lookup by name each time.
     consumed: metrics::Counter,
     gaps: metrics::Counter,
+    /// Set on every turn of the loop, so handles too.
+    buffered: metrics::Gauge,
+    holding: metrics::Gauge,
 }
 
 impl<S: Sink> Loop<S> {
@@ -508,7 +513,7 @@ impl<S: Sink> Loop<S> {
                 work,
             ));
         }
-        metrics::gauge!(m::BUFFERED_EVENTS).set(self.batcher.buffered() as f64);
+        self.buffered.set(self.batcher.buffered() as f64);
     }
 
     /// Flow control while the sink is behind ("behind": more sealed batches
@@ -540,7 +545,8 @@ impl<S: Sink> Loop<S> {
         if pause != self.paused && (pause || waiting == 0) {
             self.set_paused(pause);
         }
-        metrics::gauge!(m::PAUSED).set(if self.held_since.is_some() { 1.0 } else { 0.0 });
+        self.holding
+            .set(if self.held_since.is_some() { 1.0 } else { 0.0 });
     }
 
     /// Whether to take messages now: not while holding, unless paused (then
