@@ -1,8 +1,10 @@
 //! What one user3 event does: a search or a movie view, decoded and
 //! normalized, or the reason it can never be applied (→ dead-letter topic).
 
+use std::borrow::Cow;
+
 use sink_core::{Event, Record, Rejection};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
 
 /// The two rankings (and histories) this service keeps.
 #[derive(
@@ -104,7 +106,11 @@ fn reject(err: sink_core::EventError) -> Rejection {
 /// Unicode NFKC (full-width `ｉｐｈｏｎｅ` → `iphone`), trimmed, runs of
 /// whitespace collapsed to one space, lowercased.
 pub fn normalize_keyword(raw: &str, max_chars: usize) -> Result<String, Rejection> {
-    let nfkc: String = raw.nfkc().collect();
+    // Most keywords are NFKC already: the quick check spares them a copy.
+    let nfkc: Cow<'_, str> = match is_nfkc_quick(raw.chars()) {
+        IsNormalized::Yes => Cow::Borrowed(raw),
+        IsNormalized::No | IsNormalized::Maybe => Cow::Owned(raw.nfkc().collect()),
+    };
     let mut out = String::with_capacity(nfkc.len());
     for word in nfkc.split_whitespace() {
         if !out.is_empty() {

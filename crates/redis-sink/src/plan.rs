@@ -85,8 +85,9 @@ pub fn build<'a>(
     // distinct key, not once per event.
     // (kind, hour since the epoch or None for the total) → member → count
     let mut counts: BTreeMap<(Kind, Option<i64>), BTreeMap<&str, u64>> = BTreeMap::new();
-    // (kind, user) → member → latest time
-    let mut histories: BTreeMap<(Kind, &str), BTreeMap<&str, i64>> = BTreeMap::new();
+    // (kind, user, member, time) of every event with a user; one sort
+    // groups them, cheaper than a map per history.
+    let mut seen: Vec<(Kind, &str, &str, i64)> = Vec::new();
     for action in actions {
         let member = action.member.as_str();
         *counts
@@ -103,19 +104,19 @@ pub fn build<'a>(
                 .or_default() += 1;
         }
         if let Some(user) = &action.user {
-            let latest = histories
-                .entry((action.kind, user.as_str()))
-                .or_default()
-                .entry(member)
-                .or_insert(action.time_ms);
-            *latest = (*latest).max(action.time_ms);
+            seen.push((action.kind, user, member, action.time_ms));
         }
     }
 
-    let histories = histories
-        .into_iter()
-        .map(|((kind, user), members)| {
-            let mut items: Vec<(i64, &str)> = members.into_iter().map(|(m, t)| (t, m)).collect();
+    // By history and member, newest first: the first of each (history,
+    // member) run holds the member's latest time.
+    seen.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)).then(b.3.cmp(&a.3)));
+    seen.dedup_by(|later, first| (later.0, later.1, later.2) == (first.0, first.1, first.2));
+    let histories = seen
+        .chunk_by(|a, b| (a.0, a.1) == (b.0, b.1))
+        .map(|items| {
+            let (kind, user) = (items[0].0, items[0].1);
+            let mut items: Vec<(i64, &str)> = items.iter().map(|&(_, _, m, t)| (t, m)).collect();
             // Newest first in Redis's order (score, then member), so that
             // keeping a prefix keeps exactly what the trim would keep.
             items.sort_unstable_by(|a, b| b.cmp(a));
