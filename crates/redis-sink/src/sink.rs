@@ -277,7 +277,14 @@ async fn write_histories(
 /// errors an operator must fix (memory, a read-only replica, a key of the
 /// wrong type, auth) make the sink unavailable until fixed.
 fn classify(err: RedisError) -> SinkError {
-    let kind = match (err.kind(), err.code()) {
+    // A failed pipeline carries its commands' errors; redis-rs reports a
+    // code for it only when the first is one it knows (OOM is not).
+    let code = err.code().map(str::to_owned).or_else(|| {
+        err.clone()
+            .into_server_errors()
+            .and_then(|errors| errors.first().map(|(_, e)| e.code().to_owned()))
+    });
+    let kind = match (err.kind(), code.as_deref()) {
         (ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH" | "WRONGPASS" | "NOPERM")) => {
             "redis_auth"
         }
