@@ -531,9 +531,10 @@ async fn wait_for_committed(
     topic: &str,
     expected: Vec<Option<i64>>,
 ) -> anyhow::Result<()> {
+    let offsets = kafka::OffsetReader::new(&stack.kafka, group, topic, PARTITIONS)?;
     let mut last = Vec::new();
     let result = e2e::wait_for_async(TIMEOUT, "committed offsets", || {
-        let current = kafka::committed(&stack.kafka, group, topic, PARTITIONS);
+        let current = offsets.committed();
         let matches = current.as_ref().map(|c| *c == expected).unwrap_or(false);
         if let Ok(c) = current {
             last = c;
