@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use e2e::bigquery::{int, Emulator, Fault, FaultProxy};
 use e2e::generator::{Generator, Mix};
-use e2e::process::Service;
+use e2e::process::{restart_alone, Service};
 use e2e::{kafka, unique, wait_for, Stack};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -512,7 +512,7 @@ async fn sigkill_mid_stream_and_restart_lose_nothing() -> anyhow::Result<()> {
         written < 20_000,
         "killed after everything was written ({written} rows): not mid-stream"
     );
-    let service = f.start(&endpoint, &[])?;
+    let service = restart_alone(|| f.start(&endpoint, &[])).await?;
     let view = f.create_dedup_view().await?;
     f.wait_rows(&view, 20_000, &service).await?;
     f.assert_exactly(&view, &f.all()).await?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use e2e::generator::{Generated, Generator, Mix, Truth};
-use e2e::process::{PrivateRedis, Service};
+use e2e::process::{restart_alone, PrivateRedis, Service};
 use e2e::redis_model::{diff, dump, expected};
 use e2e::{kafka, unique, Stack};
 use rand::{Rng, SeedableRng};
@@ -109,40 +109,6 @@ impl Fixture {
         )
     }
 
-    /// Starts the only instance of the group, just after the last one was
-    /// killed. tansu 0.6 sometimes answers that join by leaving every
-    /// partition with the killed member, which it never expires (seen about
-    /// once in ten runs, the kill a second or two after an assignment):
-    /// the new instance gets none, and nothing moves until the 300 s
-    /// rebalance timeout. Apache Kafka drops the dead member after the
-    /// session timeout. Joining again makes tansu rebalance.
-    async fn restart_alone(&mut self) -> anyhow::Result<Service> {
-        for _ in 0..3 {
-            let service = self.start()?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            let assignment = loop {
-                let log = service.log_tail();
-                if let Some(line) = log
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("partitions assigned"))
-                {
-                    break line.trim_end().to_owned();
-                }
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "no assignment after 60 s; log:\n{log}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
-            if !assignment.ends_with("[]") {
-                return Ok(service);
-            }
-            service.kill()?;
-        }
-        anyhow::bail!("tansu gave the only instance no partitions three times in a row")
-    }
-
     /// Next offsets stored in Redis per partition.
     async fn applied(&mut self) -> anyhow::Result<[i64; PARTITIONS as usize]> {
         let key = format!("{}offsets:{}:{}", self.prefix, self.group, self.topic);
@@ -231,7 +197,7 @@ async fn sigkill_three_times_neither_loses_nor_double_counts() -> anyhow::Result
         let target = 100_000 * (round * 25 + rng.random_range(5..20)) / 100;
         f.wait_applied_at_least(target, &service).await?;
         service.kill()?;
-        service = f.restart_alone().await?;
+        service = restart_alone(|| f.start()).await?;
     }
     f.wait_all_applied(&service).await?;
     f.assert_state_matches_model().await
