@@ -259,9 +259,15 @@ async fn write_histories(
             zadd.arg(time).arg(member);
         }
         let mut trim = redis::Cmd::with_capacity(4, 16 + key.len() + MAX_INT_DIGITS);
-        trim.arg("ZREMRANGEBYRANK").arg(key).arg(0).arg(last_dropped);
+        trim.arg("ZREMRANGEBYRANK")
+            .arg(key)
+            .arg(0)
+            .arg(last_dropped);
         let mut expire = redis::Cmd::with_capacity(3, 6 + key.len() + MAX_INT_DIGITS);
-        expire.arg("EXPIRE").arg(key).arg(retention.history_ttl_secs);
+        expire
+            .arg("EXPIRE")
+            .arg(key)
+            .arg(retention.history_ttl_secs);
         pipe.add_command(zadd).add_command(trim).add_command(expire);
     }
     pipe.query_async::<()>(conn).await.map_err(|err| {
