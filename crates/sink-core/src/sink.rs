@@ -204,7 +204,10 @@ pub trait Sink: Send + Sync + 'static {
     }
 
     /// How many batches may be written at once. Offsets still advance in
-    /// order per partition. A sink that stores offsets itself must say 1.
+    /// order per partition. A sink that stores offsets itself and says more
+    /// than 1 must refuse a partition's write that does not start where the
+    /// partition stands (as redis-sink's offset check does): two batches
+    /// holding one partition may reach it in either order.
     fn max_in_flight(&self) -> usize {
         1
     }
