@@ -105,7 +105,8 @@ pub struct RedisSettings {
 
 /// Batches written at once. Two, so that Redis runs one batch's commands
 /// while the next one's are being built and encoded: with one, Redis sat
-/// idle for about a third of the time (perf). More buys nothing.
+/// idle for about a third of the time (perf). Three were no faster and took
+/// peak RSS to 63 MB (docs/benchmarks.md).
 const MAX_IN_FLIGHT: usize = 2;
 
 /// Writes user3 batches into Redis, exactly once per event.
