@@ -197,11 +197,22 @@ pub struct PrivateRedis {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    append_only: bool,
 }
 
 impl PrivateRedis {
     /// Starts redis-server on a free loopback port with its data in `dir`.
     pub async fn start(dir: PathBuf) -> anyhow::Result<Self> {
+        Self::start_with(dir, true).await
+    }
+
+    /// The same without the append-only file: nothing survives a restart
+    /// (for benchmarks that compare with and without it).
+    pub async fn start_without_aof(dir: PathBuf) -> anyhow::Result<Self> {
+        Self::start_with(dir, false).await
+    }
+
+    async fn start_with(dir: PathBuf, append_only: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -210,6 +221,7 @@ impl PrivateRedis {
             child: None,
             port,
             dir,
+            append_only,
         };
         redis.spawn().await?;
         Ok(redis)
@@ -228,7 +240,7 @@ impl PrivateRedis {
                 "--bind",
                 "127.0.0.1",
                 "--appendonly",
-                "yes",
+                if self.append_only { "yes" } else { "no" },
                 "--save",
                 "",
             ])

@@ -3,7 +3,10 @@
 //! `bench redis`: N generated events already in a fresh user3-like topic;
 //! measures, for the do-nothing sink (the consumer's own ceiling) and for
 //! redis-sink, the time from process start until every offset is applied,
-//! events/s, peak RSS, and (redis) Redis commands per event.
+//! events/s, peak RSS, and (redis) Redis commands per event. redis-sink runs
+//! twice, each time against a fresh redis-server of its own: with the
+//! append-only file (`appendfsync everysec`, what docs/redis-keys.md asks
+//! for in production) and without it, which shows what persistence costs.
 //!
 //! `bench bigquery`: N events of every kind in a fresh user2-like topic;
 //! bigquery-sink (a) against an endpoint that accepts insertAll at once (the
@@ -22,7 +25,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use e2e::bigquery::{Fault, FaultProxy, InsertSeen};
 use e2e::generator::{Generator, Mix};
-use e2e::process::Service;
+use e2e::process::{PrivateRedis, Service};
 use e2e::{kafka, unique, Stack};
 
 const PARTITIONS: i32 = 3;
@@ -74,8 +77,34 @@ async fn main() -> anyhow::Result<()> {
         Command::Redis { events, users } => {
             let topic = fill_topic(&stack, "bench-user3", Mix::User3, events, users).await?;
             let null = run_null(&stack, &topic, events).await?;
-            let redis = run_redis(&stack, &topic, events).await?;
-            print_figures(&[null, redis]);
+            // A fresh redis-server per run, so both start from an empty
+            // dataset and append-only file: AOF rewrites depend on what the
+            // file already holds.
+            let dir = stack.dir.join(unique("bench-redis-aof"));
+            let redis = PrivateRedis::start(dir.clone()).await?;
+            let with_aof = run_redis(
+                &stack,
+                &redis.url(),
+                &topic,
+                events,
+                "redis-sink, Redis AOF",
+            )
+            .await?;
+            drop(redis);
+            std::fs::remove_dir_all(&dir)?;
+            let dir = stack.dir.join(unique("bench-redis-no-aof"));
+            let redis = PrivateRedis::start_without_aof(dir.clone()).await?;
+            let without_aof = run_redis(
+                &stack,
+                &redis.url(),
+                &topic,
+                events,
+                "redis-sink, Redis without AOF",
+            )
+            .await?;
+            drop(redis);
+            std::fs::remove_dir_all(&dir)?;
+            print_figures(&[null, with_aof, without_aof]);
         }
         Command::Bigquery {
             events,
@@ -306,10 +335,16 @@ async fn run_until_committed(
     })
 }
 
-async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<Figures> {
+async fn run_redis(
+    stack: &Stack,
+    redis_url: &str,
+    topic: &str,
+    events: usize,
+    name: &'static str,
+) -> anyhow::Result<Figures> {
     let group = unique("bench-redis");
     let prefix = format!("{group}:");
-    let mut conn = redis::Client::open(stack.redis_url.as_str())?
+    let mut conn = redis::Client::open(redis_url)?
         .get_multiplexed_async_connection()
         .await?;
     // Redis may not answer within the client's default 500 ms while it runs
@@ -321,7 +356,7 @@ async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<
     let mut args = common_args(stack, topic, &group);
     args.extend([
         "--redis-url".into(),
-        stack.redis_url.clone(),
+        redis_url.to_owned(),
         "--key-prefix".into(),
         prefix.clone(),
     ]);
@@ -352,7 +387,7 @@ async fn run_redis(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<
     let calls_after = total_calls(&mut conn).await?;
     let redis_cpu_seconds = redis_cpu(&mut conn).await? - redis_cpu_before;
     Ok(Figures {
-        name: "redis-sink",
+        name,
         events,
         seconds,
         peak_rss: peak,
