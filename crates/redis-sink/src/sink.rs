@@ -156,11 +156,10 @@ impl RedisSink {
             now_ms,
         );
         let mut conn = self.conn.clone();
-        let turn = self.scripts.enter(range);
         // Histories first, and the script only once they are all in: see
         // crate::script for why this order makes both exactly-once.
         write_histories(&mut conn, &plan.histories, self.settings.retention).await?;
-        turn.wait().await;
+        self.scripts.turn(range).await;
         let mut invocation = self.script.prepare_invoke();
         for key in &plan.keys {
             invocation.key(key);
@@ -169,6 +168,7 @@ impl RedisSink {
             invocation.arg(arg);
         }
         let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
+        self.scripts.answer(range);
         // `stored == next`: an earlier attempt of this very write got
         // through before its reply was lost; it is applied, once.
         // Any other stored offset: resume there (ahead or behind).
@@ -228,6 +228,10 @@ impl Sink for RedisSink {
         MAX_IN_FLIGHT
     }
 
+    fn dispatched(&self, batch: &Batch<Action>) {
+        self.scripts.owe(&batch.ranges);
+    }
+
     async fn check(&self) -> Result<(), SinkError> {
         let mut conn = self.conn.clone();
         redis::cmd("PING")
@@ -238,70 +242,60 @@ impl Sink for RedisSink {
     }
 }
 
-/// Keeps a partition's scripts in offset order while two batches are in
-/// flight: the later batch's script waits until the earlier one's has been
-/// answered. Only a matter of speed: a script out of order is refused by
-/// its offset check (the partition is then re-read from where Redis
-/// stands), never applied twice or skipped.
+/// Keeps each partition's scripts in dispatch order while two batches are in
+/// flight: a batch's script for a partition waits until the script of the
+/// batch before it (the one whose range ends where this one starts) has been
+/// answered, however many attempts that takes. Without it, after a failed
+/// write the later batch could be counted first, and the offset check would
+/// then refuse the earlier one as a replay: its records would never count.
 #[derive(Default)]
 struct ScriptOrder {
-    /// Ranges being written, per partition: (first, next).
-    writing: std::sync::Mutex<Vec<(i32, i64, i64)>>,
-    /// Signalled whenever a write ends.
-    ended: tokio::sync::Notify,
+    /// Scripts dispatched and not yet answered: (partition, first, next).
+    owed: std::sync::Mutex<Vec<(i32, i64, i64)>>,
+    /// Signalled whenever a script is answered.
+    answered: tokio::sync::Notify,
 }
 
 impl ScriptOrder {
-    /// Registers a partition's write; it ends when the returned turn drops.
-    fn enter(&self, range: &PartitionRange) -> Turn<'_> {
+    /// A batch was dispatched: each of its partitions owes a script.
+    fn owe(&self, ranges: &[PartitionRange]) {
+        self.lock()
+            .extend(ranges.iter().map(|r| (r.partition, r.first, r.next)));
+    }
+
+    /// Waits until the script before `range` in its partition is answered.
+    async fn turn(&self, range: &PartitionRange) {
+        loop {
+            let answered = self.answered.notified();
+            tokio::pin!(answered);
+            // Registered before checking, so an answer in between still wakes.
+            answered.as_mut().enable();
+            let before = self
+                .lock()
+                .iter()
+                .any(|&(p, _, next)| p == range.partition && next == range.first);
+            if !before {
+                return;
+            }
+            answered.await;
+        }
+    }
+
+    /// The script of `range` was answered (applied or refused).
+    fn answer(&self, range: &PartitionRange) {
         let entry = (range.partition, range.first, range.next);
-        self.lock().push(entry);
-        Turn { order: self, entry }
+        let mut owed = self.lock();
+        if let Some(i) = owed.iter().position(|e| *e == entry) {
+            owed.swap_remove(i);
+        }
+        drop(owed);
+        self.answered.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(i32, i64, i64)>> {
-        self.writing
+        self.owed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// A partition's write in progress (see [`ScriptOrder`]).
-struct Turn<'a> {
-    order: &'a ScriptOrder,
-    entry: (i32, i64, i64),
-}
-
-impl Turn<'_> {
-    /// Waits while the write that ends where this one starts is in flight.
-    async fn wait(&self) {
-        let (partition, first, _) = self.entry;
-        loop {
-            let ended = self.order.ended.notified();
-            tokio::pin!(ended);
-            // Registered before checking, so an end in between still wakes.
-            ended.as_mut().enable();
-            let behind = self
-                .order
-                .lock()
-                .iter()
-                .any(|&(p, _, next)| p == partition && next == first);
-            if !behind {
-                return;
-            }
-            ended.await;
-        }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let mut writing = self.order.lock();
-        if let Some(i) = writing.iter().position(|e| *e == self.entry) {
-            writing.swap_remove(i);
-        }
-        drop(writing);
-        self.order.ended.notify_waiters();
     }
 }
 
@@ -408,31 +402,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_script_waits_for_the_one_before_it_in_its_partition() {
+    async fn a_script_waits_until_the_one_before_it_is_answered() {
         let order = ScriptOrder::default();
-        let earlier = order.enter(&range(0, 0, 10));
-        let later = order.enter(&range(0, 10, 20));
-        let elsewhere = order.enter(&range(1, 10, 20));
-        let not_adjacent = order.enter(&range(0, 30, 40));
+        let (earlier, later) = (range(0, 0, 10), range(0, 10, 20));
+        order.owe(&[earlier, range(1, 0, 10)]);
+        order.owe(&[later, range(1, 10, 20)]);
         assert!(
-            elsewhere.wait().now_or_never().is_some(),
-            "another partition"
+            order.turn(&earlier).now_or_never().is_some(),
+            "nothing owed before the first"
         );
         assert!(
-            not_adjacent.wait().now_or_never().is_some(),
-            "no write in flight ends where it starts (a seek moved the partition)"
+            order.turn(&range(0, 30, 40)).now_or_never().is_some(),
+            "no owed script ends where it starts (a seek moved the partition)"
         );
 
-        let waiting = later.wait();
+        let waiting = order.turn(&later);
         tokio::pin!(waiting);
         assert!(
             waiting.as_mut().now_or_never().is_none(),
-            "0..10 is in flight"
+            "0..10 is owed: a failed attempt of it, to be retried, still is"
         );
-        drop(earlier);
+        order.answer(&range(1, 0, 10));
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "another partition's answer changes nothing"
+        );
+        order.answer(&earlier);
         assert!(
             waiting.now_or_never().is_some(),
-            "woken when the earlier write ends"
+            "woken when the earlier script is answered"
         );
     }
 }

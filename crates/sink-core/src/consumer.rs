@@ -477,8 +477,9 @@ impl<S: Sink> Loop<S> {
 
     /// Takes the messages librdkafka already holds, without another turn of
     /// the loop: a turn (timers, task set, gauges) cost more than decoding a
-    /// record. Stops at [`BURST`] records, when none is ready, or when a
-    /// batch seals, so writes still start and timers still fire promptly.
+    /// record. Stops at [`BURST`] records, when none is ready, at an error,
+    /// or when a batch seals, so writes still start and timers still fire
+    /// promptly.
     /// What each turn would do between messages is still done where it
     /// matters: a rebalance inside a poll purges before the next record is
     /// added; a seek a finished batch asked for waits at most one burst,
@@ -500,7 +501,12 @@ impl<S: Sink> Loop<S> {
             }
             match message {
                 Ok(record) => self.accept(record, now),
-                Err(err) => tracing::warn!(%err, "Kafka consumer error"),
+                Err(err) => {
+                    // Errors come in bursts too (a broker down): one warning
+                    // per turn of the loop, as before bursts.
+                    tracing::warn!(%err, "Kafka consumer error");
+                    return;
+                }
             }
         }
     }
@@ -539,6 +545,7 @@ impl<S: Sink> Loop<S> {
                 break;
             };
             let batch_id = self.shared.tracker().begin(&work.batch.ranges);
+            self.sink.dispatched(&work.batch);
             self.tasks.spawn(write_batch(
                 Arc::clone(&self.sink),
                 Arc::clone(&self.dlq),

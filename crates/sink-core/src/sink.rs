@@ -205,10 +205,18 @@ pub trait Sink: Send + Sync + 'static {
 
     /// How many batches may be written at once. Offsets still advance in
     /// order per partition. A sink that stores offsets itself and says more
-    /// than 1 must refuse a partition's write that does not start where the
-    /// partition stands (as redis-sink's offset check does): two batches
-    /// holding one partition may reach it in either order.
+    /// than 1 must apply a partition's batches in the order
+    /// [`Sink::dispatched`] reports them: their writes run concurrently and
+    /// retry independently.
     fn max_in_flight(&self) -> usize {
         1
+    }
+
+    /// Called by the loop for every batch, in offset order, as it hands the
+    /// batch to a writer task and before any [`Sink::write`] of it starts.
+    /// Synchronous and quick: a sink writing several batches at once notes
+    /// the order they must apply in. The default does nothing.
+    fn dispatched(&self, batch: &Batch<Self::Item>) {
+        let _ = batch;
     }
 }
