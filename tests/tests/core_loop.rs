@@ -9,7 +9,8 @@ use anyhow::Context;
 use e2e::{kafka, unique, wait_for, Stack};
 use sink_core::config::try_parse_args_from;
 use sink_core::{
-    Batch, ConsumerArgs, Record, Rejection, ServiceDefaults, Sink, SinkError, WriteOutcome,
+    Batch, ConsumerArgs, PartitionRange, Record, Rejection, ServiceDefaults, Sink, SinkError,
+    WriteOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -27,6 +28,8 @@ type Seen = Arc<Mutex<Vec<(i32, i64, String)>>>;
 #[derive(Default)]
 struct RecordingSink {
     seen: Seen,
+    /// Each batch's ranges, as `Sink::dispatched` reported them.
+    dispatched: Arc<Mutex<Vec<Vec<PartitionRange>>>>,
     fail_first: AtomicUsize,
     writes: Arc<AtomicUsize>,
     stored: BTreeMap<i32, i64>,
@@ -47,6 +50,12 @@ impl Sink for RecordingSink {
             ));
         }
         Ok(text)
+    }
+
+    fn dispatched(&self, batch: &Batch<String>) {
+        if let Ok(mut dispatched) = self.dispatched.lock() {
+            dispatched.push(batch.ranges.clone());
+        }
     }
 
     async fn write(&self, batch: &Batch<String>) -> Result<WriteOutcome, SinkError> {
@@ -213,9 +222,33 @@ async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<
 
     let sink = RecordingSink::default();
     let seen = Arc::clone(&sink.seen);
+    let dispatched = Arc::clone(&sink.dispatched);
     let running = Running::start(args(&stack, &topic, &group)?, sink);
     wait_for(TIMEOUT, "all 10,000 events", || len(&seen) >= n as usize).await?;
     running.stop().await?;
+
+    // Sink::dispatched saw every batch in offset order: per partition, the
+    // ranges chain from 0 to the end without a hole or an overlap (what a
+    // sink writing several batches at once orders its writes by).
+    let dispatched = dispatched
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    for p in 0..PARTITIONS {
+        let ranges: Vec<(i64, i64)> = dispatched
+            .iter()
+            .flatten()
+            .filter(|r| r.partition == p)
+            .map(|r| (r.first, r.next))
+            .collect();
+        let mut at = 0;
+        for &(first, next) in &ranges {
+            assert_eq!(first, at, "partition {p}: dispatched ranges {ranges:?}");
+            at = next;
+        }
+        let produced = (0..n).filter(|i| i % PARTITIONS == p).count() as i64;
+        assert_eq!(at, produced, "partition {p}: dispatched ranges {ranges:?}");
+    }
 
     let seen = seen
         .lock()
