@@ -80,31 +80,22 @@ async fn main() -> anyhow::Result<()> {
             // A fresh redis-server per run, so both start from an empty
             // dataset and append-only file: AOF rewrites depend on what the
             // file already holds.
-            let dir = stack.dir.join(unique("bench-redis-aof"));
-            let redis = PrivateRedis::start(dir.clone()).await?;
-            let with_aof = run_redis(
-                &stack,
-                &redis.url(),
-                &topic,
-                events,
-                "redis-sink, Redis AOF",
-            )
-            .await?;
-            drop(redis);
-            std::fs::remove_dir_all(&dir)?;
-            let dir = stack.dir.join(unique("bench-redis-no-aof"));
-            let redis = PrivateRedis::start_without_aof(dir.clone()).await?;
-            let without_aof = run_redis(
-                &stack,
-                &redis.url(),
-                &topic,
-                events,
-                "redis-sink, Redis without AOF",
-            )
-            .await?;
-            drop(redis);
-            std::fs::remove_dir_all(&dir)?;
-            print_figures(&[null, with_aof, without_aof]);
+            let mut figures = vec![null];
+            for (append_only, name) in [
+                (true, "redis-sink, Redis AOF"),
+                (false, "redis-sink, Redis without AOF"),
+            ] {
+                let dir = stack.dir.join(unique("bench-redis"));
+                let redis = if append_only {
+                    PrivateRedis::start(dir.clone()).await?
+                } else {
+                    PrivateRedis::start_without_aof(dir.clone()).await?
+                };
+                figures.push(run_redis(&stack, &redis.url(), &topic, events, name).await?);
+                drop(redis);
+                std::fs::remove_dir_all(&dir)?;
+            }
+            print_figures(&figures);
         }
         Command::Bigquery {
             events,
