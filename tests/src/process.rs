@@ -166,17 +166,14 @@ pub async fn restart_alone(
 ) -> anyhow::Result<Service> {
     for _ in 0..3 {
         let service = start()?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let assignment = loop {
-            if let Some(line) = service.last_assignment() {
-                break line;
-            }
-            if std::time::Instant::now() >= deadline {
-                bail!("no assignment after 60 s; log:\n{}", service.log_tail());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
-        if !assignment.ends_with("[]") {
+        let mut assignment = None;
+        crate::wait_for(std::time::Duration::from_secs(60), "an assignment", || {
+            assignment = service.last_assignment();
+            assignment.is_some()
+        })
+        .await
+        .with_context(|| format!("log:\n{}", service.log_tail()))?;
+        if assignment.is_some_and(|line| !line.ends_with("[]")) {
             return Ok(service);
         }
         service.kill()?;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use e2e::generator::{Generated, Generator, Mix, Truth};
 use e2e::process::{restart_alone, PrivateRedis, Service};
 use e2e::redis_model::{diff, dump, expected};
-use e2e::{kafka, unique, Stack};
+use e2e::{kafka, unique, wait_for, Stack};
 use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 
@@ -464,19 +464,12 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         let service = f.start_with(&["--batch-max-events", "300"])?;
         // Three failed attempts: at least one retry after a backoff, long
         // enough for the second batch to have been counted if it could be.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while std::fs::read_to_string(&service.log)?
-            .matches("WRONGTYPE")
-            .count()
-            < 3
-        {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "not three WRONGTYPE errors with a bad {bad} key; log:\n{}",
-                service.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for(Duration::from_secs(60), "three WRONGTYPE errors", || {
+            std::fs::read_to_string(&service.log)
+                .is_ok_and(|log| log.matches("WRONGTYPE").count() >= 3)
+        })
+        .await
+        .with_context(|| format!("a bad {bad} key; log:\n{}", service.log_tail()))?;
         assert_eq!(
             f.applied().await?[0],
             0,
