@@ -464,10 +464,7 @@ impl<S: Sink> Loop<S> {
                     // batcher holds: purge before adding the new record.
                     self.after_step();
                     let now = Instant::now();
-                    match message {
-                        Ok(record) => self.accept(record, now),
-                        Err(err) => tracing::warn!(%err, "Kafka consumer error"),
-                    }
+                    self.take(message, now);
                     self.take_ready(now);
                 }
             }
@@ -499,14 +496,25 @@ impl<S: Sink> Loop<S> {
             if self.shared.rebalances.load(Ordering::Relaxed) != rebalances {
                 self.after_step();
             }
-            match message {
-                Ok(record) => self.accept(record, now),
-                Err(err) => {
-                    // Errors come in bursts too (a broker down): one warning
-                    // per turn of the loop, as before bursts.
-                    tracing::warn!(%err, "Kafka consumer error");
-                    return;
-                }
+            // Errors come in bursts too (a broker down): one warning per
+            // turn of the loop, as before bursts.
+            if !self.take(message, now) {
+                return;
+            }
+        }
+    }
+
+    /// Adds a received record to the open batch, or logs the consumer
+    /// error; false for an error.
+    fn take(&mut self, message: KafkaResult<Record>, now: Instant) -> bool {
+        match message {
+            Ok(record) => {
+                self.accept(record, now);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%err, "Kafka consumer error");
+                false
             }
         }
     }
