@@ -57,6 +57,10 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most records taken in one burst (see `Loop::take_ready`).
 const BURST: usize = 1_000;
 
+/// Sealed batches that may wait for a write slot before the loop stops
+/// taking messages (see [`Loop::flow_control`]).
+const MAX_SEALED_WAITING: usize = 1;
+
 /// How often an idle sink is probed for readiness.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the sink is probed while it is down: the probe is what wakes
@@ -566,13 +570,17 @@ impl<S: Sink> Loop<S> {
         self.buffered.set(self.batcher.buffered() as f64);
     }
 
-    /// Flow control while the sink is behind ("behind": more sealed batches
-    /// waiting than can be written at once). First the loop just stops taking
-    /// messages: librdkafka's prefetch queue fills up and fetching stops by
-    /// itself, bounded by `queued.max.messages.kbytes`, and nothing is
-    /// dropped. If the sink stays behind past [`HOLD_BEFORE_PAUSE`] (an
-    /// outage, not a busy sink), the assignment is paused so the loop can go
-    /// back to polling and serve rebalances while it waits. Pausing drops the
+    /// Flow control while the sink is behind ("behind": every write slot is
+    /// busy and a second sealed batch is waiting). One waiting batch is
+    /// enough for the next write to start the moment a slot frees, while the
+    /// open batch fills; more only held memory (allowing `max_in_flight`
+    /// waiting buffered up to 7 batches with 3 in flight). First the loop
+    /// just stops taking messages: librdkafka's prefetch queue fills up and
+    /// fetching stops by itself, bounded by `queued.max.messages.kbytes`,
+    /// and nothing is dropped. If the sink stays behind past
+    /// [`HOLD_BEFORE_PAUSE`] (an outage, not a busy sink), the assignment is
+    /// paused so the loop can go back to polling and serve rebalances while
+    /// it waits. Pausing drops the
     /// prefetched messages and refetches them on resume, which costs a fetch
     /// round trip: far too slow to do on every busy moment.
     fn flow_control(&mut self, now: Instant) {
@@ -583,7 +591,7 @@ impl<S: Sink> Loop<S> {
             self.paused = false;
         }
         let waiting = self.batcher.sealed_len();
-        let behind = waiting > self.max_in_flight || (self.held_since.is_some() && waiting > 0);
+        let behind = waiting > MAX_SEALED_WAITING || (self.held_since.is_some() && waiting > 0);
         self.held_since = match (behind, self.held_since) {
             (true, Some(since)) => Some(since),
             (true, None) => Some(now),
