@@ -103,11 +103,12 @@ pub struct RedisSettings {
     pub rules: DecodeRules,
 }
 
-/// Batches written at once. Two, so that Redis runs one batch's commands
-/// while the next one's are being built and encoded: with one, Redis sat
-/// idle for about a third of the time (perf). Three were no faster and took
-/// peak RSS to 63 MB (docs/benchmarks.md).
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches written at once. More than one, so that Redis runs one batch's
+/// commands while the next ones are being built and encoded: with one,
+/// Redis sat idle for about a third of the time (perf). Three kept Redis
+/// busier than two (about +10 % events/s); four were no faster and took
+/// more memory (docs/benchmarks.md).
+const MAX_IN_FLIGHT: usize = 3;
 
 /// Writes user3 batches into Redis, exactly once per event.
 pub struct RedisSink {
