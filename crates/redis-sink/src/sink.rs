@@ -243,8 +243,8 @@ impl Sink for RedisSink {
     }
 }
 
-/// Keeps each partition's scripts in dispatch order while two batches are in
-/// flight: a batch's script for a partition waits until the script of the
+/// Keeps each partition's scripts in dispatch order while several batches
+/// are in flight: a batch's script for a partition waits until the script of the
 /// batch before it (the one whose range ends where this one starts) has been
 /// answered, however many attempts that takes. Without it, after a failed
 /// write the later batch could be counted first, and the offset check would
