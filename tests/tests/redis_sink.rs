@@ -28,6 +28,8 @@ struct Fixture {
     produced: [i64; PARTITIONS as usize],
     truths: Vec<Truth>,
     services: usize,
+    /// When the fixture was made: every key is written after it.
+    created_ms: i64,
 }
 
 impl Fixture {
@@ -55,6 +57,7 @@ impl Fixture {
             produced: [0; PARTITIONS as usize],
             truths: Vec::new(),
             services: 0,
+            created_ms: chrono::Utc::now().timestamp_millis(),
         })
     }
 
@@ -169,6 +172,48 @@ impl Fixture {
             "Redis state differs from the model: {}",
             diff(&want, &got)
         );
+        self.assert_expiries(got.keys()).await
+    }
+
+    /// Each key expires as docs/redis-keys.md says: a total never, an hourly
+    /// bucket `--bucket-ttl-secs` and a history `--history-ttl-secs` after
+    /// its last write (defaults), which was between the fixture's creation
+    /// and now.
+    async fn assert_expiries<'k>(
+        &mut self,
+        keys: impl Iterator<Item = &'k String>,
+    ) -> anyhow::Result<()> {
+        const BUCKET_TTL_MS: i64 = 172_800_000;
+        const HISTORY_TTL_MS: i64 = 2_592_000_000;
+        let keys: Vec<&String> = keys.collect();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("PTTL").arg(*key);
+        }
+        let ttls: Vec<i64> = pipe.query_async(&mut self.redis).await?;
+        let now = chrono::Utc::now().timestamp_millis();
+        for (key, ttl) in keys.into_iter().zip(ttls) {
+            let rest = key.strip_prefix(&self.prefix).unwrap_or(key);
+            let lifetime = if rest.ends_with(":total") {
+                None
+            } else if rest.starts_with("history:") {
+                Some(HISTORY_TTL_MS)
+            } else {
+                Some(BUCKET_TTL_MS)
+            };
+            match lifetime {
+                None => assert_eq!(ttl, -1, "{key} must not expire"),
+                Some(lifetime) => {
+                    // PTTL is rounded to the millisecond: 1 ms of slack.
+                    let deadline = now + ttl;
+                    assert!(
+                        (self.created_ms + lifetime - 1..=now + lifetime + 1).contains(&deadline),
+                        "{key} expires at {deadline}, not {lifetime} ms after a write between {} and {now}",
+                        self.created_ms
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
