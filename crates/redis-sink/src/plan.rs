@@ -3,7 +3,7 @@
 //!
 //! Two parts, sent in this order (see [`crate::script`] for why the split is
 //! safe):
-//! - [`History`] writes: `ZADD GT`, trim, `EXPIRE`, as plain commands. They
+//! - [`History`] writes: `ZADD GT`, trim, `PEXPIREAT`, as plain commands. They
 //!   are idempotent, so a replay or a stale consumer re-applying them
 //!   changes nothing, and they need no fence.
 //! - one script call that checks the partition's stored offset, counts the
@@ -45,7 +45,7 @@ pub struct OffsetFence {
 }
 
 /// One user history's new items: `ZADD key GT time member ...`, then trim to
-/// the newest [`Retention::history_size`] and `EXPIRE`.
+/// the newest [`Retention::history_size`] and set its expiry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct History<'a> {
     /// `history:{kind}:{user}`.

@@ -17,13 +17,14 @@
 //! commands, and only once Redis has accepted all of them sends the script.
 //! That is safe because a history write is idempotent and order-free
 //! (`ZADD GT` keeps each item's latest time, the trim keeps the newest
-//! `history size` by (time, member), `EXPIRE` restarts the TTL): a replay
-//! or a stale consumer writing them again leaves the same state, and a
-//! crash between the two steps only means they are written again. A key of
-//! the wrong type fails the histories before anything is counted. It is
-//! also what makes the sink fast: inside a script every `redis.call` costs
-//! Redis about twice what the same command costs sent directly (measured:
-//! docs/benchmarks.md), and histories are most of the commands.
+//! `history size` by (time, member), `PEXPIREAT` sets the expiry to the
+//! history TTL after the write): a replay or a stale consumer writing them
+//! again leaves the same state, and a crash between the two steps only
+//! means they are written again. A key of the wrong type fails the
+//! histories before anything is counted. It is also what makes the sink
+//! fast: inside a script every `redis.call` costs Redis about twice what
+//! the same command costs sent directly (measured: docs/benchmarks.md), and
+//! histories are most of the commands.
 
 /// KEYS[1] offsets hash; KEYS[2..] ranking keys.
 /// ARGV: field, first, next, then per ranking key: ttl (0 = none), n, then

@@ -64,7 +64,34 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
         .await
         .context("INFO")?;
     check_server(&info)?;
+    // History deadlines are computed from this host's clock (see
+    // write_histories): it has to agree with Redis's.
+    let (secs, micros): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .context("TIME")?;
+    check_clock(
+        secs.saturating_mul(1000).saturating_add(micros / 1000),
+        chrono::Utc::now().timestamp_millis(),
+    )?;
     Ok(conn)
+}
+
+/// How far this host's clock may be from Redis's.
+const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+
+fn check_clock(redis_ms: i64, local_ms: i64) -> anyhow::Result<()> {
+    let skew = local_ms.saturating_sub(redis_ms);
+    if skew.abs() > MAX_CLOCK_SKEW_MS {
+        bail!(
+            "this host's clock is {} s {} Redis's: history keys expire at a time computed here \
+             (PEXPIREAT), so the two clocks must agree within {} s. Sync them (NTP) and restart",
+            skew.abs() / 1000,
+            if skew > 0 { "ahead of" } else { "behind" },
+            MAX_CLOCK_SKEW_MS / 1000
+        );
+    }
+    Ok(())
 }
 
 fn check_server(info: &str) -> anyhow::Result<()> {
@@ -159,7 +186,7 @@ impl RedisSink {
         let mut conn = self.conn.clone();
         // Histories first, and the script only once they are all in: see
         // crate::script for why this order makes both exactly-once.
-        write_histories(&mut conn, &plan.histories, self.settings.retention).await?;
+        write_histories(&mut conn, &plan.histories, self.settings.retention, now_ms).await?;
         self.scripts.turn(range).await;
         let mut invocation = self.script.prepare_invoke();
         for key in &plan.keys {
@@ -300,7 +327,7 @@ impl ScriptOrder {
     }
 }
 
-/// Commands per history in [`write_histories`]: `ZADD`, the trim, `EXPIRE`.
+/// Commands per history in [`write_histories`]: `ZADD`, the trim, `PEXPIREAT`.
 const COMMANDS_PER_HISTORY: usize = 3;
 
 /// Bytes of the longest decimal i64 or u64.
@@ -309,14 +336,25 @@ const MAX_INT_DIGITS: usize = 20;
 /// Writes the histories in one pipeline. Succeeds only if every command did:
 /// a key of another type fails the write (naming the key), and the retry
 /// writes them all again, which changes nothing for those already written.
+///
+/// Each key expires `history_ttl_secs` after `now_ms`, set by `PEXPIREAT`
+/// rather than `EXPIRE`: Redis logs an `EXPIRE` in the append-only file as a
+/// `PEXPIREAT`, rewriting the command first, and sparing it that cut
+/// Redis's CPU by about 6 % with AOF on (docs/benchmarks.md). [`connect`]
+/// checks that the clocks agree.
 async fn write_histories(
     conn: &mut ConnectionManager,
     histories: &[History<'_>],
     retention: Retention,
+    now_ms: i64,
 ) -> Result<(), SinkError> {
     if histories.is_empty() {
         return Ok(());
     }
+    let ttl_ms = i64::try_from(retention.history_ttl_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let expire_at = now_ms.saturating_add(ttl_ms);
     // Ranks 0 ..= -(size + 1): all but the newest `history_size`.
     let size = i64::try_from(retention.history_size).unwrap_or(i64::MAX - 1);
     let last_dropped = -(size + 1);
@@ -339,11 +377,8 @@ async fn write_histories(
             .arg(key)
             .arg(0)
             .arg(last_dropped);
-        let mut expire = redis::Cmd::with_capacity(3, 6 + key.len() + MAX_INT_DIGITS);
-        expire
-            .arg("EXPIRE")
-            .arg(key)
-            .arg(retention.history_ttl_secs);
+        let mut expire = redis::Cmd::with_capacity(3, 9 + key.len() + MAX_INT_DIGITS);
+        expire.arg("PEXPIREAT").arg(key).arg(expire_at);
         pipe.add_command(zadd).add_command(trim).add_command(expire);
     }
     pipe.query_async::<()>(conn).await.map_err(|err| {
@@ -400,6 +435,30 @@ mod tests {
             first,
             next,
         }
+    }
+
+    #[test]
+    fn clocks_must_agree_within_a_minute() {
+        assert!(check_clock(1_000_000, 1_000_000 + MAX_CLOCK_SKEW_MS).is_ok());
+        assert!(check_clock(1_000_000 + MAX_CLOCK_SKEW_MS, 1_000_000).is_ok());
+        let behind = check_clock(1_000_000 + 3_600_000, 1_000_000)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            behind
+                .as_deref()
+                .is_some_and(|e| e.starts_with("this host's clock is 3600 s behind Redis's")),
+            "{behind:?}"
+        );
+        let ahead = check_clock(1_000_000, 1_000_000 + 61_000)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            ahead
+                .as_deref()
+                .is_some_and(|e| e.contains("61 s ahead of")),
+            "{ahead:?}"
+        );
     }
 
     #[tokio::test]
