@@ -580,9 +580,9 @@ impl<S: Sink> Loop<S> {
     /// and nothing is dropped. If the sink stays behind past
     /// [`HOLD_BEFORE_PAUSE`] (an outage, not a busy sink), the assignment is
     /// paused so the loop can go back to polling and serve rebalances while
-    /// it waits. Pausing drops the
-    /// prefetched messages and refetches them on resume, which costs a fetch
-    /// round trip: far too slow to do on every busy moment.
+    /// it waits. Pausing drops the prefetched messages and refetches them on
+    /// resume, which costs a fetch round trip: far too slow to do on every
+    /// busy moment.
     fn flow_control(&mut self, now: Instant) {
         let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
         if rebalances != self.rebalances_seen {
