@@ -67,16 +67,32 @@ impl Service {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(self::binary(binary)?)
+        let child = Self::spawn(binary, args, file.try_clone()?.into(), file.into())?;
+        Ok(Self { child, log })
+    }
+
+    /// Starts `binary` with its log (stderr) on a pipe returned to the
+    /// caller, who may close it to play a log reader that went away.
+    pub fn start_logging_to_pipe(
+        binary: &str,
+        args: &[String],
+    ) -> anyhow::Result<(Self, std::process::ChildStderr)> {
+        let mut child = Self::spawn(binary, args, Stdio::null(), Stdio::piped())?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let log = PathBuf::from("(stderr is a pipe held by the test)");
+        Ok((Self { child, log }, stderr))
+    }
+
+    fn spawn(binary: &str, args: &[String], stdout: Stdio, stderr: Stdio) -> anyhow::Result<Child> {
+        Command::new(self::binary(binary)?)
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("KAFKA_OPTIONS")
             .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
-            .with_context(|| format!("cannot start {binary}"))?;
-        Ok(Self { child, log })
+            .with_context(|| format!("cannot start {binary}"))
     }
 
     /// The process id.

@@ -274,6 +274,36 @@ async fn replicas_joining_and_leaving_mid_stream_equal_the_model() -> anyhow::Re
     f.assert_state_matches_model().await
 }
 
+/// Whoever reads the log may go away (`redis-sink | head`, a log shipper
+/// that died): lines that cannot be written are dropped, and the service
+/// goes on and stops cleanly. It used to panic on its next log line, then
+/// hang on SIGTERM while leaving the consumer group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    let (mut service, log) = Service::start_logging_to_pipe("redis-sink", &f.args())?;
+    // Read until the instance has its partitions; the pipe closes when the
+    // reader is dropped at the end of the closure.
+    let joined = tokio::task::spawn_blocking(move || {
+        std::io::BufRead::lines(std::io::BufReader::new(log))
+            .map_while(Result::ok)
+            .any(|line| line.contains("partitions assigned"))
+    });
+    anyhow::ensure!(
+        tokio::time::timeout(Duration::from_secs(60), joined).await??,
+        "the log ended before partitions were assigned"
+    );
+    f.produce(events(8, 5_000, 0.01)).await?;
+    f.wait_all_applied(&service).await?;
+    service.signal("TERM")?;
+    assert_eq!(
+        service.wait(Duration::from_secs(30)).await?,
+        Some(0),
+        "graceful exit"
+    );
+    f.assert_state_matches_model().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow::Result<()> {
     let mut f = Fixture::new().await?;
