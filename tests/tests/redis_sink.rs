@@ -486,6 +486,23 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
             "{line}"
         );
     }
+
+    // A reader that stops early (`| head`): no panic, success.
+    let mut child = std::process::Command::new(e2e::process::binary("redis-sink")?)
+        .args(["history", "--kind", "search", "--user", &user, "--json"])
+        .args(["--redis-url", &f.redis_url, "--key-prefix", &f.prefix])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Closed before the command has connected to Redis, let alone printed.
+    drop(child.stdout.take());
+    let output = child.wait_with_output()?;
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }
 

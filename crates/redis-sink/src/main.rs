@@ -1,6 +1,7 @@
 //! `redis-sink`: the consumer (`redis-sink` or `redis-sink run`) and the
 //! read-back commands (`redis-sink top`, `redis-sink history`).
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -234,10 +235,16 @@ fn print_rows<T: serde::Serialize>(
     header: &[&str],
     body: &[Vec<String>],
 ) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
+    let text = if json {
+        serde_json::to_string_pretty(rows)? + "\n"
     } else {
-        print!("{}", table::render(header, body));
+        table::render(header, body)
+    };
+    let mut out = std::io::stdout().lock();
+    // A reader that stops early (`| head`) has what it wanted: print! would
+    // panic on the broken pipe.
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("cannot write to stdout"),
     }
-    Ok(())
 }
