@@ -494,7 +494,8 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    // Closed before the command has connected to Redis, let alone printed.
+    // Closed at once: the command connects to Redis and queries it before it
+    // prints, so the pipe is closed by then (without the fix: exit 101).
     drop(child.stdout.take());
     let output = child.wait_with_output()?;
     assert!(
