@@ -396,20 +396,19 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
         rows.truncate(limit);
         rows
     };
-    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
-        let output = std::process::Command::new(e2e::process::binary("redis-sink")?)
-            // The read-back commands need Redis only: they once asked for
-            // the consumer's --bootstrap-servers.
+    // A read-back command against the fixture's keys.
+    let command = |args: &[&str]| -> anyhow::Result<std::process::Command> {
+        let mut command = std::process::Command::new(e2e::process::binary("redis-sink")?);
+        // The read-back commands need Redis only: they once asked for the
+        // consumer's --bootstrap-servers.
+        command
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
             .args(args)
-            .args([
-                "--redis-url",
-                &f.redis_url,
-                "--key-prefix",
-                &f.prefix,
-                "--json",
-            ])
-            .output()?;
+            .args(["--redis-url", &f.redis_url, "--key-prefix", &f.prefix]);
+        Ok(command)
+    };
+    let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let output = command(args)?.arg("--json").output()?;
         anyhow::ensure!(
             output.status.success(),
             "{}",
@@ -463,19 +462,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     );
 
     // The table form is aligned and lists the same members.
-    let output = std::process::Command::new(e2e::process::binary("redis-sink")?)
-        .args([
-            "top",
-            "--kind",
-            "search",
-            "--limit",
-            "3",
-            "--redis-url",
-            &f.redis_url,
-            "--key-prefix",
-            &f.prefix,
-        ])
-        .output()?;
+    let output = command(&["top", "--kind", "search", "--limit", "3"])?.output()?;
     let table = String::from_utf8(output.stdout)?;
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
@@ -488,9 +475,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     }
 
     // A reader that stops early (`| head`): no panic, success.
-    let mut child = std::process::Command::new(e2e::process::binary("redis-sink")?)
-        .args(["history", "--kind", "search", "--user", &user, "--json"])
-        .args(["--redis-url", &f.redis_url, "--key-prefix", &f.prefix])
+    let mut child = command(&["history", "--kind", "search", "--user", &user, "--json"])?
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
