@@ -124,12 +124,12 @@ impl Sink for RecordingSink {
 }
 
 fn args(stack: &Stack, topic: &str, group: &str) -> anyhow::Result<ConsumerArgs> {
-    args_with(stack, topic, group, &[])
+    args_with(&stack.kafka, topic, group, &[])
 }
 
 /// [`args`] and `extra` flags.
 fn args_with(
-    stack: &Stack,
+    bootstrap: &str,
     topic: &str,
     group: &str,
     extra: &[&str],
@@ -149,7 +149,7 @@ fn args_with(
     let argv = [
         "test",
         "--bootstrap-servers",
-        &stack.kafka,
+        bootstrap,
         "--topic",
         topic,
         "--group-id",
@@ -172,7 +172,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(args: ConsumerArgs, sink: RecordingSink) -> Self {
+    fn start(args: ConsumerArgs, sink: impl Sink) -> Self {
         sink_core::telemetry::init(sink_core::telemetry::LogFormat::Pretty);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -435,7 +435,7 @@ async fn a_dead_letter_too_large_for_the_topic_goes_with_its_payload_cut() -> an
     // The dead-letter producer accepts at most 20,000 bytes, as a topic
     // with a smaller max.message.bytes than its source would.
     let args = args_with(
-        &stack,
+        &stack.kafka,
         &topic,
         &group,
         &["--kafka-option", "message.max.bytes=20000"],
@@ -576,4 +576,148 @@ async fn wait_for_committed(
     })
     .await;
     result.with_context(|| format!("committed {last:?}, expected {expected:?}"))
+}
+
+/// A sink that keeps its own offsets, like redis-sink's fence: a batch
+/// applies only where the partition stands. Every third batch it reports
+/// that it already holds the first half of the batch (as a sink whose
+/// stored offset another writer moved would), so the loop seeks back into
+/// records it has already fetched, again and again, while records keep
+/// arriving.
+#[derive(Default)]
+struct FencedSink {
+    state: Arc<Mutex<FenceState>>,
+}
+
+#[derive(Default)]
+struct FenceState {
+    /// Next offset to apply, per partition.
+    stored: BTreeMap<i32, i64>,
+    /// The offset of every record the sink holds, per partition, in the
+    /// order taken.
+    held: BTreeMap<i32, Vec<i64>>,
+    writes: u64,
+}
+
+impl Sink for FencedSink {
+    type Item = ();
+
+    fn decode(&self, _record: &Record) -> Result<(), Rejection> {
+        Ok(())
+    }
+
+    async fn write(&self, batch: &Batch<()>) -> Result<WriteOutcome, SinkError> {
+        // Finish at scattered moments, so that completions land while the
+        // loop is between receiving a record and taking it.
+        tokio::time::sleep(Duration::from_micros(u64::from(
+            rand::random::<u16>() % 500,
+        )))
+        .await;
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        state.writes += 1;
+        let claim_half = state.writes % 3 == 0;
+        let mut outcome = WriteOutcome::default();
+        for range in &batch.ranges {
+            let stored = *state.stored.get(&range.partition).unwrap_or(&0);
+            if stored != range.first {
+                outcome.already_applied.push((range.partition, stored));
+                continue;
+            }
+            let mid = range.first + (range.next - range.first) / 2;
+            let upto = if claim_half && mid > range.first {
+                outcome.already_applied.push((range.partition, mid));
+                mid
+            } else {
+                range.next
+            };
+            let offsets = batch
+                .entries
+                .iter()
+                .map(|e| &e.record)
+                .filter(|r| r.partition == range.partition && r.offset < upto)
+                .map(|r| r.offset);
+            state
+                .held
+                .entry(range.partition)
+                .or_default()
+                .extend(offsets);
+            state.stored.insert(range.partition, upto);
+        }
+        Ok(outcome)
+    }
+
+    async fn stored_offsets(
+        &self,
+        _topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, SinkError> {
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        Ok(partitions
+            .iter()
+            .map(|p| state.stored.get(p).copied())
+            .collect())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_never_skips_records_fetched_before_it() -> anyhow::Result<()> {
+    // Records keep arriving while the sink makes the loop seek back over and
+    // over: a record the loop had already fetched when a seek was decided
+    // must not be taken as the first record after it, or the records in
+    // between are dropped as stale and never reach the sink.
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("seek");
+    mock.create_topic(&topic, PARTITIONS, 1)?;
+    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let group = unique("group");
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &group,
+        &["--batch-max-events", "7", "--batch-linger-ms", "1"],
+    )?;
+    let sink = FencedSink::default();
+    let state = Arc::clone(&sink.state);
+    let running = Running::start(args, sink);
+    let producer = kafka::producer(&bootstrap)?;
+    // In small chunks, so that records keep arriving while the loop seeks.
+    let (chunks, per_chunk) = (600, 30);
+    for chunk in 0..chunks {
+        kafka::produce(
+            &producer,
+            &topic,
+            (0..per_chunk).map(|i| (i % PARTITIONS, format!("{chunk}-{i}").into_bytes())),
+        )
+        .await?;
+    }
+    let per_partition = i64::from(chunks * per_chunk / PARTITIONS);
+    let stored = || {
+        state
+            .lock()
+            .map(|s| s.stored.values().copied().collect::<Vec<i64>>())
+            .unwrap_or_default()
+    };
+    let result = wait_for(TIMEOUT, "every record held by the sink", || {
+        stored() == vec![per_partition; PARTITIONS as usize]
+    })
+    .await;
+    running.stop().await?;
+    let state = state.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    for (partition, held) in &state.held {
+        let expected: Vec<i64> = (0..per_partition).collect();
+        let first_difference = held.iter().zip(&expected).position(|(a, b)| a != b);
+        assert!(
+            first_difference.is_none() && held.len() == expected.len(),
+            "partition {partition}: the sink holds {} records, first difference at {first_difference:?}",
+            held.len()
+        );
+    }
+    result
 }

@@ -465,8 +465,9 @@ impl<S: Sink> Loop<S> {
                 message = self.consumer.recv(), if self.taking() => {
                     let message = message.map(|m| detach(&self.topic, &m));
                     // A rebalance inside this recv() may have revoked what the
-                    // batcher holds: purge before adding the new record.
-                    self.after_step();
+                    // batcher holds: purge before adding the new record. Seeks
+                    // wait for the after_step below (see there).
+                    self.purge_revoked();
                     let now = Instant::now();
                     self.take(message, now);
                     self.take_ready(now);
@@ -498,7 +499,7 @@ impl<S: Sink> Loop<S> {
             };
             let message = message.map(|m| detach(&self.topic, &m));
             if self.shared.rebalances.load(Ordering::Relaxed) != rebalances {
-                self.after_step();
+                self.purge_revoked();
             }
             // Errors come in bursts too (a broker down): one warning per
             // turn of the loop, as before bursts.
@@ -643,20 +644,29 @@ impl<S: Sink> Loop<S> {
         }
     }
 
-    /// Applies what rebalances and completed batches decided: drops records of
-    /// revoked partitions, seeks where the sink is ahead, commits.
-    fn after_step(&mut self) {
-        let (revoked, seeks, commits) = {
-            let mut tracker = self.shared.tracker();
-            (
-                tracker.take_revoked(),
-                tracker.take_seeks(),
-                tracker.take_commits(),
-            )
-        };
+    /// Drops the buffered records of partitions revoked since the last call.
+    fn purge_revoked(&mut self) {
+        let revoked = self.shared.tracker().take_revoked();
         for partition in revoked {
             self.batcher.purge(partition);
         }
+    }
+
+    /// Applies what rebalances and completed batches decided: drops records of
+    /// revoked partitions, seeks where the sink stands, commits.
+    ///
+    /// Only called when every record received so far is in the batcher:
+    /// a seek purges its partition there, and the fetcher starts again at
+    /// the seek's offset. A record received before the seek but taken
+    /// after it would escape the purge and become the first record after
+    /// the seek: the records between the seek's offset and it would then
+    /// be dropped as stale when fetched again, and never written.
+    fn after_step(&mut self) {
+        self.purge_revoked();
+        let (seeks, commits) = {
+            let mut tracker = self.shared.tracker();
+            (tracker.take_seeks(), tracker.take_commits())
+        };
         for (partition, offset) in seeks {
             self.batcher.purge(partition);
             tracing::info!(
