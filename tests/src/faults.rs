@@ -333,7 +333,7 @@ impl Pipeline {
         match self.kind {
             SinkKind::Redis => {
                 let mut redis = self.redis().await?;
-                let key = format!("{}offsets:{}:{}", self.prefix, self.group, self.topic);
+                let key = redis_sink::keys::Keys::new(self.prefix.as_str()).offsets(&self.topic);
                 let stored: BTreeMap<i32, i64> = redis::cmd("HGETALL")
                     .arg(&key)
                     .query_async(&mut redis)

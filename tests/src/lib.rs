@@ -101,6 +101,22 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{:08x}", rand::random::<u32>())
 }
 
+/// A loopback port free right now (for a service's --metrics-addr).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Whether the service serving metrics on `port` answers /readyz with 200
+/// (false while it is not listening).
+pub async fn ready(port: u16) -> anyhow::Result<bool> {
+    match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+        Ok(response) => Ok(response.status().is_success()),
+        Err(_) => Ok(false),
+    }
+}
+
 /// Awaits a condition, checking it every 20 ms, and fails with `what` if it
 /// does not hold within `timeout`.
 pub async fn wait_for<F>(timeout: Duration, what: &str, mut condition: F) -> anyhow::Result<()>

@@ -591,20 +591,6 @@ async fn no_request_over_the_byte_limit_is_sent() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A loopback port free right now.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn ready(port: u16) -> anyhow::Result<bool> {
-    match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
-        Ok(response) => Ok(response.status().is_success()),
-        Err(_) => Ok(false),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
 ) -> anyhow::Result<()> {
@@ -612,7 +598,7 @@ async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
     f.produce(events(7, 2_000, 0.0)).await?;
     let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
     proxy.set_faults(vec![Fault::Status(403)]);
-    let port = free_port()?;
+    let port = e2e::free_port()?;
     let metrics = format!("127.0.0.1:{port}");
     let service = f.start(&proxy.endpoint(), &["--metrics-addr", &metrics])?;
     let log = service.log.clone();
@@ -625,7 +611,10 @@ async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
         proxy.faults_served() >= 3
     })
     .await?;
-    assert!(!ready(port).await?, "ready while BigQuery denies access");
+    assert!(
+        !e2e::ready(port).await?,
+        "ready while BigQuery denies access"
+    );
     assert_eq!(f.emulator.count(&f.table).await?, 0);
     let committed = kafka::committed(&f.stack.kafka, &f.group, &f.topic, PARTITIONS)?;
     assert_eq!(
@@ -637,7 +626,7 @@ async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
     proxy.clear_faults();
     f.wait_rows(&f.table, 2_000, &service).await?;
     f.assert_exactly(&f.table, &f.all()).await?;
-    e2e::wait_for_async(TIMEOUT, "readiness after the fix", || ready(port)).await?;
+    e2e::wait_for_async(TIMEOUT, "readiness after the fix", || e2e::ready(port)).await?;
     Ok(())
 }
 

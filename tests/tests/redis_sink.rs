@@ -110,13 +110,18 @@ impl Fixture {
         self.services += 1;
         let name = format!("{}-{}", self.topic, self.services);
         let mut args = self.args();
+        if extra.contains(&"--metrics-addr") {
+            if let Some(i) = args.iter().position(|a| a == "--metrics-addr") {
+                args.drain(i..i + 2);
+            }
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         Service::start("redis-sink", &args, &self.stack.dir.join("logs"), &name)
     }
 
     /// Next offsets stored in Redis per partition.
     async fn applied(&mut self) -> anyhow::Result<[i64; PARTITIONS as usize]> {
-        let key = format!("{}offsets:{}:{}", self.prefix, self.group, self.topic);
+        let key = redis_sink::keys::Keys::new(self.prefix.as_str()).offsets(&self.topic);
         let map: BTreeMap<i32, i64> = redis::cmd("HGETALL")
             .arg(&key)
             .query_async(&mut self.redis)
@@ -150,6 +155,18 @@ impl Fixture {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until `group` has committed every produced record in Kafka.
+    async fn wait_group_committed(&self, group: &str, service: &Service) -> anyhow::Result<()> {
+        let offsets = kafka::OffsetReader::new(&self.stack.kafka, group, &self.topic, PARTITIONS)?;
+        let want: Vec<Option<i64>> = self.produced.iter().map(|p| Some(*p)).collect();
+        e2e::wait_for_async(Duration::from_secs(120), "the group's commits", || {
+            let done = offsets.committed().is_ok_and(|c| c == want);
+            async move { Ok(done) }
+        })
+        .await
+        .with_context(|| format!("group {group}; service log:\n{}", service.log_tail()))
     }
 
     /// Waits until every produced record is applied.
@@ -560,5 +577,228 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         f.wait_all_applied(&service).await?;
         f.assert_state_matches_model().await?;
     }
+    Ok(())
+}
+
+/// The stored offsets fence the rankings, not a consumer group: a group
+/// renamed (a blue/green deploy) continues where the old one stopped, and
+/// two groups running at once count every event once between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_group_and_two_groups_at_once_count_every_event_once() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    let all = events(11, 9_000, 0.0);
+    let mut chunks = all.chunks(3_000).map(<[Generated]>::to_vec);
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    let mut first = f.start()?;
+    f.wait_all_applied(&first).await?;
+    first.signal("TERM")?;
+    assert_eq!(first.wait(Duration::from_secs(30)).await?, Some(0));
+
+    // Renamed: the new group has no Kafka offsets and reads from the start.
+    f.group = unique("renamed");
+    let renamed = f.start()?;
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    f.wait_group_committed(&f.group.clone(), &renamed).await?;
+
+    // And a third group beside it, both running.
+    let renamed_group = f.group.clone();
+    f.group = unique("beside");
+    let beside = f.start()?;
+    f.produce(chunks.next().unwrap_or_default()).await?;
+    f.wait_group_committed(&renamed_group, &renamed).await?;
+    f.wait_group_committed(&f.group.clone(), &beside).await?;
+    f.wait_all_applied(&beside).await?;
+    f.assert_state_matches_model().await
+}
+
+/// Versions before the per-topic fence kept a group's offsets under
+/// `offsets:{group}:{topic}`: the first start adopts them, so an upgrade
+/// counts nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_stored_under_the_group_name_are_adopted() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    f.produce(events(12, 3_000, 0.0)).await?;
+    let mut before = f.start()?;
+    f.wait_all_applied(&before).await?;
+    before.signal("TERM")?;
+    assert_eq!(before.wait(Duration::from_secs(30)).await?, Some(0));
+    // As an older version would have left it, for a group with no Kafka
+    // offsets (so that it reads the topic from the start).
+    f.group = unique("upgraded");
+    let keys = redis_sink::keys::Keys::new(f.prefix.as_str());
+    redis::cmd("RENAME")
+        .arg(keys.offsets(&f.topic))
+        .arg(keys.group_offsets(&f.group, &f.topic))
+        .query_async::<()>(&mut f.redis)
+        .await?;
+    let upgraded = f.start()?;
+    f.produce(events(13, 3_000, 0.0)).await?;
+    f.wait_group_committed(&f.group.clone(), &upgraded).await?;
+    f.wait_all_applied(&upgraded).await?;
+    f.assert_state_matches_model().await?;
+    let legacy: bool = redis::cmd("EXISTS")
+        .arg(keys.group_offsets(&f.group, &f.topic))
+        .query_async(&mut f.redis)
+        .await?;
+    assert!(!legacy, "the old hash is gone once adopted");
+    Ok(())
+}
+
+/// Under any eviction policy but noeviction Redis may drop counted keys
+/// while the stored offsets say they were applied: refused at start with
+/// the fix in the message, and while running a changed policy stops the
+/// writes (readiness false) until it is set back; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let redis = PrivateRedis::start_without_aof(stack.dir.join(unique("redis-eviction"))).await?;
+    let mut f = Fixture::with_redis(stack, redis.url()).await?;
+    let policy_conn = f.redis.clone();
+    let set_policy = |policy: &'static str| {
+        let mut conn = policy_conn.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("maxmemory-policy")
+                .arg(policy)
+                .query_async::<()>(&mut conn)
+                .await
+        }
+    };
+    set_policy("volatile-lru").await?;
+    let mut refused = f.start()?;
+    assert_eq!(
+        refused.wait(Duration::from_secs(30)).await?,
+        Some(1),
+        "started under volatile-lru"
+    );
+    let log = std::fs::read_to_string(&refused.log)?;
+    assert!(
+        log.contains("maxmemory-policy is volatile-lru")
+            && log.contains("CONFIG SET maxmemory-policy noeviction"),
+        "{log}"
+    );
+
+    set_policy("noeviction").await?;
+    f.produce(events(14, 2_000, 0.0)).await?;
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let service = f.start_with(&["--metrics-addr", &metrics])?;
+    f.wait_all_applied(&service).await?;
+    e2e::wait_for_async(Duration::from_secs(30), "readiness", || e2e::ready(port)).await?;
+
+    set_policy("allkeys-lru").await?;
+    e2e::wait_for_async(
+        Duration::from_secs(30),
+        "readiness to turn false",
+        || async { Ok(!e2e::ready(port).await?) },
+    )
+    .await?;
+    let applied = f.applied().await?;
+    f.produce(events(15, 2_000, 0.0)).await?;
+    wait_for(
+        Duration::from_secs(60),
+        "writes refused for the policy",
+        || {
+            std::fs::read_to_string(&service.log)
+                .is_ok_and(|log| log.matches("maxmemory-policy is allkeys-lru").count() >= 2)
+        },
+    )
+    .await?;
+    assert_eq!(f.applied().await?, applied, "applied under allkeys-lru");
+
+    set_policy("noeviction").await?;
+    f.wait_all_applied(&service).await?;
+    e2e::wait_for_async(Duration::from_secs(30), "readiness again", || {
+        e2e::ready(port)
+    })
+    .await?;
+    f.assert_state_matches_model().await
+}
+
+/// A retry that finds its partition's stored offset at or past the batch's
+/// end (an earlier attempt got through before its reply was lost, and the
+/// next batch after it) is applied: nothing is counted again and the loop is
+/// not sent back to re-read what Redis holds. Inside the batch's range the
+/// stored offset still says where to resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<()> {
+    use redis_sink::sink::{connect, RedisSettings, RedisSink};
+    use sink_core::{Batch, Entry, PartitionRange, Record, Sink, WriteOutcome};
+
+    let stack = Stack::get()?;
+    let prefix = format!("{}:", unique("passed"));
+    let keys = redis_sink::keys::Keys::new(prefix.as_str());
+    let mut conn = connect(&stack.redis_url).await?;
+    let sink = RedisSink::new(
+        conn.clone(),
+        RedisSettings {
+            keys: keys.clone(),
+            retention: redis_sink::plan::Retention {
+                bucket_ttl_secs: 3_600,
+                history_size: 50,
+                history_ttl_secs: 3_600,
+            },
+            rules: redis_sink::action::DecodeRules {
+                max_keyword_chars: 200,
+            },
+        },
+    );
+    let record = |offset| Record {
+        topic: "user3".into(),
+        partition: 0,
+        offset,
+        timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
+        key: None,
+        payload: br#"{"info":"search","keyword":"parasite","user_id":"u1"}"#.to_vec(),
+    };
+    let entries = (10..20)
+        .map(|offset| {
+            let record = record(offset);
+            let item = sink
+                .decode(&record)
+                .map_err(|r| anyhow::anyhow!(r.reason))?;
+            Ok(Entry { record, item })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let batch = Batch {
+        topic: "user3".into(),
+        entries,
+        ranges: vec![PartitionRange {
+            partition: 0,
+            first: 10,
+            next: 20,
+        }],
+    };
+    for (stored, expected) in [
+        (20, vec![]),
+        (35, vec![]),
+        (15, vec![(0, 15)]),
+        (4, vec![(0, 4)]),
+    ] {
+        redis::cmd("HSET")
+            .arg(keys.offsets("user3"))
+            .arg(0)
+            .arg(stored)
+            .query_async::<()>(&mut conn)
+            .await?;
+        let outcome = sink.write(&batch).await?;
+        assert_eq!(
+            outcome,
+            WriteOutcome {
+                rejected: vec![],
+                already_applied: expected,
+            },
+            "stored offset {stored}, batch 10..20"
+        );
+    }
+    let counted: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(format!("{prefix}rank:search:total"))
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(counted, vec![], "nothing counted");
     Ok(())
 }

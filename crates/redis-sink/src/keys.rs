@@ -34,9 +34,19 @@ impl Keys {
         format!("{}history:{}:{user}", self.prefix, kind.as_str())
     }
 
-    /// HASH partition → next offset to apply, per consumer group and topic:
-    /// written by the same script as the data it covers.
-    pub fn offsets(&self, group: &str, topic: &str) -> String {
+    /// HASH partition → next offset to apply, per topic: written by the
+    /// same script as the data it covers. Not per consumer group: the
+    /// rankings under this prefix are one set of counts whatever group fills
+    /// them, so a renamed group (a blue/green deploy) continues where the
+    /// old one stopped, and two groups running at once fence each other.
+    pub fn offsets(&self, topic: &str) -> String {
+        format!("{}offsets:{topic}", self.prefix)
+    }
+
+    /// Where versions before the fence moved to [`Keys::offsets`] kept it:
+    /// per consumer group. Adopted once at start (see
+    /// [`crate::sink::adopt_group_offsets`]).
+    pub fn group_offsets(&self, group: &str, topic: &str) -> String {
         format!("{}offsets:{group}:{topic}", self.prefix)
     }
 
@@ -67,6 +77,7 @@ mod tests {
             "rank:movie:h:2024050112"
         );
         assert_eq!(keys.history(Kind::Search, "u1"), "history:search:u1");
+        assert_eq!(keys.offsets("user3"), "offsets:user3");
         assert_eq!(
             Keys::new("prod:").total(Kind::Movie),
             "prod:rank:movie:total"

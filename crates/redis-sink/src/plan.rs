@@ -175,7 +175,7 @@ mod tests {
 
     fn fence() -> OffsetFence {
         OffsetFence {
-            key: "offsets:g:user3".into(),
+            key: "offsets:user3".into(),
             field: "1".into(),
             first: 10,
             next: 15,
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(
             plan.keys,
             strings(&[
-                "offsets:g:user3",
+                "offsets:user3",
                 "rank:search:total",
                 "rank:search:h:2024050111",
                 "rank:movie:total",
@@ -266,7 +266,7 @@ mod tests {
         assert_eq!(
             plan.keys,
             strings(&[
-                "offsets:g:user3",
+                "offsets:user3",
                 "p:rank:search:total",
                 "p:rank:search:h:2024050112"
             ])
@@ -277,7 +277,7 @@ mod tests {
     fn an_empty_partition_only_moves_the_offset() {
         let plan = build(&Keys::default(), RETENTION, fence(), &[], NOW);
         assert!(plan.histories.is_empty());
-        assert_eq!(plan.keys, strings(&["offsets:g:user3"]));
+        assert_eq!(plan.keys, strings(&["offsets:user3"]));
         assert_eq!(plan.args, strings(&["1", "10", "15"]));
     }
 }

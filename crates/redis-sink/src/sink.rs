@@ -38,25 +38,12 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
             }
         }
     };
-    // With an allkeys-* eviction policy Redis may drop the offsets hash, and
-    // replays would then be applied twice. (Managed Redis may forbid CONFIG:
-    // then we cannot tell, and go on.)
-    let policy: Option<Vec<String>> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(&mut conn)
-        .await
-        .ok();
-    if let Some(policy) = policy
-        .as_ref()
-        .and_then(|v| v.get(1))
-        .filter(|p| p.starts_with("allkeys"))
-    {
-        bail!(
-            "Redis maxmemory-policy is {policy}: it may evict the offsets that keep writes exactly-once. \
-             Use noeviction or a volatile-* policy (the offsets hash has no TTL)"
-        );
-    }
+    check_eviction_policy(&info_memory(&mut conn).await?).map_err(|refusal| {
+        anyhow::anyhow!(
+            "{refusal}. Set it with `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), \
+             or in the managed service's parameter group, then restart"
+        )
+    })?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("cluster")
@@ -94,6 +81,75 @@ fn check_clock(redis_ms: i64, local_ms: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Redis's `INFO memory` section. Read instead of `CONFIG GET`, which
+/// managed Redis services often disable.
+async fn info_memory(conn: &mut ConnectionManager) -> Result<String, RedisError> {
+    redis::cmd("INFO").arg("memory").query_async(conn).await
+}
+
+/// Refuses any eviction policy but `noeviction`: `allkeys-*` may evict the
+/// offsets hash (replays then count twice), `volatile-*` evicts hourly
+/// buckets and histories (they have TTLs) while the offsets say they were
+/// applied. Under `noeviction` a full Redis refuses writes (OOM), which the
+/// sink retries without losing anything.
+fn check_eviction_policy(info_memory: &str) -> Result<(), String> {
+    let policy = info_memory
+        .lines()
+        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+        .map(str::trim);
+    match policy {
+        Some("noeviction") => Ok(()),
+        Some(policy) => Err(format!(
+            "Redis maxmemory-policy is {policy}: Redis may evict keys whose counts the stored \
+             offsets say are applied, so the rankings would silently lose counts. redis-sink \
+             needs maxmemory-policy noeviction"
+        )),
+        None => Err(
+            "Redis did not report its maxmemory_policy in INFO memory, so redis-sink cannot tell \
+             whether Redis evicts keys; it needs maxmemory-policy noeviction"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Moves a consumer group's offsets from where versions before the per-topic
+/// fence kept them (`offsets:{group}:{topic}`) to [`Keys::offsets`], once,
+/// atomically: fields already in the per-topic hash win (another group got
+/// there first), and the old hash is removed so that it cannot be read
+/// again. Returns how many partitions were adopted.
+pub async fn adopt_group_offsets(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<usize> {
+    const ADOPT: &str = r"
+local old = redis.call('HGETALL', KEYS[1])
+for i = 1, #old, 2 do
+  redis.call('HSETNX', KEYS[2], old[i], old[i + 1])
+end
+redis.call('DEL', KEYS[1])
+return #old / 2
+";
+    let adopted: usize = Script::new(ADOPT)
+        .key(keys.group_offsets(group, topic))
+        .key(keys.offsets(topic))
+        .invoke_async(conn)
+        .await
+        .context("cannot move the consumer group's stored offsets to the per-topic fence")?;
+    if adopted > 0 {
+        tracing::info!(
+            group,
+            topic,
+            partitions = adopted,
+            from = %keys.group_offsets(group, topic),
+            to = %keys.offsets(topic),
+            "adopted the stored offsets this group kept under its own name"
+        );
+    }
+    Ok(adopted)
+}
+
 fn check_server(info: &str) -> anyhow::Result<()> {
     if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
         bail!(
@@ -122,8 +178,6 @@ fn check_server(info: &str) -> anyhow::Result<()> {
 pub struct RedisSettings {
     /// Key names.
     pub keys: Keys,
-    /// Consumer group (the offsets are per group).
-    pub group: String,
     /// Retention of buckets and histories.
     pub retention: Retention,
     /// Decoding limits.
@@ -137,12 +191,18 @@ pub struct RedisSettings {
 /// more memory (docs/benchmarks.md).
 const MAX_IN_FLIGHT: usize = 3;
 
+/// How often the eviction policy is read again while running: a policy
+/// changed under a running sink stops its writes within this time.
+const POLICY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Writes user3 batches into Redis, exactly once per event.
 pub struct RedisSink {
     conn: ConnectionManager,
     settings: RedisSettings,
     script: Script,
     scripts: ScriptOrder,
+    /// When `maxmemory-policy` was last seen to be `noeviction`.
+    policy_ok_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl RedisSink {
@@ -153,7 +213,37 @@ impl RedisSink {
             settings,
             script: Script::new(APPLY_BATCH),
             scripts: ScriptOrder::default(),
+            policy_ok_at: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Fails while Redis may evict keys (see [`check_eviction_policy`]),
+    /// reading the policy at most every [`POLICY_CHECK_INTERVAL`]: an
+    /// operator may change it under a running sink.
+    async fn ensure_no_eviction(&self) -> Result<(), SinkError> {
+        let lock = || {
+            self.policy_ok_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if lock().is_some_and(|at| at.elapsed() < POLICY_CHECK_INTERVAL) {
+            return Ok(());
+        }
+        let info = info_memory(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        check_eviction_policy(&info).map_err(|refusal| {
+            *lock() = None;
+            SinkError::unavailable(
+                "redis_eviction_policy",
+                anyhow::anyhow!(
+                    "{refusal}; nothing is written until it is set back \
+                     (CONFIG SET maxmemory-policy noeviction)"
+                ),
+            )
+        })?;
+        *lock() = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Applies one partition's part of a batch. `Some((partition, stored))`
@@ -197,10 +287,13 @@ impl RedisSink {
         }
         let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
         self.scripts.answer(range);
-        // `stored == next`: an earlier attempt of this very write got
-        // through before its reply was lost; it is applied, once.
-        // Any other stored offset: resume there (ahead or behind).
-        Ok((stored >= 0 && stored != range.next).then_some((range.partition, stored)))
+        // At or past `next`: Redis holds every record of this range, counted
+        // once (an earlier attempt got through before its reply was lost,
+        // and maybe later batches after it): applied. Resuming at `stored`
+        // instead would make the loop seek for nothing.
+        // Below `next`: resume there (a replay ahead of `first`, or Redis
+        // lost writes behind it).
+        Ok((stored >= 0 && stored < range.next).then_some((range.partition, stored)))
     }
 }
 
@@ -212,11 +305,9 @@ impl Sink for RedisSink {
     }
 
     async fn write(&self, batch: &Batch<Action>) -> Result<WriteOutcome, SinkError> {
+        self.ensure_no_eviction().await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let offsets_key = self
-            .settings
-            .keys
-            .offsets(&self.settings.group, &batch.topic);
+        let offsets_key = self.settings.keys.offsets(&batch.topic);
         // Partitions are independent (own offset, fenced separately), so
         // they go concurrently over the one connection: Redis runs one
         // partition's commands while the next partition's are being built.
@@ -240,7 +331,7 @@ impl Sink for RedisSink {
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
-        let key = self.settings.keys.offsets(&self.settings.group, topic);
+        let key = self.settings.keys.offsets(topic);
         let fields: Vec<String> = partitions.iter().map(ToString::to_string).collect();
         let mut conn = self.conn.clone();
         let values: Vec<Option<i64>> = redis::cmd("HMGET")
@@ -265,8 +356,8 @@ impl Sink for RedisSink {
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
-            .map(drop)
-            .map_err(classify)
+            .map_err(classify)?;
+        self.ensure_no_eviction().await
     }
 }
 
@@ -461,6 +552,29 @@ mod tests {
                 "{refused:?}"
             );
         }
+    }
+
+    #[test]
+    fn only_noeviction_is_accepted() {
+        let info =
+            |policy: &str| format!("# Memory\r\nused_memory:1\r\nmaxmemory_policy:{policy}\r\n");
+        assert_eq!(check_eviction_policy(&info("noeviction")), Ok(()));
+        for policy in [
+            "volatile-lru",
+            "allkeys-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            let refusal = check_eviction_policy(&info(policy))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                refusal.starts_with(&format!("Redis maxmemory-policy is {policy}:"))
+                    && refusal.ends_with("needs maxmemory-policy noeviction"),
+                "{refusal}"
+            );
+        }
+        assert!(check_eviction_policy("# Memory\r\nused_memory:1\r\n").is_err());
     }
 
     #[tokio::test]

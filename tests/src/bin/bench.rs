@@ -353,7 +353,7 @@ async fn run_redis(
     ]);
     let started = Instant::now();
     let service = Service::start("redis-sink", &args, &stack.dir.join("logs"), &group)?;
-    let offsets_key = format!("{prefix}offsets:{group}:{topic}");
+    let offsets_key = redis_sink::keys::Keys::new(prefix.as_str()).offsets(topic);
     let total = events as i64;
     let mut peak = 0;
     let mut cpu = 0.0;
