@@ -67,6 +67,22 @@ pub fn producer_with(
     config.create().context("producer")
 }
 
+/// A producer set as Logstash's kafka output sends: many records per
+/// record batch (its `batch_size` is 16 KB), a short linger, and the given
+/// `compression_type` (none, gzip, snappy, lz4 or zstd). For brokers that
+/// serve record batches correctly (librdkafka's mock cluster); see
+/// [`producer`] for tansu.
+pub fn logstash_producer(bootstrap: &str, compression: &str) -> anyhow::Result<FutureProducer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("batch.size", "16384")
+        .set("linger.ms", "5")
+        .set("acks", "all")
+        .set("compression.type", compression)
+        .create()
+        .with_context(|| format!("producer with compression.type={compression}"))
+}
+
 /// Produces payloads to explicit partitions and waits for every delivery.
 pub async fn produce(
     producer: &FutureProducer,

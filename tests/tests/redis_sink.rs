@@ -11,6 +11,8 @@ use e2e::process::{restart_alone, PrivateRedis, Service};
 use e2e::redis_model::{diff, dump, expected};
 use e2e::{kafka, unique, wait_for, Stack};
 use rand::{Rng, SeedableRng};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use redis::aio::MultiplexedConnection;
 
 const PARTITIONS: i32 = 3;
@@ -30,6 +32,9 @@ struct Fixture {
     services: usize,
     /// When the fixture was made: every key is written after it.
     created_ms: i64,
+    /// The in-process broker `stack.kafka` points at, for fixtures made
+    /// with [`Fixture::on_mock_cluster`].
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
 impl Fixture {
@@ -43,6 +48,31 @@ impl Fixture {
         let topic = unique("user3");
         kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
         kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
+        Self::on_topic(stack, redis_url, topic, None).await
+    }
+
+    /// On librdkafka's mock cluster (3 brokers, in this process), which
+    /// serves batched and compressed record batches as Kafka does, fed by a
+    /// producer set as Logstash's kafka output with `compression`.
+    async fn on_mock_cluster(compression: &str) -> anyhow::Result<Self> {
+        let mock = MockCluster::new(3)?;
+        let topic = unique("user3");
+        mock.create_topic(&topic, PARTITIONS, 3)?;
+        mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 3)?;
+        let mut stack = Stack::get()?;
+        stack.kafka = mock.bootstrap_servers();
+        let url = stack.redis_url.clone();
+        let mut f = Self::on_topic(stack, url, topic, Some(mock)).await?;
+        f.producer = kafka::logstash_producer(&f.stack.kafka, compression)?;
+        Ok(f)
+    }
+
+    async fn on_topic(
+        stack: Stack,
+        redis_url: String,
+        topic: String,
+        mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    ) -> anyhow::Result<Self> {
         let redis = redis::Client::open(redis_url.as_str())?
             .get_multiplexed_async_connection()
             .await?;
@@ -58,6 +88,7 @@ impl Fixture {
             truths: Vec::new(),
             services: 0,
             created_ms: chrono::Utc::now().timestamp_millis(),
+            _mock: mock,
         })
     }
 
@@ -801,4 +832,35 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
         .await?;
     assert_eq!(counted, vec![], "nothing counted");
     Ok(())
+}
+
+/// What Logstash sends with each `compression_type`: batched, compressed
+/// record batches, on a broker that serves them as Kafka does. Every event
+/// counts once.
+async fn compressed_batches_equal_the_model(compression: &str) -> anyhow::Result<()> {
+    let mut f = Fixture::on_mock_cluster(compression).await?;
+    f.produce(events(16, 6_000, 0.01)).await?;
+    let service = f.start()?;
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_batches_equal_the_model() -> anyhow::Result<()> {
+    compressed_batches_equal_the_model("gzip").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snappy_batches_equal_the_model() -> anyhow::Result<()> {
+    compressed_batches_equal_the_model("snappy").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lz4_batches_equal_the_model() -> anyhow::Result<()> {
+    compressed_batches_equal_the_model("lz4").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_batches_equal_the_model() -> anyhow::Result<()> {
+    compressed_batches_equal_the_model("zstd").await
 }
