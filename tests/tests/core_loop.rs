@@ -156,12 +156,16 @@ fn args_with(
         group,
         "--session-timeout-ms",
         "6000",
-        "--metrics-addr",
-        "127.0.0.1:0",
         "--shutdown-timeout-secs",
         "10",
     ];
-    let argv = argv.iter().chain(extra);
+    let any_port = ["--metrics-addr", "127.0.0.1:0"];
+    let any_port = if extra.contains(&"--metrics-addr") {
+        &any_port[..0]
+    } else {
+        &any_port[..]
+    };
+    let argv = argv.iter().chain(any_port).chain(extra);
     Ok(try_parse_args_from::<Cli, _, _>(&defaults, argv)?.consumer)
 }
 
@@ -720,4 +724,88 @@ async fn a_seek_never_skips_records_fetched_before_it() -> anyhow::Result<()> {
         );
     }
     result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_stops_advancing_shows_and_recovers() -> anyhow::Result<()> {
+    // Records wait in the log but every fetch fails (as when a record batch
+    // cannot be read): the stalled partitions show in a metric and in
+    // readiness, and once fetches succeed again everything arrives.
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::types::RDKafkaRespErr;
+
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("stall");
+    mock.create_topic(&topic, PARTITIONS, 1)?;
+    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &unique("group"),
+        &[
+            "--metrics-addr",
+            &metrics,
+            "--stall-timeout-secs",
+            "10",
+            "--kafka-option",
+            "statistics.interval.ms=1000,fetch.error.backoff.ms=1000",
+        ],
+    )?;
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
+    let producer = kafka::producer(&bootstrap)?;
+    let batch = |from: usize| {
+        (from..from + 30).map(|i| ((i % 3) as i32, format!("event-{i}").into_bytes()))
+    };
+    kafka::produce(&producer, &topic, batch(0)).await?;
+    wait_for(TIMEOUT, "the first 30 events", || len(&seen) >= 30).await?;
+    e2e::wait_for_async(TIMEOUT, "readiness", || e2e::ready(port)).await?;
+
+    // About 40 s of failed fetches, then records to read.
+    mock.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_KAFKA_STORAGE_ERROR; 40],
+    );
+    kafka::produce(&producer, &topic, batch(30)).await?;
+    e2e::wait_for_async(TIMEOUT, "readiness to turn false", || async {
+        Ok(!e2e::ready(port).await?)
+    })
+    .await?;
+    let stalled = stalled_partitions(port, &topic).await?;
+    assert!(!stalled.is_empty(), "no partition reported stalled");
+    assert!(len(&seen) < 60, "stalled, yet every event arrived");
+
+    wait_for(
+        Duration::from_secs(120),
+        "every event after the failures",
+        || len(&seen) >= 60,
+    )
+    .await?;
+    e2e::wait_for_async(TIMEOUT, "readiness again", || e2e::ready(port)).await?;
+    assert_eq!(
+        stalled_partitions(port, &topic).await?,
+        Vec::<String>::new()
+    );
+    running.stop().await
+}
+
+/// The partitions of `topic` whose `sink_partition_stalled` gauge is 1.
+async fn stalled_partitions(port: u16, topic: &str) -> anyhow::Result<Vec<String>> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with(sink_core::metrics::PARTITION_STALLED)
+                && l.contains(&format!("topic=\"{topic}\""))
+                && l.ends_with(" 1")
+        })
+        .map(str::to_owned)
+        .collect())
 }

@@ -1457,7 +1457,9 @@ fn metric_labels(name: &str) -> Option<&'static [&'static str]> {
         | "sink_buffered_events" => &[],
         "sink_retries_total" => &["operation", "kind"],
         "sink_dlq_events_total" => &["topic", "code"],
-        "sink_committed_offset" | "sink_consumer_lag" => &["topic", "partition"],
+        "sink_committed_offset" | "sink_consumer_lag" | "sink_partition_stalled" => {
+            &["topic", "partition"]
+        }
         _ => return None,
     })
 }

@@ -109,6 +109,14 @@ pub struct ConsumerArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
 
+    /// A partition with records to read that has not advanced for this long,
+    /// while the sink kept up, is reported stalled (error log, metric,
+    /// readiness false): a record batch that cannot be read, a broker that
+    /// keeps refusing fetches.
+    #[arg(long, env = "STALL_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub stall_timeout_secs: u64,
+
     /// On SIGTERM/SIGINT, time allowed to write and commit what was fetched.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3_600))]
@@ -155,6 +163,11 @@ impl ConsumerArgs {
             max_bytes: usize::try_from(self.batch_max_bytes).unwrap_or(usize::MAX),
             linger: Duration::from_millis(self.batch_linger_ms),
         }
+    }
+
+    /// How long a partition may stand still with records to read.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout_secs)
     }
 
     /// Shutdown deadline.

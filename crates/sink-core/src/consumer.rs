@@ -40,6 +40,7 @@ use crate::metrics::{self as m, Health};
 use crate::offsets::{BatchId, OffsetTracker};
 use crate::retry;
 use crate::sink::{Record, Rejection, Sink};
+use crate::stall::{Change, Observation, StallWatch};
 
 /// How long an assignment waits for the sink to say where partitions start.
 /// Past it, Kafka's committed offsets are used: a sink that stores offsets
@@ -79,6 +80,11 @@ struct Shared {
     rebalances: AtomicU64,
     /// Counts write attempts, so the idle readiness probe stays out of the way.
     writes: AtomicU64,
+    /// False while the loop holds or pauses fetching for the sink.
+    taking: AtomicBool,
+    /// The last consumer error librdkafka reported, for the stall log.
+    last_error: Mutex<Option<String>>,
+    stalls: Mutex<StallWatch>,
 }
 
 impl Shared {
@@ -100,6 +106,7 @@ struct LoopContext<S: Sink> {
 impl<S: Sink> ClientContext for LoopContext<S> {
     fn stats(&self, statistics: Statistics) {
         m::record_statistics(&statistics);
+        self.watch_stalls(&statistics);
     }
 }
 
@@ -144,10 +151,12 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
                 tracing::error!(error = ?other, "rebalance failed; dropping the assignment");
                 // Like a lost assignment: nothing of it may be committed.
                 let mut tracker = self.shared.tracker();
-                for partition in tracker.assigned() {
-                    tracker.revoke(partition);
+                let assigned = tracker.assigned();
+                for partition in &assigned {
+                    tracker.revoke(*partition);
                 }
                 drop(tracker);
+                self.forget_stalls(&assigned);
                 consumer.unassign()
             }
         };
@@ -167,6 +176,96 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
 }
 
 impl<S: Sink> LoopContext<S> {
+    /// Feeds the stall watch with where each assigned partition stands and
+    /// where its log ends, and reports what changed.
+    fn watch_stalls(&self, statistics: &Statistics) {
+        let Some(topic_stats) = statistics.topics.get(&*self.topic) else {
+            return;
+        };
+        let positions: Vec<(i32, Option<i64>)> = {
+            let tracker = self.shared.tracker();
+            tracker
+                .assigned()
+                .into_iter()
+                .map(|p| (p, tracker.position(p)))
+                .collect()
+        };
+        let taking = self.shared.taking.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let mut stalls = lock(&self.shared.stalls);
+        for (partition, position) in positions {
+            let Some(p) = topic_stats.partitions.get(&partition) else {
+                continue;
+            };
+            // Before the first record since the assignment, the position
+            // is where the group's offset or the log starts.
+            let position = position.unwrap_or(if p.committed_offset >= 0 {
+                p.committed_offset
+            } else {
+                p.lo_offset
+            });
+            let log_end = if p.ls_offset >= 0 {
+                p.ls_offset
+            } else {
+                p.hi_offset
+            };
+            if position < 0 || log_end < 0 {
+                continue;
+            }
+            let seen = Observation {
+                position,
+                log_end,
+                queued: p.fetchq_cnt,
+            };
+            if let Some(change) = stalls.observe(partition, seen, taking, now) {
+                self.report_stall(change);
+            }
+        }
+        self.health.set_stalled(stalls.stalled());
+    }
+
+    /// Stops watching revoked partitions.
+    fn forget_stalls(&self, partitions: &[i32]) {
+        let mut stalls = lock(&self.shared.stalls);
+        for partition in partitions {
+            if let Some(change) = stalls.forget(*partition) {
+                self.report_stall(change);
+            }
+        }
+        self.health.set_stalled(stalls.stalled());
+    }
+
+    fn report_stall(&self, change: Change) {
+        let (partition, stalled) = match change {
+            Change::Stalled {
+                partition,
+                position,
+                log_end,
+                for_,
+            } => {
+                let last_error = lock(&self.shared.last_error).clone();
+                tracing::error!(
+                    topic = %self.topic,
+                    partition,
+                    offset = position,
+                    log_end,
+                    stalled_secs = for_.as_secs(),
+                    last_consumer_error = last_error.as_deref().unwrap_or("none"),
+                    "partition stopped advancing: the records from this offset cannot be \
+                     read (a corrupt or undecodable record batch, a broker refusing fetches); \
+                     nothing past it is committed. See the last consumer error and the broker's log"
+                );
+                (partition, 1.0)
+            }
+            Change::Moving { partition } => {
+                tracing::info!(topic = %self.topic, partition, "partition advancing again");
+                (partition, 0.0)
+            }
+        };
+        metrics::gauge!(m::PARTITION_STALLED, "topic" => self.topic.to_string(), "partition" => partition.to_string())
+            .set(stalled);
+    }
+
     fn on_assign(&self, partitions: &[i32], tpl: &mut TopicPartitionList) {
         let stored = if self.shared.closing.load(Ordering::Relaxed) || partitions.is_empty() {
             None
@@ -221,6 +320,7 @@ impl<S: Sink> LoopContext<S> {
                 .filter_map(|p| tracker.revoke(*p).map(|offset| (*p, offset)))
                 .collect()
         };
+        self.forget_stalls(partitions);
         // After a lost assignment the partitions already belong to others:
         // a commit now would be refused, and must not win if it were not.
         if !lost && !commits.is_empty() {
@@ -250,6 +350,11 @@ impl<S: Sink> LoopContext<S> {
             };
         }
     }
+}
+
+/// Locks state that holds no invariant a panic elsewhere could break halfway.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs a future to completion from a librdkafka callback, which is
@@ -312,6 +417,9 @@ pub async fn run<S: Sink>(
         closing: AtomicBool::new(false),
         rebalances: AtomicU64::new(0),
         writes: AtomicU64::new(0),
+        taking: AtomicBool::new(true),
+        last_error: Mutex::new(None),
+        stalls: Mutex::new(StallWatch::new(args.stall_timeout())),
     });
     let context = LoopContext {
         shared: Arc::clone(&shared),
@@ -519,6 +627,7 @@ impl<S: Sink> Loop<S> {
             }
             Err(err) => {
                 tracing::warn!(%err, "Kafka consumer error");
+                *lock(&self.shared.last_error) = Some(err.to_string());
                 false
             }
         }
@@ -606,6 +715,9 @@ impl<S: Sink> Loop<S> {
         }
         self.holding
             .set(if self.held_since.is_some() { 1.0 } else { 0.0 });
+        self.shared
+            .taking
+            .store(self.held_since.is_none(), Ordering::Relaxed);
     }
 
     /// Whether to take messages now: not while holding, unless paused (then

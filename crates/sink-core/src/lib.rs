@@ -8,6 +8,7 @@
 //! - [`sink`]: the contract a service implements ([`Sink`]);
 //! - [`consumer`]: the consume → batch → write → dead-letter → commit loop
 //!   ([`run`]), with [`batch`] and [`offsets`] as its pure parts;
+//! - [`stall`]: partitions that stopped advancing, found from statistics;
 //! - [`dlq`], [`metrics`], [`retry`], [`shutdown`], [`telemetry`]: the edges.
 
 pub mod batch;
@@ -20,6 +21,7 @@ pub mod offsets;
 pub mod retry;
 pub mod shutdown;
 pub mod sink;
+pub mod stall;
 pub mod telemetry;
 
 pub use config::{parse_args, ConsumerArgs, ServiceDefaults};

@@ -4,7 +4,7 @@
 //! (deploy/grafana): they are constants here and nowhere else.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,12 +40,17 @@ pub const PAUSED: &str = "sink_paused";
 pub const OFFSET_GAPS: &str = "sink_offset_gaps_total";
 /// Records held in memory waiting for the sink.
 pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
+/// 1 while a partition has records to read but has not advanced for the
+/// stall timeout (see [`crate::stall`]), by topic and partition.
+pub const PARTITION_STALLED: &str = "sink_partition_stalled";
 
 /// Liveness and readiness, shared by the loop and the HTTP endpoint.
 #[derive(Debug, Default)]
 pub struct Health {
     in_group: AtomicBool,
     sink_ok: AtomicBool,
+    /// Partitions that stopped advancing (see [`crate::stall`]).
+    stalled: AtomicUsize,
     /// Woken when the sink turns reachable again, so that writes waiting out
     /// a long backoff retry at once instead of up to a minute later.
     sink_back: tokio::sync::Notify,
@@ -81,9 +86,17 @@ impl Health {
         self.sink_ok.load(Ordering::Relaxed)
     }
 
-    /// Ready to do work: in the group and the sink reachable.
+    /// How many assigned partitions are stalled.
+    pub fn set_stalled(&self, partitions: usize) {
+        self.stalled.store(partitions, Ordering::Relaxed);
+    }
+
+    /// Ready to do work: in the group, the sink reachable, and no partition
+    /// stalled.
     pub fn ready(&self) -> bool {
-        self.in_group.load(Ordering::Relaxed) && self.sink_ok.load(Ordering::Relaxed)
+        self.in_group.load(Ordering::Relaxed)
+            && self.sink_ok.load(Ordering::Relaxed)
+            && self.stalled.load(Ordering::Relaxed) == 0
     }
 }
 
@@ -140,6 +153,10 @@ fn describe() {
     );
     describe_counter!(OFFSET_GAPS, "Offsets skipped by the broker");
     describe_gauge!(BUFFERED_EVENTS, "Records waiting for the sink");
+    describe_gauge!(
+        PARTITION_STALLED,
+        "1 while a partition with records to read has not advanced for the stall timeout"
+    );
 }
 
 pub(crate) fn retry(what: &'static str, kind: &'static str) {
