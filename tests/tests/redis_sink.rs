@@ -864,3 +864,62 @@ async fn lz4_batches_equal_the_model() -> anyhow::Result<()> {
 async fn zstd_batches_equal_the_model() -> anyhow::Result<()> {
     compressed_batches_equal_the_model("zstd").await
 }
+
+/// After a rebalance, a replica shows per-partition lag and offsets only for
+/// the partitions it still owns: the last lag of a partition that moved to
+/// another replica would stay on dashboards forever beside the new owner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_only_the_partitions_a_replica_owns() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    f.produce(events(17, 3_000, 0.0)).await?;
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let first = f.start_with(&["--metrics-addr", &metrics])?;
+    f.wait_all_applied(&first).await?;
+    let lag_partitions = || async {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await?
+            .text()
+            .await?;
+        let mut partitions: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("sink_consumer_lag{"))
+            .filter_map(|l| l.split_once("partition=\"")?.1.split_once('"'))
+            .map(|(p, _)| p.to_owned())
+            .collect();
+        partitions.sort();
+        anyhow::Ok(partitions)
+    };
+    e2e::wait_for_async(
+        Duration::from_secs(30),
+        "lag of all 3 partitions",
+        || async { Ok(lag_partitions().await?.len() == 3) },
+    )
+    .await?;
+    let second = f.start()?;
+    wait_for(
+        Duration::from_secs(60),
+        "the partitions dealt again",
+        || {
+            [&first, &second].iter().all(|s| {
+                s.last_assignment()
+                    .is_some_and(|l| !l.ends_with("[]") && !l.ends_with("[0, 1, 2]"))
+            })
+        },
+    )
+    .await?;
+    let line = first.last_assignment().unwrap_or_default();
+    let kept: Vec<String> = line
+        .rsplit_once('[')
+        .map(|(_, list)| list.trim_end_matches(']'))
+        .unwrap_or_default()
+        .split(", ")
+        .map(str::to_owned)
+        .collect();
+    let shown = lag_partitions().await?;
+    assert!(
+        shown.len() < 3 && shown.iter().all(|p| kept.contains(p)),
+        "the first replica now owns {kept:?}, its /metrics shows lag of partitions {shown:?}"
+    );
+    Ok(())
+}

@@ -157,6 +157,7 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
                 }
                 drop(tracker);
                 self.forget_stalls(&assigned);
+                self.health.set_owned(Vec::new());
                 consumer.unassign()
             }
         };
@@ -304,6 +305,7 @@ impl<S: Sink> LoopContext<S> {
             }
             tracker.assign(*partition, start);
         }
+        self.health.set_owned(tracker.assigned());
         self.health.set_in_group(true);
         tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
     }
@@ -321,6 +323,7 @@ impl<S: Sink> LoopContext<S> {
                 .collect()
         };
         self.forget_stalls(partitions);
+        self.health.set_owned(self.shared.tracker().assigned());
         // After a lost assignment the partitions already belong to others:
         // a commit now would be refused, and must not win if it were not.
         if !lost && !commits.is_empty() {

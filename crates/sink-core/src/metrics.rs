@@ -51,6 +51,9 @@ pub struct Health {
     sink_ok: AtomicBool,
     /// Partitions that stopped advancing (see [`crate::stall`]).
     stalled: AtomicUsize,
+    /// Partitions this consumer owns: /metrics shows per-partition series
+    /// only for these (see [`owned_series_only`]).
+    owned: std::sync::Mutex<Vec<i32>>,
     /// Woken when the sink turns reachable again, so that writes waiting out
     /// a long backoff retry at once instead of up to a minute later.
     sink_back: tokio::sync::Notify,
@@ -84,6 +87,21 @@ impl Health {
     /// The last sink call or probe succeeded.
     pub fn sink_ok(&self) -> bool {
         self.sink_ok.load(Ordering::Relaxed)
+    }
+
+    /// The partitions this consumer owns now.
+    pub fn set_owned(&self, partitions: Vec<i32>) {
+        *self
+            .owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = partitions;
+    }
+
+    fn owned(&self) -> Vec<i32> {
+        self.owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// How many assigned partitions are stalled.
@@ -183,6 +201,33 @@ pub(crate) fn record_statistics(stats: &Statistics) {
     }
 }
 
+/// Per-partition metrics: shown only for partitions the consumer owns.
+const PER_PARTITION: [&str; 3] = [COMMITTED_OFFSET, CONSUMER_LAG, PARTITION_STALLED];
+
+/// Drops the per-partition series of partitions this consumer no longer
+/// owns. The recorder cannot forget a series, and after a rebalance the
+/// last lag of a revoked partition would otherwise stay on dashboards
+/// forever, beside the new owner's.
+fn owned_series_only(rendered: &str, owned: &[i32]) -> String {
+    let mut out = String::with_capacity(rendered.len());
+    for line in rendered.lines() {
+        let per_partition = PER_PARTITION.iter().any(|name| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+        });
+        let partition = line
+            .split_once("partition=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .and_then(|(p, _)| p.parse::<i32>().ok());
+        if per_partition && partition.is_some_and(|p| !owned.contains(&p)) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 #[derive(Clone)]
 struct Endpoint {
     metrics: PrometheusHandle,
@@ -212,7 +257,9 @@ pub async fn serve(
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(e): State<Endpoint>| async move { e.metrics.render() }),
+            get(|State(e): State<Endpoint>| async move {
+                owned_series_only(&e.metrics.render(), &e.health.owned())
+            }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -232,4 +279,28 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_partitions_no_longer_owned_are_dropped() {
+        let rendered = "# TYPE sink_consumer_lag gauge\n\
+            sink_consumer_lag{topic=\"user3\",partition=\"0\"} 5\n\
+            sink_consumer_lag{topic=\"user3\",partition=\"2\"} 9\n\
+            sink_committed_offset{topic=\"user3\",partition=\"2\"} 100\n\
+            sink_partition_stalled{topic=\"user3\",partition=\"2\"} 0\n\
+            sink_events_consumed_total{topic=\"user3\"} 7\n\
+            sink_dlq_events_total{topic=\"user3\",code=\"not_json\"} 1\n";
+        assert_eq!(
+            owned_series_only(rendered, &[0]),
+            "# TYPE sink_consumer_lag gauge\n\
+             sink_consumer_lag{topic=\"user3\",partition=\"0\"} 5\n\
+             sink_events_consumed_total{topic=\"user3\"} 7\n\
+             sink_dlq_events_total{topic=\"user3\",code=\"not_json\"} 1\n"
+        );
+        assert_eq!(owned_series_only(rendered, &[0, 2]), rendered);
+    }
 }

@@ -52,7 +52,9 @@ pub enum Change {
 #[derive(Debug)]
 struct Watch {
     position: i64,
-    since: Instant,
+    /// Since when it has waited at `position` with records to read while
+    /// the loop was taking; `None` while it is not waiting.
+    since: Option<Instant>,
     stalled: bool,
 }
 
@@ -84,20 +86,20 @@ impl StallWatch {
     ) -> Option<Change> {
         let watch = self.partitions.entry(partition).or_insert(Watch {
             position: seen.position,
-            since: now,
+            since: None,
             stalled: false,
         });
-        let waiting = seen.log_end > seen.position && seen.queued == 0;
-        if seen.position != watch.position || !waiting || !taking {
+        let waiting = seen.log_end > seen.position && seen.queued == 0 && taking;
+        if seen.position != watch.position || !waiting {
             watch.position = seen.position;
-            watch.since = now;
+            watch.since = waiting.then_some(now);
             if watch.stalled {
                 watch.stalled = false;
                 return Some(Change::Moving { partition });
             }
             return None;
         }
-        let for_ = now.duration_since(watch.since);
+        let for_ = now.duration_since(*watch.since.get_or_insert(now));
         if !watch.stalled && for_ >= self.timeout {
             watch.stalled = true;
             return Some(Change::Stalled {
