@@ -840,3 +840,49 @@ async fn nothing_is_committed_past_what_the_sink_has_not_accepted() -> anyhow::R
     assert_eq!(len(&seen), 900, "every record once");
     running.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<()> {
+    // Records older than where a new group starts (auto.offset.reset=latest)
+    // are no records to read: readiness stays true past the stall timeout.
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("latest");
+    mock.create_topic(&topic, PARTITIONS, 1)?;
+    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let producer = kafka::producer(&bootstrap)?;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..30).map(|i| (i % PARTITIONS, format!("old-{i}").into_bytes())),
+    )
+    .await?;
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &unique("group"),
+        &[
+            "--metrics-addr",
+            &metrics,
+            "--stall-timeout-secs",
+            "10",
+            "--kafka-option",
+            "auto.offset.reset=latest,statistics.interval.ms=1000",
+        ],
+    )?;
+    let running = Running::start(args, RecordingSink::default());
+    e2e::wait_for_async(TIMEOUT, "readiness", || e2e::ready(port)).await?;
+    // Twice the stall timeout, reading readiness all along.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < until {
+        assert!(
+            e2e::ready(port).await?,
+            "not ready: {:?}",
+            stalled_partitions(port, &topic).await?
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    running.stop().await
+}

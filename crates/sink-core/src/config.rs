@@ -189,12 +189,28 @@ impl ConsumerArgs {
                 self.topic
             );
         }
-        for (key, _) in self.kafka_options() {
+        for (key, value) in self.kafka_options() {
             if let Some((_, why)) = MANAGED_KAFKA_OPTIONS.iter().find(|(k, _)| k == key) {
                 bail!("--kafka-option {key} cannot be set: {why}");
             }
+            if key == "statistics.interval.ms" {
+                self.check_statistics_interval(value)?;
+            }
         }
         Ok(())
+    }
+
+    /// Stalled partitions are found from librdkafka's statistics: they must
+    /// come, and often enough to see a stall within `--stall-timeout-secs`.
+    fn check_statistics_interval(&self, value: &str) -> anyhow::Result<()> {
+        let most = self.stall_timeout_secs * 1000 / 2;
+        match value.trim().parse::<u64>() {
+            Ok(ms) if (1..=most).contains(&ms) => Ok(()),
+            _ => bail!(
+                "--kafka-option statistics.interval.ms={value}: expected 1 to {most} (half of \
+                 --stall-timeout-secs): stalled partitions are found from these statistics"
+            ),
+        }
     }
 
     /// Settings common to the consumer and the dead-letter producer, with the
@@ -438,6 +454,28 @@ mod tests {
     fn parse(args: &[&str]) -> Result<ConsumerArgs, clap::Error> {
         let argv = std::iter::once("svc").chain(args.iter().copied());
         try_parse_args_from::<Cli, _, _>(&DEFAULTS, argv).map(|c| c.consumer)
+    }
+
+    #[test]
+    fn statistics_must_come_often_enough_to_see_a_stall() {
+        let check = |interval: &str| {
+            let option = format!("statistics.interval.ms={interval}");
+            parse(&["--bootstrap-servers", "k:9092", "--kafka-option", &option])
+                .unwrap()
+                .validate()
+                .map_err(|e| e.to_string())
+        };
+        assert!(check("1000").is_ok());
+        assert!(check("30000").is_ok(), "half the default 60 s timeout");
+        for interval in ["0", "30001", "soon"] {
+            let refusal = check(interval).unwrap_err();
+            assert!(
+                refusal.starts_with(&format!(
+                    "--kafka-option statistics.interval.ms={interval}: expected 1 to 30000"
+                )),
+                "{refusal}"
+            );
+        }
     }
 
     #[test]

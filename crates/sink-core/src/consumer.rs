@@ -183,40 +183,24 @@ impl<S: Sink> LoopContext<S> {
         let Some(topic_stats) = statistics.topics.get(&*self.topic) else {
             return;
         };
-        let positions: Vec<(i32, Option<i64>)> = {
-            let tracker = self.shared.tracker();
-            tracker
-                .assigned()
-                .into_iter()
-                .map(|p| (p, tracker.position(p)))
-                .collect()
-        };
+        let assigned = self.shared.tracker().assigned();
         let taking = self.shared.taking.load(Ordering::Relaxed);
         let now = Instant::now();
         let mut stalls = lock(&self.shared.stalls);
-        for (partition, position) in positions {
+        for partition in assigned {
             let Some(p) = topic_stats.partitions.get(&partition) else {
                 continue;
             };
-            // Before the first record since the assignment, the position
-            // is where the group's offset or the log starts.
-            let position = position.unwrap_or(if p.committed_offset >= 0 {
-                p.committed_offset
-            } else {
-                p.lo_offset
-            });
-            let log_end = if p.ls_offset >= 0 {
-                p.ls_offset
-            } else {
-                p.hi_offset
-            };
-            if position < 0 || log_end < 0 {
+            // librdkafka's fetch position: unknown (negative) until it has
+            // found where to start, and past transaction markers, which
+            // never reach the loop.
+            if p.next_offset < 0 || p.fetch_state != "active" {
                 continue;
             }
+            let log_end = [p.ls_offset, p.hi_offset].into_iter().find(|o| *o >= 0);
             let seen = Observation {
-                position,
+                position: p.next_offset,
                 log_end,
-                queued: p.fetchq_cnt,
             };
             if let Some(change) = stalls.observe(partition, seen, taking, now) {
                 self.report_stall(change);

@@ -74,11 +74,6 @@ impl OffsetTracker {
         partitions
     }
 
-    /// The next offset expected from the fetcher of `partition`, once known.
-    pub fn position(&self, partition: i32) -> Option<i64> {
-        self.partitions.get(&partition)?.position
-    }
-
     /// Whether a fetched message should be processed: `None` when its
     /// partition is not owned or it is a leftover from before a seek.
     /// Otherwise the offset fetching resumed from before this record: a batch

@@ -4,10 +4,12 @@
 //! could act on: a record batch librdkafka cannot decode, a fetch the broker
 //! keeps refusing. The partition just stops, and the loop, waiting for
 //! records, sees nothing wrong. This watch compares, at every statistics
-//! report, where each assigned partition stands with where its log ends: a
-//! partition with records to read whose position has not moved for the
-//! stall timeout, while the loop was taking records and librdkafka held
-//! none for it, is stalled.
+//! report, each assigned partition's fetch position (librdkafka's own: it
+//! moves past transaction markers, which never reach the loop) with where
+//! its log ends: a partition whose position has not moved for the stall
+//! timeout while the loop was taking records and its log ends further on is
+//! stalled. It stays stalled until its position moves or its log ends where
+//! it stands; while the loop holds fetching for the sink, the clock stops.
 //!
 //! Pure: the loop's statistics callback feeds it and acts on what it
 //! returns (an error log, a gauge, readiness).
@@ -18,19 +20,17 @@ use std::time::{Duration, Instant};
 /// What one statistics report says about an assigned partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
-    /// The next offset the application will get.
+    /// The next offset librdkafka fetches.
     pub position: i64,
-    /// Where a read stops: the last stable offset (the high watermark
-    /// without open transactions).
-    pub log_end: i64,
-    /// Records librdkafka has fetched and not yet handed to the loop.
-    pub queued: i64,
+    /// Where a read stops (the last stable offset), if the report knows:
+    /// a broker answering a fetch with an error sends none.
+    pub log_end: Option<i64>,
 }
 
 /// A partition that started or stopped being stalled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// Stalled at `position`, `log_end - position` records behind, for
+    /// Stalled at `position` although its log ends at `log_end`, for
     /// `for_` already.
     Stalled {
         /// The partition.
@@ -42,7 +42,7 @@ pub enum Change {
         /// How long it has not moved.
         for_: Duration,
     },
-    /// Moving again (or caught up, or revoked).
+    /// Moving again, caught up, or revoked.
     Moving {
         /// The partition.
         partition: i32,
@@ -52,9 +52,12 @@ pub enum Change {
 #[derive(Debug)]
 struct Watch {
     position: i64,
-    /// Since when it has waited at `position` with records to read while
-    /// the loop was taking; `None` while it is not waiting.
-    since: Option<Instant>,
+    /// The last log end a report gave.
+    log_end: Option<i64>,
+    /// How long it has stood at `position` with records to read while the
+    /// loop was taking, up to the last report.
+    waited: Duration,
+    last_report: Instant,
     stalled: bool,
 }
 
@@ -76,7 +79,7 @@ impl StallWatch {
 
     /// Takes one report about `partition`. `taking` is false while the loop
     /// holds or pauses fetching because the sink is behind: a partition not
-    /// read on purpose is not stalled, and its clock restarts.
+    /// read on purpose is not waiting, and its clock stops.
     pub fn observe(
         &mut self,
         partition: i32,
@@ -86,27 +89,34 @@ impl StallWatch {
     ) -> Option<Change> {
         let watch = self.partitions.entry(partition).or_insert(Watch {
             position: seen.position,
-            since: None,
+            log_end: None,
+            waited: Duration::ZERO,
+            last_report: now,
             stalled: false,
         });
-        let waiting = seen.log_end > seen.position && seen.queued == 0 && taking;
-        if seen.position != watch.position || !waiting {
+        let since_last = now.saturating_duration_since(watch.last_report);
+        watch.last_report = now;
+        watch.log_end = seen.log_end.or(watch.log_end);
+        let behind = watch.log_end.is_some_and(|end| end > seen.position);
+        if seen.position != watch.position || !behind {
             watch.position = seen.position;
-            watch.since = waiting.then_some(now);
+            watch.waited = Duration::ZERO;
             if watch.stalled {
                 watch.stalled = false;
                 return Some(Change::Moving { partition });
             }
             return None;
         }
-        let for_ = now.duration_since(*watch.since.get_or_insert(now));
-        if !watch.stalled && for_ >= self.timeout {
+        if taking {
+            watch.waited += since_last;
+        }
+        if !watch.stalled && watch.waited >= self.timeout {
             watch.stalled = true;
             return Some(Change::Stalled {
                 partition,
                 position: seen.position,
-                log_end: seen.log_end,
-                for_,
+                log_end: watch.log_end.unwrap_or(seen.position),
+                for_: watch.waited,
             });
         }
         None
@@ -129,31 +139,38 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(60);
+    const REPORT: Duration = Duration::from_secs(5);
 
-    fn at(position: i64, log_end: i64, queued: i64) -> Observation {
+    fn at(position: i64, log_end: i64) -> Observation {
         Observation {
             position,
-            log_end,
-            queued,
+            log_end: Some(log_end),
         }
     }
 
+    /// Reports `seen` every 5 s from `from` for `reports` reports; returns
+    /// the changes and when the last report was.
+    fn report(
+        w: &mut StallWatch,
+        seen: Observation,
+        taking: bool,
+        from: Instant,
+        reports: u32,
+    ) -> (Vec<Change>, Instant) {
+        let changes = (0..reports)
+            .filter_map(|i| w.observe(0, seen, taking, from + REPORT * i))
+            .collect();
+        (changes, from + REPORT * reports.saturating_sub(1))
+    }
+
     #[test]
-    fn a_partition_behind_its_log_end_that_does_not_move_is_stalled() {
+    fn a_partition_behind_its_log_end_that_does_not_move_is_stalled_once() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(TIMEOUT);
-        assert_eq!(w.observe(0, at(100, 500, 0), true, t0), None);
+        let (changes, last) = report(&mut w, at(100, 500), true, t0, 12);
+        assert_eq!(changes, vec![], "55 s");
         assert_eq!(
-            w.observe(
-                0,
-                at(100, 500, 0),
-                true,
-                t0 + TIMEOUT - Duration::from_secs(1)
-            ),
-            None
-        );
-        assert_eq!(
-            w.observe(0, at(100, 520, 0), true, t0 + TIMEOUT),
+            w.observe(0, at(100, 520), true, last + REPORT),
             Some(Change::Stalled {
                 partition: 0,
                 position: 100,
@@ -162,62 +179,73 @@ mod tests {
             })
         );
         assert_eq!(w.stalled(), 1);
+        let (changes, last) = report(&mut w, at(100, 520), true, last + 2 * REPORT, 10);
+        assert_eq!(changes, vec![], "said once");
         assert_eq!(
-            w.observe(0, at(100, 520, 0), true, t0 + 2 * TIMEOUT),
-            None,
-            "said once"
-        );
-        assert_eq!(
-            w.observe(0, at(101, 520, 0), true, t0 + 2 * TIMEOUT),
+            w.observe(0, at(101, 520), true, last + REPORT),
             Some(Change::Moving { partition: 0 })
         );
         assert_eq!(w.stalled(), 0);
     }
 
     #[test]
-    fn caught_up_held_back_or_queued_is_not_stalled() {
+    fn caught_up_or_held_back_is_not_stalled() {
         let t0 = Instant::now();
-        let later = t0 + 10 * TIMEOUT;
         for (seen, taking, why) in [
-            (at(500, 500, 0), true, "nothing to read"),
-            (
-                at(100, 500, 0),
-                false,
-                "the loop holds fetching for the sink",
-            ),
-            (
-                at(100, 500, 20),
-                true,
-                "librdkafka holds records for the loop",
-            ),
+            (at(500, 500), true, "nothing to read"),
+            (at(100, 500), false, "the loop holds fetching for the sink"),
         ] {
             let mut w = StallWatch::new(TIMEOUT);
-            w.observe(0, seen, taking, t0);
-            assert_eq!(w.observe(0, seen, taking, later), None, "{why}");
+            assert_eq!(report(&mut w, seen, taking, t0, 100).0, vec![], "{why}");
         }
     }
 
     #[test]
-    fn the_clock_restarts_when_the_loop_takes_again() {
+    fn holding_stops_the_clock_and_clears_nothing() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(TIMEOUT);
-        w.observe(0, at(100, 500, 0), false, t0);
-        let resumed = t0 + 10 * TIMEOUT;
-        assert_eq!(w.observe(0, at(100, 500, 0), true, resumed), None);
-        assert!(matches!(
-            w.observe(0, at(100, 500, 0), true, resumed + TIMEOUT),
-            Some(Change::Stalled { .. })
-        ));
+        let (_, last) = report(&mut w, at(100, 500), true, t0, 8);
+        let (changes, last) = report(&mut w, at(100, 500), false, last + REPORT, 50);
+        assert_eq!(changes, vec![], "35 s waited, then the loop held");
+        let (changes, last) = report(&mut w, at(100, 500), true, last + REPORT, 5);
+        assert!(
+            matches!(changes[..], [Change::Stalled { .. }]),
+            "{changes:?}"
+        );
+        let (changes, _) = report(&mut w, at(100, 500), false, last + REPORT, 5);
+        assert_eq!(
+            changes,
+            vec![],
+            "still stalled while the loop holds: no flapping"
+        );
+        assert_eq!(w.stalled(), 1);
+    }
+
+    #[test]
+    fn a_report_without_a_log_end_keeps_the_last_one() {
+        // A broker answering fetches with an error sends no high watermark.
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(TIMEOUT);
+        w.observe(0, at(100, 500), true, t0);
+        let unknown = Observation {
+            position: 100,
+            log_end: None,
+        };
+        let (changes, _) = report(&mut w, unknown, true, t0 + REPORT, 13);
+        assert!(
+            matches!(changes[..], [Change::Stalled { log_end: 500, .. }]),
+            "{changes:?}"
+        );
     }
 
     #[test]
     fn a_revoked_stalled_partition_stops_counting() {
         let t0 = Instant::now();
         let mut w = StallWatch::new(TIMEOUT);
-        w.observe(3, at(0, 10, 0), true, t0);
-        w.observe(3, at(0, 10, 0), true, t0 + TIMEOUT);
-        assert_eq!(w.forget(3), Some(Change::Moving { partition: 3 }));
+        report(&mut w, at(0, 10), true, t0, 13);
+        assert_eq!(w.stalled(), 1);
+        assert_eq!(w.forget(0), Some(Change::Moving { partition: 0 }));
         assert_eq!(w.stalled(), 0);
-        assert_eq!(w.forget(3), None);
+        assert_eq!(w.forget(0), None);
     }
 }
