@@ -643,10 +643,12 @@ async fn a_renamed_group_and_two_groups_at_once_count_every_event_once() -> anyh
 }
 
 /// Versions before the per-topic fence kept a group's offsets under
-/// `offsets:{group}:{topic}`: the first start adopts them, so an upgrade
-/// counts nothing twice.
+/// `offsets:{group}:{topic}`, and during a rolling upgrade or a rollback old
+/// and new versions run side by side: the fence is the larger of the two
+/// hashes, and both are written, so each version sees what the other
+/// applied and nothing counts twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offsets_stored_under_the_group_name_are_adopted() -> anyhow::Result<()> {
+async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow::Result<()> {
     let mut f = Fixture::new().await?;
     f.produce(events(12, 3_000, 0.0)).await?;
     let mut before = f.start()?;
@@ -667,11 +669,17 @@ async fn offsets_stored_under_the_group_name_are_adopted() -> anyhow::Result<()>
     f.wait_group_committed(&f.group.clone(), &upgraded).await?;
     f.wait_all_applied(&upgraded).await?;
     f.assert_state_matches_model().await?;
-    let legacy: bool = redis::cmd("EXISTS")
+    // What an older version (rolled back to) reads.
+    let by_group: BTreeMap<i32, i64> = redis::cmd("HGETALL")
         .arg(keys.group_offsets(&f.group, &f.topic))
         .query_async(&mut f.redis)
         .await?;
-    assert!(!legacy, "the old hash is gone once adopted");
+    let by_group: Vec<i64> = by_group.into_values().collect();
+    assert_eq!(
+        by_group,
+        f.produced.to_vec(),
+        "the group's own hash kept in step"
+    );
     Ok(())
 }
 
@@ -765,6 +773,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
         conn.clone(),
         RedisSettings {
             keys: keys.clone(),
+            group: "g".into(),
             retention: redis_sink::plan::Retention {
                 bucket_ttl_secs: 3_600,
                 history_size: 50,

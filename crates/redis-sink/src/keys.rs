@@ -44,8 +44,8 @@ impl Keys {
     }
 
     /// Where versions before the fence moved to [`Keys::offsets`] kept it:
-    /// per consumer group. Adopted once at start (see
-    /// [`crate::sink::adopt_group_offsets`]).
+    /// per consumer group. Still read and written in step with it (see
+    /// [`crate::plan::OffsetFence`]).
     pub fn group_offsets(&self, group: &str, topic: &str) -> String {
         format!("{}offsets:{group}:{topic}", self.prefix)
     }

@@ -10,7 +10,7 @@ use redis_sink::action::{DecodeRules, Kind};
 use redis_sink::keys::Keys;
 use redis_sink::plan::Retention;
 use redis_sink::query;
-use redis_sink::sink::{adopt_group_offsets, connect, RedisSettings, RedisSink};
+use redis_sink::sink::{connect, RedisSettings, RedisSink};
 use sink_core::{ConsumerArgs, ServiceDefaults};
 
 mod table;
@@ -160,20 +160,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.consumer.validate()?;
     let shutdown = sink_core::shutdown::signal();
     tokio::pin!(shutdown);
-    let mut conn = tokio::select! {
+    let conn = tokio::select! {
         conn = connect(&args.redis.redis_url) => conn?,
         () = &mut shutdown => return Ok(()),
     };
-    let keys = Keys::new(args.redis.key_prefix);
-    adopt_group_offsets(
-        &mut conn,
-        &keys,
-        &args.consumer.group_id,
-        &args.consumer.topic,
-    )
-    .await?;
     let settings = RedisSettings {
-        keys,
+        keys: Keys::new(args.redis.key_prefix),
+        group: args.consumer.group_id.clone(),
         retention: Retention {
             bucket_ttl_secs: args.bucket_ttl_secs,
             history_size: usize::try_from(args.history_size).context("--history-size")?,

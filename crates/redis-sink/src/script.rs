@@ -26,7 +26,9 @@
 //! the same command costs sent directly (measured: docs/benchmarks.md), and
 //! histories are most of the commands.
 
-/// KEYS[1] offsets hash; KEYS[2..] ranking keys.
+/// KEYS[1] offsets hash, KEYS[2] the consumer group's own offsets hash
+/// (read and written in step, see [`crate::plan::OffsetFence`]); KEYS[3..]
+/// ranking keys.
 /// ARGV: field, first, next, then per ranking key: ttl (0 = none), n, then
 /// n pairs `member count`.
 ///
@@ -34,18 +36,22 @@
 /// twice is not harmless: every key's type is checked before the first
 /// `ZINCRBY`, so a script that increments anything runs to the end.
 pub const APPLY_BATCH: &str = r"
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-if stored and tonumber(stored) ~= tonumber(ARGV[2]) then
-  return tonumber(stored)
+local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+local by_group = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
+if by_group and (not stored or by_group > stored) then
+  stored = by_group
 end
-for k = 2, #KEYS do
+if stored and stored ~= tonumber(ARGV[2]) then
+  return stored
+end
+for k = 3, #KEYS do
   local t = redis.call('TYPE', KEYS[k])['ok']
   if t ~= 'zset' and t ~= 'none' then
     return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a sorted set: remove or rename it')
   end
 end
 local a = 4
-for k = 2, #KEYS do
+for k = 3, #KEYS do
   local key, ttl, n = KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
   for i = 0, n - 1 do
@@ -57,5 +63,6 @@ for k = 2, #KEYS do
   a = a + 2 * n
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return -1
 ";

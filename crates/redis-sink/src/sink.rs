@@ -40,8 +40,9 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
     };
     check_eviction_policy(&info_memory(&mut conn).await?).map_err(|refusal| {
         anyhow::anyhow!(
-            "{refusal}. Set it with `CONFIG SET maxmemory-policy noeviction` (and in redis.conf), \
-             or in the managed service's parameter group, then restart"
+            "{refusal}. Set maxmemory-policy to noeviction in the managed service's parameter \
+             group or configuration (ElastiCache, Memorystore and Azure default to volatile-lru), \
+             or with `CONFIG SET maxmemory-policy noeviction` and in redis.conf, then restart"
         )
     })?;
     let info: String = redis::cmd("INFO")
@@ -112,44 +113,6 @@ fn check_eviction_policy(info_memory: &str) -> Result<(), String> {
     }
 }
 
-/// Moves a consumer group's offsets from where versions before the per-topic
-/// fence kept them (`offsets:{group}:{topic}`) to [`Keys::offsets`], once,
-/// atomically: fields already in the per-topic hash win (another group got
-/// there first), and the old hash is removed so that it cannot be read
-/// again. Returns how many partitions were adopted.
-pub async fn adopt_group_offsets(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    group: &str,
-    topic: &str,
-) -> anyhow::Result<usize> {
-    const ADOPT: &str = r"
-local old = redis.call('HGETALL', KEYS[1])
-for i = 1, #old, 2 do
-  redis.call('HSETNX', KEYS[2], old[i], old[i + 1])
-end
-redis.call('DEL', KEYS[1])
-return #old / 2
-";
-    let adopted: usize = Script::new(ADOPT)
-        .key(keys.group_offsets(group, topic))
-        .key(keys.offsets(topic))
-        .invoke_async(conn)
-        .await
-        .context("cannot move the consumer group's stored offsets to the per-topic fence")?;
-    if adopted > 0 {
-        tracing::info!(
-            group,
-            topic,
-            partitions = adopted,
-            from = %keys.group_offsets(group, topic),
-            to = %keys.offsets(topic),
-            "adopted the stored offsets this group kept under its own name"
-        );
-    }
-    Ok(adopted)
-}
-
 fn check_server(info: &str) -> anyhow::Result<()> {
     if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
         bail!(
@@ -178,6 +141,9 @@ fn check_server(info: &str) -> anyhow::Result<()> {
 pub struct RedisSettings {
     /// Key names.
     pub keys: Keys,
+    /// The consumer group: its own offsets hash is kept in step with the
+    /// per-topic fence (see [`crate::plan::OffsetFence`]).
+    pub group: String,
     /// Retention of buckets and histories.
     pub retention: Retention,
     /// Decoding limits.
@@ -237,8 +203,8 @@ impl RedisSink {
             SinkError::unavailable(
                 "redis_eviction_policy",
                 anyhow::anyhow!(
-                    "{refusal}; nothing is written until it is set back \
-                     (CONFIG SET maxmemory-policy noeviction)"
+                    "{refusal}; nothing is written until it is noeviction again \
+                     (the managed service's parameter group, or CONFIG SET maxmemory-policy noeviction)"
                 ),
             )
         })?;
@@ -252,7 +218,7 @@ impl RedisSink {
         &self,
         batch: &Batch<Action>,
         range: &PartitionRange,
-        offsets_key: &str,
+        offsets_keys: &(String, String),
         now_ms: i64,
     ) -> Result<Option<(i32, i64)>, SinkError> {
         let actions = batch
@@ -261,7 +227,8 @@ impl RedisSink {
             .filter(|e| e.record.partition == range.partition)
             .map(|e| &e.item);
         let fence = OffsetFence {
-            key: offsets_key.to_owned(),
+            key: offsets_keys.0.clone(),
+            group_key: offsets_keys.1.clone(),
             field: range.partition.to_string(),
             first: range.first,
             next: range.next,
@@ -287,6 +254,13 @@ impl RedisSink {
         }
         let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
         self.scripts.answer(range);
+        if stored > range.next {
+            // Another writer applied this range (a stale consumer, another
+            // group) or a later batch followed a lost reply: counted as
+            // sink-core counts the refusals it is told about.
+            metrics::counter!(sink_core::metrics::ALREADY_APPLIED, "topic" => batch.topic.to_string())
+                .increment(1);
+        }
         // At or past `next`: Redis holds every record of this range, counted
         // once (an earlier attempt got through before its reply was lost,
         // and maybe later batches after it): applied. Resuming at `stored`
@@ -307,14 +281,18 @@ impl Sink for RedisSink {
     async fn write(&self, batch: &Batch<Action>) -> Result<WriteOutcome, SinkError> {
         self.ensure_no_eviction().await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let offsets_key = self.settings.keys.offsets(&batch.topic);
+        let keys = &self.settings.keys;
+        let offsets_keys = (
+            keys.offsets(&batch.topic),
+            keys.group_offsets(&self.settings.group, &batch.topic),
+        );
         // Partitions are independent (own offset, fenced separately), so
         // they go concurrently over the one connection: Redis runs one
         // partition's commands while the next partition's are being built.
         let writes = batch
             .ranges
             .iter()
-            .map(|range| self.write_partition(batch, range, &offsets_key, now_ms));
+            .map(|range| self.write_partition(batch, range, &offsets_keys, now_ms));
         let mut outcome = WriteOutcome::default();
         // Every partition finishes before an error is returned: a retry of
         // the batch finds those that got through already applied.
@@ -331,16 +309,25 @@ impl Sink for RedisSink {
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
-        let key = self.settings.keys.offsets(topic);
+        let keys = &self.settings.keys;
         let fields: Vec<String> = partitions.iter().map(ToString::to_string).collect();
         let mut conn = self.conn.clone();
-        let values: Vec<Option<i64>> = redis::cmd("HMGET")
-            .arg(&key)
+        // As the script reads the fence: the larger of the two hashes.
+        let (fence, by_group): (Vec<Option<i64>>, Vec<Option<i64>>) = redis::pipe()
+            .cmd("HMGET")
+            .arg(keys.offsets(topic))
+            .arg(&fields)
+            .cmd("HMGET")
+            .arg(keys.group_offsets(&self.settings.group, topic))
             .arg(&fields)
             .query_async(&mut conn)
             .await
             .map_err(classify)?;
-        Ok(values)
+        Ok(fence
+            .into_iter()
+            .zip(by_group)
+            .map(|(fence, by_group)| fence.max(by_group))
+            .collect())
     }
 
     fn max_in_flight(&self) -> usize {
