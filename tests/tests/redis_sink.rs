@@ -34,7 +34,7 @@ struct Fixture {
     created_ms: i64,
     /// The in-process broker `stack.kafka` points at, for fixtures made
     /// with [`Fixture::on_mock_cluster`].
-    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    mock: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
 impl Fixture {
@@ -88,7 +88,7 @@ impl Fixture {
             truths: Vec::new(),
             services: 0,
             created_ms: chrono::Utc::now().timestamp_millis(),
-            _mock: mock,
+            mock,
         })
     }
 
@@ -930,5 +930,33 @@ async fn metrics_show_only_the_partitions_a_replica_owns() -> anyhow::Result<()>
         shown.len() < 3 && shown.iter().all(|p| kept.contains(p)),
         "the first replica now owns {kept:?}, its /metrics shows lag of partitions {shown:?}"
     );
+    Ok(())
+}
+
+/// SIGTERM exits within --shutdown-timeout-secs even when the broker stops
+/// answering (the final commit and leaving the group then wait on it): a
+/// container runtime kills what outlives its grace period, and a service
+/// that hangs on exit holds its partitions until the session times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_in_time_when_the_broker_stops_answering() -> anyhow::Result<()> {
+    let mut f = Fixture::on_mock_cluster("lz4").await?;
+    f.produce(events(18, 2_000, 0.0)).await?;
+    let mut service = f.start()?;
+    f.wait_all_applied(&service).await?;
+    let mock = f.mock.as_ref().context("a mock cluster")?;
+    for broker in 1..=3 {
+        mock.broker_round_trip_time(broker, Duration::from_secs(300))?;
+    }
+    let asked = std::time::Instant::now();
+    service.signal("TERM")?;
+    // The fixture's --shutdown-timeout-secs is 10.
+    let code = service.wait(Duration::from_secs(30)).await;
+    let took = asked.elapsed();
+    anyhow::ensure!(
+        code.is_ok(),
+        "no exit within 30 s; log:\n{}",
+        service.log_tail()
+    );
+    assert!(took <= Duration::from_secs(11), "exit took {took:?}");
     Ok(())
 }

@@ -62,6 +62,10 @@ const BURST: usize = 1_000;
 /// taking messages (see [`Loop::flow_control`]).
 const MAX_SEALED_WAITING: usize = 1;
 
+/// Most of the shutdown timeout kept for leaving the group and flushing
+/// dead letters after the last writes (a quarter of it when that is less).
+const EXIT_RESERVE: Duration = Duration::from_secs(3);
+
 /// How often an idle sink is probed for readiness.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the sink is probed while it is down: the probe is what wakes
@@ -450,14 +454,21 @@ pub async fn run<S: Sink>(
         rebalances_seen: 0,
     };
     let result = consume.run(shutdown).await;
-    let leftover = consume.drain(args.shutdown_timeout()).await;
+    // --shutdown-timeout-secs bounds the whole exit: writing what was
+    // fetched gets all but a reserve for leaving the group and flushing
+    // dead letters, which wait on the broker.
+    let deadline = Instant::now() + args.shutdown_timeout();
+    let reserve = (args.shutdown_timeout() / 4).min(EXIT_RESERVE);
+    let leftover = consume.drain(args.shutdown_timeout() - reserve).await;
     checker.abort();
     health.set_in_group(false);
     shared.closing.store(true, Ordering::Relaxed);
     let Loop { consumer, .. } = consume;
     // Closing leaves the group and may block on the network: off the runtime.
+    // A close that never returns (a broker that stopped answering) is left
+    // behind: block_on_main does not wait for it.
     let closed = tokio::task::spawn_blocking(move || drop(consumer));
-    if tokio::time::timeout(Duration::from_secs(10), closed)
+    if tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), closed)
         .await
         .is_err()
     {
@@ -465,7 +476,7 @@ pub async fn run<S: Sink>(
             "leaving the consumer group took too long; the broker will time this member out"
         );
     }
-    dlq.flush(Duration::from_secs(5));
+    dlq.flush(deadline.saturating_duration_since(Instant::now()));
     if leftover.buffered == 0 && leftover.batches == 0 {
         tracing::info!("stopped; everything fetched was written and committed");
     } else {
@@ -819,9 +830,12 @@ impl<S: Sink> Loop<S> {
         self.tasks.abort_all();
         let commits = self.shared.tracker().take_commits();
         if !commits.is_empty() {
+            // Async: a synchronous commit would hold this thread for as
+            // long as the broker takes to answer, past the deadline.
+            // Closing the consumer waits for it, within the deadline.
             if let Err(err) = self
                 .consumer
-                .commit(&offsets_list(&self.topic, &commits), CommitMode::Sync)
+                .commit(&offsets_list(&self.topic, &commits), CommitMode::Async)
             {
                 tracing::warn!(%err, "final commit failed; the next owner re-reads the last batches");
             }

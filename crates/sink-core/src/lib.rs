@@ -24,6 +24,8 @@ pub mod sink;
 pub mod stall;
 pub mod telemetry;
 
+use std::io::Write as _;
+
 pub use config::{parse_args, ConsumerArgs, ServiceDefaults};
 pub use consumer::run;
 pub use event::{Event, EventError};
@@ -41,12 +43,20 @@ where
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
-        .and_then(|runtime| runtime.block_on(main));
+        .and_then(|runtime| {
+            let result = runtime.block_on(main);
+            // Dropping the runtime would wait for every blocking task, and
+            // a consumer close that hangs on a silent broker never ends:
+            // `run` already gave up on it within the shutdown timeout.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            result
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // One line on stderr, where the logs go too: no backtrace.
-            eprintln!("error: {err:#}");
+            // One line on stderr, where the logs go too: no backtrace. Not
+            // eprintln!, which panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "error: {err:#}");
             std::process::ExitCode::FAILURE
         }
     }
