@@ -886,3 +886,48 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
     }
     running.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_below_a_stored_offset_the_log_lacks_are_counted() -> anyhow::Result<()> {
+    // The sink stores offset 1,000 for partition 0, whose log ends at 10
+    // (the topic was recreated): the fetcher goes back to the log start and
+    // every record it returns lies below where the partition resumed. They
+    // are dropped (the sink says it holds them), but counted and logged.
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("recreated");
+    mock.create_topic(&topic, PARTITIONS, 1)?;
+    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let producer = kafka::producer(&bootstrap)?;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..10).map(|i| (0, format!("event-{i}").into_bytes())),
+    )
+    .await?;
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &unique("group"),
+        &["--metrics-addr", &metrics],
+    )?;
+    let sink = RecordingSink {
+        stored: BTreeMap::from([(0, 1_000)]),
+        ..RecordingSink::default()
+    };
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
+    let series = format!("sink_stale_records_total{{topic=\"{topic}\"}} 10");
+    e2e::wait_for_async(TIMEOUT, "10 stale records counted", || async {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(response) => response.text().await?,
+            Err(_) => return Ok(false), // not listening yet
+        };
+        Ok(text.lines().any(|l| l == series))
+    })
+    .await?;
+    assert_eq!(len(&seen), 0);
+    running.stop().await
+}

@@ -1450,7 +1450,8 @@ fn metric_labels(name: &str) -> Option<&'static [&'static str]> {
         "sink_events_consumed_total"
         | "sink_batches_total"
         | "sink_already_applied_total"
-        | "sink_offset_gaps_total" => &["topic"],
+        | "sink_offset_gaps_total"
+        | "sink_stale_records_total" => &["topic"],
         "sink_batch_duration_seconds"
         | "sink_batch_events"
         | "sink_paused"

@@ -37,7 +37,7 @@ use crate::batch::{Batcher, Work};
 use crate::config::{kafka_config_context, redact_url, ConsumerArgs};
 use crate::dlq::DeadLetters;
 use crate::metrics::{self as m, Health};
-use crate::offsets::{BatchId, OffsetTracker};
+use crate::offsets::{BatchId, OffsetTracker, Skip};
 use crate::retry;
 use crate::sink::{Record, Rejection, Sink};
 use crate::stall::{Change, Observation, StallWatch};
@@ -438,6 +438,8 @@ pub async fn run<S: Sink>(
     let mut consume = Loop {
         consumed: metrics::counter!(m::EVENTS_CONSUMED, "topic" => topic.to_string()),
         gaps: metrics::counter!(m::OFFSET_GAPS, "topic" => topic.to_string()),
+        stale: metrics::counter!(m::STALE_RECORDS, "topic" => topic.to_string()),
+        stale_runs: std::collections::HashSet::new(),
         buffered: metrics::gauge!(m::BUFFERED_EVENTS),
         holding: metrics::gauge!(m::PAUSED),
         batcher: Batcher::new(Arc::clone(&topic), args.batch_limits()),
@@ -546,6 +548,9 @@ struct Loop<S: Sink> {
     /// Counted per record: a handle, not a lookup by name each time.
     consumed: metrics::Counter,
     gaps: metrics::Counter,
+    stale: metrics::Counter,
+    /// Partitions whose last fetched record was dropped as stale.
+    stale_runs: std::collections::HashSet<i32>,
     /// Set on every turn of the loop, so handles too.
     buffered: metrics::Gauge,
     holding: metrics::Gauge,
@@ -633,13 +638,30 @@ impl<S: Sink> Loop<S> {
 
     /// Adds a fetched record to the open batch, unless it is stale.
     fn accept(&mut self, record: Record, now: Instant) {
-        let Some(resumed_from) = self
+        let accepted = self
             .shared
             .tracker()
-            .accept(record.partition, record.offset)
-        else {
-            return;
+            .accept(record.partition, record.offset);
+        let resumed_from = match accepted {
+            Ok(resumed_from) => resumed_from,
+            Err(Skip::NotOwned) => return,
+            Err(Skip::Stale { expected }) => {
+                self.stale.increment(1);
+                // Once per run of stale records, not once per record.
+                if self.stale_runs.insert(record.partition) {
+                    tracing::warn!(
+                        partition = record.partition,
+                        expected,
+                        got = record.offset,
+                        "dropping records below the offset this partition resumed from \
+                         (already written, or the fetcher went back: a stored offset the \
+                         log no longer has)"
+                    );
+                }
+                return;
+            }
         };
+        self.stale_runs.remove(&record.partition);
         if record.offset > resumed_from {
             // Kafka only skips offsets for transaction markers or compaction;
             // neither applies to Logstash's topics. Anything else means the

@@ -38,6 +38,9 @@ pub const CONSUMER_LAG: &str = "sink_consumer_lag";
 pub const PAUSED: &str = "sink_paused";
 /// Offsets the broker skipped (a later offset than requested), by topic.
 pub const OFFSET_GAPS: &str = "sink_offset_gaps_total";
+/// Fetched records dropped because they lie below where their partition
+/// resumed (a seek's leftovers, or a fetcher that went back), by topic.
+pub const STALE_RECORDS: &str = "sink_stale_records_total";
 /// Records held in memory waiting for the sink.
 pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
 /// 1 while a partition has records to read but has not advanced for the
@@ -170,6 +173,10 @@ fn describe() {
         "1 while consumption is held or paused because the sink is behind"
     );
     describe_counter!(OFFSET_GAPS, "Offsets skipped by the broker");
+    describe_counter!(
+        STALE_RECORDS,
+        "Fetched records dropped below where their partition resumed"
+    );
     describe_gauge!(BUFFERED_EVENTS, "Records waiting for the sink");
     describe_gauge!(
         PARTITION_STALLED,

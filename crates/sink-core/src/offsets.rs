@@ -36,6 +36,20 @@ struct InFlight {
     done: bool,
 }
 
+/// Why a fetched record is not processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Its partition is not owned (any more).
+    NotOwned,
+    /// It lies below where the partition resumed: a leftover from before a
+    /// seek, or the fetcher went back (it reset to the log start because
+    /// the offset it was given is not in the log).
+    Stale {
+        /// The offset expected next.
+        expected: i64,
+    },
+}
+
 /// Per-partition offsets of the current assignment.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
@@ -74,21 +88,20 @@ impl OffsetTracker {
         partitions
     }
 
-    /// Whether a fetched message should be processed: `None` when its
-    /// partition is not owned or it is a leftover from before a seek.
-    /// Otherwise the offset fetching resumed from before this record: a batch
-    /// range starting with it begins there, so consecutive ranges of a
-    /// partition chain without holes even where offsets skip (transaction
-    /// markers), and a sink storing offsets can demand exact continuity.
-    pub fn accept(&mut self, partition: i32, offset: i64) -> Option<i64> {
-        let state = self.partitions.get_mut(&partition)?;
+    /// Whether a fetched message should be processed. If so, the offset
+    /// fetching resumed from before this record: a batch range starting
+    /// with it begins there, so consecutive ranges of a partition chain
+    /// without holes even where offsets skip (transaction markers), and a
+    /// sink storing offsets can demand exact continuity.
+    pub fn accept(&mut self, partition: i32, offset: i64) -> Result<i64, Skip> {
+        let state = self.partitions.get_mut(&partition).ok_or(Skip::NotOwned)?;
         let resumed_from = match state.position {
-            Some(position) if offset < position => return None,
+            Some(position) if offset < position => return Err(Skip::Stale { expected: position }),
             Some(position) => position,
             None => offset,
         };
         state.position = Some(offset + 1);
-        Some(resumed_from)
+        Ok(resumed_from)
     }
 
     /// Registers a batch about to be written.
@@ -219,7 +232,7 @@ mod tests {
         assert_eq!(t.revoke(0), None, "nothing acknowledged yet");
         t.complete(b, &[]);
         assert_eq!(t.take_commits(), vec![]);
-        assert_eq!(t.accept(0, 5), None, "not ours any more");
+        assert_eq!(t.accept(0, 5), Err(Skip::NotOwned), "not ours any more");
         assert_eq!(t.take_revoked(), vec![0]);
     }
 
@@ -236,28 +249,36 @@ mod tests {
     fn already_applied_moves_position_and_commit() {
         let mut t = OffsetTracker::default();
         t.assign(0, Some(100));
-        assert_eq!(t.accept(0, 100), Some(100));
+        assert_eq!(t.accept(0, 100), Ok(100));
         let b = t.begin(&[range(0, 100, 150)]);
         t.complete(b, &[(0, 400)]);
         assert_eq!(t.take_seeks(), vec![(0, 400)]);
         assert_eq!(t.take_commits(), vec![(0, 400)]);
         t.moved_to(0, 400);
-        assert_eq!(t.accept(0, 150), None, "stale: fetched before the seek");
-        assert_eq!(t.accept(0, 400), Some(400));
+        assert_eq!(
+            t.accept(0, 150),
+            Err(Skip::Stale { expected: 400 }),
+            "stale: fetched before the seek"
+        );
+        assert_eq!(t.accept(0, 400), Ok(400));
     }
 
     #[test]
     fn accept_drops_replayed_offsets() {
         let mut t = OffsetTracker::default();
         t.assign(0, None);
-        assert_eq!(t.accept(0, 7), Some(7), "unknown start: the record itself");
-        assert_eq!(t.accept(0, 7), None);
-        assert_eq!(t.accept(0, 8), Some(8));
+        assert_eq!(t.accept(0, 7), Ok(7), "unknown start: the record itself");
+        assert_eq!(t.accept(0, 7), Err(Skip::Stale { expected: 8 }));
+        assert_eq!(t.accept(0, 8), Ok(8));
         assert_eq!(
             t.accept(0, 11),
-            Some(9),
+            Ok(9),
             "offsets 9 and 10 do not exist: the range still starts at 9"
         );
-        assert_eq!(t.accept(1, 0), None, "partition 1 is not assigned");
+        assert_eq!(
+            t.accept(1, 0),
+            Err(Skip::NotOwned),
+            "partition 1 is not assigned"
+        );
     }
 }
