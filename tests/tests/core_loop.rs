@@ -931,3 +931,55 @@ async fn records_below_a_stored_offset_the_log_lacks_are_counted() -> anyhow::Re
     assert_eq!(len(&seen), 0);
     running.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::Result<()> {
+    // Idle is alive; records that wait past --liveness-timeout-secs with
+    // nothing written make /healthz fail, so that the orchestrator restarts
+    // the service; a write that gets through makes it pass again.
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique("liveness");
+    mock.create_topic(&topic, PARTITIONS, 1)?;
+    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &unique("group"),
+        &["--metrics-addr", &metrics, "--liveness-timeout-secs", "10"],
+    )?;
+    let sink = RecordingSink::default();
+    let (seen, down) = (Arc::clone(&sink.seen), Arc::clone(&sink.down));
+    down.store(true, Ordering::SeqCst);
+    let running = Running::start(args, sink);
+    let live = || async move {
+        match reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await {
+            Ok(response) => Some(response.status().is_success()),
+            Err(_) => None, // not listening yet
+        }
+    };
+    e2e::wait_for_async(TIMEOUT, "/healthz to answer", || async {
+        Ok(live().await == Some(true))
+    })
+    .await?;
+    let producer = kafka::producer(&bootstrap)?;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..30).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
+    )
+    .await?;
+    e2e::wait_for_async(TIMEOUT, "/healthz to fail", || async {
+        Ok(live().await == Some(false))
+    })
+    .await?;
+    down.store(false, Ordering::SeqCst);
+    wait_for(Duration::from_secs(120), "every event", || len(&seen) >= 30).await?;
+    e2e::wait_for_async(TIMEOUT, "/healthz to pass again", || async {
+        Ok(live().await == Some(true))
+    })
+    .await?;
+    running.stop().await
+}

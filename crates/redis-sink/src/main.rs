@@ -57,7 +57,7 @@ struct RunOnly {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Consume the topic into Redis (the default).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the most searched keywords or most viewed movies.
     Top(TopArgs),
     /// Print a user's recent searches or viewed movies, newest first.
@@ -135,12 +135,12 @@ fn main() -> ExitCode {
     let cli: Cli = sink_core::parse_args(&DEFAULTS);
     let command = match (cli.command, cli.run) {
         (Some(command), _) => command,
-        (None, Some(run)) => Command::Run(run),
+        (None, Some(run)) => Command::Run(Box::new(run)),
         // clap leaves an optional flattened group out when none of its
         // flags is on the command line, even if the environment sets them
         // all (as in a container): parse the same arguments as `run` alone,
         // which also names whatever is missing.
-        (None, None) => Command::Run(sink_core::parse_args::<RunOnly>(&DEFAULTS).run),
+        (None, None) => Command::Run(Box::new(sink_core::parse_args::<RunOnly>(&DEFAULTS).run)),
     };
     let log_format = match &command {
         Command::Run(run) => run.consumer.log_format,
@@ -149,7 +149,7 @@ fn main() -> ExitCode {
     sink_core::telemetry::init(log_format);
     sink_core::block_on_main(async move {
         match command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Top(args) => top(args).await,
             Command::History(args) => history(args).await,
         }

@@ -117,6 +117,13 @@ pub struct ConsumerArgs {
           value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub stall_timeout_secs: u64,
 
+    /// /healthz fails (so that the orchestrator restarts the service) once
+    /// records have waited this long with nothing written: a stuck loop or
+    /// write, or a sink down that long.
+    #[arg(long, env = "LIVENESS_TIMEOUT_SECS", value_name = "SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub liveness_timeout_secs: u64,
+
     /// On SIGTERM/SIGINT, time allowed to write and commit what was fetched.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3_600))]

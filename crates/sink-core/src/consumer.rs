@@ -388,6 +388,7 @@ pub async fn run<S: Sink>(
 ) -> anyhow::Result<()> {
     args.validate()?;
     let health = Health::new();
+    health.set_liveness_timeout(Duration::from_secs(args.liveness_timeout_secs));
     let metrics = m::install()?;
     let metrics_addr = m::serve(args.metrics_addr, metrics, Arc::clone(&health)).await?;
     let topic: Arc<str> = args.topic.as_str().into();
@@ -697,7 +698,10 @@ impl<S: Sink> Loop<S> {
                 work,
             ));
         }
-        self.buffered.set(self.batcher.buffered() as f64);
+        let buffered = self.batcher.buffered();
+        self.buffered.set(buffered as f64);
+        self.health
+            .set_pending(buffered > 0 || !self.tasks.is_empty(), Instant::now());
     }
 
     /// Flow control while the sink is behind ("behind": every write slot is
@@ -946,4 +950,5 @@ async fn write_batch<S: Sink>(
         .tracker()
         .complete(batch_id, &outcome.already_applied);
     shared.batch_done.notify_all();
+    health.batch_done(Instant::now());
 }

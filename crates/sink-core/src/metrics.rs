@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::State;
@@ -57,6 +57,11 @@ pub struct Health {
     /// Partitions this consumer owns: /metrics shows per-partition series
     /// only for these (see [`owned_series_only`]).
     owned: std::sync::Mutex<Vec<i32>>,
+    /// Liveness: since when work has been pending without anything
+    /// completing (`None` while nothing is pending), and how long that may
+    /// last.
+    stuck_since: std::sync::Mutex<Option<Instant>>,
+    liveness_timeout: std::sync::Mutex<Option<Duration>>,
     /// Woken when the sink turns reachable again, so that writes waiting out
     /// a long backoff retry at once instead of up to a minute later.
     sink_back: tokio::sync::Notify,
@@ -107,6 +112,43 @@ impl Health {
             .clone()
     }
 
+    /// Liveness fails once work has been pending this long with nothing
+    /// completing (never, until set).
+    pub fn set_liveness_timeout(&self, timeout: Duration) {
+        *lock(&self.liveness_timeout) = Some(timeout);
+    }
+
+    /// Whether records wait to be written (buffered or in flight). The
+    /// liveness clock starts when work appears, not at the last completion.
+    pub fn set_pending(&self, pending: bool, now: Instant) {
+        let mut since = lock(&self.stuck_since);
+        match (pending, *since) {
+            (true, None) => *since = Some(now),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
+    }
+
+    /// A batch completed: the work is moving.
+    pub fn batch_done(&self, now: Instant) {
+        let mut since = lock(&self.stuck_since);
+        if since.is_some() {
+            *since = Some(now);
+        }
+    }
+
+    /// Alive unless work has been pending past the liveness timeout with
+    /// nothing completing: a loop or a write stuck for good, which a
+    /// restart clears.
+    pub fn live_at(&self, now: Instant) -> bool {
+        let timeout = *lock(&self.liveness_timeout);
+        let since = *lock(&self.stuck_since);
+        match (timeout, since) {
+            (Some(timeout), Some(since)) => now.saturating_duration_since(since) < timeout,
+            _ => true,
+        }
+    }
+
     /// How many assigned partitions are stalled.
     pub fn set_stalled(&self, partitions: usize) {
         self.stalled.store(partitions, Ordering::Relaxed);
@@ -119,6 +161,12 @@ impl Health {
             && self.sink_ok.load(Ordering::Relaxed)
             && self.stalled.load(Ordering::Relaxed) == 0
     }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The global Prometheus recorder, installed on first use (a process, or a
@@ -268,7 +316,19 @@ pub async fn serve(
                 owned_series_only(&e.metrics.render(), &e.health.owned())
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(|State(e): State<Endpoint>| async move {
+                if e.health.live_at(Instant::now()) {
+                    (StatusCode::OK, "ok\n")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "stuck: records wait and nothing was written for --liveness-timeout-secs\n",
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(e): State<Endpoint>| async move {
@@ -291,6 +351,31 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness_fails_only_when_pending_work_stops_moving() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(300);
+        let h = Health::default();
+        h.set_pending(true, t0);
+        assert!(h.live_at(t0 + 2 * timeout), "no timeout set: always live");
+        h.set_liveness_timeout(timeout);
+        assert!(!h.live_at(t0 + timeout), "pending, nothing done");
+        h.batch_done(t0 + timeout - Duration::from_secs(1));
+        assert!(h.live_at(t0 + timeout), "a batch just completed");
+        h.set_pending(true, t0 + timeout);
+        assert!(
+            !h.live_at(t0 + 2 * timeout),
+            "still pending: the clock runs from the last completion"
+        );
+        h.set_pending(false, t0 + 2 * timeout);
+        assert!(h.live_at(t0 + 10 * timeout), "idle is alive");
+        h.set_pending(true, t0 + 10 * timeout);
+        assert!(
+            h.live_at(t0 + 10 * timeout + Duration::from_secs(1)),
+            "the clock starts when work appears"
+        );
+    }
 
     #[test]
     fn series_of_partitions_no_longer_owned_are_dropped() {
