@@ -872,7 +872,9 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
             "auto.offset.reset=latest,statistics.interval.ms=1000",
         ],
     )?;
-    let running = Running::start(args, RecordingSink::default());
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
     e2e::wait_for_async(TIMEOUT, "readiness", || e2e::ready(port)).await?;
     // Twice the stall timeout, reading readiness all along.
     let until = std::time::Instant::now() + Duration::from_secs(20);
@@ -884,6 +886,7 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(len(&seen), 0, "none of the records before the start");
     running.stop().await
 }
 

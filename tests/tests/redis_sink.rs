@@ -655,13 +655,20 @@ async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow
     f.wait_all_applied(&before).await?;
     before.signal("TERM")?;
     assert_eq!(before.wait(Duration::from_secs(30)).await?, Some(0));
-    // As an older version would have left it, for a group with no Kafka
-    // offsets (so that it reads the topic from the start).
+    // An older version of a group with no Kafka offsets (so that it reads
+    // the topic from the start) applied everything and kept it in its own
+    // hash; the per-topic one is behind (partition 1 stands at 1).
     f.group = unique("upgraded");
     let keys = redis_sink::keys::Keys::new(f.prefix.as_str());
-    redis::cmd("RENAME")
+    redis::cmd("COPY")
         .arg(keys.offsets(&f.topic))
         .arg(keys.group_offsets(&f.group, &f.topic))
+        .query_async::<()>(&mut f.redis)
+        .await?;
+    redis::cmd("HSET")
+        .arg(keys.offsets(&f.topic))
+        .arg(1)
+        .arg(1)
         .query_async::<()>(&mut f.redis)
         .await?;
     let upgraded = f.start()?;
@@ -952,11 +959,10 @@ async fn sigterm_exits_in_time_when_the_broker_stops_answering() -> anyhow::Resu
     // The fixture's --shutdown-timeout-secs is 10.
     let code = service.wait(Duration::from_secs(30)).await;
     let took = asked.elapsed();
-    anyhow::ensure!(
-        code.is_ok(),
-        "no exit within 30 s; log:\n{}",
-        service.log_tail()
-    );
-    assert!(took <= Duration::from_secs(11), "exit took {took:?}");
+    let code =
+        code.with_context(|| format!("no exit within 30 s; log:\n{}", service.log_tail()))?;
+    assert_eq!(code, Some(0), "exit status; log:\n{}", service.log_tail());
+    // The timeout, and a little for the process to end once it gave up.
+    assert!(took <= Duration::from_secs(12), "exit took {took:?}");
     Ok(())
 }

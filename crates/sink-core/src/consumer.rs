@@ -195,15 +195,12 @@ impl<S: Sink> LoopContext<S> {
             let Some(p) = topic_stats.partitions.get(&partition) else {
                 continue;
             };
-            // librdkafka's fetch position: unknown (negative) until it has
-            // found where to start, and past transaction markers, which
-            // never reach the loop.
-            if p.next_offset < 0 || p.fetch_state != "active" {
-                continue;
-            }
+            // librdkafka's fetch position: past transaction markers, which
+            // never reach the loop; unknown (negative) while it looks up
+            // where to start, whatever state it is stuck in.
             let log_end = [p.ls_offset, p.hi_offset].into_iter().find(|o| *o >= 0);
             let seen = Observation {
-                position: p.next_offset,
+                position: (p.next_offset >= 0).then_some(p.next_offset),
                 log_end,
             };
             if let Some(change) = stalls.observe(partition, seen, taking, now) {

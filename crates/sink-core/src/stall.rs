@@ -5,7 +5,8 @@
 //! keeps refusing. The partition just stops, and the loop, waiting for
 //! records, sees nothing wrong. This watch compares, at every statistics
 //! report, each assigned partition's fetch position (librdkafka's own: it
-//! moves past transaction markers, which never reach the loop) with where
+//! moves past transaction markers, which never reach the loop; while
+//! librdkafka reports none, the last one it did) with where
 //! its log ends: a partition whose position has not moved for the stall
 //! timeout while the loop was taking records and its log ends further on is
 //! stalled. It stays stalled until its position moves or its log ends where
@@ -20,8 +21,9 @@ use std::time::{Duration, Instant};
 /// What one statistics report says about an assigned partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Observation {
-    /// The next offset librdkafka fetches.
-    pub position: i64,
+    /// The next offset librdkafka fetches, if it knows it (not while it is
+    /// still looking up where to start).
+    pub position: Option<i64>,
     /// Where a read stops (the last stable offset), if the report knows:
     /// a broker answering a fetch with an error sends none.
     pub log_end: Option<i64>,
@@ -87,8 +89,12 @@ impl StallWatch {
         taking: bool,
         now: Instant,
     ) -> Option<Change> {
+        // A position not known yet (never, or not now: librdkafka looking
+        // up an offset, validating a leader epoch) counts as where it was.
+        let known = self.partitions.get(&partition).map(|w| w.position);
+        let position = seen.position.or(known)?;
         let watch = self.partitions.entry(partition).or_insert(Watch {
-            position: seen.position,
+            position,
             log_end: None,
             waited: Duration::ZERO,
             last_report: now,
@@ -97,9 +103,9 @@ impl StallWatch {
         let since_last = now.saturating_duration_since(watch.last_report);
         watch.last_report = now;
         watch.log_end = seen.log_end.or(watch.log_end);
-        let behind = watch.log_end.is_some_and(|end| end > seen.position);
-        if seen.position != watch.position || !behind {
-            watch.position = seen.position;
+        let behind = watch.log_end.is_some_and(|end| end > position);
+        if position != watch.position || !behind {
+            watch.position = position;
             watch.waited = Duration::ZERO;
             if watch.stalled {
                 watch.stalled = false;
@@ -114,8 +120,8 @@ impl StallWatch {
             watch.stalled = true;
             return Some(Change::Stalled {
                 partition,
-                position: seen.position,
-                log_end: watch.log_end.unwrap_or(seen.position),
+                position,
+                log_end: watch.log_end.unwrap_or(position),
                 for_: watch.waited,
             });
         }
@@ -143,7 +149,7 @@ mod tests {
 
     fn at(position: i64, log_end: i64) -> Observation {
         Observation {
-            position,
+            position: Some(position),
             log_end: Some(log_end),
         }
     }
@@ -228,12 +234,31 @@ mod tests {
         let mut w = StallWatch::new(TIMEOUT);
         w.observe(0, at(100, 500), true, t0);
         let unknown = Observation {
-            position: 100,
+            position: Some(100),
             log_end: None,
         };
         let (changes, _) = report(&mut w, unknown, true, t0 + REPORT, 13);
         assert!(
             matches!(changes[..], [Change::Stalled { log_end: 500, .. }]),
+            "{changes:?}"
+        );
+    }
+
+    #[test]
+    fn a_position_librdkafka_no_longer_reports_counts_as_where_it_was() {
+        // Stuck looking up an offset or validating a leader epoch: no
+        // position in the reports, and no progress either.
+        let t0 = Instant::now();
+        let mut w = StallWatch::new(TIMEOUT);
+        let lost = Observation {
+            position: None,
+            log_end: Some(500),
+        };
+        assert_eq!(w.observe(0, lost, true, t0), None, "nothing known yet");
+        w.observe(0, at(100, 500), true, t0);
+        let (changes, _) = report(&mut w, lost, true, t0 + REPORT, 12);
+        assert!(
+            matches!(changes[..], [Change::Stalled { position: 100, .. }]),
             "{changes:?}"
         );
     }
