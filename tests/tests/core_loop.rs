@@ -209,6 +209,24 @@ async fn topic_with_dlq(stack: &Stack) -> anyhow::Result<String> {
     Ok(topic)
 }
 
+/// librdkafka's mock cluster (one broker, in this process) with a topic of
+/// [`PARTITIONS`] partitions and its dead-letter topic: the cluster (keep
+/// it alive), the topic and the bootstrap address.
+fn mock_topic(
+    prefix: &str,
+) -> anyhow::Result<(
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    String,
+    String,
+)> {
+    let mock = rdkafka::mocking::MockCluster::new(1)?;
+    let topic = unique(prefix);
+    mock.create_topic(&topic, PARTITIONS, 1)?;
+    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
+    let bootstrap = mock.bootstrap_servers();
+    Ok((mock, topic, bootstrap))
+}
+
 fn len(seen: &Seen) -> usize {
     seen.lock().map(|s| s.len()).unwrap_or(0)
 }
@@ -664,11 +682,7 @@ async fn a_seek_never_skips_records_fetched_before_it() -> anyhow::Result<()> {
     // over: a record the loop had already fetched when a seek was decided
     // must not be taken as the first record after it, or the records in
     // between are dropped as stale and never reach the sink.
-    let mock = rdkafka::mocking::MockCluster::new(1)?;
-    let topic = unique("seek");
-    mock.create_topic(&topic, PARTITIONS, 1)?;
-    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
-    let bootstrap = mock.bootstrap_servers();
+    let (_mock, topic, bootstrap) = mock_topic("seek")?;
     let group = unique("group");
     let args = args_with(
         &bootstrap,
@@ -723,11 +737,7 @@ async fn a_partition_that_stops_advancing_shows_and_recovers() -> anyhow::Result
     use rdkafka::types::RDKafkaApiKey;
     use rdkafka::types::RDKafkaRespErr;
 
-    let mock = rdkafka::mocking::MockCluster::new(1)?;
-    let topic = unique("stall");
-    mock.create_topic(&topic, PARTITIONS, 1)?;
-    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
-    let bootstrap = mock.bootstrap_servers();
+    let (mock, topic, bootstrap) = mock_topic("stall")?;
     let port = e2e::free_port()?;
     let metrics = format!("127.0.0.1:{port}");
     let args = args_with(
@@ -845,11 +855,7 @@ async fn nothing_is_committed_past_what_the_sink_has_not_accepted() -> anyhow::R
 async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<()> {
     // Records older than where a new group starts (auto.offset.reset=latest)
     // are no records to read: readiness stays true past the stall timeout.
-    let mock = rdkafka::mocking::MockCluster::new(1)?;
-    let topic = unique("latest");
-    mock.create_topic(&topic, PARTITIONS, 1)?;
-    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
-    let bootstrap = mock.bootstrap_servers();
+    let (_mock, topic, bootstrap) = mock_topic("latest")?;
     let producer = kafka::producer(&bootstrap)?;
     kafka::produce(
         &producer,
@@ -896,11 +902,7 @@ async fn records_below_a_stored_offset_the_log_lacks_are_counted() -> anyhow::Re
     // (the topic was recreated): the fetcher goes back to the log start and
     // every record it returns lies below where the partition resumed. They
     // are dropped (the sink says it holds them), but counted and logged.
-    let mock = rdkafka::mocking::MockCluster::new(1)?;
-    let topic = unique("recreated");
-    mock.create_topic(&topic, PARTITIONS, 1)?;
-    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
-    let bootstrap = mock.bootstrap_servers();
+    let (_mock, topic, bootstrap) = mock_topic("recreated")?;
     let producer = kafka::producer(&bootstrap)?;
     kafka::produce(
         &producer,
@@ -940,11 +942,7 @@ async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::R
     // Idle is alive; records that wait past --liveness-timeout-secs with
     // nothing written make /healthz fail, so that the orchestrator restarts
     // the service; a write that gets through makes it pass again.
-    let mock = rdkafka::mocking::MockCluster::new(1)?;
-    let topic = unique("liveness");
-    mock.create_topic(&topic, PARTITIONS, 1)?;
-    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
-    let bootstrap = mock.bootstrap_servers();
+    let (_mock, topic, bootstrap) = mock_topic("liveness")?;
     let port = e2e::free_port()?;
     let metrics = format!("127.0.0.1:{port}");
     let args = args_with(
