@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use crate::batch::{Batcher, Work};
 use crate::config::{kafka_config_context, redact_url, ConsumerArgs};
 use crate::dlq::DeadLetters;
+use crate::lock;
 use crate::metrics::{self as m, Health};
 use crate::offsets::{BatchId, OffsetTracker, Skip};
 use crate::retry;
@@ -93,8 +94,7 @@ struct Shared {
 
 impl Shared {
     fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
-        // The tracker holds no invariant a panic elsewhere could break halfway.
-        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.tracker)
     }
 }
 
@@ -338,11 +338,6 @@ impl<S: Sink> LoopContext<S> {
             };
         }
     }
-}
-
-/// Locks state that holds no invariant a panic elsewhere could break halfway.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs a future to completion from a librdkafka callback, which is

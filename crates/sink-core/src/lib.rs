@@ -32,6 +32,14 @@ pub use event::{Event, EventError};
 pub use metrics::Health;
 pub use sink::{Batch, Entry, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
+/// Locks state that holds no invariant a panic elsewhere could break
+/// halfway, so a poisoned lock is as good as any.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Runs a service's entry point on a multi-thread runtime (the consume loop
 /// needs one) and turns an error into a one-paragraph message and exit code
 /// 1: operators read what is wrong, never a backtrace.

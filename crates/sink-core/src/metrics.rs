@@ -16,6 +16,8 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use rdkafka::Statistics;
 
+use crate::lock;
+
 /// Records fetched from Kafka, by topic.
 pub const EVENTS_CONSUMED: &str = "sink_events_consumed_total";
 /// Batches written, by topic.
@@ -99,17 +101,11 @@ impl Health {
 
     /// The partitions this consumer owns now.
     pub fn set_owned(&self, partitions: Vec<i32>) {
-        *self
-            .owned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = partitions;
+        *lock(&self.owned) = partitions;
     }
 
     fn owned(&self) -> Vec<i32> {
-        self.owned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.owned).clone()
     }
 
     /// Liveness fails once work has been pending this long with nothing
@@ -161,12 +157,6 @@ impl Health {
             && self.sink_ok.load(Ordering::Relaxed)
             && self.stalled.load(Ordering::Relaxed) == 0
     }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The global Prometheus recorder, installed on first use (a process, or a
