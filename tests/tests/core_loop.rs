@@ -38,6 +38,8 @@ struct RecordingSink {
     down_until: Option<std::time::Instant>,
     /// Fails every write while set.
     down: Arc<AtomicBool>,
+    /// Partitions assigned so far (asked for their stored offsets).
+    assigned: Arc<Mutex<Vec<i32>>>,
 }
 
 impl Sink for RecordingSink {
@@ -115,6 +117,9 @@ impl Sink for RecordingSink {
         _topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
+        if let Ok(mut assigned) = self.assigned.lock() {
+            assigned.extend(partitions);
+        }
         Ok(partitions
             .iter()
             .map(|p| self.stored.get(p).copied())
@@ -513,31 +518,49 @@ async fn a_sink_that_stores_offsets_decides_where_partitions_start() -> anyhow::
     Ok(())
 }
 
+/// The assignment strategies a group may use: incremental (the default) and
+/// eager, as `--kafka-option` flags.
+const COOPERATIVE: &[&str] = &[];
+const EAGER: &[&str] = &["--kafka-option", "partition.assignment.strategy=range"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_consumer_resumes_after_a_rebalance() -> anyhow::Result<()> {
-    // The sink is down long enough for the loop to pause its assignment;
-    // meanwhile a second consumer joins and the partitions are dealt again.
-    // librdkafka keeps an application's pause across revoke and re-assign:
-    // unless the loop resumes, the first consumer's partitions stall forever.
+async fn a_paused_consumer_resumes_after_a_cooperative_rebalance() -> anyhow::Result<()> {
+    a_paused_consumer_resumes_after_a_rebalance(COOPERATIVE).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_consumer_resumes_after_an_eager_rebalance() -> anyhow::Result<()> {
+    a_paused_consumer_resumes_after_a_rebalance(EAGER).await
+}
+
+/// The sink is down long enough for the loop to pause its assignment, with
+/// the backlog in partition 0; meanwhile a second consumer joins and takes
+/// partition 0. librdkafka keeps an application's pause across revoke and
+/// re-assign, and a cooperative rebalance leaves the partitions a consumer
+/// keeps untouched: unless the loop resumes them all, they stall forever.
+/// (With partition 0 gone, the loop is no longer behind: the paused flag
+/// must still be true for it to resume.)
+async fn a_paused_consumer_resumes_after_a_rebalance(strategy: &[&str]) -> anyhow::Result<()> {
     let stack = Stack::get()?;
     let topic = topic_with_dlq(&stack).await?;
     let group = unique("group");
     let producer = kafka::producer(&stack.kafka)?;
-    let n = 30_000;
+    let backlog = 30_000;
     kafka::produce(
         &producer,
         &topic,
-        (0..n).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
+        (0..backlog).map(|i| (0, format!("event-{i}").into_bytes())),
     )
     .await?;
 
-    let outage = Duration::from_secs(12);
-    let first = RecordingSink {
-        down_until: Some(std::time::Instant::now() + outage),
-        ..RecordingSink::default()
-    };
-    let (seen_first, writes) = (Arc::clone(&first.seen), Arc::clone(&first.writes));
-    let running_first = Running::start(args(&stack, &topic, &group)?, first);
+    let first = RecordingSink::default();
+    first.down.store(true, Ordering::SeqCst);
+    let (seen_first, writes, down) = (
+        Arc::clone(&first.seen),
+        Arc::clone(&first.writes),
+        Arc::clone(&first.down),
+    );
+    let running_first = Running::start(args_with(&stack.kafka, &topic, &group, strategy)?, first);
     // Past the loop's 5 s hold: it has paused by now.
     wait_for(TIMEOUT, "the outage to begin", || {
         writes.load(Ordering::SeqCst) > 0
@@ -545,12 +568,25 @@ async fn a_paused_consumer_resumes_after_a_rebalance() -> anyhow::Result<()> {
     .await?;
     tokio::time::sleep(Duration::from_secs(7)).await;
     let second = RecordingSink::default();
-    let seen_second = Arc::clone(&second.seen);
-    let running_second = Running::start(args(&stack, &topic, &group)?, second);
+    let (seen_second, assigned_second) = (Arc::clone(&second.seen), Arc::clone(&second.assigned));
+    let running_second = Running::start(args_with(&stack.kafka, &topic, &group, strategy)?, second);
+    wait_for(TIMEOUT, "the second consumer's partitions", || {
+        assigned_second.lock().is_ok_and(|a| !a.is_empty())
+    })
+    .await?;
+    let more = 3_000;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..more).map(|i| (i % PARTITIONS, format!("more-{i}").into_bytes())),
+    )
+    .await?;
+    down.store(false, Ordering::SeqCst);
+    let n = (backlog + more) as usize;
     wait_for(
         Duration::from_secs(120),
         "every event, in one consumer or the other",
-        || len(&seen_first) + len(&seen_second) >= n as usize,
+        || len(&seen_first) + len(&seen_second) >= n,
     )
     .await?;
     running_second.stop().await?;
@@ -565,7 +601,7 @@ async fn a_paused_consumer_resumes_after_a_rebalance() -> anyhow::Result<()> {
         .collect();
     offsets.sort_unstable();
     offsets.dedup();
-    assert_eq!(offsets.len(), n as usize, "every offset at least once");
+    assert_eq!(offsets.len(), n, "every offset at least once");
     Ok(())
 }
 
@@ -983,4 +1019,137 @@ async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::R
     })
     .await?;
     running.stop().await
+}
+
+/// A dead letter the topic refuses (no WRITE permission, a compacted topic
+/// refusing a record without a key, a key too large for the topic even with
+/// the payload cut) can only be fixed by an operator: its partition stops
+/// there, loudly (the retry counted under its kind, readiness false while
+/// the sink itself is fine), and moves on once fixed. The letter keeps the
+/// source record's headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow::Result<()> {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let cases = [
+        (
+            "dlq_not_authorized",
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED),
+            0,
+        ),
+        (
+            "dlq_invalid_record",
+            Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD),
+            0,
+        ),
+        // The producer takes at most 20,000 bytes: a 30,000-byte key is too
+        // large whatever is cut from the payload.
+        ("dlq_too_large", None, 30_000),
+    ];
+    for (kind, broker_error, key_bytes) in cases {
+        let (mock, topic, bootstrap) = mock_topic("refused")?;
+        let group = unique("group");
+        let producer = kafka::producer(&bootstrap)?;
+        let key = vec![b'k'; key_bytes];
+        for (payload, traced) in [("ok-1", false), ("BAD-1", true), ("ok-2", false)] {
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "trace-id",
+                value: Some(if traced { "abc" } else { "-" }),
+            });
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to(&topic)
+                        .partition(0)
+                        .key(key.as_slice())
+                        .headers(headers)
+                        .payload(payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(err, _)| err)?;
+        }
+        if let Some(error) = broker_error {
+            mock.request_errors(RDKafkaApiKey::Produce, &[error; 1_000]);
+        }
+        let port = e2e::free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let args = args_with(
+            &bootstrap,
+            &topic,
+            &group,
+            &[
+                "--metrics-addr",
+                &addr,
+                "--kafka-option",
+                "message.max.bytes=20000",
+            ],
+        )?;
+        let sink = RecordingSink::default();
+        let seen = Arc::clone(&sink.seen);
+        let running = Running::start(args, sink);
+
+        e2e::wait_for_async(
+            TIMEOUT,
+            &format!("dead-letter retries of kind {kind}"),
+            || dead_letter_retries(port, kind),
+        )
+        .await?;
+        // Not ready while the letter is refused (that a probe finding the
+        // sink itself fine does not flip it is metrics.rs's unit test).
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        while std::time::Instant::now() < until {
+            assert!(
+                !e2e::ready(port).await?,
+                "{kind}: ready while a dead letter is refused"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(len(&seen), 0, "{kind}: the batch waits for its dead letter");
+        let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
+        assert_eq!(offsets.committed()?, vec![None, None, None], "{kind}");
+
+        // The operator's fix: the broker takes letters again (for the key,
+        // a larger limit: here a restart with the default).
+        let running = if broker_error.is_some() {
+            mock.clear_request_errors(RDKafkaApiKey::Produce);
+            running
+        } else {
+            running.stop().await?;
+            let sink = RecordingSink {
+                seen: Arc::clone(&seen),
+                ..RecordingSink::default()
+            };
+            Running::start(args_with(&bootstrap, &topic, &group, &[])?, sink)
+        };
+        wait_for(TIMEOUT, "the good events", || len(&seen) >= 2).await?;
+        let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
+        e2e::wait_for_async(TIMEOUT, "the commit past the dead letter", || {
+            let committed = offsets.committed();
+            async move { Ok(committed? == vec![Some(3), None, None]) }
+        })
+        .await?;
+        running.stop().await?;
+        let letters = kafka::read_messages(&bootstrap, &format!("{topic}.dlq"), 1, TIMEOUT)?;
+        assert_eq!(letters[0].headers["trace-id"], "abc", "{kind}");
+        assert_eq!(
+            letters[0].headers["error.code"], "bad_test_payload",
+            "{kind}"
+        );
+    }
+    Ok(())
+}
+
+/// Whether /metrics on `port` counts at least 3 dead-letter retries of `kind`.
+/// (False while the service is not listening yet.)
+async fn dead_letter_retries(port: u16, kind: &str) -> anyhow::Result<bool> {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return Ok(false);
+    };
+    let text = response.text().await?;
+    Ok(text.lines().any(|l| {
+        l.starts_with(sink_core::metrics::RETRIES)
+            && l.contains("operation=\"dead_letter\"")
+            && l.contains(&format!("kind=\"{kind}\""))
+            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(3.0)
+    }))
 }

@@ -798,6 +798,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
         timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
         key: None,
         payload: br#"{"info":"search","keyword":"parasite","user_id":"u1"}"#.to_vec(),
+        headers: Vec::new(),
     };
     let entries = (10..20)
         .map(|offset| {

@@ -243,6 +243,11 @@ impl ConsumerArgs {
             .set("enable.partition.eof", "false")
             // A new group must not skip the backlog.
             .set("auto.offset.reset", "earliest")
+            // Incremental rebalancing: a replica joining or leaving (each
+            // autoscaling step) moves only the partitions that change owner;
+            // the others keep being written. Every member of a group must
+            // use the same kind of strategy (see docs/operations.md).
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
             // Measured (docs/benchmarks.md, STACK.md): the default 1 s backoff
             // once the local queue fills leaves the consumer idle most of the

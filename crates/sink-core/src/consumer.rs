@@ -27,7 +27,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaResult;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers as _, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -712,9 +712,16 @@ impl<S: Sink> Loop<S> {
     fn flow_control(&mut self, now: Instant) {
         let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
         if rebalances != self.rebalances_seen {
-            // A new assignment starts unpaused.
             self.rebalances_seen = rebalances;
-            self.paused = false;
+            // The callback resumes what it assigns, and a cooperative
+            // rebalance leaves kept partitions as they were: while paused,
+            // pause the whole assignment again, so `paused` holds for every
+            // partition and the resume below reaches them all.
+            if self.paused {
+                if let Err(err) = self.pause_assignment(true) {
+                    tracing::warn!(%err, "cannot pause the new assignment");
+                }
+            }
         }
         let waiting = self.batcher.sealed_len();
         let behind = waiting > MAX_SEALED_WAITING || (self.held_since.is_some() && waiting > 0);
@@ -743,20 +750,7 @@ impl<S: Sink> Loop<S> {
     }
 
     fn set_paused(&mut self, pause: bool) {
-        let partitions: Vec<(i32, i64)> = self
-            .shared
-            .tracker()
-            .assigned()
-            .into_iter()
-            .map(|p| (p, 0))
-            .collect();
-        let tpl = offsets_list(&self.topic, &partitions);
-        let result = if pause {
-            self.consumer.pause(&tpl)
-        } else {
-            self.consumer.resume(&tpl)
-        };
-        match result {
+        match self.pause_assignment(pause) {
             Ok(()) => {
                 self.paused = pause;
                 if pause {
@@ -769,6 +763,23 @@ impl<S: Sink> Loop<S> {
                 }
             }
             Err(err) => tracing::warn!(%err, "cannot pause/resume fetching"),
+        }
+    }
+
+    /// Pauses or resumes every partition of the assignment.
+    fn pause_assignment(&self, pause: bool) -> KafkaResult<()> {
+        let partitions: Vec<(i32, i64)> = self
+            .shared
+            .tracker()
+            .assigned()
+            .into_iter()
+            .map(|p| (p, 0))
+            .collect();
+        let tpl = offsets_list(&self.topic, &partitions);
+        if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
         }
     }
 
@@ -874,6 +885,15 @@ fn detach(topic: &Arc<str>, message: &impl Message) -> Record {
         timestamp_ms: message.timestamp().to_millis(),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -1,9 +1,10 @@
 //! The dead-letter topic: records that can never be written, with the reason.
 //!
-//! A dead letter carries the original key and bytes unchanged, plus headers
-//! saying why and where from, so an operator can fix and replay it. The loop
-//! waits for the broker to acknowledge every dead letter of a batch before
-//! any offset moves past it.
+//! A dead letter carries the original key, headers and bytes unchanged, plus
+//! headers saying why and where from, so an operator can fix and replay it.
+//! The loop waits for the broker to acknowledge every dead letter of a batch
+//! before any offset moves past it: a letter the topic refuses blocks its
+//! partition, loudly (see [`refusal`]).
 
 use std::time::Duration;
 
@@ -41,6 +42,55 @@ fn is_too_large(result: &Result<(), KafkaError>) -> bool {
             RDKafkaErrorCode::MessageSizeTooLarge
         ))
     )
+}
+
+/// Why a letter could not be delivered, sorted: what only an operator can
+/// fix is `Unavailable` (an error log, readiness false), the rest transient.
+/// Either way the letter is retried and nothing is committed past it.
+fn refusal(topic: &str, record: &Record, err: &KafkaError) -> SinkError {
+    let code = match err {
+        KafkaError::MessageProduction(code) => Some(*code),
+        _ => err.rdkafka_error_code(),
+    };
+    let at = format!(
+        "dead letter for {}/{} offset {}",
+        record.topic, record.partition, record.offset
+    );
+    match code {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => SinkError::unavailable(
+            "dlq_too_large",
+            anyhow!(
+                "{at}: too large for dead-letter topic {topic} even with its payload cut (its key \
+                 is {} bytes): raise the topic's max.message.bytes, and message.max.bytes with \
+                 --kafka-option if the producer refused it",
+                record.key.as_ref().map_or(0, Vec::len)
+            ),
+        ),
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => SinkError::unavailable(
+            "dlq_not_authorized",
+            anyhow!("{at}: {err}: grant this service's principal WRITE on topic {topic}"),
+        ),
+        Some(RDKafkaErrorCode::InvalidRecord) => SinkError::unavailable(
+            "dlq_invalid_record",
+            anyhow!(
+                "{at}: {err}: topic {topic} refuses the record; a compacted topic \
+                 (cleanup.policy=compact) refuses records without a key: use cleanup.policy=delete"
+            ),
+        ),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            SinkError::unavailable(
+                "dlq_topic_missing",
+                anyhow!("{at}: {err}: create topic {topic} (or set --dlq-topic)"),
+            )
+        }
+        _ => SinkError::transient(
+            "dlq_delivery",
+            anyhow!("{at}: cannot deliver to dead-letter topic {topic}: {err}"),
+        ),
+    }
 }
 
 /// Producer for one dead-letter topic.
@@ -98,13 +148,7 @@ impl DeadLetters {
                 result = self.deliver(record, rejection, &failed_at, keep).await;
             }
             if let Err(err) = result {
-                return Err(SinkError::transient(
-                    "dlq_delivery",
-                    anyhow!(
-                        "cannot deliver to dead-letter topic {}: {err} (does the topic exist?)",
-                        self.topic
-                    ),
-                ));
+                return Err(refusal(&self.topic, record, &err));
             }
             metrics::counter!(crate::metrics::DLQ_EVENTS, "topic" => self.topic.clone(), "code" => rejection.code).increment(1);
         }
@@ -129,7 +173,16 @@ impl DeadLetters {
         } else {
             &rejection.reason
         };
-        let mut headers = OwnedHeaders::new_with_capacity(7)
+        // The source's headers first, then ours: a reader taking the last
+        // value of a key gets ours.
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 7);
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: key.as_str(),
+                value: value.as_deref(),
+            });
+        }
+        let mut headers = headers
             .insert(Header {
                 key: "error",
                 value: Some(reason),

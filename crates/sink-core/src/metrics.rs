@@ -54,6 +54,10 @@ pub const PARTITION_STALLED: &str = "sink_partition_stalled";
 pub struct Health {
     in_group: AtomicBool,
     sink_ok: AtomicBool,
+    /// Writes (to the sink or the dead-letter topic) retrying after a
+    /// failure: a probe that finds the sink reachable does not make the
+    /// service ready while one of them still fails.
+    failing: AtomicUsize,
     /// Partitions that stopped advancing (see [`crate::stall`]).
     stalled: AtomicUsize,
     /// Partitions this consumer owns: /metrics shows per-partition series
@@ -97,6 +101,13 @@ impl Health {
     /// The last sink call or probe succeeded.
     pub fn sink_ok(&self) -> bool {
         self.sink_ok.load(Ordering::Relaxed)
+    }
+
+    /// A write started failing; the guard marks it recovered when dropped
+    /// (it succeeded, or was given up at shutdown).
+    pub fn failing(self: &Arc<Self>) -> FailingWrite {
+        self.failing.fetch_add(1, Ordering::Relaxed);
+        FailingWrite(Arc::clone(self))
     }
 
     /// The partitions this consumer owns now.
@@ -150,12 +161,23 @@ impl Health {
         self.stalled.store(partitions, Ordering::Relaxed);
     }
 
-    /// Ready to do work: in the group, the sink reachable, and no partition
-    /// stalled.
+    /// Ready to do work: in the group, the sink reachable, no write
+    /// failing, and no partition stalled.
     pub fn ready(&self) -> bool {
         self.in_group.load(Ordering::Relaxed)
             && self.sink_ok.load(Ordering::Relaxed)
+            && self.failing.load(Ordering::Relaxed) == 0
             && self.stalled.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// A write retrying after a failure (see [`Health::failing`]).
+#[derive(Debug)]
+pub struct FailingWrite(Arc<Health>);
+
+impl Drop for FailingWrite {
+    fn drop(&mut self) {
+        self.0.failing.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -341,6 +363,24 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_write_keeps_readiness_false_whatever_the_probe_finds() {
+        let health = Health::new();
+        health.set_in_group(true);
+        health.set_sink_ok(true);
+        assert!(health.ready());
+        let dead_letter = health.failing();
+        let write = health.failing();
+        // The probe of the sink itself succeeds (the dead-letter topic, or
+        // a key of the wrong type, is what fails).
+        health.set_sink_ok(true);
+        assert!(!health.ready());
+        drop(dead_letter);
+        assert!(!health.ready(), "one write still fails");
+        drop(write);
+        assert!(health.ready());
+    }
 
     #[test]
     fn liveness_fails_only_when_pending_work_stops_moving() {

@@ -16,12 +16,17 @@ use crate::sink::SinkError;
 const MIN_DELAY: Duration = Duration::from_millis(100);
 
 /// Runs `attempt` until it succeeds; readiness is false while it fails.
-pub async fn until_ok<T, F, Fut>(what: &'static str, mut attempt: F, health: &crate::Health) -> T
+pub async fn until_ok<T, F, Fut>(
+    what: &'static str,
+    mut attempt: F,
+    health: &std::sync::Arc<crate::Health>,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, SinkError>>,
 {
     let mut backoff = None;
+    let mut _failing = None;
     loop {
         match attempt().await {
             Ok(value) => {
@@ -32,6 +37,7 @@ where
                 return value;
             }
             Err(err) => {
+                _failing.get_or_insert_with(|| health.failing());
                 let delays = backoff.get_or_insert_with(|| delays(err.max_backoff()));
                 let delay = delays.next().unwrap_or(err.max_backoff());
                 metrics::retry(what, err.kind());

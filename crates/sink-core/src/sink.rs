@@ -30,6 +30,9 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// The message value: the raw event bytes.
     pub payload: Vec<u8>,
+    /// The message headers, in order, kept so a dead letter carries them
+    /// (empty, without allocating, when there are none: Logstash sets none).
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Record {
