@@ -11,6 +11,7 @@ pub mod generator;
 pub mod kafka;
 pub mod process;
 pub mod redis_model;
+pub mod tcp_front;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

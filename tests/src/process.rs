@@ -245,6 +245,11 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let child = Command::new("redis-server")
             .args([

@@ -9,7 +9,7 @@ use anyhow::Context;
 use e2e::generator::{Generated, Generator, Mix, Truth};
 use e2e::process::{restart_alone, PrivateRedis, Service};
 use e2e::redis_model::{diff, dump, expected};
-use e2e::{kafka, unique, wait_for, Stack};
+use e2e::{kafka, unique, wait_for, wait_for_async, Stack};
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -300,25 +300,38 @@ async fn sigkill_three_times_neither_loses_nor_double_counts() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_joining_and_leaving_mid_stream_equal_the_model() -> anyhow::Result<()> {
+    scale_one_three_one(&[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_joining_and_leaving_with_eager_rebalances_equal_the_model() -> anyhow::Result<()>
+{
+    scale_one_three_one(&["--kafka-option", "partition.assignment.strategy=range"]).await
+}
+
+/// Scales 1 -> 3 -> 1 while events arrive, with the default (cooperative)
+/// assignment strategy or the flags given.
+async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
     let mut f = Fixture::new().await?;
     let all = events(3, 60_000, 0.0);
     let mut chunks = all.chunks(15_000).map(<[Generated]>::to_vec);
     f.produce(chunks.next().unwrap_or_default()).await?;
-    let first = f.start()?;
+    let first = f.start_with(strategy)?;
     f.wait_applied_at_least(5_000, &first).await?;
-    let second = f.start()?;
+    let mut second = f.start_with(strategy)?;
     f.produce(chunks.next().unwrap_or_default()).await?;
-    let mut third = f.start()?;
+    let mut third = f.start_with(strategy)?;
     f.produce(chunks.next().unwrap_or_default()).await?;
-    third.signal("TERM")?;
-    assert_eq!(
-        third.wait(Duration::from_secs(30)).await?,
-        Some(0),
-        "graceful exit"
-    );
+    for leaving in [&mut third, &mut second] {
+        leaving.signal("TERM")?;
+        assert_eq!(
+            leaving.wait(Duration::from_secs(30)).await?,
+            Some(0),
+            "graceful exit"
+        );
+    }
     f.produce(chunks.next().unwrap_or_default()).await?;
-    f.wait_all_applied(&second).await?;
-    drop(first);
+    f.wait_all_applied(&first).await?;
     f.assert_state_matches_model().await
 }
 
@@ -424,6 +437,104 @@ async fn redis_restart_mid_stream_equals_the_model() -> anyhow::Result<()> {
         .await?;
     f.wait_all_applied(&service).await?;
     f.assert_state_matches_model().await
+}
+
+/// A managed Redis fails over: the replica is promoted, the old primary
+/// becomes its replica and the service's address (a DNS name; here a TCP
+/// front) moves to the new primary. Connections opened before still reach
+/// the old primary, which now answers READONLY: the sink must reconnect,
+/// and count every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let dir = stack.dir.join(unique("failover"));
+    let old = PrivateRedis::start_without_aof(dir.join("a")).await?;
+    let new = PrivateRedis::start_without_aof(dir.join("b")).await?;
+    let mut to_old = redis::Client::open(old.url().as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut to_new = redis::Client::open(new.url().as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    replicate(&mut to_new, &old).await?;
+    let front = e2e::tcp_front::TcpFront::start(old.addr()).await?;
+    let mut f = Fixture::with_redis(stack, format!("redis://{}", front.addr())).await?;
+    let all = events(9, 40_000, 0.0);
+    let (before, after) = all.split_at(20_000);
+    f.produce(before.to_vec()).await?;
+    let service = f.start()?;
+    f.wait_applied_at_least(5_000, &service).await?;
+
+    // As a managed failover does it: writes held on the primary until the
+    // replica has everything, then the replica promoted and the name moved.
+    redis::cmd("CLIENT")
+        .arg(&["PAUSE", "30000", "WRITE"][..])
+        .exec_async(&mut to_old)
+        .await?;
+    let primary_offset = replication_offset(&mut to_old).await?;
+    wait_for_async(Duration::from_secs(60), "the replica to catch up", || {
+        let mut to_new = to_new.clone();
+        async move { Ok(replication_offset(&mut to_new).await? >= primary_offset) }
+    })
+    .await?;
+    redis::cmd("REPLICAOF")
+        .arg(&["NO", "ONE"][..])
+        .exec_async(&mut to_new)
+        .await?;
+    front.switch(new.addr());
+    replicate(&mut to_old, &new).await?;
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .exec_async(&mut to_old)
+        .await?;
+
+    f.redis = to_new;
+    f.produce(after.to_vec()).await?;
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await
+}
+
+/// Makes the server behind `replica` a replica of `primary` and waits
+/// until it is in sync.
+async fn replicate(
+    replica: &mut MultiplexedConnection,
+    primary: &PrivateRedis,
+) -> anyhow::Result<()> {
+    let port = primary.addr().port().to_string();
+    redis::cmd("REPLICAOF")
+        .arg(&["127.0.0.1", port.as_str()][..])
+        .exec_async(replica)
+        .await?;
+    wait_for_async(
+        Duration::from_secs(60),
+        "the replica's link to its primary",
+        || {
+            let mut replica = replica.clone();
+            async move {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut replica)
+                    .await?;
+                Ok(info.lines().any(|l| l.trim() == "master_link_status:up"))
+            }
+        },
+    )
+    .await
+}
+
+/// `master_repl_offset` from INFO replication: how far a server has
+/// written (a primary) or received (a replica) the replication stream.
+async fn replication_offset(conn: &mut MultiplexedConnection) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .context("INFO replication has no master_repl_offset")?
+        .trim()
+        .parse()
+        .context("master_repl_offset")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -775,9 +886,10 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
     let stack = Stack::get()?;
     let prefix = format!("{}:", unique("passed"));
     let keys = redis_sink::keys::Keys::new(prefix.as_str());
-    let mut conn = connect(&stack.redis_url).await?;
+    let primary = connect(&stack.redis_url).await?;
+    let mut conn = primary.get().inner;
     let sink = RedisSink::new(
-        conn.clone(),
+        primary,
         RedisSettings {
             keys: keys.clone(),
             group: "g".into(),

@@ -5,12 +5,14 @@
 //! - [`plan`]: one partition's batch → one script call, pre-aggregated (pure);
 //! - [`script`]: the Lua script applying data and offset atomically;
 //! - [`sink`]: the [`sink_core::Sink`] over a Redis connection;
+//! - [`primary`]: that connection, followed through failovers;
 //! - [`query`]: reading rankings and histories back;
 //! - [`keys`]: the key contract (docs/redis-keys.md).
 
 pub mod action;
 pub mod keys;
 pub mod plan;
+pub mod primary;
 pub mod query;
 pub mod script;
 pub mod sink;

@@ -181,7 +181,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn top(args: TopArgs) -> anyhow::Result<()> {
-    let mut conn = connect(&args.redis.redis_url).await?;
+    let mut conn = connect(&args.redis.redis_url).await?.get().inner;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::top(
         &mut conn,
@@ -206,7 +206,7 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
 }
 
 async fn history(args: HistoryArgs) -> anyhow::Result<()> {
-    let mut conn = connect(&args.redis.redis_url).await?;
+    let mut conn = connect(&args.redis.redis_url).await?.get().inner;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::history(&mut conn, &keys, args.kind, &args.user, args.limit).await?;
     let body: Vec<Vec<String>> = rows

@@ -11,12 +11,13 @@ use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, Write
 use crate::action::{decode, Action, DecodeRules};
 use crate::keys::Keys;
 use crate::plan::{build, History, OffsetFence, Retention};
+use crate::primary::{Conn, Primary};
 use crate::script::APPLY_BATCH;
 
 /// Opens a connection that reconnects by itself, waiting (with backoff) for
 /// Redis to come up, and checks the server can keep our guarantees. Bad
 /// URLs, Redis Cluster and too old servers fail at once.
-pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
+pub async fn connect(url: &str) -> anyhow::Result<Primary> {
     let client = redis::Client::open(url)
         .context("--redis-url (REDIS_URL) is not a valid redis:// or rediss:// URL")?;
     let config = ConnectionManagerConfig::new()
@@ -62,7 +63,7 @@ pub async fn connect(url: &str) -> anyhow::Result<ConnectionManager> {
         secs.saturating_mul(1000).saturating_add(micros / 1000),
         chrono::Utc::now().timestamp_millis(),
     )?;
-    Ok(conn)
+    Ok(Primary::new(client, config, conn))
 }
 
 /// How far this host's clock may be from Redis's.
@@ -163,7 +164,7 @@ const POLICY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Writes user3 batches into Redis, exactly once per event.
 pub struct RedisSink {
-    conn: ConnectionManager,
+    primary: Primary,
     settings: RedisSettings,
     script: Script,
     scripts: ScriptOrder,
@@ -173,9 +174,9 @@ pub struct RedisSink {
 
 impl RedisSink {
     /// A sink over an open connection.
-    pub fn new(conn: ConnectionManager, settings: RedisSettings) -> Self {
+    pub fn new(primary: Primary, settings: RedisSettings) -> Self {
         Self {
-            conn,
+            primary,
             settings,
             script: Script::new(APPLY_BATCH),
             scripts: ScriptOrder::default(),
@@ -186,7 +187,7 @@ impl RedisSink {
     /// Fails while Redis may evict keys (see [`check_eviction_policy`]),
     /// reading the policy at most every [`POLICY_CHECK_INTERVAL`]: an
     /// operator may change it under a running sink.
-    async fn ensure_no_eviction(&self) -> Result<(), SinkError> {
+    async fn ensure_no_eviction(&self, conn: &Conn) -> Result<(), SinkError> {
         let lock = || {
             self.policy_ok_at
                 .lock()
@@ -195,7 +196,7 @@ impl RedisSink {
         if lock().is_some_and(|at| at.elapsed() < POLICY_CHECK_INTERVAL) {
             return Ok(());
         }
-        let info = info_memory(&mut self.conn.clone())
+        let info = info_memory(&mut conn.inner.clone())
             .await
             .map_err(classify)?;
         check_eviction_policy(&info).map_err(|refusal| {
@@ -216,6 +217,7 @@ impl RedisSink {
     /// when Redis says the partition stands elsewhere (nothing counted).
     async fn write_partition(
         &self,
+        conn: &Conn,
         batch: &Batch<Action>,
         range: &PartitionRange,
         offsets_keys: &(String, String),
@@ -240,7 +242,7 @@ impl RedisSink {
             actions,
             now_ms,
         );
-        let mut conn = self.conn.clone();
+        let mut conn = conn.inner.clone();
         // Histories first, and the script only once they are all in: see
         // crate::script for why this order makes both exactly-once.
         write_histories(&mut conn, &plan.histories, self.settings.retention, now_ms).await?;
@@ -279,7 +281,46 @@ impl Sink for RedisSink {
     }
 
     async fn write(&self, batch: &Batch<Action>) -> Result<WriteOutcome, SinkError> {
-        self.ensure_no_eviction().await?;
+        let conn = self.primary.get();
+        let written = self.write_over(&conn, batch).await;
+        self.primary.follow(&conn, written).await
+    }
+
+    async fn stored_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<Option<i64>>, SinkError> {
+        let conn = self.primary.get();
+        let stored = self.stored_offsets_over(&conn, topic, partitions).await;
+        self.primary.follow(&conn, stored).await
+    }
+
+    fn max_in_flight(&self) -> usize {
+        MAX_IN_FLIGHT
+    }
+
+    fn dispatched(&self, batch: &Batch<Action>) {
+        self.scripts.owe(&batch.ranges);
+    }
+
+    async fn check(&self) -> Result<(), SinkError> {
+        let conn = self.primary.get();
+        let checked = self.check_over(&conn).await;
+        self.primary.follow(&conn, checked).await
+    }
+}
+
+/// The [`Sink`] methods over one connection: each may fail because the
+/// server behind it stopped being the primary, which `Primary::follow`
+/// handles around them.
+impl RedisSink {
+    async fn write_over(
+        &self,
+        conn: &Conn,
+        batch: &Batch<Action>,
+    ) -> Result<WriteOutcome, SinkError> {
+        self.ensure_no_eviction(conn).await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let keys = &self.settings.keys;
         let offsets_keys = (
@@ -292,7 +333,7 @@ impl Sink for RedisSink {
         let writes = batch
             .ranges
             .iter()
-            .map(|range| self.write_partition(batch, range, &offsets_keys, now_ms));
+            .map(|range| self.write_partition(conn, batch, range, &offsets_keys, now_ms));
         let mut outcome = WriteOutcome::default();
         // Every partition finishes before an error is returned: a retry of
         // the batch finds those that got through already applied.
@@ -304,14 +345,15 @@ impl Sink for RedisSink {
         Ok(outcome)
     }
 
-    async fn stored_offsets(
+    async fn stored_offsets_over(
         &self,
+        conn: &Conn,
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
         let keys = &self.settings.keys;
         let fields: Vec<String> = partitions.iter().map(ToString::to_string).collect();
-        let mut conn = self.conn.clone();
+        let mut conn = conn.inner.clone();
         // As the script reads the fence: the larger of the two hashes.
         let (fence, by_group): (Vec<Option<i64>>, Vec<Option<i64>>) = redis::pipe()
             .cmd("HMGET")
@@ -330,21 +372,12 @@ impl Sink for RedisSink {
             .collect())
     }
 
-    fn max_in_flight(&self) -> usize {
-        MAX_IN_FLIGHT
-    }
-
-    fn dispatched(&self, batch: &Batch<Action>) {
-        self.scripts.owe(&batch.ranges);
-    }
-
-    async fn check(&self) -> Result<(), SinkError> {
-        let mut conn = self.conn.clone();
+    async fn check_over(&self, conn: &Conn) -> Result<(), SinkError> {
         redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+            .query_async::<String>(&mut conn.inner.clone())
             .await
             .map_err(classify)?;
-        self.ensure_no_eviction().await
+        self.ensure_no_eviction(conn).await
     }
 }
 
@@ -494,6 +527,9 @@ fn classify(err: RedisError) -> SinkError {
         }
         (_, Some("OOM")) => "redis_oom",
         (_, Some("READONLY")) => "redis_read_only",
+        // A failover in progress: gone once the new primary is reached.
+        (_, Some("LOADING")) => return SinkError::transient("redis_loading", err),
+        (_, Some("MASTERDOWN")) => return SinkError::transient("redis_master_down", err),
         (_, Some("WRONGTYPE")) => "redis_wrong_type",
         (_, Some("MISCONF")) => "redis_misconf",
         _ => return SinkError::transient("redis_unreachable", err),
