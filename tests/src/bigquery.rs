@@ -206,6 +206,39 @@ impl Emulator {
         Ok(())
     }
 
+    /// The table's schema fields, as BigQuery's JSON.
+    pub async fn schema_fields(&self, name: &str) -> anyhow::Result<Value> {
+        let url = format!(
+            "{}/projects/{}/datasets/{}/tables/{name}",
+            self.v2, self.project, self.dataset
+        );
+        let table: Value = self
+            .http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(table["schema"]["fields"].clone())
+    }
+
+    /// Replaces the table's schema with `fields` (the rows stay), as an
+    /// operator's `ALTER TABLE` would change it.
+    pub async fn set_schema(&self, name: &str, fields: Value) -> anyhow::Result<()> {
+        let url = format!(
+            "{}/projects/{}/datasets/{}/tables/{name}",
+            self.v2, self.project, self.dataset
+        );
+        self.http
+            .patch(&url)
+            .json(&json!({"schema": {"fields": fields}}))
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+
     /// The table's schema as (name, type, mode).
     pub async fn schema(&self, name: &str) -> anyhow::Result<Vec<(String, String, String)>> {
         let url = format!(
@@ -265,6 +298,10 @@ pub enum Fault {
     /// Forward only the rows at even positions; answer 200 with a
     /// `backendError` for each row at an odd position.
     FailOddRows,
+    /// Answer 200 refusing every row as `invalid` with this message, storing
+    /// nothing: what BigQuery answers once the table's schema no longer
+    /// fits the rows (the emulator ignores unknown fields instead).
+    RefuseRowsAs(&'static str),
     /// Answer 200 at once and store nothing: an endpoint that costs the sink
     /// nothing (the benchmark measures the sink's own ceiling with it).
     Accept,
@@ -616,6 +653,19 @@ fn serve(
             "application/json; charset=UTF-8",
             br#"{"kind":"bigquery#tableDataInsertAllResponse"}"#,
         )?,
+        Fault::RefuseRowsAs(message) => {
+            let errors: Vec<Value> = (0..rows.len())
+                .map(|i| json!({"index": i, "errors": [{"reason": "invalid", "location": "host", "message": message}]}))
+                .collect();
+            let reply =
+                json!({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors});
+            respond(
+                &mut client,
+                200,
+                "application/json; charset=UTF-8",
+                reply.to_string().as_bytes(),
+            )?;
+        }
         Fault::Drop => {}
         Fault::DropAfterForward => {
             forward(upstream, &request, &request.body)?;

@@ -591,6 +591,58 @@ async fn no_request_over_the_byte_limit_is_sent() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A column dropped while the sink runs: BigQuery refuses every row as
+/// invalid. That is the table's fault, not the rows': nothing may be
+/// dead-lettered or committed, readiness turns false, and once the schema
+/// is restored every row lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_lettering(
+) -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let service = f.start(&proxy.endpoint(), &["--metrics-addr", &metrics])?;
+    f.produce(events(8, 1_000, 0.0)).await?;
+    f.wait_rows(&f.table, 1_000, &service).await?;
+
+    let documented = f.emulator.schema_fields(&f.table).await?;
+    let without_host: Vec<serde_json::Value> = documented
+        .as_array()
+        .context("schema fields")?
+        .iter()
+        .filter(|field| field["name"] != "host")
+        .cloned()
+        .collect();
+    f.emulator
+        .set_schema(&f.table, serde_json::Value::Array(without_host))
+        .await?;
+    proxy.set_faults(vec![Fault::RefuseRowsAs("no such field: host.")]);
+    f.produce(events(9, 1_000, 0.0)).await?;
+    let log = service.log.clone();
+    wait_for(TIMEOUT, "the schema problem in the log", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| {
+            l.contains("table_schema_changed") && l.contains("column `host` is missing")
+        })
+    })
+    .await?;
+    wait_for(TIMEOUT, "three writes refused", || {
+        proxy.faults_served() >= 3
+    })
+    .await?;
+    assert!(!e2e::ready(port).await?, "ready while every row is refused");
+    assert_eq!(f.emulator.count(&f.table).await?, 1_000);
+    f.assert_no_dead_letters();
+
+    f.emulator.set_schema(&f.table, documented).await?;
+    proxy.clear_faults();
+    f.wait_rows(&f.table, 2_000, &service).await?;
+    f.assert_exactly(&f.table, &f.all()).await?;
+    f.assert_no_dead_letters();
+    e2e::wait_for_async(TIMEOUT, "readiness after the fix", || e2e::ready(port)).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
 ) -> anyhow::Result<()> {

@@ -23,7 +23,7 @@ use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
 use crate::error::{classify, Failure};
 use crate::request::{self, EncodedRows, RequestLimits};
 use crate::row::{self, Columns};
-use crate::table::Target;
+use crate::table::{self, Target};
 
 /// Dead-letter code of a row BigQuery refused as invalid.
 pub const REFUSED: &str = "bigquery_invalid";
@@ -182,16 +182,26 @@ impl BigQuerySink {
                 Ok(response) => {
                     successes += 1;
                     let sorted = request::sort_errors(&response, count);
-                    for (j, reason) in sorted.rejected {
-                        progress.reject(entries[j], Rejection::new(REFUSED, reason));
-                    }
-                    let retry: BTreeSet<usize> = sorted.retry.iter().copied().collect();
+                    let unsettled: BTreeSet<usize> = sorted
+                        .retry
+                        .iter()
+                        .copied()
+                        .chain(sorted.rejected.iter().map(|(j, _)| *j))
+                        .collect();
                     for (j, entry) in entries.iter().enumerate() {
-                        if !retry.contains(&j) {
+                        if !unsettled.contains(&j) {
                             progress.insert(*entry);
                         }
                     }
                     progress.retry_reasons.extend(sorted.retry_reasons);
+                    if !sorted.rejected.is_empty() {
+                        // Refused rows stay unsettled (sent again) unless
+                        // they are bad on their own.
+                        self.refused_for_the_rows_own_sake(&sorted.rejected).await?;
+                        for (j, reason) in sorted.rejected {
+                            progress.reject(entries[j], Rejection::new(REFUSED, reason));
+                        }
+                    }
                 }
                 Err(err) => match classify(&err, &self.settings.target) {
                     Failure::TooLarge(why) if count > 1 => {
@@ -219,6 +229,64 @@ impl BigQuerySink {
             }
         }
         transient.map_or(Ok(()), Err)
+    }
+}
+
+impl BigQuerySink {
+    /// Rows BigQuery refused as invalid go to the dead-letter topic only
+    /// when the table still has the schema the sink writes: rows are built
+    /// for that schema, so when it changed (a column dropped or retyped
+    /// while running) every row is refused for a reason that is the
+    /// table's, not theirs, and the stream must wait for an operator instead
+    /// of being dead-lettered. `no such field` is always the table's: the
+    /// sink writes no field the schema lacks (BigQuery's streaming path may
+    /// still say it for minutes after a column was added back).
+    async fn refused_for_the_rows_own_sake(
+        &self,
+        rejected: &[(usize, String)],
+    ) -> Result<(), SinkError> {
+        let target = &self.settings.target;
+        let mut problems = match self
+            .client
+            .table()
+            .get(
+                &target.project,
+                &target.dataset,
+                &target.table,
+                Some(vec!["schema"]),
+            )
+            .await
+        {
+            Ok(table) => table::schema_differences(&table.schema, target),
+            Err(err) => {
+                return Err(match classify(&err, target) {
+                    Failure::Sink(err) => err,
+                    Failure::TooLarge(why) => SinkError::transient("bad_response", anyhow!(why)),
+                })
+            }
+        };
+        let unknown_field = rejected
+            .iter()
+            .find(|(_, reason)| reason.contains("no such field"));
+        if let (true, Some((_, reason))) = (problems.is_empty(), unknown_field) {
+            problems.push(format!(
+                "BigQuery does not know a column the table has ({reason}); after a column was \
+                 added back, BigQuery's streaming path may take a few minutes to see it"
+            ));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(SinkError::unavailable(
+            "table_schema_changed",
+            anyhow!(
+                "table {target} no longer holds the sink's rows, so BigQuery refused {} of them: \
+                 {}. Nothing is dead-lettered or committed until the schema is restored \
+                 (docs/bigquery.md has the schema)",
+                rejected.len(),
+                problems.join("; ")
+            ),
+        ))
     }
 }
 
