@@ -1455,6 +1455,7 @@ fn metric_labels(name: &str) -> Option<&'static [&'static str]> {
         "sink_batch_duration_seconds"
         | "sink_batch_events"
         | "sink_paused"
+        | "sink_starting"
         | "sink_buffered_events" => &[],
         "sink_retries_total" => &["operation", "kind"],
         "sink_dlq_events_total" => &["topic", "code"],

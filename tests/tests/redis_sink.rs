@@ -136,13 +136,14 @@ impl Fixture {
         self.start_with(&[])
     }
 
-    /// Starts an instance with more flags after the fixture's.
+    /// Starts an instance with more flags; a flag of the fixture's given
+    /// again in `extra` takes the value given there.
     fn start_with(&mut self, extra: &[&str]) -> anyhow::Result<Service> {
         self.services += 1;
         let name = format!("{}-{}", self.topic, self.services);
         let mut args = self.args();
-        if extra.contains(&"--metrics-addr") {
-            if let Some(i) = args.iter().position(|a| a == "--metrics-addr") {
+        for flag in extra.iter().filter(|a| a.starts_with("--")) {
+            if let Some(i) = args.iter().position(|a| a == flag) {
                 args.drain(i..i + 2);
             }
         }
@@ -492,6 +493,66 @@ async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::
     f.produce(after.to_vec()).await?;
     f.wait_all_applied(&service).await?;
     f.assert_state_matches_model().await
+}
+
+/// Redis does not answer when the service starts: the service must not
+/// look dead (a startup probe would kill it without a trace) but say it is
+/// waiting: /healthz ok, /readyz not, `sink_starting` 1 and the connect
+/// attempts counted. Once Redis answers, it starts as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
+    let mut f = Fixture::new().await?;
+    let nothing = std::net::SocketAddr::from(([127, 0, 0, 1], e2e::free_port()?));
+    let front = e2e::tcp_front::TcpFront::start(nothing).await?;
+    let url = format!("redis://{}", front.addr());
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let service = f.start_with(&["--redis-url", &url, "--metrics-addr", &metrics])?;
+    wait_for_async(
+        Duration::from_secs(60),
+        "two connect attempts on /metrics",
+        || {
+            metric_at_least(
+                port,
+                "sink_retries_total{operation=\"connect\",kind=\"redis_unreachable\"}",
+                2.0,
+            )
+        },
+    )
+    .await?;
+    assert!(metric_at_least(port, "sink_starting", 1.0).await?);
+    let live = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await?;
+    assert!(
+        live.status().is_success(),
+        "not live while waiting for Redis"
+    );
+    assert!(!e2e::ready(port).await?, "ready before Redis answered");
+
+    let redis_addr = f
+        .redis_url
+        .trim_start_matches("redis://")
+        .parse()
+        .context("the stack's REDIS_URL")?;
+    front.switch(redis_addr);
+    f.produce(events(10, 2_000, 0.0)).await?;
+    f.wait_all_applied(&service).await?;
+    f.assert_state_matches_model().await?;
+    assert!(!metric_at_least(port, "sink_starting", 1.0).await?);
+    Ok(())
+}
+
+/// Whether the sample `series` on /metrics at `port` is at least `value`
+/// (false while nothing listens or the series is absent).
+async fn metric_at_least(port: u16, series: &str, value: f64) -> anyhow::Result<bool> {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+        return Ok(false);
+    };
+    let text = response.text().await?;
+    Ok(text.lines().any(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse::<f64>().ok())
+            .is_some_and(|v| v >= value)
+    }))
 }
 
 /// Makes the server behind `replica` a replica of `primary` and waits

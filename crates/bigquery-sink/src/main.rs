@@ -43,25 +43,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight = settings.max_in_flight,
         "starting the BigQuery sink"
     );
-    let shutdown = sink_core::shutdown::signal();
-    tokio::pin!(shutdown);
-    let setup = async {
+    let connect = async {
         let client = client::connect(&settings).await?;
         table::ensure(&client, &settings.target, settings.create_table).await?;
-        anyhow::Ok(client)
+        Ok(BigQuerySink::new(
+            client,
+            SinkSettings {
+                target: settings.target,
+                limits: settings.limits,
+                max_in_flight: settings.max_in_flight,
+                gzip_level: settings.gzip_level,
+            },
+        ))
     };
-    let client = tokio::select! {
-        client = setup => client?,
-        () = &mut shutdown => return Ok(()),
-    };
-    let sink = BigQuerySink::new(
-        client,
-        SinkSettings {
-            target: settings.target,
-            limits: settings.limits,
-            max_in_flight: settings.max_in_flight,
-            gzip_level: settings.gzip_level,
-        },
-    );
-    sink_core::run(&cli.consumer, sink, shutdown).await
+    sink_core::run_connecting(&cli.consumer, connect, sink_core::shutdown::signal()).await
 }

@@ -293,6 +293,9 @@ where
     loop {
         match call().await {
             Err(err) if error::is_transient(&err) && attempt < STARTUP_ATTEMPTS => {
+                if let error::Class::Transient(kind) = error::class(&err) {
+                    sink_core::metrics::retry("connect", kind);
+                }
                 tracing::warn!(error = %describe(&err), retry_in = ?delay, "{what} failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;

@@ -158,12 +158,6 @@ fn main() -> ExitCode {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.consumer.validate()?;
-    let shutdown = sink_core::shutdown::signal();
-    tokio::pin!(shutdown);
-    let conn = tokio::select! {
-        conn = connect(&args.redis.redis_url) => conn?,
-        () = &mut shutdown => return Ok(()),
-    };
     let settings = RedisSettings {
         keys: Keys::new(args.redis.key_prefix),
         group: args.consumer.group_id.clone(),
@@ -177,7 +171,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("--max-keyword-chars")?,
         },
     };
-    sink_core::run(&args.consumer, RedisSink::new(conn, settings), shutdown).await
+    let connect = async {
+        let primary = connect(&args.redis.redis_url).await?;
+        Ok(RedisSink::new(primary, settings))
+    };
+    sink_core::run_connecting(&args.consumer, connect, sink_core::shutdown::signal()).await
 }
 
 async fn top(args: TopArgs) -> anyhow::Result<()> {

@@ -29,6 +29,7 @@ pub async fn connect(url: &str) -> anyhow::Result<Primary> {
         match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
             Ok(conn) => break conn,
             Err(err) if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
+                sink_core::metrics::retry("connect", "redis_unreachable");
                 tracing::warn!(url = %redact_url(url), error = %err, retry_in = ?delay, "Redis is not reachable yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));

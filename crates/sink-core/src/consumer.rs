@@ -378,11 +378,32 @@ pub async fn run<S: Sink>(
     sink: S,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    run_connecting(args, async { Ok(sink) }, shutdown).await
+}
+
+/// [`run`] with a sink still to connect: /metrics, /healthz and /readyz
+/// answer while `connect` waits for its service (live, not ready,
+/// `sink_starting` 1, the connect retries counted), so a service stuck at
+/// start shows why instead of being killed without a trace. Shutdown
+/// during the wait exits at once; an error from `connect` is returned.
+pub async fn run_connecting<S: Sink>(
+    args: &ConsumerArgs,
+    connect: impl Future<Output = anyhow::Result<S>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     args.validate()?;
     let health = Health::new();
     health.set_liveness_timeout(Duration::from_secs(args.liveness_timeout_secs));
     let metrics = m::install()?;
     let metrics_addr = m::serve(args.metrics_addr, metrics, Arc::clone(&health)).await?;
+    let starting = metrics::gauge!(m::STARTING);
+    starting.set(1.0);
+    tokio::pin!(shutdown);
+    let sink = tokio::select! {
+        sink = connect => sink?,
+        () = &mut shutdown => return Ok(()),
+    };
+    starting.set(0.0);
     let topic: Arc<str> = args.topic.as_str().into();
     tracing::info!(
         topic = %topic,

@@ -27,7 +27,7 @@ pub mod telemetry;
 use std::io::Write as _;
 
 pub use config::{parse_args, ConsumerArgs, ServiceDefaults};
-pub use consumer::run;
+pub use consumer::{run, run_connecting};
 pub use event::{Event, EventError};
 pub use metrics::Health;
 pub use sink::{Batch, Entry, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};

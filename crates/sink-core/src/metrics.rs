@@ -43,6 +43,9 @@ pub const OFFSET_GAPS: &str = "sink_offset_gaps_total";
 /// Fetched records dropped because they lie below where their partition
 /// resumed (a seek's leftovers, or a fetcher that went back), by topic.
 pub const STALE_RECORDS: &str = "sink_stale_records_total";
+/// 1 while the service waits at start for its sink (Redis, BigQuery) to
+/// answer; the attempts are counted in [`RETRIES`] as operation `connect`.
+pub const STARTING: &str = "sink_starting";
 /// Records held in memory waiting for the sink.
 pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
 /// 1 while a partition has records to read but has not advanced for the
@@ -244,7 +247,9 @@ fn describe() {
     );
 }
 
-pub(crate) fn retry(what: &'static str, kind: &'static str) {
+/// Counts a failed attempt of `what` (`write`, `dead_letter`, `connect`)
+/// that is retried.
+pub fn retry(what: &'static str, kind: &'static str) {
     metrics::counter!(RETRIES, "operation" => what, "kind" => kind).increment(1);
 }
 
