@@ -11,7 +11,8 @@ use e2e::bigquery::{int, Emulator, Fault, FaultProxy};
 use e2e::generator::{Generator, Mix};
 use e2e::process::{restart_alone, Service};
 use e2e::{kafka, unique, wait_for, Stack};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use serde_json::Value;
 
@@ -34,6 +35,9 @@ struct Fixture {
     produced: BTreeMap<Coordinates, Vec<u8>>,
     sent: usize,
     services: usize,
+    /// The in-process broker `stack.kafka` points at, for fixtures made
+    /// with [`Fixture::on_mock_cluster`]; dropping it stops the brokers.
+    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
 }
 
 impl Fixture {
@@ -42,9 +46,34 @@ impl Fixture {
         let topic = unique("user2");
         kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
         kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
+        let producer = kafka::producer(&stack.kafka)?;
+        Self::on_topic(stack, topic, producer, None)
+    }
+
+    /// On librdkafka's mock cluster (3 brokers, in this process), which
+    /// serves batched and compressed record batches as Kafka does, fed by a
+    /// producer set as Logstash's kafka output with `compression`. (tansu,
+    /// behind [`Fixture::new`], needs one record per batch.)
+    async fn on_mock_cluster(compression: &str) -> anyhow::Result<Self> {
+        let mock = MockCluster::new(3)?;
+        let topic = unique("user2");
+        mock.create_topic(&topic, PARTITIONS, 3)?;
+        mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 3)?;
+        let mut stack = Stack::get()?;
+        stack.kafka = mock.bootstrap_servers();
+        let producer = kafka::logstash_producer(&stack.kafka, compression)?;
+        Self::on_topic(stack, topic, producer, Some(mock))
+    }
+
+    fn on_topic(
+        stack: Stack,
+        topic: String,
+        producer: FutureProducer,
+        mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
             emulator: Emulator::new(&stack)?,
-            producer: kafka::producer(&stack.kafka)?,
+            producer,
             group: unique("bigquery-sink"),
             table: unique("user_logs").replace('-', "_"),
             topic,
@@ -52,6 +81,7 @@ impl Fixture {
             produced: BTreeMap::new(),
             sent: 0,
             services: 0,
+            _mock: mock,
         })
     }
 
@@ -428,6 +458,120 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
     let extra = kafka::read_messages(&f.stack.kafka, &f.dlq(), dead + 1, Duration::from_secs(3));
     assert!(extra.is_err(), "more dead letters than refused records");
     Ok(())
+}
+
+/// What Logstash sends with each `compression_type`: many records per
+/// record batch, compressed, on a broker that serves them as Kafka does
+/// (tansu needs one record per batch). Records inside a batch carry their
+/// offsets as deltas from the batch's, so a slip there would file events
+/// under the wrong coordinates, skip them or repeat them: every valid event
+/// lands once, at its coordinates and with its own payload, and every
+/// malformed line is dead-lettered once.
+async fn compressed_batches_land_exactly_once(compression: &str) -> anyhow::Result<()> {
+    let mut f = Fixture::on_mock_cluster(compression).await?;
+    f.produce(events(10, 5_000, 0.02)).await?;
+    let mut kept = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for (at, payload) in &f.produced {
+        if oracle(payload).is_some() {
+            kept.insert(*at);
+        } else {
+            refused.insert(*at);
+        }
+    }
+    assert!(
+        refused.len() > 50 && kept.len() > 4_800,
+        "{} refused, {} kept",
+        refused.len(),
+        kept.len()
+    );
+
+    let endpoint = f.stack.bigquery_endpoint.clone();
+    let service = f.start(&endpoint, &[])?;
+    f.wait_rows(&f.table, kept.len() as i64, &service).await?;
+    let letters = kafka::read_messages(&f.stack.kafka, &f.dlq(), refused.len(), TIMEOUT)?;
+    f.assert_exactly(&f.table, &kept).await?;
+
+    // Each row holds the payload produced at its coordinates.
+    let t = f.emulator.sql_name(&f.table);
+    let rows = f
+        .emulator
+        .query(&format!(
+            "SELECT kafka_partition, kafka_offset, TO_JSON_STRING(payload) FROM {t}"
+        ))
+        .await?;
+    assert_eq!(rows.len(), kept.len());
+    for row in &rows {
+        let at = (
+            i32::try_from(int(&row[0]).context("partition")?)?,
+            int(&row[1]).context("offset")?,
+        );
+        let original: Value =
+            serde_json::from_slice(f.produced.get(&at).context("a row nobody produced")?)?;
+        let stored: Value = serde_json::from_str(row[2].as_str().context("payload")?)?;
+        assert_eq!(stored, original, "payload of {at:?}");
+    }
+
+    let mut lettered = BTreeSet::new();
+    for letter in &letters {
+        let header = |k: &str| letter.headers.get(k).cloned().unwrap_or_default();
+        assert_eq!(header("source.topic"), f.topic);
+        let at: Coordinates = (
+            header("source.partition").parse()?,
+            header("source.offset").parse()?,
+        );
+        let (code, reason) = (header("error.code"), header("error"));
+        assert!(
+            refused.contains(&at),
+            "{at:?} should not be a dead letter: {code} {reason}"
+        );
+        assert_eq!(
+            f.produced.get(&at),
+            Some(&letter.payload),
+            "dead letter {at:?} carries the original bytes"
+        );
+        assert!(
+            [
+                "not_json",
+                "empty",
+                "invalid_utf8",
+                "not_an_object",
+                "bad_timestamp"
+            ]
+            .contains(&code.as_str()),
+            "{at:?}: {code} {reason}"
+        );
+        lettered.insert(at);
+    }
+    assert_eq!(lettered, refused, "each malformed line once in the DLQ");
+    let extra = kafka::read_messages(
+        &f.stack.kafka,
+        &f.dlq(),
+        refused.len() + 1,
+        Duration::from_secs(3),
+    );
+    assert!(extra.is_err(), "more dead letters than malformed lines");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_batches_land_exactly_once() -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("gzip").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snappy_batches_land_exactly_once() -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("snappy").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lz4_batches_land_exactly_once() -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("lz4").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_batches_land_exactly_once() -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("zstd").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
