@@ -40,6 +40,15 @@ struct RecordingSink {
     down: Arc<AtomicBool>,
     /// Partitions assigned so far (asked for their stored offsets).
     assigned: Arc<Mutex<Vec<i32>>>,
+    /// Offsets reset by the loop; they replace `stored`.
+    resets: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
+
+impl RecordingSink {
+    fn stored(&self, partition: i32) -> Option<i64> {
+        let reset = self.resets.lock().ok()?.get(&partition).copied();
+        reset.or_else(|| self.stored.get(&partition).copied())
+    }
 }
 
 impl Sink for RecordingSink {
@@ -90,9 +99,9 @@ impl Sink for RecordingSink {
             .lock()
             .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
         for range in &batch.ranges {
-            if let Some(stored) = self.stored.get(&range.partition) {
-                if range.first < *stored {
-                    outcome.already_applied.push((range.partition, *stored));
+            if let Some(stored) = self.stored(range.partition) {
+                if range.first < stored {
+                    outcome.already_applied.push((range.partition, stored));
                 }
             }
         }
@@ -120,10 +129,20 @@ impl Sink for RecordingSink {
         if let Ok(mut assigned) = self.assigned.lock() {
             assigned.extend(partitions);
         }
-        Ok(partitions
-            .iter()
-            .map(|p| self.stored.get(p).copied())
-            .collect())
+        Ok(partitions.iter().map(|p| self.stored(*p)).collect())
+    }
+
+    async fn reset_stored_offsets(
+        &self,
+        _topic: &str,
+        offsets: &[(i32, i64)],
+    ) -> Result<(), SinkError> {
+        let mut resets = self
+            .resets
+            .lock()
+            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        resets.extend(offsets.iter().copied());
+        Ok(())
     }
 
     fn max_in_flight(&self) -> usize {
@@ -932,45 +951,85 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
     running.stop().await
 }
 
+/// The sink stores offset 1,000 for partition 0, whose log ends at 10 (the
+/// topic was recreated): reading on would drop the new records as already
+/// written. The partition is refused (metric, readiness false, nothing read
+/// or committed) while the others go on, until the operator restarts with
+/// `--reset-offsets-beyond-log-end`: then the sink is told, and every
+/// record of the new log is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_below_a_stored_offset_the_log_lacks_are_counted() -> anyhow::Result<()> {
-    // The sink stores offset 1,000 for partition 0, whose log ends at 10
-    // (the topic was recreated): the fetcher goes back to the log start and
-    // every record it returns lies below where the partition resumed. They
-    // are dropped (the sink says it holds them), but counted and logged.
+async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyhow::Result<()> {
     let (_mock, topic, bootstrap) = mock_topic("recreated")?;
     let producer = kafka::producer(&bootstrap)?;
     kafka::produce(
         &producer,
         &topic,
-        (0..10).map(|i| (0, format!("event-{i}").into_bytes())),
+        (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes())),
     )
     .await?;
+    let group = unique("group");
     let port = e2e::free_port()?;
     let metrics = format!("127.0.0.1:{port}");
-    let args = args_with(
-        &bootstrap,
-        &topic,
-        &unique("group"),
-        &["--metrics-addr", &metrics],
-    )?;
+    let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
+    let stored = BTreeMap::from([(0, 1_000)]);
     let sink = RecordingSink {
-        stored: BTreeMap::from([(0, 1_000)]),
+        stored: stored.clone(),
         ..RecordingSink::default()
     };
     let seen = Arc::clone(&sink.seen);
     let running = Running::start(args, sink);
-    let series = format!("sink_stale_records_total{{topic=\"{topic}\"}} 10");
-    e2e::wait_for_async(TIMEOUT, "10 stale records counted", || async {
+    let refused = format!("sink_partition_refused{{topic=\"{topic}\",partition=\"0\"}} 1");
+    e2e::wait_for_async(TIMEOUT, "partition 0 refused on /metrics", || async {
         let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
             Ok(response) => response.text().await?,
             Err(_) => return Ok(false), // not listening yet
         };
-        Ok(text.lines().any(|l| l == series))
+        Ok(text.lines().any(|l| l == refused))
     })
     .await?;
-    assert_eq!(len(&seen), 0);
-    running.stop().await
+    // The other partitions go on.
+    wait_for(TIMEOUT, "partition 1's 5 events", || len(&seen) >= 5).await?;
+    assert!(
+        !e2e::ready(port).await?,
+        "ready while a partition is refused"
+    );
+    let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
+    e2e::wait_for_async(TIMEOUT, "partition 1 committed", || {
+        let committed = offsets.committed();
+        async move { Ok(committed? == vec![None, Some(5), None]) }
+    })
+    .await?;
+    assert!(
+        seen.lock().is_ok_and(|s| s.iter().all(|(p, _, _)| *p == 1)),
+        "nothing of partition 0 was written"
+    );
+    running.stop().await?;
+
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &group,
+        &["--reset-offsets-beyond-log-end", "earliest"],
+    )?;
+    let sink = RecordingSink {
+        stored,
+        ..RecordingSink::default()
+    };
+    let (seen, resets) = (Arc::clone(&sink.seen), Arc::clone(&sink.resets));
+    let running = Running::start(args, sink);
+    wait_for(TIMEOUT, "partition 0's 10 events", || len(&seen) >= 10).await?;
+    e2e::wait_for_async(TIMEOUT, "everything committed", || {
+        let committed = offsets.committed();
+        async move { Ok(committed? == vec![Some(10), Some(5), None]) }
+    })
+    .await?;
+    running.stop().await?;
+    assert_eq!(
+        *resets.lock().map_err(|_| anyhow::anyhow!("lock"))?,
+        BTreeMap::from([(0, 0)])
+    );
+    assert_eq!(len(&seen), 10, "each record of the new log once");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

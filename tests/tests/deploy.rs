@@ -1459,9 +1459,10 @@ fn metric_labels(name: &str) -> Option<&'static [&'static str]> {
         | "sink_buffered_events" => &[],
         "sink_retries_total" => &["operation", "kind"],
         "sink_dlq_events_total" => &["topic", "code"],
-        "sink_committed_offset" | "sink_consumer_lag" | "sink_partition_stalled" => {
-            &["topic", "partition"]
-        }
+        "sink_committed_offset"
+        | "sink_consumer_lag"
+        | "sink_partition_stalled"
+        | "sink_partition_refused" => &["topic", "partition"],
         _ => return None,
     })
 }

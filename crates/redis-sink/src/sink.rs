@@ -297,6 +297,31 @@ impl Sink for RedisSink {
         self.primary.follow(&conn, stored).await
     }
 
+    async fn reset_stored_offsets(
+        &self,
+        topic: &str,
+        offsets: &[(i32, i64)],
+    ) -> Result<(), SinkError> {
+        let keys = &self.settings.keys;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        // Both hashes the script reads the fence from (it takes the larger).
+        for key in [
+            keys.offsets(topic),
+            keys.group_offsets(&self.settings.group, topic),
+        ] {
+            for (partition, offset) in offsets {
+                pipe.hset(&key, partition.to_string(), offset).ignore();
+            }
+        }
+        let conn = self.primary.get();
+        let result = pipe
+            .query_async::<()>(&mut conn.inner.clone())
+            .await
+            .map_err(classify);
+        self.primary.follow(&conn, result).await
+    }
+
     fn max_in_flight(&self) -> usize {
         MAX_IN_FLIGHT
     }

@@ -109,6 +109,21 @@ pub struct ConsumerArgs {
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
 
+    /// Where to resume a partition whose stored offset lies beyond its log's
+    /// end (the topic was recreated, an unclean leader election truncated
+    /// it, a failover to a mirrored cluster). Without it such a partition
+    /// is refused (error log, metric, readiness false) until an operator
+    /// decides: `earliest` for a recreated topic (every record is new),
+    /// `latest` after a truncation (the records the log still has below
+    /// its end were already written).
+    #[arg(
+        long,
+        env = "RESET_OFFSETS_BEYOND_LOG_END",
+        value_enum,
+        value_name = "WHERE"
+    )]
+    pub reset_offsets_beyond_log_end: Option<ResetTo>,
+
     /// A partition with records to read that has not advanced for this long,
     /// while the sink kept up, is reported stalled (error log, metric,
     /// readiness false): a record batch that cannot be read, a broker that
@@ -145,6 +160,15 @@ const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
         "offsets are committed only after the sink acknowledged the records",
     ),
 ];
+
+/// Where `--reset-offsets-beyond-log-end` resumes a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResetTo {
+    /// The log's first offset.
+    Earliest,
+    /// The log's end.
+    Latest,
+}
 
 /// The `key=value` pairs of one `--kafka-option` occurrence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,6 +342,9 @@ const CONSUMER_ONLY_PREFIXES: &[&str] = &[
     "max.poll",
     "isolation.level",
     "check.crcs",
+    // Statistics feed the consumer's stall watch; the dead-letter producer
+    // would only log them, every interval, at info.
+    "statistics.interval.ms",
 ];
 
 fn parse_kafka_options(raw: &str) -> Result<KafkaOptions, String> {
@@ -549,7 +576,7 @@ mod tests {
             "--bootstrap-servers",
             "k:9092",
             "--kafka-option",
-            "auto.offset.reset=latest",
+            "auto.offset.reset=latest,statistics.interval.ms=1000",
         ])
         .unwrap();
         assert_eq!(
@@ -560,6 +587,11 @@ mod tests {
             args.producer_config().get("auto.offset.reset"),
             None,
             "consumer-only"
+        );
+        assert_eq!(
+            args.producer_config().get("statistics.interval.ms"),
+            None,
+            "the producer would log them at info"
         );
     }
 

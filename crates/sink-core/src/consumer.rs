@@ -34,7 +34,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::task::JoinSet;
 
 use crate::batch::{Batcher, Work};
-use crate::config::{kafka_config_context, redact_url, ConsumerArgs};
+use crate::config::{kafka_config_context, redact_url, ConsumerArgs, ResetTo};
 use crate::dlq::DeadLetters;
 use crate::lock;
 use crate::metrics::{self as m, Health};
@@ -89,6 +89,8 @@ struct Shared {
     taking: AtomicBool,
     /// The last consumer error librdkafka reported, for the stall log.
     last_error: Mutex<Option<String>>,
+    /// Assigned partitions refused because they start beyond their log's end.
+    refused: Mutex<std::collections::BTreeSet<i32>>,
     stalls: Mutex<StallWatch>,
 }
 
@@ -105,6 +107,7 @@ struct LoopContext<S: Sink> {
     topic: Arc<str>,
     health: Arc<Health>,
     drain_timeout: Duration,
+    reset_to: Option<ResetTo>,
 }
 
 impl<S: Sink> ClientContext for LoopContext<S> {
@@ -132,7 +135,7 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
         );
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.on_assign(&partitions, tpl);
+                let refused = self.on_assign(consumer, &partitions, tpl);
                 let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
@@ -141,7 +144,11 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
                 // A pause set by the application survives revoke and
                 // re-assign in librdkafka; the loop treats a new assignment
                 // as unpaused, so make it so (it pauses again if needed).
-                assigned.and_then(|()| consumer.resume(tpl))
+                // Refused partitions stay paused: nothing of them is read.
+                let refused: Vec<(i32, i64)> = refused.iter().map(|p| (*p, 0)).collect();
+                assigned
+                    .and_then(|()| consumer.resume(tpl))
+                    .and_then(|()| consumer.pause(&offsets_list(&self.topic, &refused)))
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.on_revoke(consumer, &partitions);
@@ -161,6 +168,8 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
                 }
                 drop(tracker);
                 self.forget_stalls(&assigned);
+                let refused: Vec<i32> = lock(&self.shared.refused).iter().copied().collect();
+                self.forget_refused(&refused);
                 self.health.set_owned(Vec::new());
                 consumer.unassign()
             }
@@ -252,8 +261,18 @@ impl<S: Sink> LoopContext<S> {
             .set(stalled);
     }
 
-    fn on_assign(&self, partitions: &[i32], tpl: &mut TopicPartitionList) {
-        let stored = if self.shared.closing.load(Ordering::Relaxed) || partitions.is_empty() {
+    /// Decides where each assigned partition starts: where the sink says it
+    /// stands, else Kafka's committed offset. A start beyond the log's end
+    /// is refused (or reset, if the operator said so). Returns the refused
+    /// partitions, which the caller keeps paused.
+    fn on_assign(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &[i32],
+        tpl: &mut TopicPartitionList,
+    ) -> Vec<i32> {
+        let closing = self.shared.closing.load(Ordering::Relaxed);
+        let stored = if closing || partitions.is_empty() {
             None
         } else {
             let lookup = self.sink.stored_offsets(&self.topic, partitions);
@@ -278,21 +297,124 @@ impl<S: Sink> LoopContext<S> {
                 None => None,
             }
         };
+        let mut starts: Vec<Option<i64>> = stored.unwrap_or_else(|| vec![None; partitions.len()]);
+        let mut refused = Vec::new();
+        if !closing {
+            // Broker round trips: off the runtime's worker, as the drain.
+            let check = || beyond_log_end(consumer, &self.topic, partitions, &starts);
+            let beyond = block_in_place(check).unwrap_or_else(check);
+            let (reset, refuse) = self.reset_or_refuse(beyond);
+            for (partition, offset) in reset {
+                if let Some(i) = partitions.iter().position(|p| *p == partition) {
+                    starts[i] = Some(offset);
+                }
+            }
+            refused = refuse;
+        }
         let mut tracker = self.shared.tracker();
-        for (i, partition) in partitions.iter().enumerate() {
-            let start = stored.as_ref().and_then(|s| s[i]);
+        for (partition, start) in partitions.iter().zip(&starts) {
+            if refused.contains(partition) {
+                continue;
+            }
             if let Some(offset) = start {
                 if let Err(err) =
-                    tpl.set_partition_offset(&self.topic, *partition, Offset::Offset(offset))
+                    tpl.set_partition_offset(&self.topic, *partition, Offset::Offset(*offset))
                 {
                     tracing::error!(%err, partition, "cannot set the start offset");
                 }
             }
-            tracker.assign(*partition, start);
+            tracker.assign(*partition, *start);
         }
-        self.health.set_owned(tracker.assigned());
+        drop(tracker);
+        lock(&self.shared.refused).extend(&refused);
+        self.publish_refused(&refused, 1.0);
+        self.set_owned();
         self.health.set_in_group(true);
         tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+        refused
+    }
+
+    /// Partitions whose start lies beyond the log's end: reset where the
+    /// operator said (the sink told first), or refused with an error.
+    /// Returns (partition, new start) for the reset ones, and the refused.
+    fn reset_or_refuse(&self, beyond: Vec<BeyondLogEnd>) -> (Vec<(i32, i64)>, Vec<i32>) {
+        let Some(reset_to) = self.reset_to else {
+            for b in &beyond {
+                tracing::error!(
+                    topic = %self.topic,
+                    partition = b.partition,
+                    stored_offset = b.start,
+                    log_start = b.log_start,
+                    log_end = b.log_end,
+                    "partition refused: where it stands (the sink's or Kafka's stored offset) lies \
+                     beyond the end of its log, so the log is not the one it was read from (the \
+                     topic was recreated, an unclean leader election truncated it, a failover to a \
+                     mirror). Nothing of it is read or committed. Restart with \
+                     --reset-offsets-beyond-log-end earliest (a recreated topic: every record is \
+                     new) or latest (a truncated log: what it holds below its end was written)"
+                );
+            }
+            return (Vec::new(), beyond.iter().map(|b| b.partition).collect());
+        };
+        let resets: Vec<(i32, i64)> = beyond
+            .iter()
+            .map(|b| {
+                let to = match reset_to {
+                    ResetTo::Earliest => b.log_start,
+                    ResetTo::Latest => b.log_end,
+                };
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = b.partition,
+                    stored_offset = b.start,
+                    reset_to = to,
+                    "stored offset beyond the log's end: resetting as --reset-offsets-beyond-log-end says"
+                );
+                (b.partition, to)
+            })
+            .collect();
+        if resets.is_empty() {
+            return (resets, Vec::new());
+        }
+        let told = block_on(self.sink.reset_stored_offsets(&self.topic, &resets));
+        match told {
+            Some(Ok(())) => (resets, Vec::new()),
+            Some(Err(err)) => {
+                tracing::error!(error = %err, "cannot reset the sink's stored offsets: refusing those partitions until the next rebalance");
+                (Vec::new(), resets.iter().map(|(p, _)| *p).collect())
+            }
+            None => (Vec::new(), resets.iter().map(|(p, _)| *p).collect()),
+        }
+    }
+
+    /// Sets `sink_partition_refused` of `partitions` and readiness.
+    fn publish_refused(&self, partitions: &[i32], value: f64) {
+        for partition in partitions {
+            metrics::gauge!(m::PARTITION_REFUSED, "topic" => self.topic.to_string(), "partition" => partition.to_string())
+                .set(value);
+        }
+        self.health.set_refused(lock(&self.shared.refused).len());
+    }
+
+    /// Stops refusing partitions that are no longer ours.
+    fn forget_refused(&self, partitions: &[i32]) {
+        let mut refused = lock(&self.shared.refused);
+        let gone: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| refused.remove(p))
+            .collect();
+        drop(refused);
+        self.publish_refused(&gone, 0.0);
+    }
+
+    /// /metrics shows per-partition series of the partitions this consumer
+    /// owns: those it reads and those it refuses.
+    fn set_owned(&self) {
+        let mut owned = self.shared.tracker().assigned();
+        owned.extend(lock(&self.shared.refused).iter());
+        owned.sort_unstable();
+        self.health.set_owned(owned);
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
@@ -308,7 +430,8 @@ impl<S: Sink> LoopContext<S> {
                 .collect()
         };
         self.forget_stalls(partitions);
-        self.health.set_owned(self.shared.tracker().assigned());
+        self.forget_refused(partitions);
+        self.set_owned();
         // After a lost assignment the partitions already belong to others:
         // a commit now would be refused, and must not win if it were not.
         if !lost && !commits.is_empty() {
@@ -357,6 +480,75 @@ fn block_in_place<T>(f: impl FnOnce() -> T) -> Option<T> {
         Ok(_) => Some(tokio::task::block_in_place(f)),
         Err(_) => Some(f()),
     }
+}
+
+/// How long a look-up of committed offsets or of a log's bounds may take
+/// during an assignment.
+const LOG_BOUNDS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A partition whose start lies beyond its log's end.
+struct BeyondLogEnd {
+    partition: i32,
+    start: i64,
+    log_start: i64,
+    log_end: i64,
+}
+
+/// The partitions whose start (`starts`, else Kafka's committed offset)
+/// lies beyond their log's end. A look-up that fails is logged and skips
+/// the check (the fetch then works as librdkafka decides).
+fn beyond_log_end<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: &[i32],
+    starts: &[Option<i64>],
+) -> Vec<BeyondLogEnd> {
+    let unknown: Vec<(i32, i64)> = partitions
+        .iter()
+        .zip(starts)
+        .filter(|(_, start)| start.is_none())
+        .map(|(p, _)| (*p, 0))
+        .collect();
+    let committed = if unknown.is_empty() {
+        TopicPartitionList::new()
+    } else {
+        match consumer.committed_offsets(offsets_list(topic, &unknown), LOG_BOUNDS_TIMEOUT) {
+            Ok(committed) => committed,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read committed offsets to check them against the log");
+                TopicPartitionList::new()
+            }
+        }
+    };
+    let mut beyond = Vec::new();
+    for (partition, start) in partitions.iter().zip(starts) {
+        let start = start.or_else(|| match committed.find_partition(topic, *partition) {
+            Some(e) => match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            },
+            None => None,
+        });
+        let Some(start) = start else { continue };
+        match consumer.fetch_watermarks(topic, *partition, LOG_BOUNDS_TIMEOUT) {
+            Ok((log_start, log_end)) if start > log_end => beyond.push(BeyondLogEnd {
+                partition: *partition,
+                start,
+                log_start,
+                log_end,
+            }),
+            Ok((log_start, _)) if start < log_start => tracing::error!(
+                topic,
+                partition,
+                stored_offset = start,
+                log_start,
+                "records below the log's start were deleted (retention) before this service read them: they are lost upstream"
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, partition, "cannot read the log's bounds to check the start offset"),
+        }
+    }
+    beyond
 }
 
 fn offsets_list(topic: &str, offsets: &[(i32, i64)]) -> TopicPartitionList {
@@ -424,6 +616,7 @@ pub async fn run_connecting<S: Sink>(
         writes: AtomicU64::new(0),
         taking: AtomicBool::new(true),
         last_error: Mutex::new(None),
+        refused: Mutex::new(std::collections::BTreeSet::new()),
         stalls: Mutex::new(StallWatch::new(args.stall_timeout())),
     });
     let context = LoopContext {
@@ -434,6 +627,7 @@ pub async fn run_connecting<S: Sink>(
         // As Vector does: half the session timeout, so a slow drain never
         // gets this member evicted mid-rebalance.
         drain_timeout: Duration::from_millis(args.session_timeout_ms / 2),
+        reset_to: args.reset_offsets_beyond_log_end,
     };
     let consumer: StreamConsumer<LoopContext<S>> = kafka_config_context(
         args.consumer_config().create_with_context(context),

@@ -43,6 +43,10 @@ pub const OFFSET_GAPS: &str = "sink_offset_gaps_total";
 /// Fetched records dropped because they lie below where their partition
 /// resumed (a seek's leftovers, or a fetcher that went back), by topic.
 pub const STALE_RECORDS: &str = "sink_stale_records_total";
+/// 1 while an assigned partition is refused because where it stands lies
+/// beyond its log's end (see `--reset-offsets-beyond-log-end`), by topic and
+/// partition.
+pub const PARTITION_REFUSED: &str = "sink_partition_refused";
 /// 1 while the service waits at start for its sink (Redis, BigQuery) to
 /// answer; the attempts are counted in [`RETRIES`] as operation `connect`.
 pub const STARTING: &str = "sink_starting";
@@ -63,6 +67,8 @@ pub struct Health {
     failing: AtomicUsize,
     /// Partitions that stopped advancing (see [`crate::stall`]).
     stalled: AtomicUsize,
+    /// Partitions refused because they start beyond their log's end.
+    refused: AtomicUsize,
     /// Partitions this consumer owns: /metrics shows per-partition series
     /// only for these (see [`owned_series_only`]).
     owned: std::sync::Mutex<Vec<i32>>,
@@ -159,18 +165,24 @@ impl Health {
         }
     }
 
+    /// How many assigned partitions are refused.
+    pub fn set_refused(&self, partitions: usize) {
+        self.refused.store(partitions, Ordering::Relaxed);
+    }
+
     /// How many assigned partitions are stalled.
     pub fn set_stalled(&self, partitions: usize) {
         self.stalled.store(partitions, Ordering::Relaxed);
     }
 
     /// Ready to do work: in the group, the sink reachable, no write
-    /// failing, and no partition stalled.
+    /// failing, and no partition stalled or refused.
     pub fn ready(&self) -> bool {
         self.in_group.load(Ordering::Relaxed)
             && self.sink_ok.load(Ordering::Relaxed)
             && self.failing.load(Ordering::Relaxed) == 0
             && self.stalled.load(Ordering::Relaxed) == 0
+            && self.refused.load(Ordering::Relaxed) == 0
     }
 }
 

@@ -201,6 +201,18 @@ pub trait Sink: Send + Sync + 'static {
         async move { Ok(none) }
     }
 
+    /// Makes partitions start at these offsets from now on, for a sink that
+    /// stores offsets with its writes: an operator reset partitions whose
+    /// stored offset lies beyond the log's end. The default stores nothing.
+    fn reset_stored_offsets(
+        &self,
+        topic: &str,
+        offsets: &[(i32, i64)],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = (topic, offsets);
+        async { Ok(()) }
+    }
+
     /// Readiness probe: can the sink take writes right now?
     fn check(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
         async { Ok(()) }
