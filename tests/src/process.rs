@@ -152,7 +152,8 @@ impl Service {
         }
     }
 
-    /// The last "partitions assigned" line of its log, if any.
+    /// The last "partitions assigned" line of its log, if any: it ends with
+    /// the partitions the instance owns after it (`owned=[..]`).
     pub fn last_assignment(&self) -> Option<String> {
         let text = std::fs::read_to_string(&self.log).ok()?;
         text.lines()

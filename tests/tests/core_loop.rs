@@ -42,6 +42,8 @@ struct RecordingSink {
     assigned: Arc<Mutex<Vec<i32>>>,
     /// Offsets reset by the loop; they replace `stored`.
     resets: Arc<Mutex<BTreeMap<i32, i64>>>,
+    /// Fails its first resets (the sink did not answer).
+    fail_resets: AtomicUsize,
 }
 
 impl RecordingSink {
@@ -135,13 +137,23 @@ impl Sink for RecordingSink {
     async fn reset_stored_offsets(
         &self,
         _topic: &str,
-        offsets: &[(i32, i64)],
+        resets: &[(i32, i64, i64)],
     ) -> Result<(), SinkError> {
-        let mut resets = self
+        if self
+            .fail_resets
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(SinkError::transient(
+                "test_outage",
+                anyhow::anyhow!("injected failure"),
+            ));
+        }
+        let mut done = self
             .resets
             .lock()
             .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
-        resets.extend(offsets.iter().copied());
+        done.extend(resets.iter().map(|(partition, _, to)| (*partition, *to)));
         Ok(())
     }
 
@@ -955,8 +967,8 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
 /// topic was recreated): reading on would drop the new records as already
 /// written. The partition is refused (metric, readiness false, nothing read
 /// or committed) while the others go on, until the operator restarts with
-/// `--reset-offsets-beyond-log-end`: then the sink is told, and every
-/// record of the new log is written.
+/// `--reset-offsets-beyond-log-end`: then the sink is told (a reset it
+/// fails is tried again), and every record of the new log is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyhow::Result<()> {
     let (_mock, topic, bootstrap) = mock_topic("recreated")?;
@@ -1013,10 +1025,12 @@ async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyho
     )?;
     let sink = RecordingSink {
         stored,
+        fail_resets: AtomicUsize::new(1),
         ..RecordingSink::default()
     };
     let (seen, resets) = (Arc::clone(&sink.seen), Arc::clone(&sink.resets));
     let running = Running::start(args, sink);
+    // The first reset fails; the next, 30 s later, goes through.
     wait_for(TIMEOUT, "partition 0's 10 events", || len(&seen) >= 10).await?;
     e2e::wait_for_async(TIMEOUT, "everything committed", || {
         let committed = offsets.committed();

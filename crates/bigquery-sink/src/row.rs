@@ -248,7 +248,7 @@ mod tests {
             timestamp_ms: Some(KAFKA_MS),
             key: None,
             payload: payload.as_bytes().to_vec(),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 

@@ -155,7 +155,7 @@ mod tests {
             timestamp_ms: Some(1_700_000_000_000),
             key: None,
             payload: json.as_bytes().to_vec(),
-            headers: Vec::new(),
+            headers: None,
         }
     }
 

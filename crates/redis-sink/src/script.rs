@@ -66,3 +66,30 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return -1
 ";
+
+/// Moves the fence of partitions an operator reset
+/// (`--reset-offsets-beyond-log-end`). `KEYS`: the per-topic fence and this
+/// group's offsets hash; `ARGV`: triples (partition, from, to). A partition
+/// moves (both hashes) only if it still stands at `from`, read as the apply
+/// script reads it (the larger of the two), or has no fence yet (its start
+/// came from Kafka): a reset arriving late must not move back a partition
+/// another owner has written since. Returns the partitions that did not
+/// stand at `from`.
+pub const RESET_FENCE: &str = r"
+local moved_on = {}
+for i = 1, #ARGV, 3 do
+  local field, from, to = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local stored = tonumber(redis.call('HGET', KEYS[1], field))
+  local by_group = tonumber(redis.call('HGET', KEYS[2], field))
+  if by_group and (not stored or by_group > stored) then
+    stored = by_group
+  end
+  if stored == nil or stored == from then
+    redis.call('HSET', KEYS[1], field, to)
+    redis.call('HSET', KEYS[2], field, to)
+  else
+    moved_on[#moved_on + 1] = tonumber(field)
+  end
+end
+return moved_on
+";

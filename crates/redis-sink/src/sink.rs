@@ -12,7 +12,7 @@ use crate::action::{decode, Action, DecodeRules};
 use crate::keys::Keys;
 use crate::plan::{build, History, OffsetFence, Retention};
 use crate::primary::{Conn, Primary};
-use crate::script::APPLY_BATCH;
+use crate::script::{APPLY_BATCH, RESET_FENCE};
 
 /// Opens a connection that reconnects by itself, waiting (with backoff) for
 /// Redis to come up, and checks the server can keep our guarantees. Bad
@@ -168,6 +168,8 @@ pub struct RedisSink {
     primary: Primary,
     settings: RedisSettings,
     script: Script,
+    /// Moves the fence, compare-and-set (see `reset_stored_offsets`).
+    reset_script: Script,
     scripts: ScriptOrder,
     /// When `maxmemory-policy` was last seen to be `noeviction`.
     policy_ok_at: std::sync::Mutex<Option<std::time::Instant>>,
@@ -180,6 +182,7 @@ impl RedisSink {
             primary,
             settings,
             script: Script::new(APPLY_BATCH),
+            reset_script: Script::new(RESET_FENCE),
             scripts: ScriptOrder::default(),
             policy_ok_at: std::sync::Mutex::new(None),
         }
@@ -300,25 +303,34 @@ impl Sink for RedisSink {
     async fn reset_stored_offsets(
         &self,
         topic: &str,
-        offsets: &[(i32, i64)],
+        resets: &[(i32, i64, i64)],
     ) -> Result<(), SinkError> {
         let keys = &self.settings.keys;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        // Both hashes the script reads the fence from (it takes the larger).
-        for key in [
-            keys.offsets(topic),
-            keys.group_offsets(&self.settings.group, topic),
-        ] {
-            for (partition, offset) in offsets {
-                pipe.hset(&key, partition.to_string(), offset).ignore();
-            }
+        let mut invocation = self.reset_script.prepare_invoke();
+        // Both hashes the apply script reads the fence from.
+        invocation
+            .key(keys.offsets(topic))
+            .key(keys.group_offsets(&self.settings.group, topic));
+        for (partition, from, to) in resets {
+            invocation.arg(partition).arg(from).arg(to);
         }
         let conn = self.primary.get();
-        let result = pipe
-            .query_async::<()>(&mut conn.inner.clone())
+        let result = invocation
+            .invoke_async::<Vec<i64>>(&mut conn.inner.clone())
             .await
-            .map_err(classify);
+            .map_err(classify)
+            .and_then(|moved_on| {
+                if moved_on.is_empty() {
+                    return Ok(());
+                }
+                Err(SinkError::transient(
+                    "reset_conflict",
+                    anyhow::anyhow!(
+                        "partitions {moved_on:?} no longer stand where the reset expected \
+                         (another owner wrote since): not reset"
+                    ),
+                ))
+            });
         self.primary.follow(&conn, result).await
     }
 

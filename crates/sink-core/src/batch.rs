@@ -229,7 +229,7 @@ mod tests {
             timestamp_ms: None,
             key: None,
             payload: vec![b'x'; bytes],
-            headers: Vec::new(),
+            headers: None,
         }
     }
 

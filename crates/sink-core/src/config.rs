@@ -270,7 +270,7 @@ impl ConsumerArgs {
             // Incremental rebalancing: a replica joining or leaving (each
             // autoscaling step) moves only the partitions that change owner;
             // the others keep being written. Every member of a group must
-            // use the same kind of strategy (see docs/operations.md).
+            // use the same kind of strategy (see deploy/README.md).
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
             // Measured (docs/benchmarks.md, STACK.md): the default 1 s backoff

@@ -26,8 +26,8 @@ use futures::FutureExt as _;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
-use rdkafka::error::KafkaResult;
-use rdkafka::message::{Headers as _, Message};
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -66,6 +66,10 @@ const MAX_SEALED_WAITING: usize = 1;
 /// Most of the shutdown timeout kept for leaving the group and flushing
 /// dead letters after the last writes (a quarter of it when that is less).
 const EXIT_RESERVE: Duration = Duration::from_secs(3);
+
+/// How often a reset of refused partitions that failed (the sink did not
+/// answer, another owner moved it) is tried again.
+const REFUSED_RECHECK: Duration = Duration::from_secs(30);
 
 /// How often an idle sink is probed for readiness.
 const CHECK_INTERVAL: Duration = Duration::from_secs(10);
@@ -171,7 +175,11 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
                 let refused: Vec<i32> = lock(&self.shared.refused).iter().copied().collect();
                 self.forget_refused(&refused);
                 self.health.set_owned(Vec::new());
-                consumer.unassign()
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
             }
         };
         self.shared.rebalances.fetch_add(1, Ordering::Relaxed);
@@ -303,7 +311,7 @@ impl<S: Sink> LoopContext<S> {
             // Broker round trips: off the runtime's worker, as the drain.
             let check = || beyond_log_end(consumer, &self.topic, partitions, &starts);
             let beyond = block_in_place(check).unwrap_or_else(check);
-            let (reset, refuse) = self.reset_or_refuse(beyond);
+            let (reset, refuse) = self.reset_or_refuse(consumer, beyond);
             for (partition, offset) in reset {
                 if let Some(i) = partitions.iter().position(|p| *p == partition) {
                     starts[i] = Some(offset);
@@ -328,16 +336,22 @@ impl<S: Sink> LoopContext<S> {
         drop(tracker);
         lock(&self.shared.refused).extend(&refused);
         self.publish_refused(&refused, 1.0);
-        self.set_owned();
+        let owned = self.set_owned();
         self.health.set_in_group(true);
-        tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+        // Incremental rebalances assign only what changes owner: say what
+        // this replica owns too (last, so the line ends with it).
+        tracing::info!(topic = %self.topic, added = ?partitions, ?owned, "partitions assigned");
         refused
     }
 
     /// Partitions whose start lies beyond the log's end: reset where the
     /// operator said (the sink told first), or refused with an error.
     /// Returns (partition, new start) for the reset ones, and the refused.
-    fn reset_or_refuse(&self, beyond: Vec<BeyondLogEnd>) -> (Vec<(i32, i64)>, Vec<i32>) {
+    fn reset_or_refuse<K: Consumer<Self>>(
+        &self,
+        consumer: &K,
+        beyond: Vec<BeyondLogEnd>,
+    ) -> (Vec<(i32, i64)>, Vec<i32>) {
         let Some(reset_to) = self.reset_to else {
             for b in &beyond {
                 tracing::error!(
@@ -351,12 +365,16 @@ impl<S: Sink> LoopContext<S> {
                      topic was recreated, an unclean leader election truncated it, a failover to a \
                      mirror). Nothing of it is read or committed. Restart with \
                      --reset-offsets-beyond-log-end earliest (a recreated topic: every record is \
-                     new) or latest (a truncated log: what it holds below its end was written)"
+                     new) or latest (a truncated log: what it holds below its end was written), \
+                     then remove the flag"
                 );
             }
             return (Vec::new(), beyond.iter().map(|b| b.partition).collect());
         };
-        let resets: Vec<(i32, i64)> = beyond
+        if beyond.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let resets: Vec<(i32, i64, i64)> = beyond
             .iter()
             .map(|b| {
                 let to = match reset_to {
@@ -370,21 +388,29 @@ impl<S: Sink> LoopContext<S> {
                     reset_to = to,
                     "stored offset beyond the log's end: resetting as --reset-offsets-beyond-log-end says"
                 );
-                (b.partition, to)
+                (b.partition, b.start, to)
             })
             .collect();
-        if resets.is_empty() {
-            return (resets, Vec::new());
-        }
-        let told = block_on(self.sink.reset_stored_offsets(&self.topic, &resets));
-        match told {
-            Some(Ok(())) => (resets, Vec::new()),
-            Some(Err(err)) => {
-                tracing::error!(error = %err, "cannot reset the sink's stored offsets: refusing those partitions until the next rebalance");
-                (Vec::new(), resets.iter().map(|(p, _)| *p).collect())
+        let all: Vec<i32> = resets.iter().map(|(p, _, _)| *p).collect();
+        let reset = self.sink.reset_stored_offsets(&self.topic, &resets);
+        match block_on(async { tokio::time::timeout(STORED_OFFSETS_TIMEOUT, reset).await }) {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(err))) => {
+                tracing::error!(error = %err, partitions = ?all, "cannot reset the sink's stored offsets: refusing those partitions (checked again every 30 s)");
+                return (Vec::new(), all);
             }
-            None => (Vec::new(), resets.iter().map(|(p, _)| *p).collect()),
+            Some(Err(_)) | None => {
+                tracing::error!(partitions = ?all, "resetting the sink's stored offsets took too long: refusing those partitions (checked again every 30 s)");
+                return (Vec::new(), all);
+            }
         }
+        // Kafka's committed offsets too: a later owner that cannot read the
+        // sink's starts from them, and must not find them beyond the end.
+        let moved: Vec<(i32, i64)> = resets.iter().map(|(p, _, to)| (*p, *to)).collect();
+        if let Err(err) = consumer.commit(&offsets_list(&self.topic, &moved), CommitMode::Sync) {
+            tracing::warn!(%err, "cannot commit the reset offsets; the sink holds them");
+        }
+        (moved, Vec::new())
     }
 
     /// Sets `sink_partition_refused` of `partitions` and readiness.
@@ -409,12 +435,13 @@ impl<S: Sink> LoopContext<S> {
     }
 
     /// /metrics shows per-partition series of the partitions this consumer
-    /// owns: those it reads and those it refuses.
-    fn set_owned(&self) {
+    /// owns: those it reads and those it refuses. Returns them.
+    fn set_owned(&self) -> Vec<i32> {
         let mut owned = self.shared.tracker().assigned();
         owned.extend(lock(&self.shared.refused).iter());
         owned.sort_unstable();
-        self.health.set_owned(owned);
+        self.health.set_owned(owned.clone());
+        owned
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
@@ -431,7 +458,7 @@ impl<S: Sink> LoopContext<S> {
         };
         self.forget_stalls(partitions);
         self.forget_refused(partitions);
-        self.set_owned();
+        let owned = self.set_owned();
         // After a lost assignment the partitions already belong to others:
         // a commit now would be refused, and must not win if it were not.
         if !lost && !commits.is_empty() {
@@ -441,7 +468,7 @@ impl<S: Sink> LoopContext<S> {
                 tracing::warn!(%err, "commit on revoke failed; the next owner re-reads those records");
             }
         }
-        tracing::info!(topic = %self.topic, ?partitions, lost, "partitions revoked");
+        tracing::info!(topic = %self.topic, revoked = ?partitions, lost, ?owned, "partitions revoked");
     }
 
     /// Waits, up to the drain timeout, for batches holding revoked partitions.
@@ -497,8 +524,8 @@ struct BeyondLogEnd {
 /// The partitions whose start (`starts`, else Kafka's committed offset)
 /// lies beyond their log's end. A look-up that fails is logged and skips
 /// the check (the fetch then works as librdkafka decides).
-fn beyond_log_end<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
     topic: &str,
     partitions: &[i32],
     starts: &[Option<i64>],
@@ -662,6 +689,8 @@ pub async fn run_connecting<S: Sink>(
         paused: false,
         held_since: None,
         rebalances_seen: 0,
+        refused_checked_at: Instant::now(),
+        reset_to: args.reset_offsets_beyond_log_end,
     };
     let result = consume.run(shutdown).await;
     // --shutdown-timeout-secs bounds the whole exit: writing what was
@@ -753,6 +782,9 @@ struct Loop<S: Sink> {
     /// Since when the loop stopped taking messages because the sink is behind.
     held_since: Option<Instant>,
     rebalances_seen: u64,
+    /// When refused partitions were last checked again.
+    refused_checked_at: Instant,
+    reset_to: Option<ResetTo>,
     /// Counted per record: a handle, not a lookup by name each time.
     consumed: metrics::Counter,
     gaps: metrics::Counter,
@@ -775,9 +807,15 @@ impl<S: Sink> Loop<S> {
                 .held_since
                 .filter(|_| !self.paused)
                 .map(|since| since + HOLD_BEFORE_PAUSE);
+            // A timer whenever resets are allowed: partitions get refused
+            // inside recv(), after this select was set up.
+            let recheck_at = self
+                .reset_to
+                .map(|_| self.refused_checked_at + REFUSED_RECHECK);
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
+                () = sleep_until(recheck_at), if recheck_at.is_some() => self.recheck_refused().await,
                 Some(joined) = self.tasks.join_next() => joined.context("a batch task panicked")?,
                 () = sleep_until(linger), if linger.is_some() => self.batcher.tick(Instant::now()),
                 () = sleep_until(pause_at), if pause_at.is_some() => {}
@@ -837,7 +875,18 @@ impl<S: Sink> Loop<S> {
                 true
             }
             Err(err) => {
-                tracing::warn!(%err, "Kafka consumer error");
+                if err.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
+                    tracing::error!(
+                        %err,
+                        "this member cannot join its group: the members in it use another kind \
+                         of partition.assignment.strategy (cooperative-sticky here; eager range or \
+                         roundrobin there, as versions before cooperative rebalancing). Stop the \
+                         old members first, or set --kafka-option \
+                         partition.assignment.strategy=range (deploy/README.md)"
+                    );
+                } else {
+                    tracing::warn!(%err, "Kafka consumer error");
+                }
                 *lock(&self.shared.last_error) = Some(err.to_string());
                 false
             }
@@ -998,6 +1047,73 @@ impl<S: Sink> Loop<S> {
         }
     }
 
+    /// Tries the reset of refused partitions again, and starts those it
+    /// moved. Only a reset starts a refused partition: one whose log has
+    /// meanwhile grown past its stored offset would otherwise skip the
+    /// records between the old end and that offset without a word.
+    async fn recheck_refused(&mut self) {
+        self.refused_checked_at = Instant::now();
+        let refused: Vec<i32> = lock(&self.shared.refused).iter().copied().collect();
+        if refused.is_empty() {
+            return;
+        }
+        let lookup = self.sink.stored_offsets(&self.topic, &refused);
+        let starts = match tokio::time::timeout(STORED_OFFSETS_TIMEOUT, lookup).await {
+            Ok(Ok(starts)) if starts.len() == refused.len() => starts,
+            _ => return, // the sink cannot say: still refused, next time
+        };
+        let check = || beyond_log_end(&self.consumer, &self.topic, &refused, &starts);
+        let beyond = block_in_place(check).unwrap_or_else(check);
+        let (reset, still) = self
+            .consumer
+            .context()
+            .reset_or_refuse(&self.consumer, beyond);
+        for partition in refused.iter().filter(|p| !still.contains(p)) {
+            if !reset.iter().any(|(p, _)| p == partition) {
+                tracing::error!(
+                    topic = %self.topic,
+                    partition,
+                    "a refused partition's log has grown past its stored offset: the records \
+                     between the old end and it were never read. Still refused; check what the \
+                     log holds before restarting, which starts it at the stored offset"
+                );
+            }
+        }
+        let mut started = Vec::new();
+        for (partition, offset) in reset {
+            let seek = || {
+                self.consumer
+                    .seek(&self.topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+            };
+            if let Err(err) = block_in_place(seek).unwrap_or_else(seek) {
+                tracing::warn!(%err, partition, offset, "cannot seek a partition just reset; tried again later");
+                continue;
+            }
+            self.shared.tracker().assign(partition, Some(offset));
+            started.push((partition, 0));
+        }
+        if started.is_empty() {
+            return;
+        }
+        let partitions: Vec<i32> = started.iter().map(|(p, _)| *p).collect();
+        let context = self.consumer.context();
+        context.forget_refused(&partitions);
+        context.set_owned();
+        let tpl = offsets_list(&self.topic, &started);
+        // Paused with the rest while the loop is paused; resumed with it.
+        let resumed = if self.paused {
+            Ok(())
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match resumed {
+            Ok(()) => {
+                tracing::info!(topic = %self.topic, ?partitions, "partitions no longer refused: reading them")
+            }
+            Err(err) => tracing::warn!(%err, "cannot resume partitions no longer refused"),
+        }
+    }
+
     /// Drops the buffered records of partitions revoked since the last call.
     fn purge_revoked(&mut self) {
         let revoked = self.shared.tracker().take_revoked();
@@ -1092,7 +1208,7 @@ impl<S: Sink> Loop<S> {
 }
 
 /// Copies a message out of librdkafka's buffer (a batch outlives the poll).
-fn detach(topic: &Arc<str>, message: &impl Message) -> Record {
+fn detach(topic: &Arc<str>, message: &BorrowedMessage<'_>) -> Record {
     Record {
         topic: Arc::clone(topic),
         partition: message.partition(),
@@ -1100,15 +1216,9 @@ fn detach(topic: &Arc<str>, message: &impl Message) -> Record {
         timestamp_ms: message.timestamp().to_millis(),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        headers: message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        // Copied as bytes: reading keys as strings (Headers::iter) panics
+        // on a key that is not UTF-8, which any producer may send.
+        headers: message.headers().map(BorrowedHeaders::detach),
     }
 }
 

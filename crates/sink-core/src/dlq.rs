@@ -174,15 +174,12 @@ impl DeadLetters {
             &rejection.reason
         };
         // The source's headers first, then ours: a reader taking the last
-        // value of a key gets ours.
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 7);
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header {
-                key: key.as_str(),
-                value: value.as_deref(),
-            });
-        }
-        let mut headers = headers
+        // value of a key gets ours. A cut letter drops the source's: they
+        // may be what makes it too large.
+        let source = record.headers.as_ref().filter(|_| !cut);
+        let mut headers = source
+            .cloned()
+            .unwrap_or_else(|| OwnedHeaders::new_with_capacity(7))
             .insert(Header {
                 key: "error",
                 value: Some(reason),

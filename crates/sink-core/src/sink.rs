@@ -14,9 +14,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::message::OwnedHeaders;
+
 /// One Kafka message, detached from the consumer so it can outlive the poll
 /// that produced it (a batch may wait for retries while polling goes on).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Record {
     /// The topic the message came from.
     pub topic: Arc<str>,
@@ -30,9 +32,10 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// The message value: the raw event bytes.
     pub payload: Vec<u8>,
-    /// The message headers, in order, kept so a dead letter carries them
-    /// (empty, without allocating, when there are none: Logstash sets none).
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The message headers, copied as bytes (keys need not be UTF-8), so a
+    /// dead letter carries them; `None` when there are none (Logstash sets
+    /// none).
+    pub headers: Option<OwnedHeaders>,
 }
 
 impl Record {
@@ -201,15 +204,18 @@ pub trait Sink: Send + Sync + 'static {
         async move { Ok(none) }
     }
 
-    /// Makes partitions start at these offsets from now on, for a sink that
-    /// stores offsets with its writes: an operator reset partitions whose
-    /// stored offset lies beyond the log's end. The default stores nothing.
+    /// Moves where partitions stand, for a sink that stores offsets with its
+    /// writes: an operator reset partitions whose stored offset lies beyond
+    /// the log's end. Each `(partition, from, to)` moves only if the
+    /// partition still stands at `from` (a compare-and-set: a late reset must
+    /// not move back a partition another owner has written since); an error
+    /// when one did not. The default stores nothing.
     fn reset_stored_offsets(
         &self,
         topic: &str,
-        offsets: &[(i32, i64)],
+        resets: &[(i32, i64, i64)],
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
-        let _ = (topic, offsets);
+        let _ = (topic, resets);
         async { Ok(()) }
     }
 
