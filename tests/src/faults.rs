@@ -175,6 +175,19 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Produces from now on as Logstash's kafka output does: batched, with
+    /// `compression` (gzip, snappy, lz4, zstd).
+    pub fn logstash_production(&mut self, compression: &str) -> anyhow::Result<()> {
+        self.producer = kafka::logstash_producer(&self.config.bootstrap, compression)?;
+        Ok(())
+    }
+
+    /// Instances started from now on join a new consumer group (a renamed
+    /// group, a blue/green deployment).
+    pub fn rename_group(&mut self) {
+        self.group = unique(self.kind.binary());
+    }
+
     /// Starts producing `items` round-robin over the partitions at about
     /// `per_second`; [`Pipeline::finish`] waits for the deliveries.
     pub fn start_load(&mut self, items: Vec<Item>, per_second: usize) -> Load {

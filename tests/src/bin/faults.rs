@@ -51,6 +51,10 @@ enum Scenario {
     Sigterm,
     StaleConsumer,
     Backlog,
+    ZstdInput,
+    GroupRename,
+    RedisFailover,
+    EvictionPolicy,
 }
 
 impl Scenario {
@@ -65,6 +69,10 @@ impl Scenario {
             Self::Sigterm => "SIGTERM under load + restart",
             Self::StaleConsumer => "stale consumer (SIGSTOP/SIGCONT)",
             Self::Backlog => "1,000,000 backlog, Redis down",
+            Self::ZstdInput => "zstd batches as Logstash sends (mock)",
+            Self::GroupRename => "group renamed, both groups running",
+            Self::RedisFailover => "Redis failover to its replica",
+            Self::EvictionPolicy => "eviction policy set for 5 s",
         }
     }
 }
@@ -86,6 +94,11 @@ const PLAN: &[(Scenario, SinkKind)] = &[
     (Scenario::StaleConsumer, SinkKind::Redis),
     (Scenario::StaleConsumer, SinkKind::BigQuery),
     (Scenario::Backlog, SinkKind::Redis),
+    (Scenario::ZstdInput, SinkKind::Redis),
+    (Scenario::ZstdInput, SinkKind::BigQuery),
+    (Scenario::GroupRename, SinkKind::Redis),
+    (Scenario::RedisFailover, SinkKind::Redis),
+    (Scenario::EvictionPolicy, SinkKind::Redis),
 ];
 
 /// What a scenario found.
@@ -267,6 +280,10 @@ async fn run(stack: &Stack, scenario: Scenario, kind: SinkKind) -> anyhow::Resul
         Scenario::Sigterm => sigterm(stack, kind).await,
         Scenario::StaleConsumer => stale_consumer(stack, kind).await,
         Scenario::Backlog => backlog(stack).await,
+        Scenario::ZstdInput => zstd_input(stack, kind).await,
+        Scenario::GroupRename => group_rename(stack).await,
+        Scenario::RedisFailover => redis_failover(stack).await,
+        Scenario::EvictionPolicy => eviction_policy(stack).await,
     }
 }
 
@@ -484,6 +501,191 @@ async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome>
     Ok(Outcome::new(p.tally().await?)
         .recovered_in(recovery)
         .note(done.join(", ")))
+}
+
+/// zstd-compressed record batches of many records, as Logstash's kafka
+/// output sends with `compression_type => zstd`, on the mock cluster (tansu
+/// mishandles fetches inside batches), with a restart mid-stream so that a
+/// partition resumes inside a batch.
+async fn zstd_input(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
+    let mock = MockCluster::new(3).context("mock cluster")?;
+    let topic = unique("faults-zstd");
+    mock.create_topic(&topic, 3, 3)?;
+    mock.create_topic(&format!("{topic}.dlq"), 3, 3)?;
+    let config = PipelineConfig {
+        bootstrap: mock.bootstrap_servers(),
+        create_topics: false,
+        ..PipelineConfig::stack(stack)
+    };
+    let mut p = Pipeline::new(stack, kind, config, Some(topic)).await?;
+    p.logstash_production("zstd")?;
+    let (items, rate) = load(kind, 9, 20);
+    let load = p.start_load(items, rate);
+    let mut instance = p.start()?;
+    let applied = p.wait_progress(0, &instance).await?;
+    instance.service.kill()?;
+    instance = p.start()?;
+    p.wait_progress(applied, &instance).await?;
+    let recovery = p.recover(Some(&load), &instance).await?;
+    p.finish(load).await?;
+    p.wait_caught_up(&instance).await?;
+    Ok(Outcome::new(p.tally().await?)
+        .recovered_in(recovery)
+        .note("SIGKILL once mid-stream"))
+}
+
+/// A deployment under a new consumer group id against the same Redis and
+/// key prefix, started while the old one still runs, which then stops: the
+/// fence is the data's, so nothing is counted twice.
+async fn group_rename(stack: &Stack) -> anyhow::Result<Outcome> {
+    let mut p = Pipeline::new(stack, SinkKind::Redis, PipelineConfig::stack(stack), None).await?;
+    let (items, rate) = load(SinkKind::Redis, 10, 20);
+    let load = p.start_load(items, rate);
+    let mut old = p.start()?;
+    let applied = p.wait_progress(0, &old).await?;
+    p.rename_group();
+    let renamed = p.start()?;
+    p.wait_progress(applied, &renamed).await?;
+    let (code, took) = graceful_stop(&mut old).await?;
+    let recovery = p.recover(Some(&load), &renamed).await?;
+    p.finish(load).await?;
+    p.wait_caught_up(&renamed).await?;
+    let already = renamed.counter("sink_already_applied_total").await?;
+    Ok(Outcome::new(p.tally().await?)
+        .recovered_in(recovery)
+        .note(format!(
+            "old group exit {code:?} in {took:.1} s; batches the new group found applied: {already}"
+        )))
+}
+
+/// A managed failover: the replica is promoted once it has everything, the
+/// old primary becomes its replica, and the address (a TCP front here)
+/// moves; connections opened before still reach the old primary.
+async fn redis_failover(stack: &Stack) -> anyhow::Result<Outcome> {
+    let dir = stack.dir.join(unique("faults-failover"));
+    let old = PrivateRedis::start(dir.join("a")).await?;
+    let new = PrivateRedis::start(dir.join("b")).await?;
+    let mut to_old = redis_connection(&old).await?;
+    let mut to_new = redis_connection(&new).await?;
+    replicate(&mut to_new, &old).await?;
+    let front = e2e::tcp_front::TcpFront::start(old.addr()).await?;
+    let config = PipelineConfig {
+        redis_url: format!("redis://{}", front.addr()),
+        ..PipelineConfig::stack(stack)
+    };
+    let mut p = Pipeline::new(stack, SinkKind::Redis, config, None).await?;
+    let (items, rate) = load(SinkKind::Redis, 11, 20);
+    let load = p.start_load(items, rate);
+    let instance = p.start()?;
+    p.wait_progress(0, &instance).await?;
+    let started = Instant::now();
+    redis::cmd("CLIENT")
+        .arg(&["PAUSE", "30000", "WRITE"][..])
+        .exec_async(&mut to_old)
+        .await?;
+    let primary_at = replication_offset(&mut to_old).await?;
+    e2e::wait_for_async(Duration::from_secs(60), "the replica to catch up", || {
+        let mut to_new = to_new.clone();
+        async move { Ok(replication_offset(&mut to_new).await? >= primary_at) }
+    })
+    .await?;
+    redis::cmd("REPLICAOF")
+        .arg(&["NO", "ONE"][..])
+        .exec_async(&mut to_new)
+        .await?;
+    front.switch(new.addr());
+    replicate(&mut to_old, &new).await?;
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .exec_async(&mut to_old)
+        .await?;
+    let switched = started.elapsed();
+    let recovery = p.recover(Some(&load), &instance).await?;
+    p.finish(load).await?;
+    p.wait_caught_up(&instance).await?;
+    Ok(Outcome::new(p.tally().await?)
+        .recovered_in(recovery)
+        .note(format!("failover took {:.1} s", switched.as_secs_f64())))
+}
+
+async fn redis_connection(
+    redis: &PrivateRedis,
+) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(redis.url().as_str())?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// Makes `replica` replicate `primary` and waits until the link is up.
+async fn replicate(
+    replica: &mut redis::aio::MultiplexedConnection,
+    primary: &PrivateRedis,
+) -> anyhow::Result<()> {
+    let port = primary.addr().port().to_string();
+    redis::cmd("REPLICAOF")
+        .arg(&["127.0.0.1", port.as_str()][..])
+        .exec_async(replica)
+        .await?;
+    e2e::wait_for_async(Duration::from_secs(60), "the replication link", || {
+        let mut replica = replica.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut replica)
+                .await?;
+            Ok(info.lines().any(|l| l.trim() == "master_link_status:up"))
+        }
+    })
+    .await
+}
+
+/// `master_repl_offset` of INFO replication.
+async fn replication_offset(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .context("INFO replication has no master_repl_offset")?
+        .trim()
+        .parse()
+        .context("master_repl_offset")
+}
+
+/// An operator sets an evicting policy under the running sink, then sets
+/// it back: writes stop meanwhile and nothing is lost or counted twice.
+async fn eviction_policy(stack: &Stack) -> anyhow::Result<Outcome> {
+    let redis = PrivateRedis::start(stack.dir.join(unique("faults-eviction"))).await?;
+    let mut conn = redis_connection(&redis).await?;
+    let config = PipelineConfig {
+        redis_url: redis.url(),
+        ..PipelineConfig::stack(stack)
+    };
+    let mut p = Pipeline::new(stack, SinkKind::Redis, config, None).await?;
+    let (items, rate) = load(SinkKind::Redis, 12, 20);
+    let load = p.start_load(items, rate);
+    let instance = p.start()?;
+    p.wait_progress(0, &instance).await?;
+    let policy = |value: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("maxmemory-policy").arg(value);
+        cmd
+    };
+    policy("volatile-lru").exec_async(&mut conn).await?;
+    let outage = outage(&instance, Duration::from_secs(5)).await?;
+    let retries = instance.counter("sink_retries_total").await?;
+    policy("noeviction").exec_async(&mut conn).await?;
+    let recovery = p.recover(Some(&load), &instance).await?;
+    p.finish(load).await?;
+    p.wait_caught_up(&instance).await?;
+    let mut outcome = Outcome::new(p.tally().await?)
+        .recovered_in(recovery)
+        .note(outage);
+    if retries == 0.0 {
+        outcome = outcome.problem("the sink kept writing under volatile-lru");
+    }
+    Ok(outcome)
 }
 
 /// Poison records, each with whether the service must keep it.
