@@ -50,6 +50,7 @@ pub async fn connect(url: &str) -> anyhow::Result<Primary> {
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("cluster")
+        .arg("replication")
         .query_async(&mut conn)
         .await
         .context("INFO")?;
@@ -116,6 +117,12 @@ fn check_eviction_policy(info_memory: &str) -> Result<(), String> {
 }
 
 fn check_server(info: &str) -> anyhow::Result<()> {
+    if info.lines().any(|l| l.trim() == "role:slave") {
+        bail!(
+            "--redis-url (REDIS_URL) leads to a replica, which refuses writes: point it at the \
+             primary (the managed service's primary endpoint, not a reader endpoint)"
+        );
+    }
     if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
         bail!(
             "Redis Cluster is not supported: a batch's rankings, histories and offset must change in one atomic script, \
@@ -580,6 +587,15 @@ mod tests {
     use futures::FutureExt as _;
 
     use super::*;
+
+    #[test]
+    fn a_replica_is_refused_at_start() {
+        let replica = "# Server\r\nredis_version:7.0.15\r\n# Replication\r\nrole:slave\r\n";
+        let err = check_server(replica).unwrap_err().to_string();
+        assert!(err.contains("leads to a replica"), "{err}");
+        let primary = "# Server\r\nredis_version:7.0.15\r\n# Replication\r\nrole:master\r\n";
+        assert!(check_server(primary).is_ok());
+    }
 
     fn range(partition: i32, first: i64, next: i64) -> PartitionRange {
         PartitionRange {
