@@ -241,19 +241,9 @@ impl Emulator {
 
     /// The table's schema as (name, type, mode).
     pub async fn schema(&self, name: &str) -> anyhow::Result<Vec<(String, String, String)>> {
-        let url = format!(
-            "{}/projects/{}/datasets/{}/tables/{name}",
-            self.v2, self.project, self.dataset
-        );
-        let table: Value = self
-            .http
-            .get(&url)
-            .send()
+        Ok(self
+            .schema_fields(name)
             .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        Ok(table["schema"]["fields"]
             .as_array()
             .map(|fields| {
                 fields
@@ -654,17 +644,8 @@ fn serve(
             br#"{"kind":"bigquery#tableDataInsertAllResponse"}"#,
         )?,
         Fault::RefuseRowsAs(message) => {
-            let errors: Vec<Value> = (0..rows.len())
-                .map(|i| json!({"index": i, "errors": [{"reason": "invalid", "location": "host", "message": message}]}))
-                .collect();
-            let reply =
-                json!({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors});
-            respond(
-                &mut client,
-                200,
-                "application/json; charset=UTF-8",
-                reply.to_string().as_bytes(),
-            )?;
+            let errors = (0..rows.len()).map(|i| (i, "invalid", "host", message));
+            respond_row_errors(&mut client, errors)?;
         }
         Fault::Drop => {}
         Fault::DropAfterForward => {
@@ -680,19 +661,30 @@ fn serve(
             if !text.starts_with("HTTP/1.1 200") || !text.contains(r#""insertErrors":[]"#) {
                 bail!("upstream did not take the even rows: {text}");
             }
-            let errors: Vec<Value> = (1..rows.len())
+            let errors = (1..rows.len())
                 .step_by(2)
-                .map(|i| json!({"index": i, "errors": [{"reason": "backendError", "location": "", "message": "injected by the test proxy"}]}))
-                .collect();
-            let reply =
-                json!({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors});
-            respond(
-                &mut client,
-                200,
-                "application/json; charset=UTF-8",
-                reply.to_string().as_bytes(),
-            )?;
+                .map(|i| (i, "backendError", "", "injected by the test proxy"));
+            respond_row_errors(&mut client, errors)?;
         }
     }
     Ok(())
+}
+
+/// Answers 200 with `insertErrors`: (row index, reason, location, message).
+fn respond_row_errors<'a>(
+    client: &mut TcpStream,
+    errors: impl Iterator<Item = (usize, &'a str, &'a str, &'a str)>,
+) -> anyhow::Result<()> {
+    let errors: Vec<Value> = errors
+        .map(|(index, reason, location, message)| {
+            json!({"index": index, "errors": [{"reason": reason, "location": location, "message": message}]})
+        })
+        .collect();
+    let reply = json!({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors});
+    respond(
+        client,
+        200,
+        "application/json; charset=UTF-8",
+        reply.to_string().as_bytes(),
+    )
 }

@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
+use redis::aio::MultiplexedConnection;
 
 /// The path of a workspace binary built next to the test executable.
 /// `make test` builds them first (`cargo build --workspace --bins`).
@@ -251,6 +253,39 @@ impl PrivateRedis {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// A connection to it.
+    pub async fn connection(&self) -> anyhow::Result<MultiplexedConnection> {
+        Ok(redis::Client::open(self.url().as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    /// Makes this server a replica of `primary` and waits until it is in
+    /// sync.
+    pub async fn replicate(&self, primary: &PrivateRedis) -> anyhow::Result<()> {
+        let mut conn = self.connection().await?;
+        let port = primary.port.to_string();
+        redis::cmd("REPLICAOF")
+            .arg(&["127.0.0.1", port.as_str()][..])
+            .exec_async(&mut conn)
+            .await?;
+        crate::wait_for_async(
+            Duration::from_secs(60),
+            "the replica's link to its primary",
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(info.lines().any(|l| l.trim() == "master_link_status:up"))
+                }
+            },
+        )
+        .await
+    }
+
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let child = Command::new("redis-server")
             .args([
@@ -320,6 +355,56 @@ impl PrivateRedis {
         self.stop()?;
         self.spawn().await
     }
+}
+
+/// A managed failover of `primary` to `replica` (its replica), as
+/// ElastiCache or Memorystore do it: writes paused on the primary until the
+/// replica has everything, the replica promoted, the address (`front`)
+/// moved to it, the old primary made its replica, writes let through (they
+/// now meet a replica: `READONLY`).
+pub async fn fail_over(
+    primary: &PrivateRedis,
+    replica: &PrivateRedis,
+    front: &crate::tcp_front::TcpFront,
+) -> anyhow::Result<()> {
+    let mut to_primary = primary.connection().await?;
+    let mut to_replica = replica.connection().await?;
+    redis::cmd("CLIENT")
+        .arg(&["PAUSE", "30000", "WRITE"][..])
+        .exec_async(&mut to_primary)
+        .await?;
+    let written = replication_offset(&mut to_primary).await?;
+    crate::wait_for_async(Duration::from_secs(60), "the replica to catch up", || {
+        let mut to_replica = to_replica.clone();
+        async move { Ok(replication_offset(&mut to_replica).await? >= written) }
+    })
+    .await?;
+    redis::cmd("REPLICAOF")
+        .arg(&["NO", "ONE"][..])
+        .exec_async(&mut to_replica)
+        .await?;
+    front.switch(replica.addr());
+    primary.replicate(replica).await?;
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .exec_async(&mut to_primary)
+        .await?;
+    Ok(())
+}
+
+/// `master_repl_offset` from INFO replication: how far a server has
+/// written (a primary) or received (a replica) the replication stream.
+async fn replication_offset(conn: &mut MultiplexedConnection) -> anyhow::Result<i64> {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(conn)
+        .await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_repl_offset:"))
+        .context("INFO replication has no master_repl_offset")?
+        .trim()
+        .parse()
+        .context("master_repl_offset")
 }
 
 impl Drop for PrivateRedis {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use e2e::generator::{Generated, Generator, Mix, Truth};
-use e2e::process::{restart_alone, PrivateRedis, Service};
+use e2e::process::{fail_over, restart_alone, PrivateRedis, Service};
 use e2e::redis_model::{diff, dump, expected};
 use e2e::{kafka, unique, wait_for, wait_for_async, Stack};
 use rand::{Rng, SeedableRng};
@@ -453,13 +453,7 @@ async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::
     let dir = stack.dir.join(unique("failover"));
     let old = PrivateRedis::start_without_aof(dir.join("a")).await?;
     let new = PrivateRedis::start_without_aof(dir.join("b")).await?;
-    let mut to_old = redis::Client::open(old.url().as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let mut to_new = redis::Client::open(new.url().as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    replicate(&mut to_new, &old).await?;
+    new.replicate(&old).await?;
     let front = e2e::tcp_front::TcpFront::start(old.addr()).await?;
     let mut f = Fixture::with_redis(stack, format!("redis://{}", front.addr())).await?;
     let all = events(9, 40_000, 0.0);
@@ -467,31 +461,8 @@ async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::
     f.produce(before.to_vec()).await?;
     let service = f.start()?;
     f.wait_applied_at_least(5_000, &service).await?;
-
-    // As a managed failover does it: writes held on the primary until the
-    // replica has everything, then the replica promoted and the name moved.
-    redis::cmd("CLIENT")
-        .arg(&["PAUSE", "30000", "WRITE"][..])
-        .exec_async(&mut to_old)
-        .await?;
-    let primary_offset = replication_offset(&mut to_old).await?;
-    wait_for_async(Duration::from_secs(60), "the replica to catch up", || {
-        let mut to_new = to_new.clone();
-        async move { Ok(replication_offset(&mut to_new).await? >= primary_offset) }
-    })
-    .await?;
-    redis::cmd("REPLICAOF")
-        .arg(&["NO", "ONE"][..])
-        .exec_async(&mut to_new)
-        .await?;
-    front.switch(new.addr());
-    replicate(&mut to_old, &new).await?;
-    redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .exec_async(&mut to_old)
-        .await?;
-
-    f.redis = to_new;
+    fail_over(&old, &new, &front).await?;
+    f.redis = new.connection().await?;
     f.produce(after.to_vec()).await?;
     f.wait_all_applied(&service).await?;
     f.assert_state_matches_model().await
@@ -555,49 +526,6 @@ async fn metric_at_least(port: u16, series: &str, value: f64) -> anyhow::Result<
             .and_then(|rest| rest.trim().parse::<f64>().ok())
             .is_some_and(|v| v >= value)
     }))
-}
-
-/// Makes the server behind `replica` a replica of `primary` and waits
-/// until it is in sync.
-async fn replicate(
-    replica: &mut MultiplexedConnection,
-    primary: &PrivateRedis,
-) -> anyhow::Result<()> {
-    let port = primary.addr().port().to_string();
-    redis::cmd("REPLICAOF")
-        .arg(&["127.0.0.1", port.as_str()][..])
-        .exec_async(replica)
-        .await?;
-    wait_for_async(
-        Duration::from_secs(60),
-        "the replica's link to its primary",
-        || {
-            let mut replica = replica.clone();
-            async move {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut replica)
-                    .await?;
-                Ok(info.lines().any(|l| l.trim() == "master_link_status:up"))
-            }
-        },
-    )
-    .await
-}
-
-/// `master_repl_offset` from INFO replication: how far a server has
-/// written (a primary) or received (a replica) the replication stream.
-async fn replication_offset(conn: &mut MultiplexedConnection) -> anyhow::Result<i64> {
-    let info: String = redis::cmd("INFO")
-        .arg("replication")
-        .query_async(conn)
-        .await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("master_repl_offset:"))
-        .context("INFO replication has no master_repl_offset")?
-        .trim()
-        .parse()
-        .context("master_repl_offset")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

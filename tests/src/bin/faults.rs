@@ -22,7 +22,7 @@ use clap::Parser;
 use e2e::bigquery::{Fault, FaultProxy};
 use e2e::faults::{Instance, Item, Pipeline, PipelineConfig, SinkKind, Tally, SHUTDOWN_TIMEOUT};
 use e2e::generator::{Generator, Mix, Truth};
-use e2e::process::PrivateRedis;
+use e2e::process::{fail_over, PrivateRedis};
 use e2e::{unique, Stack};
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
@@ -442,9 +442,18 @@ async fn bigquery_down(stack: &Stack) -> anyhow::Result<Outcome> {
         .note(format!("faults served: {}", served.join(", "))))
 }
 
-async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
+/// librdkafka's mock cluster (3 brokers, replication 3) with a pipeline's
+/// topic and dead-letter topic on it; keep the cluster alive.
+async fn on_mock_cluster(
+    stack: &Stack,
+    kind: SinkKind,
+    prefix: &str,
+) -> anyhow::Result<(
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Pipeline,
+)> {
     let mock = MockCluster::new(3).context("mock cluster")?;
-    let topic = unique("faults-mock");
+    let topic = unique(prefix);
     mock.create_topic(&topic, 3, 3)?;
     mock.create_topic(&format!("{topic}.dlq"), 3, 3)?;
     let config = PipelineConfig {
@@ -452,7 +461,13 @@ async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome>
         create_topics: false,
         ..PipelineConfig::stack(stack)
     };
-    let mut p = Pipeline::new(stack, kind, config, Some(topic.clone())).await?;
+    let pipeline = Pipeline::new(stack, kind, config, Some(topic)).await?;
+    Ok((mock, pipeline))
+}
+
+async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
+    let (mock, mut p) = on_mock_cluster(stack, kind, "faults-mock").await?;
+    let topic = p.topic.clone();
     let (items, rate) = load(kind, 5, 25);
     let load = p.start_load(items, rate);
     let instance = p.start()?;
@@ -508,16 +523,7 @@ async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome>
 /// mishandles fetches inside batches), with a restart mid-stream so that a
 /// partition resumes inside a batch.
 async fn zstd_input(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let mock = MockCluster::new(3).context("mock cluster")?;
-    let topic = unique("faults-zstd");
-    mock.create_topic(&topic, 3, 3)?;
-    mock.create_topic(&format!("{topic}.dlq"), 3, 3)?;
-    let config = PipelineConfig {
-        bootstrap: mock.bootstrap_servers(),
-        create_topics: false,
-        ..PipelineConfig::stack(stack)
-    };
-    let mut p = Pipeline::new(stack, kind, config, Some(topic)).await?;
+    let (_mock, mut p) = on_mock_cluster(stack, kind, "faults-zstd").await?;
     p.logstash_production("zstd")?;
     let (items, rate) = load(kind, 9, 20);
     let load = p.start_load(items, rate);
@@ -565,9 +571,7 @@ async fn redis_failover(stack: &Stack) -> anyhow::Result<Outcome> {
     let dir = stack.dir.join(unique("faults-failover"));
     let old = PrivateRedis::start(dir.join("a")).await?;
     let new = PrivateRedis::start(dir.join("b")).await?;
-    let mut to_old = redis_connection(&old).await?;
-    let mut to_new = redis_connection(&new).await?;
-    replicate(&mut to_new, &old).await?;
+    new.replicate(&old).await?;
     let front = e2e::tcp_front::TcpFront::start(old.addr()).await?;
     let config = PipelineConfig {
         redis_url: format!("redis://{}", front.addr()),
@@ -579,26 +583,7 @@ async fn redis_failover(stack: &Stack) -> anyhow::Result<Outcome> {
     let instance = p.start()?;
     p.wait_progress(0, &instance).await?;
     let started = Instant::now();
-    redis::cmd("CLIENT")
-        .arg(&["PAUSE", "30000", "WRITE"][..])
-        .exec_async(&mut to_old)
-        .await?;
-    let primary_at = replication_offset(&mut to_old).await?;
-    e2e::wait_for_async(Duration::from_secs(60), "the replica to catch up", || {
-        let mut to_new = to_new.clone();
-        async move { Ok(replication_offset(&mut to_new).await? >= primary_at) }
-    })
-    .await?;
-    redis::cmd("REPLICAOF")
-        .arg(&["NO", "ONE"][..])
-        .exec_async(&mut to_new)
-        .await?;
-    front.switch(new.addr());
-    replicate(&mut to_old, &new).await?;
-    redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .exec_async(&mut to_old)
-        .await?;
+    fail_over(&old, &new, &front).await?;
     let switched = started.elapsed();
     let recovery = p.recover(Some(&load), &instance).await?;
     p.finish(load).await?;
@@ -608,56 +593,11 @@ async fn redis_failover(stack: &Stack) -> anyhow::Result<Outcome> {
         .note(format!("failover took {:.1} s", switched.as_secs_f64())))
 }
 
-async fn redis_connection(
-    redis: &PrivateRedis,
-) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    Ok(redis::Client::open(redis.url().as_str())?
-        .get_multiplexed_async_connection()
-        .await?)
-}
-
-/// Makes `replica` replicate `primary` and waits until the link is up.
-async fn replicate(
-    replica: &mut redis::aio::MultiplexedConnection,
-    primary: &PrivateRedis,
-) -> anyhow::Result<()> {
-    let port = primary.addr().port().to_string();
-    redis::cmd("REPLICAOF")
-        .arg(&["127.0.0.1", port.as_str()][..])
-        .exec_async(replica)
-        .await?;
-    e2e::wait_for_async(Duration::from_secs(60), "the replication link", || {
-        let mut replica = replica.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut replica)
-                .await?;
-            Ok(info.lines().any(|l| l.trim() == "master_link_status:up"))
-        }
-    })
-    .await
-}
-
-/// `master_repl_offset` of INFO replication.
-async fn replication_offset(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<i64> {
-    let info: String = redis::cmd("INFO")
-        .arg("replication")
-        .query_async(conn)
-        .await?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("master_repl_offset:"))
-        .context("INFO replication has no master_repl_offset")?
-        .trim()
-        .parse()
-        .context("master_repl_offset")
-}
-
 /// An operator sets an evicting policy under the running sink, then sets
 /// it back: writes stop meanwhile and nothing is lost or counted twice.
 async fn eviction_policy(stack: &Stack) -> anyhow::Result<Outcome> {
     let redis = PrivateRedis::start(stack.dir.join(unique("faults-eviction"))).await?;
-    let mut conn = redis_connection(&redis).await?;
+    let mut conn = redis.connection().await?;
     let config = PipelineConfig {
         redis_url: redis.url(),
         ..PipelineConfig::stack(stack)
