@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::anyhow;
 use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequestGzipped;
 use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
 use gcp_bigquery_client::Client;
@@ -233,6 +234,24 @@ impl BigQuerySink {
 }
 
 impl BigQuerySink {
+    /// The table's metadata, only `field` of it (a probe, or the schema).
+    async fn get_table(&self, field: &str) -> Result<Table, SinkError> {
+        let target = &self.settings.target;
+        self.client
+            .table()
+            .get(
+                &target.project,
+                &target.dataset,
+                &target.table,
+                Some(vec![field]),
+            )
+            .await
+            .map_err(|err| match classify(&err, target) {
+                Failure::Sink(err) => err,
+                Failure::TooLarge(why) => SinkError::transient("bad_response", anyhow!(why)),
+            })
+    }
+
     /// Rows BigQuery refused as invalid go to the dead-letter topic only
     /// when the table still has the schema the sink writes: rows are built
     /// for that schema, so when it changed (a column dropped or retyped
@@ -246,25 +265,8 @@ impl BigQuerySink {
         rejected: &[(usize, String)],
     ) -> Result<(), SinkError> {
         let target = &self.settings.target;
-        let mut problems = match self
-            .client
-            .table()
-            .get(
-                &target.project,
-                &target.dataset,
-                &target.table,
-                Some(vec!["schema"]),
-            )
-            .await
-        {
-            Ok(table) => table::schema_differences(&table.schema, target),
-            Err(err) => {
-                return Err(match classify(&err, target) {
-                    Failure::Sink(err) => err,
-                    Failure::TooLarge(why) => SinkError::transient("bad_response", anyhow!(why)),
-                })
-            }
-        };
+        let table = self.get_table("schema").await?;
+        let mut problems = table::schema_differences(&table.schema, target);
         let unknown_field = rejected
             .iter()
             .find(|(_, reason)| reason.contains("no such field"));
@@ -349,21 +351,7 @@ impl Sink for BigQuerySink {
     }
 
     async fn check(&self) -> Result<(), SinkError> {
-        let target = &self.settings.target;
-        self.client
-            .table()
-            .get(
-                &target.project,
-                &target.dataset,
-                &target.table,
-                Some(vec!["event_time"]),
-            )
-            .await
-            .map(drop)
-            .map_err(|err| match classify(&err, target) {
-                Failure::Sink(err) => err,
-                Failure::TooLarge(why) => SinkError::transient("bad_response", anyhow!(why)),
-            })
+        self.get_table("event_time").await.map(drop)
     }
 
     fn max_in_flight(&self) -> usize {

@@ -549,13 +549,12 @@ fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
     };
     let mut beyond = Vec::new();
     for (partition, start) in partitions.iter().zip(starts) {
-        let start = start.or_else(|| match committed.find_partition(topic, *partition) {
-            Some(e) => match e.offset() {
+        let start = start.or_else(
+            || match committed.find_partition(topic, *partition)?.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
             },
-            None => None,
-        });
+        );
         let Some(start) = start else { continue };
         match consumer.fetch_watermarks(topic, *partition, LOG_BOUNDS_TIMEOUT) {
             Ok((log_start, log_end)) if start > log_end => beyond.push(BeyondLogEnd {
@@ -690,7 +689,6 @@ pub async fn run_connecting<S: Sink>(
         held_since: None,
         rebalances_seen: 0,
         refused_checked_at: Instant::now(),
-        reset_to: args.reset_offsets_beyond_log_end,
     };
     let result = consume.run(shutdown).await;
     // --shutdown-timeout-secs bounds the whole exit: writing what was
@@ -784,7 +782,6 @@ struct Loop<S: Sink> {
     rebalances_seen: u64,
     /// When refused partitions were last checked again.
     refused_checked_at: Instant,
-    reset_to: Option<ResetTo>,
     /// Counted per record: a handle, not a lookup by name each time.
     consumed: metrics::Counter,
     gaps: metrics::Counter,
@@ -810,6 +807,8 @@ impl<S: Sink> Loop<S> {
             // A timer whenever resets are allowed: partitions get refused
             // inside recv(), after this select was set up.
             let recheck_at = self
+                .consumer
+                .context()
                 .reset_to
                 .map(|_| self.refused_checked_at + REFUSED_RECHECK);
             tokio::select! {
