@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use e2e::{kafka, unique, wait_for, Stack};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sink_core::config::try_parse_args_from;
 use sink_core::{
     Batch, ConsumerArgs, PartitionRange, Record, Rejection, ServiceDefaults, Sink, SinkError,
@@ -1043,6 +1044,83 @@ async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyho
         BTreeMap::from([(0, 0)])
     );
     assert_eq!(len(&seen), 10, "each record of the new log once");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
+    let (mock, topic, bootstrap) = mock_topic("truncated")?;
+    let producer = kafka::producer(&bootstrap)?;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes())),
+    )
+    .await?;
+    let group = unique("group");
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
+    let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
+    e2e::wait_for_async(TIMEOUT, "partitions 0 and 1 committed", || {
+        let committed = offsets.committed();
+        async move { Ok(committed? == vec![Some(10), Some(5), None]) }
+    })
+    .await?;
+
+    // The broker answers as for a log truncated or replaced under the
+    // reader: librdkafka resets the fetch to the log's start, and records
+    // come again from offset 0.
+    mock.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
+    );
+    for partition in [0, 1] {
+        let refused =
+            format!("sink_partition_refused{{topic=\"{topic}\",partition=\"{partition}\"}} 1");
+        e2e::wait_for_async(TIMEOUT, "the partition refused on /metrics", || async {
+            let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await?
+                .text()
+                .await?;
+            Ok(text.lines().any(|l| l == refused))
+        })
+        .await?;
+    }
+    assert!(
+        !e2e::ready(port).await?,
+        "ready while partitions are refused"
+    );
+    // Partition 2 (empty when the fetch failed) goes on; 0 is not read.
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..6).map(|i| (if i < 3 { 2 } else { 0 }, format!("later-{i}").into_bytes())),
+    )
+    .await?;
+    e2e::wait_for_async(TIMEOUT, "partition 2 committed", || {
+        let committed = offsets.committed();
+        async move { Ok(committed? == vec![Some(10), Some(5), Some(3)]) }
+    })
+    .await?;
+    running.stop().await?;
+    let seen = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    let later: Vec<&(i32, i64, String)> = seen
+        .iter()
+        .filter(|(_, _, e)| e.starts_with("later"))
+        .collect();
+    assert_eq!(
+        seen.len(),
+        18,
+        "each record before the reset once, and partition 2's: {seen:?}"
+    );
+    assert!(
+        later.iter().all(|(p, _, _)| *p == 2),
+        "nothing after the reset of partition 0: {later:?}"
+    );
     Ok(())
 }
 

@@ -204,11 +204,11 @@ impl<S: Sink> LoopContext<S> {
         let Some(topic_stats) = statistics.topics.get(&*self.topic) else {
             return;
         };
-        let assigned = self.shared.tracker().assigned();
+        let reading = self.shared.tracker().reading();
         let taking = self.shared.taking.load(Ordering::Relaxed);
         let now = Instant::now();
         let mut stalls = lock(&self.shared.stalls);
-        for partition in assigned {
+        for partition in reading {
             let Some(p) = topic_stats.partitions.get(&partition) else {
                 continue;
             };
@@ -309,8 +309,8 @@ impl<S: Sink> LoopContext<S> {
         let mut refused = Vec::new();
         if !closing {
             // Broker round trips: off the runtime's worker, as the drain.
-            let check = || beyond_log_end(consumer, &self.topic, partitions, &starts);
-            let beyond = block_in_place(check).unwrap_or_else(check);
+            let beyond =
+                blocking(|| beyond_log_end(consumer, &self.topic, partitions, &mut starts));
             let (reset, refuse) = self.reset_or_refuse(consumer, beyond);
             for (partition, offset) in reset {
                 if let Some(i) = partitions.iter().position(|p| *p == partition) {
@@ -440,6 +440,7 @@ impl<S: Sink> LoopContext<S> {
         let mut owned = self.shared.tracker().assigned();
         owned.extend(lock(&self.shared.refused).iter());
         owned.sort_unstable();
+        owned.dedup();
         self.health.set_owned(owned.clone());
         owned
     }
@@ -500,7 +501,19 @@ fn block_on<F: Future>(future: F) -> Option<F::Output> {
     Some(tokio::task::block_in_place(|| handle.block_on(future)))
 }
 
-/// Blocks this thread without starving the runtime's other tasks.
+/// Runs `f`, which blocks (broker round trips), without starving the
+/// runtime's other tasks where it can.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() != RuntimeFlavor::CurrentThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// Blocks this thread without starving the runtime's other tasks; `None`
+/// on a current-thread runtime, where nothing else would run meanwhile.
 fn block_in_place<T>(f: impl FnOnce() -> T) -> Option<T> {
     match Handle::try_current() {
         Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::CurrentThread => None,
@@ -521,18 +534,21 @@ struct BeyondLogEnd {
     log_end: i64,
 }
 
-/// The partitions whose start (`starts`, else Kafka's committed offset)
-/// lies beyond their log's end. A look-up that fails is logged and skips
-/// the check (the fetch then works as librdkafka decides).
+/// The partitions whose start lies beyond their log's end. Unknown
+/// `starts` are filled with Kafka's committed offsets, so the loop knows
+/// where each partition starts and sees a fetcher that goes back. A look-up
+/// that fails is logged and skips the check: the fetch then starts as
+/// librdkafka decides, and a start beyond the end shows as the fetcher
+/// going back.
 fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
     consumer: &K,
     topic: &str,
     partitions: &[i32],
-    starts: &[Option<i64>],
+    starts: &mut [Option<i64>],
 ) -> Vec<BeyondLogEnd> {
     let unknown: Vec<(i32, i64)> = partitions
         .iter()
-        .zip(starts)
+        .zip(starts.iter())
         .filter(|(_, start)| start.is_none())
         .map(|(p, _)| (*p, 0))
         .collect();
@@ -548,14 +564,17 @@ fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
         }
     };
     let mut beyond = Vec::new();
-    for (partition, start) in partitions.iter().zip(starts) {
-        let start = start.or_else(
-            || match committed.find_partition(topic, *partition)?.offset() {
-                Offset::Offset(o) => Some(o),
+    for (partition, start) in partitions.iter().zip(starts.iter_mut()) {
+        if start.is_none() {
+            *start = match committed
+                .find_partition(topic, *partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => Some(o),
                 _ => None,
-            },
-        );
-        let Some(start) = start else { continue };
+            };
+        }
+        let Some(start) = *start else { continue };
         match consumer.fetch_watermarks(topic, *partition, LOG_BOUNDS_TIMEOUT) {
             Ok((log_start, log_end)) if start > log_end => beyond.push(BeyondLogEnd {
                 partition: *partition,
@@ -900,7 +919,7 @@ impl<S: Sink> Loop<S> {
             .accept(record.partition, record.offset);
         let resumed_from = match accepted {
             Ok(resumed_from) => resumed_from,
-            Err(Skip::NotOwned) => return,
+            Err(Skip::NotOwned | Skip::Refused) => return,
             Err(Skip::Stale { expected }) => {
                 self.stale.increment(1);
                 // Once per run of stale records, not once per record.
@@ -909,11 +928,13 @@ impl<S: Sink> Loop<S> {
                         partition = record.partition,
                         expected,
                         got = record.offset,
-                        "dropping records below the offset this partition resumed from \
-                         (already written, or the fetcher went back: a stored offset the \
-                         log no longer has)"
+                        "dropping records fetched before a seek, below where this partition resumes"
                     );
                 }
+                return;
+            }
+            Err(Skip::WentBack { expected, last }) => {
+                self.refuse_went_back(record.partition, record.offset, expected, last);
                 return;
             }
         };
@@ -934,6 +955,36 @@ impl<S: Sink> Loop<S> {
         self.consumed.increment(1);
         let decoded = self.sink.decode(&record);
         self.batcher.push(record, decoded, resumed_from, now);
+    }
+
+    /// Refuses a partition whose log went back under the fetcher: what was
+    /// read before is still written and committed, nothing after is read.
+    fn refuse_went_back(&mut self, partition: i32, got: i64, expected: i64, last: Option<i64>) {
+        tracing::error!(
+            topic = %self.topic,
+            partition,
+            offset = got,
+            last_read = last,
+            resume_offset = expected,
+            "partition refused: its fetcher went back to an offset at or below what this service \
+             already read, so the log was truncated or replaced while it was read (an unclean \
+             leader election, a recreated topic, a failover to a mirror; librdkafka logs the \
+             offset reset just before). Records the new log holds below the resume offset were \
+             never read. What was read before is written and committed; nothing more of this \
+             partition is. A restart resumes it at its stored offset, or refuses it again if the \
+             log now ends before that, until --reset-offsets-beyond-log-end says where to start"
+        );
+        if let Err(err) = self
+            .consumer
+            .pause(&offsets_list(&self.topic, &[(partition, 0)]))
+        {
+            tracing::warn!(%err, partition, "cannot pause a refused partition; its records are dropped");
+        }
+        lock(&self.shared.refused).insert(partition);
+        let context = self.consumer.context();
+        context.publish_refused(&[partition], 1.0);
+        context.forget_stalls(&[partition]);
+        context.set_owned();
     }
 
     /// Starts writing sealed batches while there is room.
@@ -1029,12 +1080,12 @@ impl<S: Sink> Loop<S> {
         }
     }
 
-    /// Pauses or resumes every partition of the assignment.
+    /// Pauses or resumes every partition of the assignment it reads.
     fn pause_assignment(&self, pause: bool) -> KafkaResult<()> {
         let partitions: Vec<(i32, i64)> = self
             .shared
             .tracker()
-            .assigned()
+            .reading()
             .into_iter()
             .map(|p| (p, 0))
             .collect();
@@ -1057,12 +1108,12 @@ impl<S: Sink> Loop<S> {
             return;
         }
         let lookup = self.sink.stored_offsets(&self.topic, &refused);
-        let starts = match tokio::time::timeout(STORED_OFFSETS_TIMEOUT, lookup).await {
+        let mut starts = match tokio::time::timeout(STORED_OFFSETS_TIMEOUT, lookup).await {
             Ok(Ok(starts)) if starts.len() == refused.len() => starts,
             _ => return, // the sink cannot say: still refused, next time
         };
-        let check = || beyond_log_end(&self.consumer, &self.topic, &refused, &starts);
-        let beyond = block_in_place(check).unwrap_or_else(check);
+        let consumer = &self.consumer;
+        let beyond = blocking(|| beyond_log_end(consumer, &self.topic, &refused, &mut starts));
         let (reset, still) = self
             .consumer
             .context()
@@ -1084,7 +1135,7 @@ impl<S: Sink> Loop<S> {
                 self.consumer
                     .seek(&self.topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
             };
-            if let Err(err) = block_in_place(seek).unwrap_or_else(seek) {
+            if let Err(err) = blocking(seek) {
                 tracing::warn!(%err, partition, offset, "cannot seek a partition just reset; tried again later");
                 continue;
             }
@@ -1148,7 +1199,7 @@ impl<S: Sink> Loop<S> {
                 self.consumer
                     .seek(&self.topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
             };
-            match block_in_place(seek).unwrap_or_else(seek) {
+            match blocking(seek) {
                 Ok(()) => self.shared.tracker().moved_to(partition, offset),
                 Err(err) => tracing::warn!(
                     %err, partition, offset,

@@ -27,6 +27,12 @@ struct PartitionState {
     /// The next offset expected from the fetcher; older ones are stale
     /// leftovers of a seek and are dropped.
     position: Option<i64>,
+    /// The highest offset the fetcher delivered since the assignment (or
+    /// since a seek went back): the fetcher only moves forward, unless the
+    /// log under it was truncated or replaced.
+    received: Option<i64>,
+    /// The log went back under the fetcher: nothing more of it is taken.
+    refused: bool,
 }
 
 #[derive(Debug)]
@@ -42,12 +48,22 @@ pub enum Skip {
     /// Its partition is not owned (any more).
     NotOwned,
     /// It lies below where the partition resumed: a leftover from before a
-    /// seek, or the fetcher went back (it reset to the log start because
-    /// the offset it was given is not in the log).
+    /// seek.
     Stale {
         /// The offset expected next.
         expected: i64,
     },
+    /// It lies at or below an offset the fetcher already delivered: the
+    /// log was truncated or replaced under it, and librdkafka reset the
+    /// fetch (auto.offset.reset). The partition is now refused.
+    WentBack {
+        /// The offset expected next.
+        expected: i64,
+        /// The highest offset delivered before, if any since the start.
+        last: Option<i64>,
+    },
+    /// Its partition was refused after its log went back.
+    Refused,
 }
 
 /// Per-partition offsets of the current assignment.
@@ -88,6 +104,18 @@ impl OffsetTracker {
         partitions
     }
 
+    /// Partitions currently owned and read: not refused.
+    pub fn reading(&self) -> Vec<i32> {
+        let mut partitions: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, state)| !state.refused)
+            .map(|(partition, _)| *partition)
+            .collect();
+        partitions.sort_unstable();
+        partitions
+    }
+
     /// Whether a fetched message should be processed. If so, the offset
     /// fetching resumed from before this record: a batch range starting
     /// with it begins there, so consecutive ranges of a partition chain
@@ -95,11 +123,29 @@ impl OffsetTracker {
     /// sink storing offsets can demand exact continuity.
     pub fn accept(&mut self, partition: i32, offset: i64) -> Result<i64, Skip> {
         let state = self.partitions.get_mut(&partition).ok_or(Skip::NotOwned)?;
+        if state.refused {
+            return Err(Skip::Refused);
+        }
+        let last = state.received;
         let resumed_from = match state.position {
-            Some(position) if offset < position => return Err(Skip::Stale { expected: position }),
+            // Below the position but past what the fetcher delivered: a
+            // leftover from before a seek forward. At or below it (or below
+            // the start, before anything came): the fetcher went back.
+            Some(position) if offset < position && last.is_some_and(|last| offset > last) => {
+                state.received = Some(offset);
+                return Err(Skip::Stale { expected: position });
+            }
+            Some(position) if offset < position => {
+                state.refused = true;
+                return Err(Skip::WentBack {
+                    expected: position,
+                    last,
+                });
+            }
             Some(position) => position,
             None => offset,
         };
+        state.received = Some(offset);
         state.position = Some(offset + 1);
         Ok(resumed_from)
     }
@@ -152,6 +198,8 @@ impl OffsetTracker {
     pub fn moved_to(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.position = Some(offset);
+            // A seek back: what it fetches again is not the log going back.
+            state.received = state.received.map(|last| last.min(offset - 1));
         }
     }
 
@@ -268,7 +316,6 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.assign(0, None);
         assert_eq!(t.accept(0, 7), Ok(7), "unknown start: the record itself");
-        assert_eq!(t.accept(0, 7), Err(Skip::Stale { expected: 8 }));
         assert_eq!(t.accept(0, 8), Ok(8));
         assert_eq!(
             t.accept(0, 11),
@@ -280,5 +327,52 @@ mod tests {
             Err(Skip::NotOwned),
             "partition 1 is not assigned"
         );
+    }
+
+    #[test]
+    fn a_fetcher_that_goes_back_refuses_its_partition() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, Some(100));
+        t.assign(1, Some(50));
+        assert_eq!(t.accept(0, 100), Ok(100));
+        assert_eq!(t.accept(0, 101), Ok(101));
+        assert_eq!(
+            t.accept(0, 0),
+            Err(Skip::WentBack {
+                expected: 102,
+                last: Some(101)
+            }),
+            "reset to the log's start"
+        );
+        assert_eq!(t.accept(0, 1), Err(Skip::Refused), "nothing more of it");
+        assert_eq!(
+            t.accept(1, 3),
+            Err(Skip::WentBack {
+                expected: 50,
+                last: None
+            }),
+            "below its start before anything came"
+        );
+        assert_eq!(t.reading(), Vec::<i32>::new());
+        assert_eq!(
+            t.assigned(),
+            vec![0, 1],
+            "still owned: in-flight batches commit"
+        );
+    }
+
+    #[test]
+    fn a_seek_back_is_not_the_log_going_back() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, Some(100));
+        for offset in 100..150 {
+            assert_eq!(t.accept(0, offset), Ok(offset));
+        }
+        let b = t.begin(&[range(0, 100, 150)]);
+        // Another consumer applied only up to 120 (a shorter batch).
+        t.complete(b, &[(0, 120)]);
+        assert_eq!(t.take_seeks(), vec![(0, 120)]);
+        t.moved_to(0, 120);
+        assert_eq!(t.accept(0, 120), Ok(120));
     }
 }
