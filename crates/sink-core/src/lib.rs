@@ -24,8 +24,6 @@ pub mod sink;
 pub mod stall;
 pub mod telemetry;
 
-use std::io::Write as _;
-
 pub use config::{parse_args, ConsumerArgs, ServiceDefaults};
 pub use consumer::{run, run_connecting};
 pub use event::{Event, EventError};
@@ -62,9 +60,7 @@ where
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // One line on stderr, where the logs go too: no backtrace. Not
-            // eprintln!, which panics when stderr is closed.
-            let _ = writeln!(std::io::stderr(), "error: {err:#}");
+            telemetry::fatal(&err);
             std::process::ExitCode::FAILURE
         }
     }

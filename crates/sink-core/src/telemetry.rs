@@ -1,5 +1,14 @@
 //! Logging setup: JSON for log collectors, pretty for people.
 
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -10,6 +19,9 @@ pub enum LogFormat {
     /// Human-readable lines.
     Pretty,
 }
+
+/// The format [`init`] installed.
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default
 /// level (`info`).
@@ -26,7 +38,160 @@ pub fn init(format: LogFormat) {
         .log_internal_errors(false);
     // A second init (tests) keeps the first subscriber; that is fine.
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder.event_format(JsonLine).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+    let _ = FORMAT.set(format);
+}
+
+/// Logs the error a service exits with: a JSON line where log collectors
+/// expect one, else one plain line (no backtrace). Not eprintln!, which
+/// panics when stderr is closed.
+pub(crate) fn fatal(err: &anyhow::Error) {
+    if FORMAT.get() == Some(&LogFormat::Json) {
+        tracing::error!(error = %format!("{err:#}"), "exiting on an error");
+    } else {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "error: {err:#}");
+    }
+}
+
+/// One JSON object per event: `timestamp`, `level` and `severity` (the
+/// field Google Cloud Logging reads; without it GKE shows every stderr line
+/// as an error), `target`, `message` and the event's fields.
+struct JsonLine;
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let metadata = event.metadata();
+        let mut line = Map::new();
+        line.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
+        );
+        line.insert("level".into(), metadata.level().as_str().into());
+        line.insert("severity".into(), severity(*metadata.level()).into());
+        line.insert("target".into(), metadata.target().into());
+        event.record(&mut Fields(&mut line));
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// Cloud Logging's LogSeverity for a tracing level.
+fn severity(level: Level) -> &'static str {
+    match level {
+        Level::ERROR => "ERROR",
+        Level::WARN => "WARNING",
+        Level::INFO => "INFO",
+        Level::DEBUG | Level::TRACE => "DEBUG",
+    }
+}
+
+/// Collects an event's fields as JSON values.
+struct Fields<'a>(&'a mut Map<String, Value>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("poisoned"))?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_severity_cloud_logging_reads() -> anyhow::Result<()> {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .event_format(JsonLine)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(
+                partition = 2,
+                topic = "user3",
+                ok = false,
+                "partition \"stalled\""
+            );
+            tracing::error!(error = %"refused", "exiting");
+        });
+        let bytes = captured
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .clone();
+        let text = String::from_utf8(bytes)?;
+        let lines = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<Vec<Value>, _>>()?;
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["severity"], "WARNING");
+        assert_eq!(lines[0]["level"], "WARN");
+        assert_eq!(lines[0]["message"], "partition \"stalled\"");
+        assert_eq!(lines[0]["partition"], 2);
+        assert_eq!(lines[0]["topic"], "user3");
+        assert_eq!(lines[0]["ok"], false);
+        assert!(lines[0]["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')));
+        assert_eq!(lines[1]["severity"], "ERROR");
+        assert_eq!(lines[1]["error"], "refused");
+        Ok(())
+    }
 }
