@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 STACK := scripts/stack.sh
+# Where cargo puts binaries: CARGO_TARGET_DIR or build.target-dir may move it.
+TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 
 .PHONY: build test unit lint fmt stack-up stack-down clean bench faults demo
 
@@ -43,7 +45,7 @@ bench:
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
-	  target/release/bench redis && target/release/bench bigquery; status=$$?; \
+	  $(TARGET_DIR)/release/bench redis && $(TARGET_DIR)/release/bench bigquery; status=$$?; \
 	  $(STACK) down; exit $$status
 
 ## faults: the fault suite against the local stack (release builds); prints
@@ -53,7 +55,7 @@ faults:
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
-	  target/release/faults $(FAULTS); status=$$?; \
+	  $(TARGET_DIR)/release/faults $(FAULTS); status=$$?; \
 	  $(STACK) down; exit $$status
 
 ## demo: the whole pipeline locally with live rankings (DEMO_SECONDS, default 30).

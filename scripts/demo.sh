@@ -13,7 +13,9 @@ export STACK_DIR="${STACK_DIR:-$REPO/.stack-demo}"
 export STACK_KAFKA_STORAGE=sqlite
 # DEMO_PROFILE=debug uses the binaries `make test` built (the demo's own test).
 PROFILE="${DEMO_PROFILE:-release}"
-BIN="$REPO/target/$PROFILE"
+# Where cargo puts binaries: CARGO_TARGET_DIR or build.target-dir may move it.
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+BIN="${TARGET_DIR:-$REPO/target}/$PROFILE"
 RUN="$STACK_DIR/demo"
 
 say() { echo "demo: $*" >&2; }
