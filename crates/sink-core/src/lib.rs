@@ -9,13 +9,17 @@
 //! - [`consumer`]: the consume → batch → write → dead-letter → commit loop
 //!   ([`run`]), with [`batch`] and [`offsets`] as its pure parts;
 //! - [`stall`]: partitions that stopped advancing, found from statistics;
-//! - [`dlq`], [`metrics`], [`retry`], [`shutdown`], [`telemetry`]: the edges.
+//! - [`health`]: liveness and readiness; [`http`]: the endpoint serving them
+//!   and [`metrics`];
+//! - [`dlq`], [`retry`], [`shutdown`], [`telemetry`]: the edges.
 
 pub mod batch;
 pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod event;
+pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod offsets;
 pub mod retry;
@@ -27,7 +31,7 @@ pub mod telemetry;
 pub use config::{parse_args, ConsumerArgs, ServiceDefaults};
 pub use consumer::{run, run_connecting};
 pub use event::{Event, EventError};
-pub use metrics::Health;
+pub use health::Health;
 pub use sink::{Batch, Entry, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
 /// Locks state that holds no invariant a panic elsewhere could break
