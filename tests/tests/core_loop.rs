@@ -1246,7 +1246,7 @@ async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow
         )
         .await?;
         // Not ready while the letter is refused (that a probe finding the
-        // sink itself fine does not flip it is metrics.rs's unit test).
+        // sink itself fine does not flip it is health.rs's unit test).
         let until = std::time::Instant::now() + Duration::from_secs(1);
         while std::time::Instant::now() < until {
             assert!(

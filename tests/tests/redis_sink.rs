@@ -889,7 +889,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
                 history_size: 50,
                 history_ttl_secs: 3_600,
             },
-            rules: redis_sink::action::DecodeRules {
+            rules: redis_sink::decode::DecodeRules {
                 max_keyword_chars: 200,
             },
         },

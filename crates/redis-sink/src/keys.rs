@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::action::Kind;
+use crate::decode::Kind;
 
 /// Builds key names under an optional prefix.
 #[derive(Debug, Clone, Default)]

@@ -1,18 +1,24 @@
 //! redis-sink: search and movie_detail events (topic user3) → live rankings
 //! and per-user history in Redis, applied exactly once.
 //!
-//! - [`action`]: decode and normalize one event (pure);
-//! - [`plan`]: one partition's batch → one script call, pre-aggregated (pure);
-//! - [`script`]: the Lua script applying data and offset atomically;
-//! - [`sink`]: the [`sink_core::Sink`] over a Redis connection;
-//! - [`primary`]: that connection, followed through failovers;
+//! - [`config`]: the service's flags, checked into settings;
+//! - [`client`]: the connection to the primary, checked at start and
+//!   followed through failovers;
+//! - [`decode`]: decode and normalize one event (pure);
+//! - [`plan`]: one partition's batch → history writes and one script call,
+//!   pre-aggregated (pure);
+//! - [`script`]: the Lua script applying counts and offset atomically;
+//! - [`error`]: sorting Redis errors into transient and needs-an-operator;
+//! - [`sink`]: the [`sink_core::Sink`] tying them together;
 //! - [`query`]: reading rankings and histories back;
 //! - [`keys`]: the key contract (docs/redis-keys.md).
 
-pub mod action;
+pub mod client;
+pub mod config;
+pub mod decode;
+pub mod error;
 pub mod keys;
 pub mod plan;
-pub mod primary;
 pub mod query;
 pub mod script;
 pub mod sink;

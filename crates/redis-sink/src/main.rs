@@ -6,14 +6,16 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use redis_sink::action::{DecodeRules, Kind};
+use redis_sink::client::connect;
+use redis_sink::config::RedisSettings;
+use redis_sink::decode::{DecodeRules, Kind};
 use redis_sink::keys::Keys;
 use redis_sink::plan::Retention;
 use redis_sink::query;
-use redis_sink::sink::{connect, RedisSettings, RedisSink};
+use redis_sink::sink::RedisSink;
 use sink_core::{ConsumerArgs, ServiceDefaults};
 
-mod table;
+mod text_table;
 
 /// jemalloc, not glibc's malloc: the loop allocates each batch on one thread
 /// and a writer frees it on another, which glibc handles badly (measured:
@@ -236,7 +238,7 @@ fn print_rows<T: serde::Serialize>(
     let text = if json {
         serde_json::to_string_pretty(rows)? + "\n"
     } else {
-        table::render(header, body)
+        text_table::render(header, body)
     };
     let mut out = std::io::stdout().lock();
     // A reader that stops early (`| head`) has what it wanted: print! would

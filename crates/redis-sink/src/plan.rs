@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::action::{Action, Kind};
+use crate::decode::{Action, Kind};
 use crate::keys::{hour_bucket, Keys};
 
 /// Retention settings.

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Duration, Utc};
 use redis::aio::ConnectionLike;
 
-use crate::action::Kind;
+use crate::decode::Kind;
 use crate::keys::{hour_bucket, Keys};
 
 /// How long a union of hourly rankings is reused by every reader: a live

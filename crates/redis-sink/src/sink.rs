@@ -1,163 +1,18 @@
-//! The Redis side: connection, the [`Sink`] implementation, error sorting.
+//! The [`Sink`] over Redis: a batch becomes history writes, then one
+//! ranking script per partition.
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ErrorKind, RedisError, Script};
-use sink_core::config::redact_url;
+use redis::aio::ConnectionManager;
+use redis::Script;
 use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
-use crate::action::{decode, Action, DecodeRules};
-use crate::keys::Keys;
+use crate::client::{check_eviction_policy, info_memory, Conn, Primary};
+use crate::config::RedisSettings;
+use crate::decode::{decode, Action};
+use crate::error::classify;
 use crate::plan::{build, History, OffsetFence, Retention};
-use crate::primary::{Conn, Primary};
 use crate::script::{APPLY_BATCH, RESET_FENCE};
-
-/// Opens a connection that reconnects by itself, waiting (with backoff) for
-/// Redis to come up, and checks the server can keep our guarantees. Bad
-/// URLs, Redis Cluster and too old servers fail at once.
-pub async fn connect(url: &str) -> anyhow::Result<Primary> {
-    let client = redis::Client::open(url)
-        .context("--redis-url (REDIS_URL) is not a valid redis:// or rediss:// URL")?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(30)))
-        .set_number_of_retries(1);
-    let mut delay = Duration::from_millis(200);
-    let mut conn = loop {
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-            Ok(conn) => break conn,
-            Err(err) if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
-                sink_core::metrics::retry("connect", "redis_unreachable");
-                tracing::warn!(url = %redact_url(url), error = %err, retry_in = ?delay, "Redis is not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(err) => {
-                return Err(err)
-                    .with_context(|| format!("cannot connect to Redis at {}", redact_url(url)))
-            }
-        }
-    };
-    check_eviction_policy(&info_memory(&mut conn).await?).map_err(|refusal| {
-        anyhow::anyhow!(
-            "{refusal}. Set maxmemory-policy to noeviction in the managed service's parameter \
-             group or configuration (ElastiCache, Memorystore and Azure default to volatile-lru), \
-             or with `CONFIG SET maxmemory-policy noeviction` and in redis.conf, then restart"
-        )
-    })?;
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .arg("cluster")
-        .arg("replication")
-        .query_async(&mut conn)
-        .await
-        .context("INFO")?;
-    check_server(&info)?;
-    // History deadlines are computed from this host's clock (see
-    // write_histories): it has to agree with Redis's.
-    let (secs, micros): (i64, i64) = redis::cmd("TIME")
-        .query_async(&mut conn)
-        .await
-        .context("TIME")?;
-    check_clock(
-        secs.saturating_mul(1000).saturating_add(micros / 1000),
-        chrono::Utc::now().timestamp_millis(),
-    )?;
-    Ok(Primary::new(client, config, conn))
-}
-
-/// How far this host's clock may be from Redis's.
-const MAX_CLOCK_SKEW_MS: i64 = 60_000;
-
-fn check_clock(redis_ms: i64, local_ms: i64) -> anyhow::Result<()> {
-    let skew = local_ms.saturating_sub(redis_ms);
-    if skew.abs() > MAX_CLOCK_SKEW_MS {
-        bail!(
-            "this host's clock is {} s {} Redis's: history keys expire at a time computed here \
-             (PEXPIREAT), so the two clocks must agree within {} s. Sync them (NTP) and restart",
-            skew.abs() / 1000,
-            if skew > 0 { "ahead of" } else { "behind" },
-            MAX_CLOCK_SKEW_MS / 1000
-        );
-    }
-    Ok(())
-}
-
-/// Redis's `INFO memory` section. Read instead of `CONFIG GET`, which
-/// managed Redis services often disable.
-async fn info_memory(conn: &mut ConnectionManager) -> Result<String, RedisError> {
-    redis::cmd("INFO").arg("memory").query_async(conn).await
-}
-
-/// Refuses any eviction policy but `noeviction`: `allkeys-*` may evict the
-/// offsets hash (replays then count twice), `volatile-*` evicts hourly
-/// buckets and histories (they have TTLs) while the offsets say they were
-/// applied. Under `noeviction` a full Redis refuses writes (OOM), which the
-/// sink retries without losing anything.
-fn check_eviction_policy(info_memory: &str) -> Result<(), String> {
-    let policy = info_memory
-        .lines()
-        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
-        .map(str::trim);
-    match policy {
-        Some("noeviction") => Ok(()),
-        Some(policy) => Err(format!(
-            "Redis maxmemory-policy is {policy}: Redis may evict keys whose counts the stored \
-             offsets say are applied, so the rankings would silently lose counts. redis-sink \
-             needs maxmemory-policy noeviction"
-        )),
-        None => Err(
-            "Redis did not report its maxmemory_policy in INFO memory, so redis-sink cannot tell \
-             whether Redis evicts keys; it needs maxmemory-policy noeviction"
-                .to_owned(),
-        ),
-    }
-}
-
-fn check_server(info: &str) -> anyhow::Result<()> {
-    if info.lines().any(|l| l.trim() == "role:slave") {
-        bail!(
-            "--redis-url (REDIS_URL) leads to a replica, which refuses writes: point it at the \
-             primary (the managed service's primary endpoint, not a reader endpoint)"
-        );
-    }
-    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-        bail!(
-            "Redis Cluster is not supported: a batch's rankings, histories and offset must change in one atomic script, \
-             which Cluster only allows within one hash slot. Point --redis-url at a standalone or Sentinel-managed primary."
-        );
-    }
-    if let Some(version) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
-        let mut parts = version
-            .trim()
-            .split('.')
-            .map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-        if (major, minor) < (6, 2) {
-            bail!(
-                "Redis {} is too old: ZADD GT needs Redis 6.2 or later",
-                version.trim()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Settings of the Redis sink.
-#[derive(Debug, Clone)]
-pub struct RedisSettings {
-    /// Key names.
-    pub keys: Keys,
-    /// The consumer group: its own offsets hash is kept in step with the
-    /// per-topic fence (see [`crate::plan::OffsetFence`]).
-    pub group: String,
-    /// Retention of buckets and histories.
-    pub retention: Retention,
-    /// Decoding limits.
-    pub rules: DecodeRules,
-}
 
 /// Batches written at once. More than one, so that Redis runs one batch's
 /// commands while the next ones are being built and encoded: with one,
@@ -555,51 +410,11 @@ async fn write_histories(
     })
 }
 
-/// Sorts Redis errors: anything about reaching the server is transient;
-/// errors an operator must fix (memory, a read-only replica, a key of the
-/// wrong type, auth) make the sink unavailable until fixed.
-fn classify(err: RedisError) -> SinkError {
-    // A failed pipeline carries its commands' errors; redis-rs reports a
-    // code for it only when the first is one it knows (OOM is not).
-    let code = err.code().map(str::to_owned).or_else(|| {
-        err.clone()
-            .into_server_errors()
-            .and_then(|errors| errors.first().map(|(_, e)| e.code().to_owned()))
-    });
-    let kind = match (err.kind(), code.as_deref()) {
-        (ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH" | "WRONGPASS" | "NOPERM")) => {
-            "redis_auth"
-        }
-        (_, Some("OOM")) => "redis_oom",
-        (_, Some("READONLY")) => "redis_read_only",
-        // A failover in progress: gone once the new primary is reached.
-        (_, Some("LOADING")) => return SinkError::transient("redis_loading", err),
-        (_, Some("MASTERDOWN")) => return SinkError::transient("redis_master_down", err),
-        (_, Some("WRONGTYPE")) => "redis_wrong_type",
-        (_, Some("MISCONF")) => "redis_misconf",
-        _ => return SinkError::transient("redis_unreachable", err),
-    };
-    SinkError::unavailable(kind, err)
-}
-
 #[cfg(test)]
 mod tests {
     use futures::FutureExt as _;
 
     use super::*;
-
-    #[test]
-    fn a_replica_is_refused_at_start() {
-        let replica = "# Server\r\nredis_version:7.0.15\r\n# Replication\r\nrole:slave\r\n";
-        let err = check_server(replica).err().map(|e| e.to_string());
-        assert!(
-            err.as_deref()
-                .is_some_and(|e| e.contains("leads to a replica")),
-            "{err:?}"
-        );
-        let primary = "# Server\r\nredis_version:7.0.15\r\n# Replication\r\nrole:master\r\n";
-        assert!(check_server(primary).is_ok());
-    }
 
     fn range(partition: i32, first: i64, next: i64) -> PartitionRange {
         PartitionRange {
@@ -607,55 +422,6 @@ mod tests {
             first,
             next,
         }
-    }
-
-    #[test]
-    fn clocks_must_agree_within_a_minute() {
-        let refusal =
-            |redis_ms, local_ms| check_clock(redis_ms, local_ms).err().map(|e| e.to_string());
-        assert_eq!(refusal(1_000_000, 1_000_000 + MAX_CLOCK_SKEW_MS), None);
-        assert_eq!(refusal(1_000_000 + MAX_CLOCK_SKEW_MS, 1_000_000), None);
-        for (redis_ms, local_ms, says) in [
-            (
-                1_000_000 + 3_600_000,
-                1_000_000,
-                "this host's clock is 3600 s behind Redis's",
-            ),
-            (
-                1_000_000,
-                1_000_000 + 61_000,
-                "this host's clock is 61 s ahead of Redis's",
-            ),
-        ] {
-            let refused = refusal(redis_ms, local_ms);
-            assert!(
-                refused.as_deref().is_some_and(|e| e.starts_with(says)),
-                "{refused:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn only_noeviction_is_accepted() {
-        let info =
-            |policy: &str| format!("# Memory\r\nused_memory:1\r\nmaxmemory_policy:{policy}\r\n");
-        assert_eq!(check_eviction_policy(&info("noeviction")), Ok(()));
-        for policy in [
-            "volatile-lru",
-            "allkeys-lru",
-            "volatile-ttl",
-            "allkeys-random",
-        ] {
-            let refusal = check_eviction_policy(&info(policy))
-                .err()
-                .unwrap_or_default();
-            assert!(
-                refusal.starts_with(&format!("Redis maxmemory-policy is {policy}:"))
-                    && refusal.ends_with("needs maxmemory-policy noeviction"),
-                "{refusal}"
-            );
-        }
-        assert!(check_eviction_policy("# Memory\r\nused_memory:1\r\n").is_err());
     }
 
     #[tokio::test]

@@ -1,0 +1,312 @@
+//! The connection to the Redis primary: opened and checked at start (the
+//! server must keep our guarantees), then followed through failovers.
+//!
+//! Managed Redis (ElastiCache, Memorystore, Azure, Sentinel behind a DNS
+//! name) fails over by promoting a replica and moving the address to it. A
+//! connection opened before keeps talking to the old primary, now a replica
+//! answering `READONLY`, or to a node answering `LOADING` / `MASTERDOWN`.
+//! redis-rs's [`ConnectionManager`] only reconnects on I/O errors, so
+//! without this every retry would go to the same replica forever.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use redis::RedisError;
+use sink_core::config::redact_url;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sink_core::SinkError;
+
+/// Error kinds (see `sink::classify`) that mean the server behind the
+/// connection is not a writable primary (any more, or yet): the next
+/// attempt goes over a new connection, which resolves the address again.
+pub const NOT_PRIMARY: &[&str] = &["redis_read_only", "redis_loading", "redis_master_down"];
+
+/// A connection to whatever the URL leads to now.
+pub struct Primary {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The connection in use and its generation (bumped on each reconnect).
+    current: Mutex<(u64, ConnectionManager)>,
+    /// One reconnect at a time: batches in flight fail together.
+    reconnecting: tokio::sync::Mutex<()>,
+    reconnects: AtomicU64,
+}
+
+/// A connection handed out by [`Primary::get`], with its generation.
+#[derive(Clone)]
+pub struct Conn {
+    generation: u64,
+    /// The connection itself (cheap to clone: a handle).
+    pub inner: ConnectionManager,
+}
+
+impl Primary {
+    /// Wraps an open connection made from `client` with `config`.
+    pub fn new(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        conn: ConnectionManager,
+    ) -> Self {
+        Self {
+            client,
+            config,
+            current: Mutex::new((0, conn)),
+            reconnecting: tokio::sync::Mutex::new(()),
+            reconnects: AtomicU64::new(0),
+        }
+    }
+
+    /// The connection to use now.
+    pub fn get(&self) -> Conn {
+        let current = self.lock();
+        Conn {
+            generation: current.0,
+            inner: current.1.clone(),
+        }
+    }
+
+    /// Passes `result` through; when its error says the server `used` talks
+    /// to is not a writable primary, first replaces that connection (once,
+    /// however many writes failed on it), so the retry reaches the new one.
+    pub async fn follow<T>(
+        &self,
+        used: &Conn,
+        result: Result<T, SinkError>,
+    ) -> Result<T, SinkError> {
+        if let Err(err) = &result {
+            if NOT_PRIMARY.contains(&err.kind()) {
+                self.reconnect(used.generation, err.kind()).await;
+            }
+        }
+        result
+    }
+
+    async fn reconnect(&self, failed: u64, why: &str) {
+        let _one_at_a_time = self.reconnecting.lock().await;
+        if self.lock().0 != failed {
+            return; // another write already replaced it
+        }
+        match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
+            Ok(conn) => {
+                let mut current = self.lock();
+                *current = (failed + 1, conn);
+                let reconnects = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    reply = why,
+                    reconnects,
+                    "Redis answered as a server that is not the writable primary (a failover?): \
+                     reconnected, the next attempt goes wherever the address leads now"
+                );
+            }
+            // The retry fails again and comes back here.
+            Err(err) => tracing::warn!(%err, "cannot reconnect to Redis after a failover reply"),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, ConnectionManager)> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Opens a connection that reconnects by itself, waiting (with backoff) for
+/// Redis to come up, and checks the server can keep our guarantees. Bad
+/// URLs, Redis Cluster and too old servers fail at once.
+pub async fn connect(url: &str) -> anyhow::Result<Primary> {
+    let client = redis::Client::open(url)
+        .context("--redis-url (REDIS_URL) is not a valid redis:// or rediss:// URL")?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_number_of_retries(1);
+    let mut delay = Duration::from_millis(200);
+    let mut conn = loop {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            Ok(conn) => break conn,
+            Err(err) if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
+                sink_core::metrics::retry("connect", "redis_unreachable");
+                tracing::warn!(url = %redact_url(url), error = %err, retry_in = ?delay, "Redis is not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot connect to Redis at {}", redact_url(url)))
+            }
+        }
+    };
+    check_eviction_policy(&info_memory(&mut conn).await?).map_err(|refusal| {
+        anyhow::anyhow!(
+            "{refusal}. Set maxmemory-policy to noeviction in the managed service's parameter \
+             group or configuration (ElastiCache, Memorystore and Azure default to volatile-lru), \
+             or with `CONFIG SET maxmemory-policy noeviction` and in redis.conf, then restart"
+        )
+    })?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("cluster")
+        .arg("replication")
+        .query_async(&mut conn)
+        .await
+        .context("INFO")?;
+    check_server(&info)?;
+    // History deadlines are computed from this host's clock (see
+    // write_histories): it has to agree with Redis's.
+    let (secs, micros): (i64, i64) = redis::cmd("TIME")
+        .query_async(&mut conn)
+        .await
+        .context("TIME")?;
+    check_clock(
+        secs.saturating_mul(1000).saturating_add(micros / 1000),
+        chrono::Utc::now().timestamp_millis(),
+    )?;
+    Ok(Primary::new(client, config, conn))
+}
+
+/// How far this host's clock may be from Redis's.
+const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+
+fn check_clock(redis_ms: i64, local_ms: i64) -> anyhow::Result<()> {
+    let skew = local_ms.saturating_sub(redis_ms);
+    if skew.abs() > MAX_CLOCK_SKEW_MS {
+        bail!(
+            "this host's clock is {} s {} Redis's: history keys expire at a time computed here \
+             (PEXPIREAT), so the two clocks must agree within {} s. Sync them (NTP) and restart",
+            skew.abs() / 1000,
+            if skew > 0 { "ahead of" } else { "behind" },
+            MAX_CLOCK_SKEW_MS / 1000
+        );
+    }
+    Ok(())
+}
+
+/// Redis's `INFO memory` section. Read instead of `CONFIG GET`, which
+/// managed Redis services often disable.
+pub(crate) async fn info_memory(conn: &mut ConnectionManager) -> Result<String, RedisError> {
+    redis::cmd("INFO").arg("memory").query_async(conn).await
+}
+
+/// Refuses any eviction policy but `noeviction`: `allkeys-*` may evict the
+/// offsets hash (replays then count twice), `volatile-*` evicts hourly
+/// buckets and histories (they have TTLs) while the offsets say they were
+/// applied. Under `noeviction` a full Redis refuses writes (OOM), which the
+/// sink retries without losing anything.
+pub(crate) fn check_eviction_policy(info_memory: &str) -> Result<(), String> {
+    let policy = info_memory
+        .lines()
+        .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+        .map(str::trim);
+    match policy {
+        Some("noeviction") => Ok(()),
+        Some(policy) => Err(format!(
+            "Redis maxmemory-policy is {policy}: Redis may evict keys whose counts the stored \
+             offsets say are applied, so the rankings would silently lose counts. redis-sink \
+             needs maxmemory-policy noeviction"
+        )),
+        None => Err(
+            "Redis did not report its maxmemory_policy in INFO memory, so redis-sink cannot tell \
+             whether Redis evicts keys; it needs maxmemory-policy noeviction"
+                .to_owned(),
+        ),
+    }
+}
+
+fn check_server(info: &str) -> anyhow::Result<()> {
+    if info.lines().any(|l| l.trim() == "role:slave") {
+        bail!(
+            "--redis-url (REDIS_URL) leads to a replica, which refuses writes: point it at the \
+             primary (the managed service's primary endpoint, not a reader endpoint)"
+        );
+    }
+    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        bail!(
+            "Redis Cluster is not supported: a batch's rankings, histories and offset must change in one atomic script, \
+             which Cluster only allows within one hash slot. Point --redis-url at a standalone or Sentinel-managed primary."
+        );
+    }
+    if let Some(version) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {
+        let mut parts = version
+            .trim()
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        if (major, minor) < (6, 2) {
+            bail!(
+                "Redis {} is too old: ZADD GT needs Redis 6.2 or later",
+                version.trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_is_refused_at_start() {
+        let replica = "# Server\r\nredis_version:7.0.15\r\n# Replication\r\nrole:slave\r\n";
+        let err = check_server(replica).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("leads to a replica")),
+            "{err:?}"
+        );
+        let primary = "# Server\r\nredis_version:7.0.15\r\n# Replication\r\nrole:master\r\n";
+        assert!(check_server(primary).is_ok());
+    }
+
+    #[test]
+    fn clocks_must_agree_within_a_minute() {
+        let refusal =
+            |redis_ms, local_ms| check_clock(redis_ms, local_ms).err().map(|e| e.to_string());
+        assert_eq!(refusal(1_000_000, 1_000_000 + MAX_CLOCK_SKEW_MS), None);
+        assert_eq!(refusal(1_000_000 + MAX_CLOCK_SKEW_MS, 1_000_000), None);
+        for (redis_ms, local_ms, says) in [
+            (
+                1_000_000 + 3_600_000,
+                1_000_000,
+                "this host's clock is 3600 s behind Redis's",
+            ),
+            (
+                1_000_000,
+                1_000_000 + 61_000,
+                "this host's clock is 61 s ahead of Redis's",
+            ),
+        ] {
+            let refused = refusal(redis_ms, local_ms);
+            assert!(
+                refused.as_deref().is_some_and(|e| e.starts_with(says)),
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_noeviction_is_accepted() {
+        let info =
+            |policy: &str| format!("# Memory\r\nused_memory:1\r\nmaxmemory_policy:{policy}\r\n");
+        assert_eq!(check_eviction_policy(&info("noeviction")), Ok(()));
+        for policy in [
+            "volatile-lru",
+            "allkeys-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            let refusal = check_eviction_policy(&info(policy))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                refusal.starts_with(&format!("Redis maxmemory-policy is {policy}:"))
+                    && refusal.ends_with("needs maxmemory-policy noeviction"),
+                "{refusal}"
+            );
+        }
+        assert!(check_eviction_policy("# Memory\r\nused_memory:1\r\n").is_err());
+    }
+}
