@@ -871,7 +871,9 @@ async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::R
 /// stored offset still says where to resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<()> {
-    use redis_sink::sink::{connect, RedisSettings, RedisSink};
+    use redis_sink::client::connect;
+    use redis_sink::config::RedisSettings;
+    use redis_sink::sink::RedisSink;
     use sink_core::{Batch, Entry, PartitionRange, Record, Sink, WriteOutcome};
 
     let stack = Stack::get()?;

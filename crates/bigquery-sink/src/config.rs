@@ -7,8 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use sink_core::{ConsumerArgs, ServiceDefaults};
 
-use crate::request::{RequestLimits, MAX_REQUEST_BYTES, MAX_REQUEST_ROWS};
-use crate::table::Target;
+use crate::plan::{RequestLimits, MAX_REQUEST_BYTES, MAX_REQUEST_ROWS};
 
 /// Where rows go and how they are sent.
 #[derive(Debug, Clone, clap::Args)]
@@ -184,6 +183,23 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     batch_max_bytes: 9_000_000,
     batch_linger_ms: 1_000,
 };
+
+/// A table's full name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Project.
+    pub project: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Table.
+    pub table: String,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.project, self.dataset, self.table)
+    }
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -12,7 +12,7 @@ use gcp_bigquery_client::error::BQError;
 use gcp_bigquery_client::yup_oauth2;
 use sink_core::SinkError;
 
-use crate::table::Target;
+use crate::config::Target;
 
 /// What to do about a failed call.
 #[derive(Debug)]

@@ -21,10 +21,11 @@ use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertA
 use gcp_bigquery_client::Client;
 use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
 
+use crate::config::Target;
+use crate::decode::{self, Columns};
 use crate::error::{classify, Failure};
-use crate::request::{self, EncodedRows, RequestLimits};
-use crate::row::{self, Columns};
-use crate::table::{self, Target};
+use crate::plan::{self, EncodedRows, RequestLimits};
+use crate::table;
 
 /// Dead-letter code of a row BigQuery refused as invalid.
 pub const REFUSED: &str = "bigquery_invalid";
@@ -144,15 +145,15 @@ impl BigQuerySink {
         batch: &Batch<Columns>,
         progress: &mut Progress,
     ) -> Result<(), SinkError> {
-        let ingested_at = row::timestamp(chrono::Utc::now());
+        let ingested_at = decode::timestamp(chrono::Utc::now());
         let pending = progress.pending();
         let mut rows = EncodedRows::default();
         for &i in &pending {
             let entry = &batch.entries[i];
-            rows.push(|out| row::write(out, &entry.record, &entry.item, &ingested_at));
+            rows.push(|out| decode::write(out, &entry.record, &entry.item, &ingested_at));
         }
         let sizes = rows.sizes();
-        let split = request::split(&sizes, self.settings.limits);
+        let split = plan::split(&sizes, self.settings.limits);
         for &j in &split.oversized {
             progress.reject(
                 pending[j],
@@ -182,7 +183,7 @@ impl BigQuerySink {
             match self.insert_all(body).await {
                 Ok(response) => {
                     successes += 1;
-                    let sorted = request::sort_errors(&response, count);
+                    let sorted = plan::sort_errors(&response, count);
                     let unsettled: BTreeSet<usize> = sorted
                         .retry
                         .iter()
@@ -296,7 +297,7 @@ impl Sink for BigQuerySink {
     type Item = Columns;
 
     fn decode(&self, record: &Record) -> Result<Columns, Rejection> {
-        row::decode(record)
+        decode::decode(record)
     }
 
     async fn write(&self, batch: &Batch<Columns>) -> Result<WriteOutcome, SinkError> {

@@ -6,7 +6,6 @@
 //! BigQuery refuse rows (or worse, drop fields), so the sink stops at start
 //! and lists the differences, with the DDL that fixes the missing columns.
 
-use std::fmt;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -19,24 +18,8 @@ use gcp_bigquery_client::model::table_schema::TableSchema;
 use gcp_bigquery_client::model::time_partitioning::TimePartitioning;
 use gcp_bigquery_client::Client;
 
+use crate::config::Target;
 use crate::error::{self, describe, status};
-
-/// A table's full name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Project.
-    pub project: String,
-    /// Dataset.
-    pub dataset: String,
-    /// Table.
-    pub table: String,
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.project, self.dataset, self.table)
-    }
-}
 
 /// A column type the sink writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -46,7 +46,7 @@ pub fn envelope_size() -> usize {
     BODY_HEAD.len() + BODY_TAIL.len()
 }
 
-/// Rows serialized back to back (see [`crate::row::write`]), so each is
+/// Rows serialized back to back (see [`crate::decode::write`]), so each is
 /// serialized once: its size is known before requests are cut, and a
 /// request body is the rows' bytes copied between the envelope's.
 #[derive(Debug, Default)]
