@@ -14,7 +14,6 @@
 # Settings: STACK_DIR (run dir, default <repo>/.stack), STACK_KAFKA_STORAGE=memory|sqlite
 # (sqlite: durable broker storage; Kafka and Redis data then also survive down/up),
 # STACK_READY_TIMEOUT (seconds per component, default 60), XDG_CACHE_HOME.
-# Versions and pitfalls behind the recipes below: STACK.md (shared notes).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

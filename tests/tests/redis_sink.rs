@@ -340,8 +340,8 @@ async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
 
 /// Whoever reads the log may go away (`redis-sink | head`, a log shipper
 /// that died): lines that cannot be written are dropped, and the service
-/// goes on and stops cleanly. It used to panic on its next log line, then
-/// hang on SIGTERM while leaving the consumer group.
+/// goes on and stops cleanly, instead of panicking on its next log line
+/// and then hanging on SIGTERM while leaving the consumer group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::Result<()> {
     let mut f = Fixture::new().await?;

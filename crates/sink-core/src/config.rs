@@ -273,7 +273,7 @@ impl ConsumerArgs {
             // use the same kind of strategy (see deploy/README.md).
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
-            // Measured (docs/benchmarks.md, STACK.md): the default 1 s backoff
+            // Measured (docs/benchmarks.md): the default 1 s backoff
             // once the local queue fills leaves the consumer idle most of the
             // time; these keep throughput high with a ~20 MB footprint.
             .set("fetch.queue.backoff.ms", "5")

@@ -879,7 +879,7 @@ impl<S: Sink> Loop<S> {
                 self.purge_revoked();
             }
             // Errors come in bursts too (a broker down): one warning per
-            // turn of the loop, as before bursts.
+            // burst, not one per error.
             if !self.take(message, now) {
                 return;
             }

@@ -1,4 +1,4 @@
-//! faults: the fault suite. Runs every scenario of issue #5 against real
+//! faults: the fault suite. Runs every scenario of docs/reliability.md against real
 //! components (tansu, redis-server, the BigQuery emulator, and librdkafka's
 //! mock cluster for broker faults) with the release binaries, and prints one
 //! table: what was produced, what is in the sink, lost, double-counted,
