@@ -1079,16 +1079,7 @@ async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
     );
     for partition in [0, 1] {
-        let refused =
-            format!("sink_partition_refused{{topic=\"{topic}\",partition=\"{partition}\"}} 1");
-        e2e::wait_for_async(TIMEOUT, "the partition refused on /metrics", || async {
-            let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                .await?
-                .text()
-                .await?;
-            Ok(text.lines().any(|l| l == refused))
-        })
-        .await?;
+        wait_for_refused(port, &topic, partition).await?;
     }
     assert!(
         !e2e::ready(port).await?,
@@ -1121,7 +1112,52 @@ async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
         later.iter().all(|(p, _, _)| *p == 2),
         "nothing after the reset of partition 0: {later:?}"
     );
+
+    // The refusal outlives this replica: its commit says the log went back.
+    let port = e2e::free_port()?;
+    let metrics = format!("127.0.0.1:{port}");
+    let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
+    for partition in [0, 1] {
+        wait_for_refused(port, &topic, partition).await?;
+    }
+    running.stop().await?;
+    assert_eq!(len(&seen), 0, "nothing of the refused partitions was read");
+
+    // The operator says where to start: the whole new log.
+    let args = args_with(
+        &bootstrap,
+        &topic,
+        &group,
+        &["--reset-offsets-beyond-log-end", "earliest"],
+    )?;
+    let sink = RecordingSink::default();
+    let seen = Arc::clone(&sink.seen);
+    let running = Running::start(args, sink);
+    e2e::wait_for_async(TIMEOUT, "partitions 0 and 1 read from their start", || {
+        let committed = offsets.committed();
+        async move { Ok(committed? == vec![Some(13), Some(5), Some(3)]) }
+    })
+    .await?;
+    running.stop().await?;
+    assert_eq!(len(&seen), 18, "every record of partitions 0 and 1, once");
     Ok(())
+}
+
+/// Waits until /metrics on `port` says `partition` of `topic` is refused.
+async fn wait_for_refused(port: u16, topic: &str, partition: i32) -> anyhow::Result<()> {
+    let refused =
+        format!("sink_partition_refused{{topic=\"{topic}\",partition=\"{partition}\"}} 1");
+    e2e::wait_for_async(TIMEOUT, "the partition refused on /metrics", || async {
+        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+            Ok(response) => response.text().await?,
+            Err(_) => return Ok(false), // not listening yet
+        };
+        Ok(text.lines().any(|l| l == refused))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

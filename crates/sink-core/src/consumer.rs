@@ -44,6 +44,7 @@ use crate::offsets::{BatchId, OffsetTracker, Skip};
 use crate::retry;
 use crate::sink::{Record, Rejection, Sink};
 use crate::stall::{Change, Observation, StallWatch};
+use crate::starts::{self, marked_offsets_list, offsets_list, Unreadable, Why};
 
 /// How long an assignment waits for the sink to say where partitions start.
 /// Past it, Kafka's committed offsets are used: a sink that stores offsets
@@ -95,14 +96,25 @@ struct Shared {
     taking: AtomicBool,
     /// The last consumer error librdkafka reported, for the stall log.
     last_error: Mutex<Option<String>>,
-    /// Assigned partitions refused because they start beyond their log's end.
+    /// Assigned partitions refused: they start beyond their log's end, or
+    /// their log went back.
     refused: Mutex<std::collections::BTreeSet<i32>>,
+    /// Refused partitions whose log went back: their commits carry
+    /// [`starts::WENT_BACK`], so every later owner refuses them too.
+    went_back: Mutex<std::collections::BTreeSet<i32>>,
     stalls: Mutex<StallWatch>,
 }
 
 impl Shared {
     fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
         lock(&self.tracker)
+    }
+
+    /// `commits` as a list to commit: refused partitions whose log went
+    /// back keep saying so.
+    fn commit_list(&self, topic: &str, commits: &[(i32, i64)]) -> TopicPartitionList {
+        let went_back: Vec<i32> = lock(&self.went_back).iter().copied().collect();
+        marked_offsets_list(topic, commits, &went_back)
     }
 }
 
@@ -311,9 +323,10 @@ impl<S: Sink> LoopContext<S> {
         let mut refused = Vec::new();
         if !closing {
             // Broker round trips: off the runtime's worker, as the drain.
-            let beyond =
-                blocking(|| beyond_log_end(consumer, &self.topic, partitions, &mut starts));
-            let (reset, refuse) = self.reset_or_refuse(consumer, beyond);
+            let unreadable = blocking(|| {
+                starts::unreadable(consumer, &self.topic, partitions, &mut starts, &[])
+            });
+            let (reset, refuse) = self.reset_or_refuse(consumer, unreadable);
             for (partition, offset) in reset {
                 if let Some(i) = partitions.iter().position(|p| *p == partition) {
                     starts[i] = Some(offset);
@@ -346,51 +359,65 @@ impl<S: Sink> LoopContext<S> {
         refused
     }
 
-    /// Partitions whose start lies beyond the log's end: reset where the
+    /// Partitions that cannot start where they stand: reset where the
     /// operator said (the sink told first), or refused with an error.
     /// Returns (partition, new start) for the reset ones, and the refused.
     fn reset_or_refuse<K: Consumer<Self>>(
         &self,
         consumer: &K,
-        beyond: Vec<BeyondLogEnd>,
+        unreadable: Vec<Unreadable>,
     ) -> (Vec<(i32, i64)>, Vec<i32>) {
         let Some(reset_to) = self.reset_to else {
-            for b in &beyond {
+            for u in &unreadable {
+                let why = match u.why {
+                    Why::BeyondLogEnd => {
+                        "partition refused: where it stands (the sink's or Kafka's stored offset) \
+                         lies beyond the end of its log, so the log is not the one it was read \
+                         from (the topic was recreated, an unclean leader election truncated it, a \
+                         failover to a mirror). Nothing of it is read or committed"
+                    }
+                    Why::LogWentBack => {
+                        "partition refused: its log went back while it was read (its committed \
+                         offset says so), so the log is not the one it was read from (the topic \
+                         was recreated, an unclean leader election truncated it, a failover to a \
+                         mirror), and its records below the stored offset were never read. \
+                         Nothing of it is read or committed"
+                    }
+                };
                 tracing::error!(
                     topic = %self.topic,
-                    partition = b.partition,
-                    stored_offset = b.start,
-                    log_start = b.log_start,
-                    log_end = b.log_end,
-                    "partition refused: where it stands (the sink's or Kafka's stored offset) lies \
-                     beyond the end of its log, so the log is not the one it was read from (the \
-                     topic was recreated, an unclean leader election truncated it, a failover to a \
-                     mirror). Nothing of it is read or committed. Restart with \
-                     --reset-offsets-beyond-log-end earliest (a recreated topic: every record is \
-                     new) or latest (a truncated log: what it holds below its end was written), \
-                     then remove the flag"
+                    partition = u.partition,
+                    stored_offset = u.start,
+                    log_start = u.log_start,
+                    log_end = u.log_end,
+                    "{why}. Restart with --reset-offsets-beyond-log-end earliest (a recreated \
+                     topic: every record is new) or latest (a truncated log: what it holds below \
+                     its end was written), then remove the flag"
                 );
             }
-            return (Vec::new(), beyond.iter().map(|b| b.partition).collect());
+            let went_back = unreadable.iter().filter(|u| u.why == Why::LogWentBack);
+            lock(&self.shared.went_back).extend(went_back.map(|u| u.partition));
+            return (Vec::new(), unreadable.iter().map(|u| u.partition).collect());
         };
-        if beyond.is_empty() {
+        if unreadable.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        let resets: Vec<(i32, i64, i64)> = beyond
+        let resets: Vec<(i32, i64, i64)> = unreadable
             .iter()
-            .map(|b| {
+            .map(|u| {
                 let to = match reset_to {
-                    ResetTo::Earliest => b.log_start,
-                    ResetTo::Latest => b.log_end,
+                    ResetTo::Earliest => u.log_start,
+                    ResetTo::Latest => u.log_end,
                 };
                 tracing::warn!(
                     topic = %self.topic,
-                    partition = b.partition,
-                    stored_offset = b.start,
+                    partition = u.partition,
+                    stored_offset = u.start,
                     reset_to = to,
-                    "stored offset beyond the log's end: resetting as --reset-offsets-beyond-log-end says"
+                    why = ?u.why,
+                    "resetting where the partition starts, as --reset-offsets-beyond-log-end says"
                 );
-                (b.partition, b.start, to)
+                (u.partition, u.start, to)
             })
             .collect();
         let all: Vec<i32> = resets.iter().map(|(p, _, _)| *p).collect();
@@ -406,11 +433,20 @@ impl<S: Sink> LoopContext<S> {
                 return (Vec::new(), all);
             }
         }
-        // Kafka's committed offsets too: a later owner that cannot read the
-        // sink's starts from them, and must not find them beyond the end.
+        // Kafka's committed offsets too, without the went-back mark: a later
+        // owner that cannot read the sink's starts from them, and must not
+        // find them beyond the end or marked. Until that commit goes
+        // through, the partitions stay refused; the sink's reset, done
+        // again, moves nothing more (from `to` to the same `to`, unless
+        // the log moved).
         let moved: Vec<(i32, i64)> = resets.iter().map(|(p, _, to)| (*p, *to)).collect();
         if let Err(err) = consumer.commit(&offsets_list(&self.topic, &moved), CommitMode::Sync) {
-            tracing::warn!(%err, "cannot commit the reset offsets; the sink holds them");
+            tracing::error!(%err, partitions = ?all, "cannot commit the reset offsets: refusing those partitions (checked again every 30 s)");
+            return (Vec::new(), all);
+        }
+        let mut went_back = lock(&self.shared.went_back);
+        for partition in &all {
+            went_back.remove(partition);
         }
         (moved, Vec::new())
     }
@@ -426,6 +462,11 @@ impl<S: Sink> LoopContext<S> {
 
     /// Stops refusing partitions that are no longer ours.
     fn forget_refused(&self, partitions: &[i32]) {
+        let mut went_back = lock(&self.shared.went_back);
+        for partition in partitions {
+            went_back.remove(partition);
+        }
+        drop(went_back);
         let mut refused = lock(&self.shared.refused);
         let gone: Vec<i32> = partitions
             .iter()
@@ -459,15 +500,15 @@ impl<S: Sink> LoopContext<S> {
                 .filter_map(|p| tracker.revoke(*p).map(|offset| (*p, offset)))
                 .collect()
         };
+        // Listed before the refusals are forgotten: they mark what they say.
+        let commits = self.shared.commit_list(&self.topic, &commits);
         self.forget_stalls(partitions);
         self.forget_refused(partitions);
         let owned = self.set_owned();
         // After a lost assignment the partitions already belong to others:
         // a commit now would be refused, and must not win if it were not.
-        if !lost && !commits.is_empty() {
-            if let Err(err) =
-                consumer.commit(&offsets_list(&self.topic, &commits), CommitMode::Sync)
-            {
+        if !lost && commits.count() > 0 {
+            if let Err(err) = consumer.commit(&commits, CommitMode::Sync) {
                 tracing::warn!(%err, "commit on revoke failed; the next owner re-reads those records");
             }
         }
@@ -522,89 +563,6 @@ fn block_in_place<T>(f: impl FnOnce() -> T) -> Option<T> {
         Ok(_) => Some(tokio::task::block_in_place(f)),
         Err(_) => Some(f()),
     }
-}
-
-/// How long a look-up of committed offsets or of a log's bounds may take
-/// during an assignment.
-const LOG_BOUNDS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A partition whose start lies beyond its log's end.
-struct BeyondLogEnd {
-    partition: i32,
-    start: i64,
-    log_start: i64,
-    log_end: i64,
-}
-
-/// The partitions whose start lies beyond their log's end. Unknown
-/// `starts` are filled with Kafka's committed offsets, so the loop knows
-/// where each partition starts and sees a fetcher that goes back. A look-up
-/// that fails is logged and skips the check: the fetch then starts as
-/// librdkafka decides, and a start beyond the end shows as the fetcher
-/// going back.
-fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
-    consumer: &K,
-    topic: &str,
-    partitions: &[i32],
-    starts: &mut [Option<i64>],
-) -> Vec<BeyondLogEnd> {
-    let unknown: Vec<(i32, i64)> = partitions
-        .iter()
-        .zip(starts.iter())
-        .filter(|(_, start)| start.is_none())
-        .map(|(p, _)| (*p, 0))
-        .collect();
-    let committed = if unknown.is_empty() {
-        TopicPartitionList::new()
-    } else {
-        match consumer.committed_offsets(offsets_list(topic, &unknown), LOG_BOUNDS_TIMEOUT) {
-            Ok(committed) => committed,
-            Err(err) => {
-                tracing::warn!(%err, "cannot read committed offsets to check them against the log");
-                TopicPartitionList::new()
-            }
-        }
-    };
-    let mut beyond = Vec::new();
-    for (partition, start) in partitions.iter().zip(starts.iter_mut()) {
-        if start.is_none() {
-            *start = match committed
-                .find_partition(topic, *partition)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            };
-        }
-        let Some(start) = *start else { continue };
-        match consumer.fetch_watermarks(topic, *partition, LOG_BOUNDS_TIMEOUT) {
-            Ok((log_start, log_end)) if start > log_end => beyond.push(BeyondLogEnd {
-                partition: *partition,
-                start,
-                log_start,
-                log_end,
-            }),
-            Ok((log_start, _)) if start < log_start => tracing::error!(
-                topic,
-                partition,
-                stored_offset = start,
-                log_start,
-                "records below the log's start were deleted (retention) before this service read them: they are lost upstream"
-            ),
-            Ok(_) => {}
-            Err(err) => tracing::warn!(%err, partition, "cannot read the log's bounds to check the start offset"),
-        }
-    }
-    beyond
-}
-
-fn offsets_list(topic: &str, offsets: &[(i32, i64)]) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for (partition, offset) in offsets {
-        // Only fails for Offset::Invalid, which we never build.
-        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-    }
-    tpl
 }
 
 /// Consumes `args.topic` into `sink` until `shutdown` resolves, then writes
@@ -664,6 +622,7 @@ pub async fn run_connecting<S: Sink>(
         taking: AtomicBool::new(true),
         last_error: Mutex::new(None),
         refused: Mutex::new(std::collections::BTreeSet::new()),
+        went_back: Mutex::new(std::collections::BTreeSet::new()),
         stalls: Mutex::new(StallWatch::new(args.stall_timeout())),
     });
     let context = LoopContext {
@@ -962,19 +921,24 @@ impl<S: Sink> Loop<S> {
     /// Refuses a partition whose log went back under the fetcher: what was
     /// read before is still written and committed, nothing after is read.
     fn refuse_went_back(&mut self, partition: i32, got: i64, expected: i64, last: Option<i64>) {
+        let what = if last.is_some() {
+            "its fetcher went back below a record this service already read"
+        } else {
+            "its fetcher started below the offset it was given (not in the log)"
+        };
         tracing::error!(
             topic = %self.topic,
             partition,
             offset = got,
             last_read = last,
             resume_offset = expected,
-            "partition refused: its fetcher went back to an offset at or below what this service \
-             already read, so the log was truncated or replaced while it was read (an unclean \
-             leader election, a recreated topic, a failover to a mirror; librdkafka logs the \
-             offset reset just before). Records the new log holds below the resume offset were \
-             never read. What was read before is written and committed; nothing more of this \
-             partition is. A restart resumes it at its stored offset, or refuses it again if the \
-             log now ends before that, until --reset-offsets-beyond-log-end says where to start"
+            "partition refused: {what}, so the log was truncated or replaced under it (an unclean \
+             leader election, a recreated topic, a failover to a mirror; librdkafka logs its \
+             offset reset). Records the new log holds below the resume offset were never read. \
+             What was read before is written and committed; nothing more of this partition is, \
+             by this replica or any later owner (its commit says so), until a restart with \
+             --reset-offsets-beyond-log-end earliest (every record of the new log is new) or \
+             latest (it holds what was read) says where to start"
         );
         if let Err(err) = self
             .consumer
@@ -983,6 +947,9 @@ impl<S: Sink> Loop<S> {
             tracing::warn!(%err, partition, "cannot pause a refused partition; its records are dropped");
         }
         lock(&self.shared.refused).insert(partition);
+        lock(&self.shared.went_back).insert(partition);
+        // Committed with the mark now, not only with its next batch.
+        self.shared.tracker().commit_again(partition);
         let context = self.consumer.context();
         context.publish_refused(&[partition], 1.0);
         context.forget_stalls(&[partition]);
@@ -1105,7 +1072,17 @@ impl<S: Sink> Loop<S> {
     /// records between the old end and that offset without a word.
     async fn recheck_refused(&mut self) {
         self.refused_checked_at = Instant::now();
-        let refused: Vec<i32> = lock(&self.shared.refused).iter().copied().collect();
+        // A partition refused while it was read may still have records
+        // buffered or in flight: they are written and committed first, so a
+        // reset starts from a tracker that nothing of the old log touches.
+        let refused: Vec<i32> = {
+            let tracker = self.shared.tracker();
+            lock(&self.shared.refused)
+                .iter()
+                .copied()
+                .filter(|p| !tracker.in_flight(&[*p]) && !self.batcher.holds(*p))
+                .collect()
+        };
         if refused.is_empty() {
             return;
         }
@@ -1114,12 +1091,15 @@ impl<S: Sink> Loop<S> {
             Ok(Ok(starts)) if starts.len() == refused.len() => starts,
             _ => return, // the sink cannot say: still refused, next time
         };
+        let went_back: Vec<i32> = lock(&self.shared.went_back).iter().copied().collect();
         let consumer = &self.consumer;
-        let beyond = blocking(|| beyond_log_end(consumer, &self.topic, &refused, &mut starts));
+        let unreadable = blocking(|| {
+            starts::unreadable(consumer, &self.topic, &refused, &mut starts, &went_back)
+        });
         let (reset, still) = self
             .consumer
             .context()
-            .reset_or_refuse(&self.consumer, beyond);
+            .reset_or_refuse(&self.consumer, unreadable);
         for partition in refused.iter().filter(|p| !still.contains(p)) {
             if !reset.iter().any(|(p, _)| p == partition) {
                 tracing::error!(
@@ -1196,6 +1176,7 @@ impl<S: Sink> Loop<S> {
                 offset,
                 "the sink already holds records up to this offset; resuming there"
             );
+            self.shared.tracker().seeking(partition, offset);
             // Bounded wait: the position may only move once the fetcher did.
             let seek = || {
                 self.consumer
@@ -1210,10 +1191,8 @@ impl<S: Sink> Loop<S> {
             }
         }
         if !commits.is_empty() {
-            if let Err(err) = self
-                .consumer
-                .commit(&offsets_list(&self.topic, &commits), CommitMode::Async)
-            {
+            let commits = self.shared.commit_list(&self.topic, &commits);
+            if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
                 tracing::warn!(%err, "cannot send offset commit");
             }
         }
@@ -1245,10 +1224,8 @@ impl<S: Sink> Loop<S> {
             // Async: a synchronous commit would hold this thread for as
             // long as the broker takes to answer, past the deadline.
             // Closing the consumer waits for it, within the deadline.
-            if let Err(err) = self
-                .consumer
-                .commit(&offsets_list(&self.topic, &commits), CommitMode::Async)
-            {
+            let commits = self.shared.commit_list(&self.topic, &commits);
+            if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
                 tracing::warn!(%err, "final commit failed; the next owner re-reads the last batches");
             }
         }

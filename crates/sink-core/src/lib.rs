@@ -26,6 +26,7 @@ pub mod retry;
 pub mod shutdown;
 pub mod sink;
 pub mod stall;
+pub mod starts;
 pub mod telemetry;
 
 pub use config::{parse_args, ConsumerArgs, ServiceDefaults};

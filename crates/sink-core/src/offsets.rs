@@ -33,6 +33,8 @@ struct PartitionState {
     received: Option<i64>,
     /// The log went back under the fetcher: nothing more of it is taken.
     refused: bool,
+    /// Where the partition started: everything below was durable then.
+    start: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -48,7 +50,9 @@ pub enum Skip {
     /// Its partition is not owned (any more).
     NotOwned,
     /// It lies below where the partition resumed: a leftover from before a
-    /// seek.
+    /// seek forward, or the last record delivered again (librdkafka pauses
+    /// kept partitions during a cooperative rebalance and may resume at the
+    /// record it just handed over).
     Stale {
         /// The offset expected next.
         expected: i64,
@@ -82,6 +86,7 @@ impl OffsetTracker {
             partition,
             PartitionState {
                 position: start,
+                start,
                 ..PartitionState::default()
             },
         );
@@ -128,10 +133,11 @@ impl OffsetTracker {
         }
         let last = state.received;
         let resumed_from = match state.position {
-            // Below the position but past what the fetcher delivered: a
-            // leftover from before a seek forward. At or below it (or below
-            // the start, before anything came): the fetcher went back.
-            Some(position) if offset < position && last.is_some_and(|last| offset > last) => {
+            // Below the position but not below the last record delivered: a
+            // leftover from before a seek forward, or that record again.
+            // Below it (or below the start, before anything came): the
+            // fetcher went back.
+            Some(position) if offset < position && last.is_some_and(|last| offset >= last) => {
                 state.received = Some(offset);
                 return Err(Skip::Stale { expected: position });
             }
@@ -148,6 +154,16 @@ impl OffsetTracker {
         state.received = Some(offset);
         state.position = Some(offset + 1);
         Ok(resumed_from)
+    }
+
+    /// Has the partition's acknowledged offset committed again (with what
+    /// the loop now attaches to it), even if it was committed already or
+    /// nothing was acknowledged since the start.
+    pub fn commit_again(&mut self, partition: i32) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.committed = None;
+            state.acked = state.acked.or(state.start);
+        }
     }
 
     /// Registers a batch about to be written.
@@ -194,12 +210,20 @@ impl OffsetTracker {
         std::mem::take(&mut self.seeks)
     }
 
+    /// The loop is about to seek `partition` to `offset`. A seek back
+    /// fetches again what was delivered: not the log going back. Noted
+    /// before the seek, whatever it returns: one that times out still
+    /// happens.
+    pub fn seeking(&mut self, partition: i32, offset: i64) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            state.received = state.received.map(|last| last.min(offset - 1));
+        }
+    }
+
     /// The fetcher of `partition` now starts at `offset` (a seek succeeded).
     pub fn moved_to(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.position = Some(offset);
-            // A seek back: what it fetches again is not the log going back.
-            state.received = state.received.map(|last| last.min(offset - 1));
         }
     }
 
@@ -316,6 +340,11 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.assign(0, None);
         assert_eq!(t.accept(0, 7), Ok(7), "unknown start: the record itself");
+        assert_eq!(
+            t.accept(0, 7),
+            Err(Skip::Stale { expected: 8 }),
+            "the last record again (a pause during a cooperative rebalance)"
+        );
         assert_eq!(t.accept(0, 8), Ok(8));
         assert_eq!(
             t.accept(0, 11),
@@ -359,6 +388,12 @@ mod tests {
             vec![0, 1],
             "still owned: in-flight batches commit"
         );
+        t.commit_again(1);
+        assert_eq!(
+            t.take_commits(),
+            vec![(1, 50)],
+            "nothing acknowledged: its start"
+        );
     }
 
     #[test]
@@ -372,6 +407,9 @@ mod tests {
         // Another consumer applied only up to 120 (a shorter batch).
         t.complete(b, &[(0, 120)]);
         assert_eq!(t.take_seeks(), vec![(0, 120)]);
+        t.seeking(0, 120);
+        // The seek timed out (so the position stays), but happened.
+        assert_eq!(t.accept(0, 120), Err(Skip::Stale { expected: 150 }));
         t.moved_to(0, 120);
         assert_eq!(t.accept(0, 120), Ok(120));
     }
