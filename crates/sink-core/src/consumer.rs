@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use crate::batch::{Batcher, Work};
 use crate::config::{kafka_config_context, redact_url, ConsumerArgs, ResetTo};
 use crate::dlq::DeadLetters;
+use crate::flow::{Fetching, FlowControl};
 use crate::health::Health;
 use crate::http;
 use crate::lock;
@@ -51,20 +52,12 @@ use crate::starts::{self, marked_offsets_list, offsets_list, Unreadable, Why};
 /// still refuses a replay at write time, so this costs a seek, not accuracy.
 const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the loop may stop taking messages (holding) while the sink is
-/// behind before it pauses the assignment to serve rebalances again.
-const HOLD_BEFORE_PAUSE: Duration = Duration::from_secs(5);
-
 /// How long a seek may take (the loop waits: the fetch position must have
 /// moved before the tracker says so).
 const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most records taken in one burst (see `Loop::take_ready`).
 const BURST: usize = 1_000;
-
-/// Sealed batches that may wait for a write slot before the loop stops
-/// taking messages (see [`Loop::flow_control`]).
-const MAX_SEALED_WAITING: usize = 1;
 
 /// Most of the shutdown timeout kept for leaving the group and flushing
 /// dead letters after the last writes (a quarter of it when that is less).
@@ -665,8 +658,7 @@ pub async fn run_connecting<S: Sink>(
         health: Arc::clone(&health),
         topic,
         tasks: JoinSet::new(),
-        paused: false,
-        held_since: None,
+        flow: FlowControl::default(),
         rebalances_seen: 0,
         refused_checked_at: Instant::now(),
     };
@@ -756,9 +748,7 @@ struct Loop<S: Sink> {
     batcher: Batcher<S::Item>,
     tasks: JoinSet<()>,
     max_in_flight: usize,
-    paused: bool,
-    /// Since when the loop stopped taking messages because the sink is behind.
-    held_since: Option<Instant>,
+    flow: FlowControl,
     rebalances_seen: u64,
     /// When refused partitions were last checked again.
     refused_checked_at: Instant,
@@ -780,10 +770,7 @@ impl<S: Sink> Loop<S> {
             self.dispatch();
             self.flow_control(Instant::now());
             let linger = self.batcher.deadline();
-            let pause_at = self
-                .held_since
-                .filter(|_| !self.paused)
-                .map(|since| since + HOLD_BEFORE_PAUSE);
+            let pause_at = self.flow.pause_at();
             // A timer whenever resets are allowed: partitions get refused
             // inside recv(), after this select was set up.
             let recheck_at = self
@@ -979,19 +966,7 @@ impl<S: Sink> Loop<S> {
             .set_pending(buffered > 0 || !self.tasks.is_empty(), Instant::now());
     }
 
-    /// Flow control while the sink is behind ("behind": every write slot is
-    /// busy and a second sealed batch is waiting). One waiting batch is
-    /// enough for the next write to start the moment a slot frees, while the
-    /// open batch fills; more only held memory (allowing `max_in_flight`
-    /// waiting buffered up to 7 batches with 3 in flight). First the loop
-    /// just stops taking messages: librdkafka's prefetch queue fills up and
-    /// fetching stops by itself, bounded by `queued.max.messages.kbytes`,
-    /// and nothing is dropped. If the sink stays behind past
-    /// [`HOLD_BEFORE_PAUSE`] (an outage, not a busy sink), the assignment is
-    /// paused so the loop can go back to polling and serve rebalances while
-    /// it waits. Pausing drops the prefetched messages and refetches them on
-    /// resume, which costs a fetch round trip: far too slow to do on every
-    /// busy moment.
+    /// Holds or pauses fetching while the sink is behind (see [`crate::flow`]).
     fn flow_control(&mut self, now: Instant) {
         let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
         if rebalances != self.rebalances_seen {
@@ -1000,53 +975,36 @@ impl<S: Sink> Loop<S> {
             // rebalance leaves kept partitions as they were: while paused,
             // pause the whole assignment again, so `paused` holds for every
             // partition and the resume below reaches them all.
-            if self.paused {
+            if self.flow.paused() {
                 if let Err(err) = self.pause_assignment(true) {
                     tracing::warn!(%err, "cannot pause the new assignment");
                 }
             }
         }
         let waiting = self.batcher.sealed_len();
-        let behind = waiting > MAX_SEALED_WAITING || (self.held_since.is_some() && waiting > 0);
-        self.held_since = match (behind, self.held_since) {
-            (true, Some(since)) => Some(since),
-            (true, None) => Some(now),
-            (false, _) => None,
-        };
-        let pause = self
-            .held_since
-            .is_some_and(|since| now >= since + HOLD_BEFORE_PAUSE);
-        if pause != self.paused && (pause || waiting == 0) {
-            self.set_paused(pause);
-        }
-        self.holding
-            .set(if self.held_since.is_some() { 1.0 } else { 0.0 });
-        self.shared
-            .taking
-            .store(self.held_since.is_none(), Ordering::Relaxed);
-    }
-
-    /// Whether to take messages now: not while holding, unless paused (then
-    /// no messages come, and polling serves rebalances).
-    fn taking(&self) -> bool {
-        self.held_since.is_none() || self.paused
-    }
-
-    fn set_paused(&mut self, pause: bool) {
-        match self.pause_assignment(pause) {
-            Ok(()) => {
-                self.paused = pause;
-                if pause {
-                    tracing::info!(
-                        waiting_batches = self.batcher.sealed_len(),
-                        "the sink is behind: fetching paused"
-                    );
-                } else {
-                    tracing::info!("the sink caught up: fetching resumed");
+        if let Some(fetching) = self.flow.update(waiting, now) {
+            match self.pause_assignment(fetching == Fetching::Pause) {
+                Ok(()) => {
+                    self.flow.fetching_set(fetching);
+                    match fetching {
+                        Fetching::Pause => tracing::info!(
+                            waiting_batches = waiting,
+                            "the sink is behind: fetching paused"
+                        ),
+                        Fetching::Resume => tracing::info!("the sink caught up: fetching resumed"),
+                    }
                 }
+                Err(err) => tracing::warn!(%err, "cannot pause/resume fetching"),
             }
-            Err(err) => tracing::warn!(%err, "cannot pause/resume fetching"),
         }
+        let holding = self.flow.holding();
+        self.holding.set(if holding { 1.0 } else { 0.0 });
+        self.shared.taking.store(!holding, Ordering::Relaxed);
+    }
+
+    /// Whether to take messages now (see [`FlowControl::taking`]).
+    fn taking(&self) -> bool {
+        self.flow.taking()
     }
 
     /// Pauses or resumes every partition of the assignment it reads.
@@ -1133,7 +1091,7 @@ impl<S: Sink> Loop<S> {
         context.set_owned();
         let tpl = offsets_list(&self.topic, &started);
         // Paused with the rest while the loop is paused; resumed with it.
-        let resumed = if self.paused {
+        let resumed = if self.flow.paused() {
             Ok(())
         } else {
             self.consumer.resume(&tpl)

@@ -7,7 +7,10 @@
 //! - [`config`]: flags and env vars common to both services;
 //! - [`sink`]: the contract a service implements ([`Sink`]);
 //! - [`consumer`]: the consume → batch → write → dead-letter → commit loop
-//!   ([`run`]), with [`batch`] and [`offsets`] as its pure parts;
+//!   ([`run`]), with its pure parts: [`batch`] (batching), [`offsets`]
+//!   (what may be committed), [`flow`] (holding and pausing while the sink
+//!   is behind); [`starts`]: where an assigned partition starts, and when
+//!   it is refused;
 //! - [`stall`]: partitions that stopped advancing, found from statistics;
 //! - [`health`]: liveness and readiness; [`http`]: the endpoint serving them
 //!   and [`metrics`];
@@ -18,6 +21,7 @@ pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod event;
+pub mod flow;
 pub mod health;
 pub mod http;
 pub mod metrics;
