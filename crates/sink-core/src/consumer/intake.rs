@@ -1,0 +1,170 @@
+//! Intake: records from librdkafka into the batcher, in bursts; stale
+//! records dropped, a log that went back refused.
+
+use super::*;
+
+impl<S: Sink> Loop<S> {
+    /// Takes the messages librdkafka already holds, without another turn of
+    /// the loop: a turn (timers, task set, gauges) cost more than decoding a
+    /// record. Stops at [`BURST`] records, when none is ready, at an error,
+    /// or when a batch seals, so writes still start and timers still fire
+    /// promptly.
+    /// What each turn would do between messages is still done where it
+    /// matters: a rebalance inside a poll purges before the next record is
+    /// added; a seek a finished batch asked for waits at most one burst,
+    /// and what was fetched meanwhile is purged by it. The burst's records
+    /// all arrived `now` as far as linger goes: a burst lasts milliseconds,
+    /// and reading the clock per record showed in profiles.
+    pub(super) fn take_ready(&mut self, now: Instant) {
+        for _ in 0..BURST {
+            if !self.taking() || self.batcher.has_sealed() {
+                return;
+            }
+            let rebalances = self.shared.rebalances.load(Ordering::Relaxed);
+            let Some(message) = self.consumer.recv().now_or_never() else {
+                return;
+            };
+            let message = message.map(|m| detach(&self.topic, &m));
+            if self.shared.rebalances.load(Ordering::Relaxed) != rebalances {
+                self.purge_revoked();
+            }
+            // Errors come in bursts too (a broker down): one warning per
+            // burst, not one per error.
+            if !self.take(message, now) {
+                return;
+            }
+        }
+    }
+
+    /// Adds a received record to the open batch, or logs the consumer
+    /// error; false for an error.
+    pub(super) fn take(&mut self, message: KafkaResult<Record>, now: Instant) -> bool {
+        match message {
+            Ok(record) => {
+                self.accept(record, now);
+                true
+            }
+            Err(err) => {
+                if err.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
+                    tracing::error!(
+                        %err,
+                        "this member cannot join its group: the members in it use another kind \
+                         of partition.assignment.strategy (cooperative-sticky here; eager range or \
+                         roundrobin there, as versions before cooperative rebalancing). Stop the \
+                         old members first, or set --kafka-option \
+                         partition.assignment.strategy=range (deploy/README.md)"
+                    );
+                } else {
+                    tracing::warn!(%err, "Kafka consumer error");
+                }
+                *lock(&self.shared.last_error) = Some(err.to_string());
+                false
+            }
+        }
+    }
+
+    /// Adds a fetched record to the open batch, unless it is stale.
+    pub(super) fn accept(&mut self, record: Record, now: Instant) {
+        let accepted = self
+            .shared
+            .tracker()
+            .accept(record.partition, record.offset);
+        let resumed_from = match accepted {
+            Ok(resumed_from) => resumed_from,
+            Err(Skip::NotOwned | Skip::Refused) => return,
+            Err(Skip::Stale { expected }) => {
+                self.stale.increment(1);
+                // Once per run of stale records, not once per record.
+                if self.stale_runs.insert(record.partition) {
+                    tracing::warn!(
+                        partition = record.partition,
+                        expected,
+                        got = record.offset,
+                        "dropping records fetched before a seek, below where this partition resumes"
+                    );
+                }
+                return;
+            }
+            Err(Skip::WentBack { expected, last }) => {
+                self.refuse_went_back(record.partition, record.offset, expected, last);
+                return;
+            }
+        };
+        self.stale_runs.remove(&record.partition);
+        if record.offset > resumed_from {
+            // Kafka only skips offsets for transaction markers or compaction;
+            // neither applies to Logstash's topics. Anything else means the
+            // broker skipped records: say so loudly.
+            self.gaps
+                .increment(u64::try_from(record.offset - resumed_from).unwrap_or(0));
+            tracing::warn!(
+                partition = record.partition,
+                expected = resumed_from,
+                got = record.offset,
+                "offset gap: the broker returned a later offset than requested"
+            );
+        }
+        self.consumed.increment(1);
+        let decoded = self.sink.decode(&record);
+        self.batcher.push(record, decoded, resumed_from, now);
+    }
+
+    /// Refuses a partition whose log went back under the fetcher: what was
+    /// read before is still written and committed, nothing after is read.
+    pub(super) fn refuse_went_back(
+        &mut self,
+        partition: i32,
+        got: i64,
+        expected: i64,
+        last: Option<i64>,
+    ) {
+        let what = if last.is_some() {
+            "its fetcher went back below a record this service already read"
+        } else {
+            "its fetcher started below the offset it was given (not in the log)"
+        };
+        tracing::error!(
+            topic = %self.topic,
+            partition,
+            offset = got,
+            last_read = last,
+            resume_offset = expected,
+            "partition refused: {what}, so the log was truncated or replaced under it (an unclean \
+             leader election, a recreated topic, a failover to a mirror; librdkafka logs its \
+             offset reset). Records the new log holds below the resume offset were never read. \
+             What was read before is written and committed; nothing more of this partition is, \
+             by this replica or any later owner (its commit says so), until a restart with \
+             --reset-offsets-beyond-log-end earliest (every record of the new log is new) or \
+             latest (it holds what was read) says where to start"
+        );
+        if let Err(err) = self
+            .consumer
+            .pause(&offsets_list(&self.topic, &[(partition, 0)]))
+        {
+            tracing::warn!(%err, partition, "cannot pause a refused partition; its records are dropped");
+        }
+        lock(&self.shared.refused).insert(partition);
+        lock(&self.shared.went_back).insert(partition);
+        // Committed with the mark now, not only with its next batch.
+        self.shared.tracker().commit_again(partition);
+        let context = self.consumer.context();
+        context.publish_refused(&[partition], 1.0);
+        context.forget_stalls(&[partition]);
+        context.set_owned();
+    }
+}
+
+/// Copies a message out of librdkafka's buffer (a batch outlives the poll).
+pub(super) fn detach(topic: &Arc<str>, message: &BorrowedMessage<'_>) -> Record {
+    Record {
+        topic: Arc::clone(topic),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        // Copied as bytes: reading keys as strings (Headers::iter) panics
+        // on a key that is not UTF-8, which any producer may send.
+        headers: message.headers().map(BorrowedHeaders::detach),
+    }
+}
