@@ -157,13 +157,6 @@ impl<T> Batcher<T> {
         self.open.len() + self.sealed.iter().map(Work::len).sum::<usize>()
     }
 
-    /// True while a record of `partition` is buffered, open or sealed.
-    pub fn holds(&self, partition: i32) -> bool {
-        std::iter::once(&self.open)
-            .chain(&self.sealed)
-            .any(|work| work.batch.ranges.iter().any(|r| r.partition == partition))
-    }
-
     /// Drops every buffered record of `partition`: it was revoked, or it will
     /// be fetched again from another offset.
     pub fn purge(&mut self, partition: i32) {

@@ -33,8 +33,6 @@ struct PartitionState {
     received: Option<i64>,
     /// The log went back under the fetcher: nothing more of it is taken.
     refused: bool,
-    /// Where the partition started: everything below was durable then.
-    start: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -86,7 +84,6 @@ impl OffsetTracker {
             partition,
             PartitionState {
                 position: start,
-                start,
                 ..PartitionState::default()
             },
         );
@@ -154,16 +151,6 @@ impl OffsetTracker {
         state.received = Some(offset);
         state.position = Some(offset + 1);
         Ok(resumed_from)
-    }
-
-    /// Has the partition's acknowledged offset committed again (with what
-    /// the loop now attaches to it), even if it was committed already or
-    /// nothing was acknowledged since the start.
-    pub fn commit_again(&mut self, partition: i32) {
-        if let Some(state) = self.partitions.get_mut(&partition) {
-            state.committed = None;
-            state.acked = state.acked.or(state.start);
-        }
     }
 
     /// Registers a batch about to be written.
@@ -387,12 +374,6 @@ mod tests {
             t.assigned(),
             vec![0, 1],
             "still owned: in-flight batches commit"
-        );
-        t.commit_again(1);
-        assert_eq!(
-            t.take_commits(),
-            vec![(1, 50)],
-            "nothing acknowledged: its start"
         );
     }
 

@@ -201,10 +201,9 @@ impl<S: Sink> LoopContext<S> {
         let mut refused = Vec::new();
         if !closing {
             // Broker round trips: off the runtime's worker, as the drain.
-            let unreadable = blocking(|| {
-                starts::unreadable(consumer, &self.topic, partitions, &mut starts, &[])
-            });
-            let (reset, refuse) = self.reset_or_refuse(consumer, unreadable);
+            let beyond =
+                blocking(|| starts::beyond_log_end(consumer, &self.topic, partitions, &mut starts));
+            let (reset, refuse) = self.reset_or_refuse(consumer, beyond);
             for (partition, offset) in reset {
                 if let Some(i) = partitions.iter().position(|p| *p == partition) {
                     starts[i] = Some(offset);
@@ -237,65 +236,51 @@ impl<S: Sink> LoopContext<S> {
         refused
     }
 
-    /// Partitions that cannot start where they stand: reset where the
+    /// Partitions whose start lies beyond the log's end: reset where the
     /// operator said (the sink told first), or refused with an error.
     /// Returns (partition, new start) for the reset ones, and the refused.
     pub(super) fn reset_or_refuse<K: Consumer<Self>>(
         &self,
         consumer: &K,
-        unreadable: Vec<Unreadable>,
+        beyond: Vec<BeyondLogEnd>,
     ) -> (Vec<(i32, i64)>, Vec<i32>) {
         let Some(reset_to) = self.reset_to else {
-            for u in &unreadable {
-                let why = match u.why {
-                    Why::BeyondLogEnd => {
-                        "partition refused: where it stands (the sink's or Kafka's stored offset) \
-                         lies beyond the end of its log, so the log is not the one it was read \
-                         from (the topic was recreated, an unclean leader election truncated it, a \
-                         failover to a mirror). Nothing of it is read or committed"
-                    }
-                    Why::LogWentBack => {
-                        "partition refused: its log went back while it was read (its committed \
-                         offset says so), so the log is not the one it was read from (the topic \
-                         was recreated, an unclean leader election truncated it, a failover to a \
-                         mirror), and its records below the stored offset were never read. \
-                         Nothing of it is read or committed"
-                    }
-                };
+            for b in &beyond {
                 tracing::error!(
                     topic = %self.topic,
-                    partition = u.partition,
-                    stored_offset = u.start,
-                    log_start = u.log_start,
-                    log_end = u.log_end,
-                    "{why}. Restart with --reset-offsets-beyond-log-end earliest (a recreated \
-                     topic: every record is new) or latest (a truncated log: what it holds below \
-                     its end was written), then remove the flag"
+                    partition = b.partition,
+                    stored_offset = b.start,
+                    log_start = b.log_start,
+                    log_end = b.log_end,
+                    "partition refused: where it stands (the sink's or Kafka's stored offset) lies \
+                     beyond the end of its log, so the log is not the one it was read from (the \
+                     topic was recreated, an unclean leader election truncated it, a failover to a \
+                     mirror). Nothing of it is read or committed. Restart with \
+                     --reset-offsets-beyond-log-end earliest (a recreated topic: every record is \
+                     new) or latest (a truncated log: what it holds below its end was written), \
+                     then remove the flag"
                 );
             }
-            let went_back = unreadable.iter().filter(|u| u.why == Why::LogWentBack);
-            lock(&self.shared.went_back).extend(went_back.map(|u| u.partition));
-            return (Vec::new(), unreadable.iter().map(|u| u.partition).collect());
+            return (Vec::new(), beyond.iter().map(|b| b.partition).collect());
         };
-        if unreadable.is_empty() {
+        if beyond.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        let resets: Vec<(i32, i64, i64)> = unreadable
+        let resets: Vec<(i32, i64, i64)> = beyond
             .iter()
-            .map(|u| {
+            .map(|b| {
                 let to = match reset_to {
-                    ResetTo::Earliest => u.log_start,
-                    ResetTo::Latest => u.log_end,
+                    ResetTo::Earliest => b.log_start,
+                    ResetTo::Latest => b.log_end,
                 };
                 tracing::warn!(
                     topic = %self.topic,
-                    partition = u.partition,
-                    stored_offset = u.start,
+                    partition = b.partition,
+                    stored_offset = b.start,
                     reset_to = to,
-                    why = ?u.why,
-                    "resetting where the partition starts, as --reset-offsets-beyond-log-end says"
+                    "stored offset beyond the log's end: resetting as --reset-offsets-beyond-log-end says"
                 );
-                (u.partition, u.start, to)
+                (b.partition, b.start, to)
             })
             .collect();
         let all: Vec<i32> = resets.iter().map(|(p, _, _)| *p).collect();
@@ -311,20 +296,11 @@ impl<S: Sink> LoopContext<S> {
                 return (Vec::new(), all);
             }
         }
-        // Kafka's committed offsets too, without the went-back mark: a later
-        // owner that cannot read the sink's starts from them, and must not
-        // find them beyond the end or marked. Until that commit goes
-        // through, the partitions stay refused; the sink's reset, done
-        // again, moves nothing more (from `to` to the same `to`, unless
-        // the log moved).
+        // Kafka's committed offsets too: a later owner that cannot read the
+        // sink's starts from them, and must not find them beyond the end.
         let moved: Vec<(i32, i64)> = resets.iter().map(|(p, _, to)| (*p, *to)).collect();
         if let Err(err) = consumer.commit(&offsets_list(&self.topic, &moved), CommitMode::Sync) {
-            tracing::error!(%err, partitions = ?all, "cannot commit the reset offsets: refusing those partitions (checked again every 30 s)");
-            return (Vec::new(), all);
-        }
-        let mut went_back = lock(&self.shared.went_back);
-        for partition in &all {
-            went_back.remove(partition);
+            tracing::warn!(%err, "cannot commit the reset offsets; the sink holds them");
         }
         (moved, Vec::new())
     }
@@ -379,7 +355,7 @@ impl<S: Sink> LoopContext<S> {
                 .collect()
         };
         // Listed before the refusals are forgotten: they mark what they say.
-        let commits = self.shared.commit_list(&self.topic, &commits);
+        let commits = offsets_list(&self.topic, &commits);
         self.forget_stalls(partitions);
         self.forget_refused(partitions);
         let owned = self.set_owned();
@@ -413,23 +389,20 @@ impl<S: Sink> LoopContext<S> {
 }
 
 impl<S: Sink> Loop<S> {
-    /// Tries the reset of refused partitions again, and starts those it
-    /// moved. Only a reset starts a refused partition: one whose log has
-    /// meanwhile grown past its stored offset would otherwise skip the
-    /// records between the old end and that offset without a word.
+    /// Tries the reset of partitions refused at assignment again, and
+    /// starts those it moved. Only a reset starts a refused partition: one
+    /// whose log has meanwhile grown past its stored offset would otherwise
+    /// skip the records between the old end and that offset without a
+    /// word. Partitions whose log went back while read stay refused until
+    /// a restart (the operator reads the error first).
     pub(super) async fn recheck_refused(&mut self) {
         self.refused_checked_at = Instant::now();
-        // A partition refused while it was read may still have records
-        // buffered or in flight: they are written and committed first, so a
-        // reset starts from a tracker that nothing of the old log touches.
-        let refused: Vec<i32> = {
-            let tracker = self.shared.tracker();
-            lock(&self.shared.refused)
-                .iter()
-                .copied()
-                .filter(|p| !tracker.in_flight(&[*p]) && !self.batcher.holds(*p))
-                .collect()
-        };
+        let went_back = lock(&self.shared.went_back).clone();
+        let refused: Vec<i32> = lock(&self.shared.refused)
+            .iter()
+            .copied()
+            .filter(|p| !went_back.contains(p))
+            .collect();
         if refused.is_empty() {
             return;
         }
@@ -438,15 +411,13 @@ impl<S: Sink> Loop<S> {
             Ok(Ok(starts)) if starts.len() == refused.len() => starts,
             _ => return, // the sink cannot say: still refused, next time
         };
-        let went_back: Vec<i32> = lock(&self.shared.went_back).iter().copied().collect();
         let consumer = &self.consumer;
-        let unreadable = blocking(|| {
-            starts::unreadable(consumer, &self.topic, &refused, &mut starts, &went_back)
-        });
+        let beyond =
+            blocking(|| starts::beyond_log_end(consumer, &self.topic, &refused, &mut starts));
         let (reset, still) = self
             .consumer
             .context()
-            .reset_or_refuse(&self.consumer, unreadable);
+            .reset_or_refuse(&self.consumer, beyond);
         for partition in refused.iter().filter(|p| !still.contains(p)) {
             if !reset.iter().any(|(p, _)| p == partition) {
                 tracing::error!(

@@ -132,10 +132,12 @@ impl<S: Sink> Loop<S> {
             "partition refused: {what}, so the log was truncated or replaced under it (an unclean \
              leader election, a recreated topic, a failover to a mirror; librdkafka logs its \
              offset reset). Records the new log holds below the resume offset were never read. \
-             What was read before is written and committed; nothing more of this partition is, \
-             by this replica or any later owner (its commit says so), until a restart with \
-             --reset-offsets-beyond-log-end earliest (every record of the new log is new) or \
-             latest (it holds what was read) says where to start"
+             What was read before is written and committed; nothing more of this partition is \
+             read by this replica. Check what the log holds: a restart, or the partition moving \
+             to another replica, resumes it at its stored offset (refused again if that lies \
+             beyond the log's end, until --reset-offsets-beyond-log-end says where to start); \
+             to read the new log from elsewhere, move the group's committed offset (and, for \
+             redis-sink, the fence, docs/redis-keys.md) while the service is stopped"
         );
         if let Err(err) = self
             .consumer
@@ -145,8 +147,6 @@ impl<S: Sink> Loop<S> {
         }
         lock(&self.shared.refused).insert(partition);
         lock(&self.shared.went_back).insert(partition);
-        // Committed with the mark now, not only with its next batch.
-        self.shared.tracker().commit_again(partition);
         let context = self.consumer.context();
         context.publish_refused(&[partition], 1.0);
         context.forget_stalls(&[partition]);

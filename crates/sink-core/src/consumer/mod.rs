@@ -45,7 +45,7 @@ use crate::offsets::{BatchId, OffsetTracker, Skip};
 use crate::retry;
 use crate::sink::{Record, Rejection, Sink};
 use crate::stall::{Change, Observation, StallWatch};
-use crate::starts::{self, marked_offsets_list, offsets_list, Unreadable, Why};
+use crate::starts::{self, offsets_list, BeyondLogEnd};
 
 mod assignment;
 mod intake;
@@ -99,8 +99,8 @@ struct Shared {
     /// Assigned partitions refused: they start beyond their log's end, or
     /// their log went back.
     refused: Mutex<std::collections::BTreeSet<i32>>,
-    /// Refused partitions whose log went back: their commits carry
-    /// [`starts::WENT_BACK`], so every later owner refuses them too.
+    /// Refused partitions whose log went back while this replica read
+    /// them: a reset does not start them again (a restart does).
     went_back: Mutex<std::collections::BTreeSet<i32>>,
     stalls: Mutex<StallWatch>,
 }
@@ -108,13 +108,6 @@ struct Shared {
 impl Shared {
     fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
         lock(&self.tracker)
-    }
-
-    /// `commits` as a list to commit: refused partitions whose log went
-    /// back keep saying so.
-    fn commit_list(&self, topic: &str, commits: &[(i32, i64)]) -> TopicPartitionList {
-        let went_back: Vec<i32> = lock(&self.went_back).iter().copied().collect();
-        marked_offsets_list(topic, commits, &went_back)
     }
 }
 
@@ -493,7 +486,7 @@ impl<S: Sink> Loop<S> {
             }
         }
         if !commits.is_empty() {
-            let commits = self.shared.commit_list(&self.topic, &commits);
+            let commits = offsets_list(&self.topic, &commits);
             if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
                 tracing::warn!(%err, "cannot send offset commit");
             }
@@ -526,7 +519,7 @@ impl<S: Sink> Loop<S> {
             // Async: a synchronous commit would hold this thread for as
             // long as the broker takes to answer, past the deadline.
             // Closing the consumer waits for it, within the deadline.
-            let commits = self.shared.commit_list(&self.topic, &commits);
+            let commits = offsets_list(&self.topic, &commits);
             if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
                 tracing::warn!(%err, "final commit failed; the next owner re-reads the last batches");
             }
