@@ -48,9 +48,9 @@ pub enum Skip {
     /// Its partition is not owned (any more).
     NotOwned,
     /// It lies below where the partition resumed: a leftover from before a
-    /// seek forward, or the last record delivered again (librdkafka pauses
-    /// kept partitions during a cooperative rebalance and may resume at the
-    /// record it just handed over).
+    /// seek forward, or the last record delivered again (a pause racing the
+    /// delivery can resume there; a replay of one record, not the log
+    /// going back).
     Stale {
         /// The offset expected next.
         expected: i64,
