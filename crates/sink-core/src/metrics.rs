@@ -78,35 +78,155 @@ fn build() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// How a metric is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up.
+    Counter,
+    /// Set to a value.
+    Gauge,
+    /// Observations in buckets.
+    Histogram,
+}
+
+/// One metric the services export: what dashboards and alerts may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// Its name.
+    pub name: &'static str,
+    /// How it is recorded.
+    pub kind: Kind,
+    /// The labels the services set on it.
+    pub labels: &'static [&'static str],
+    /// Its HELP text.
+    pub help: &'static str,
+}
+
+const fn metric(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> Metric {
+    Metric {
+        name,
+        kind,
+        labels,
+        help,
+    }
+}
+
+const TOPIC: &[&str] = &["topic"];
+const PARTITION: &[&str] = &["topic", "partition"];
+
+/// Every metric the services export, with its labels: deploy/grafana's
+/// dashboard and the alerts are checked against this list.
+pub const ALL: [Metric; 16] = [
+    metric(
+        EVENTS_CONSUMED,
+        Kind::Counter,
+        TOPIC,
+        "Records fetched from Kafka",
+    ),
+    metric(BATCHES, Kind::Counter, TOPIC, "Batches written durably"),
+    metric(
+        BATCH_DURATION,
+        Kind::Histogram,
+        &[],
+        "Seconds from sealing a batch to its durable write",
+    ),
+    metric(
+        BATCH_EVENTS,
+        Kind::Histogram,
+        &[],
+        "Records per written batch",
+    ),
+    metric(
+        RETRIES,
+        Kind::Counter,
+        &["operation", "kind"],
+        "Failed attempts that are retried",
+    ),
+    metric(
+        DLQ_EVENTS,
+        Kind::Counter,
+        &["topic", "code"],
+        "Records sent to the dead-letter topic",
+    ),
+    metric(
+        ALREADY_APPLIED,
+        Kind::Counter,
+        TOPIC,
+        "Batches the sink had already applied",
+    ),
+    metric(
+        COMMITTED_OFFSET,
+        Kind::Gauge,
+        PARTITION,
+        "Last committed offset per partition",
+    ),
+    metric(
+        CONSUMER_LAG,
+        Kind::Gauge,
+        PARTITION,
+        "Consumer lag per partition, in records",
+    ),
+    metric(
+        PAUSED,
+        Kind::Gauge,
+        &[],
+        "1 while consumption is held or paused because the sink is behind",
+    ),
+    metric(
+        OFFSET_GAPS,
+        Kind::Counter,
+        TOPIC,
+        "Offsets skipped by the broker",
+    ),
+    metric(
+        STALE_RECORDS,
+        Kind::Counter,
+        TOPIC,
+        "Fetched records dropped below where their partition resumed",
+    ),
+    metric(
+        PARTITION_REFUSED,
+        Kind::Gauge,
+        PARTITION,
+        "1 while a partition is refused: its start lies beyond its log's end, or its log went back",
+    ),
+    metric(
+        STARTING,
+        Kind::Gauge,
+        &[],
+        "1 while the service waits at start for its sink to answer",
+    ),
+    metric(
+        BUFFERED_EVENTS,
+        Kind::Gauge,
+        &[],
+        "Records waiting for the sink",
+    ),
+    metric(
+        PARTITION_STALLED,
+        Kind::Gauge,
+        PARTITION,
+        "1 while a partition with records to read has not advanced for the stall timeout",
+    ),
+];
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(EVENTS_CONSUMED, "Records fetched from Kafka");
-    describe_counter!(BATCHES, "Batches written durably");
-    describe_histogram!(
-        BATCH_DURATION,
-        Unit::Seconds,
-        "Time from sealing a batch to its durable write"
-    );
-    describe_histogram!(BATCH_EVENTS, "Records per written batch");
-    describe_counter!(RETRIES, "Failed attempts that are retried");
-    describe_counter!(DLQ_EVENTS, "Records sent to the dead-letter topic");
-    describe_counter!(ALREADY_APPLIED, "Batches the sink had already applied");
-    describe_gauge!(COMMITTED_OFFSET, "Last committed offset per partition");
-    describe_gauge!(CONSUMER_LAG, "Consumer lag per partition, in records");
-    describe_gauge!(
-        PAUSED,
-        "1 while consumption is held or paused because the sink is behind"
-    );
-    describe_counter!(OFFSET_GAPS, "Offsets skipped by the broker");
-    describe_counter!(
-        STALE_RECORDS,
-        "Fetched records dropped below where their partition resumed"
-    );
-    describe_gauge!(BUFFERED_EVENTS, "Records waiting for the sink");
-    describe_gauge!(
-        PARTITION_STALLED,
-        "1 while a partition with records to read has not advanced for the stall timeout"
-    );
+    for m in &ALL {
+        match m.kind {
+            Kind::Counter => describe_counter!(m.name, m.help),
+            Kind::Gauge => describe_gauge!(m.name, m.help),
+            Kind::Histogram if m.name.ends_with("_seconds") => {
+                describe_histogram!(m.name, Unit::Seconds, m.help);
+            }
+            Kind::Histogram => describe_histogram!(m.name, m.help),
+        }
+    }
 }
 
 /// Counts a failed attempt of `what` (`write`, `dead_letter`, `connect`)
@@ -132,5 +252,28 @@ pub(crate) fn record_statistics(stats: &Statistics) {
                 metrics::gauge!(CONSUMER_LAG, &labels).set(p.consumer_lag as f64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_listed_once_with_its_help() {
+        let mut names: Vec<&str> = ALL.iter().map(|m| m.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len(), "a metric listed twice");
+        assert!(ALL
+            .iter()
+            .all(|m| m.name.starts_with("sink_") && !m.help.is_empty()));
+        let counters_end_in_total = ALL
+            .iter()
+            .all(|m| (m.kind == Kind::Counter) == m.name.ends_with("_total"));
+        assert!(
+            counters_end_in_total,
+            "Prometheus naming: counters end in _total"
+        );
     }
 }
