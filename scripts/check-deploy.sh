@@ -7,7 +7,8 @@
 #   scripts/check-deploy.sh compose FILE...          Compose Specification JSON schema
 #                                                    (check-jsonschema's vendored copy)
 #   scripts/check-deploy.sh k8s FILE...              Kubernetes schemas (kubernetes-validate,
-#                                                    strict) + the KEDA ScaledObject schema
+#                                                    strict) + the KEDA ScaledObject and
+#                                                    TriggerAuthentication schemas
 #   scripts/check-deploy.sh dockerfile FILE...       hadolint with deploy/hadolint.yaml
 #   scripts/check-deploy.sh yaml-json FILE...        {"FILE": [documents...]} as JSON
 #   scripts/check-deploy.sh logstash-json FILE       the pipeline's syntax tree as JSON
@@ -58,9 +59,31 @@ case $cmd in
         ;;
     k8s)
         install
-        # shellcheck disable=SC2086 # a list of versions
-        helper k8s --schema "$REPO/deploy/schemas/keda.sh_scaledobject_v1alpha1.json" \
-            $(printf -- '--kube-version %s ' $K8S_VERSIONS) "$@"
+        # A TriggerAuthentication sits alone in its file and is validated here against
+        # KEDA's CRD schema (check-jsonschema fails on a file with several documents,
+        # so nothing in such a file goes unchecked); every other file goes to the
+        # helper, which fails on any kind it has no schema for.
+        [ $# -gt 0 ] || die "usage: $0 k8s FILE..."
+        auth_schema="$REPO/deploy/schemas/keda.sh_triggerauthentication_v1alpha1.json"
+        auth_files=()
+        other_files=()
+        for file in "$@"; do
+            if grep -Eq '^kind:[[:space:]]*TriggerAuthentication[[:space:]]*$' "$file"; then
+                auth_files+=("$file")
+            else
+                other_files+=("$file")
+            fi
+        done
+        for file in ${auth_files[@]+"${auth_files[@]}"}; do
+            "$VENV/bin/check-jsonschema" --schemafile "$auth_schema" "$file" >&2 \
+                || die "$file: not a valid TriggerAuthentication, alone in its file (output above)"
+            echo "OK $file: keda.sh/v1alpha1/TriggerAuthentication against the KEDA TriggerAuthentication schema"
+        done
+        if [ ${#other_files[@]} -gt 0 ]; then
+            # shellcheck disable=SC2086 # a list of versions
+            helper k8s --schema "$REPO/deploy/schemas/keda.sh_scaledobject_v1alpha1.json" \
+                $(printf -- '--kube-version %s ' $K8S_VERSIONS) "${other_files[@]}"
+        fi
         ;;
     dockerfile)
         install
@@ -78,6 +101,8 @@ case $cmd in
         "$0" k8s "${manifests[@]}"
         "$0" dockerfile deploy/Dockerfile deploy/bqemulator/Dockerfile
         "$0" logstash-json deploy/logstash/pipeline.conf >/dev/null
+        "$0" yaml-json deploy/logstash/logstash.yml deploy/logstash/pipelines.yml \
+            deploy/filebeat/filebeat.yml >/dev/null
         log "all checks passed (the cross-file checks are in: cargo test -p e2e --test deploy)"
         ;;
     *) die "usage: $0 install|compose|k8s|dockerfile|yaml-json|logstash-json|all [FILE...]" ;;

@@ -257,6 +257,164 @@ impl Generator {
     }
 }
 
+/// Where deploy/logstash/pipeline.conf sends one log line of a web server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogstashRoute {
+    /// The Kafka message key: the event's `user_id` as Logstash's
+    /// `%{[user_id]}` renders it, or `None` (no key) for an event without one.
+    pub key: Option<String>,
+    /// Also to user3: a JSON object Logstash could read whose `info` is
+    /// `search` or `movie_detail`. Every line goes to user2.
+    pub user3: bool,
+}
+
+/// How the pipeline routes and keys `line` (what Filebeat ships, one line of
+/// the web servers' JSON log): `gen-events --route logstash` sends what it
+/// generates this way, and tests/tests/deploy.rs checks this function against
+/// the pipeline file run on the same lines.
+///
+/// A line that is not a JSON object, or whose `@timestamp` is not a string
+/// Logstash can parse (here: RFC 3339, the schema's format), is unreadable:
+/// Logstash sends it unchanged to user2 only, keyed by its `user_id` if the
+/// JSON had one. Anything else goes to user2, and also to user3 for
+/// `search` / `movie_detail`.
+///
+/// Keyed or not is the pipeline's `if [user_id] or [user_id] == "false"`:
+/// no key when `user_id` is absent, null, `""` or `false` (Logstash's
+/// truthiness, which also calls the string `"false"` false, hence the
+/// second test); any other value, `0` included, is the key.
+pub fn logstash_route(line: &[u8]) -> LogstashRoute {
+    let text = String::from_utf8_lossy(line);
+    let Ok(serde_json::Value::Object(event)) = serde_json::from_str(&text) else {
+        return LogstashRoute {
+            key: None,
+            user3: false,
+        };
+    };
+    let readable_time = match event.get("@timestamp") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s).is_ok(),
+        Some(_) => false,
+    };
+    let info = event.get("info").and_then(serde_json::Value::as_str);
+    LogstashRoute {
+        key: logstash_key(event.get("user_id")),
+        user3: readable_time && matches!(info, Some("search" | "movie_detail")),
+    }
+}
+
+/// The key of an event whose `user_id` is `value`: none for absent, null,
+/// `""` and `false`, else the field as Logstash's `%{[user_id]}` renders it:
+/// a string as is, a number or bool as its text, an object as JSON, a list
+/// joined by commas. (Floats are rendered by Java's `Double.toString`, which
+/// differs from this for some values; the generator writes none.)
+fn logstash_key(value: Option<&serde_json::Value>) -> Option<String> {
+    use serde_json::Value;
+    match value? {
+        Value::Null | Value::Bool(false) => None,
+        Value::String(s) if s.is_empty() => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => Some(
+            items
+                .iter()
+                .map(|item| match item {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Kafka's `Utils.murmur2`, the hash of the Java client's default
+/// partitioner (Logstash's kafka output uses it for keyed messages).
+pub fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if let Some(&first) = tail.first() {
+        h ^= u32::from(first);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java client's default partitioner picks for a keyed
+/// message: `toPositive(murmur2(key)) % partitions` (librdkafka's
+/// `murmur2_random` partitioner does the same).
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// Kafka's default `batch.size`, also the default `batch_size` of Logstash's
+/// kafka output: how many bytes of messages without a key the Java client
+/// sends to one partition before it moves to another.
+pub const STICKY_BATCH_BYTES: usize = 16_384;
+
+/// The partitions the Java client of Logstash's kafka output (Kafka 3.x, no
+/// `partitioner` set) picks for the messages of one topic, as
+/// `gen-events --route logstash` sends them.
+///
+/// A keyed message goes to [`java_partition`] of its key. A message without a
+/// key goes to the topic's current "sticky" partition, which changes once
+/// [`STICKY_BATCH_BYTES`] of such messages have gone to it (KIP-794's uniform
+/// sticky partitioning: a batch at a time to one partition, the same bytes to
+/// every partition in the long run). The Java client picks the next partition
+/// at random, weighted towards brokers with less queued; this takes the next
+/// one in turn, which is reproducible and spreads the same runs of about a
+/// batch evenly, and no consumer can tell the two orders apart (nothing about
+/// a message without a key says where it belongs).
+#[derive(Debug, Clone)]
+pub struct JavaPartitioner {
+    partitions: i32,
+    sticky: i32,
+    sticky_bytes: usize,
+}
+
+impl JavaPartitioner {
+    /// For a topic of `partitions` partitions; unkeyed messages start at 0.
+    pub fn new(partitions: i32) -> Self {
+        Self {
+            partitions: partitions.max(1),
+            sticky: 0,
+            sticky_bytes: 0,
+        }
+    }
+
+    /// The partition of a message with `key` (or none) and `bytes` of payload.
+    pub fn partition(&mut self, key: Option<&[u8]>, bytes: usize) -> i32 {
+        if let Some(key) = key {
+            return java_partition(key, self.partitions);
+        }
+        if self.sticky_bytes >= STICKY_BATCH_BYTES {
+            self.sticky = (self.sticky + 1) % self.partitions;
+            self.sticky_bytes = 0;
+        }
+        self.sticky_bytes += bytes;
+        self.sticky
+    }
+}
+
 fn full_width(c: char) -> char {
     match c {
         ' ' => '\u{3000}',
@@ -290,6 +448,152 @@ mod tests {
             let e = g.next_event();
             assert!(matches!(e.info, "search" | "movie_detail"));
             assert!(e.truth.is_some());
+        }
+    }
+
+    #[test]
+    fn murmur2_matches_kafkas_own_test_vectors() {
+        // org.apache.kafka.common.utils.UtilsTest#testMurmur2.
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973_932_308),
+            (b"foobar", -790_332_482),
+            (b"a-little-bit-long-string", -985_981_536),
+            (b"a-little-bit-longer-string", -1_486_304_829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            (b"abc", 479_470_107),
+        ];
+        for (key, hash) in cases {
+            assert_eq!(murmur2(key), hash, "{}", String::from_utf8_lossy(key));
+        }
+        // Negative hashes are masked, not negated.
+        assert_eq!(
+            java_partition(b"21", 3),
+            (-973_932_308_i32 & 0x7fff_ffff) % 3
+        );
+    }
+
+    #[test]
+    fn logstash_route_keys_by_user_and_reads_only_json_objects() {
+        let route = |line: &str| {
+            let r = logstash_route(line.as_bytes());
+            (r.key, r.user3)
+        };
+        let key = |k: &str| Some(k.to_owned());
+        assert_eq!(
+            route(r#"{"info":"search","user_id":"u-1"}"#),
+            (key("u-1"), true)
+        );
+        assert_eq!(
+            route(r#"{"info":"movie_detail","user_id":1024}"#),
+            (key("1024"), true)
+        );
+        assert_eq!(
+            route(r#"{"info":"login","user_id":"u-1"}"#),
+            (key("u-1"), false)
+        );
+        assert_eq!(
+            route(r#"{"info":"search","user_id":{"id":1}}"#),
+            (key(r#"{"id":1}"#), true)
+        );
+        assert_eq!(
+            route(r#"{"info":"search","user_id":"u","@timestamp":"yesterday"}"#),
+            (key("u"), false)
+        );
+        // Logstash's truthiness: 0 and "0" are true; the string "false" is a
+        // user (the pipeline tests it apart); absent, null, "" and false are not.
+        for (user_id, expected) in [
+            ("0", key("0")),
+            (r#""0""#, key("0")),
+            (r#""false""#, key("false")),
+            ("true", key("true")),
+            ("null", None),
+            (r#""""#, None),
+            ("false", None),
+        ] {
+            let line = format!(r#"{{"info":"search","user_id":{user_id}}}"#);
+            assert_eq!(route(&line), (expected, true), "{line}");
+        }
+        assert_eq!(route(r#"{"info":"search"}"#), (None, true));
+        assert_eq!(route("GET /search"), (None, false));
+        assert_eq!(route(r#"["search"]"#), (None, false));
+    }
+
+    #[test]
+    fn generated_events_are_keyed_by_their_user() {
+        let mut g = Generator::new(3, Mix::All, 1_700_000_000_000);
+        for _ in 0..500 {
+            let e = g.next_event();
+            let route = logstash_route(&e.payload);
+            if let Some(truth) = &e.truth {
+                assert_eq!(route.key, truth.user);
+                assert!(route.user3);
+            }
+        }
+    }
+
+    #[test]
+    fn unkeyed_messages_stick_to_a_partition_for_a_batch_then_move_on() {
+        let mut p = JavaPartitioner::new(3);
+        let unkeyed: Vec<i32> = (0..200).map(|_| p.partition(None, 1_000)).collect();
+        // 17 messages of 1000 bytes reach 16384, so the 18th goes to the next.
+        assert!(unkeyed[..17].iter().all(|&n| n == 0));
+        assert!(unkeyed[17..34].iter().all(|&n| n == 1));
+        assert!(unkeyed[34..51].iter().all(|&n| n == 2));
+        assert_eq!(unkeyed[51], 0);
+        // Keyed messages neither move nor count towards the sticky partition.
+        assert_eq!(
+            p.partition(Some(b"21"), 1_000_000),
+            java_partition(b"21", 3)
+        );
+        assert_eq!(p.partition(None, 1), unkeyed[199]);
+    }
+
+    /// Messages per partition of user2 and user3 (3 partitions each) when
+    /// gen-events routes `count` events of its defaults (seed 1, every kind,
+    /// 2000 users, no malformed lines) like Logstash: `(keyed, unkeyed)`.
+    fn default_spread(count: usize) -> [([u64; 3], [u64; 3]); 2] {
+        let mut g = Generator::new(1, Mix::All, 1_700_000_000_000);
+        let mut partitioners = [JavaPartitioner::new(3), JavaPartitioner::new(3)];
+        let mut counts = [([0u64; 3], [0u64; 3]); 2];
+        for _ in 0..count {
+            let e = g.next_event();
+            let route = logstash_route(&e.payload);
+            let topics: &[usize] = if route.user3 { &[0, 1] } else { &[0] };
+            for &topic in topics {
+                let key = route.key.as_deref().map(str::as_bytes);
+                let partition = partitioners[topic].partition(key, e.payload.len()) as usize;
+                let (keyed, unkeyed) = &mut counts[topic];
+                match key {
+                    Some(_) => keyed[partition] += 1,
+                    None => unkeyed[partition] += 1,
+                }
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn default_output_spreads_over_the_partitions() {
+        for (topic, (keyed, unkeyed)) in ["user2", "user3"].into_iter().zip(default_spread(100_000))
+        {
+            let all: Vec<u64> = keyed.iter().zip(unkeyed).map(|(k, u)| k + u).collect();
+            let total: u64 = all.iter().sum();
+            println!("{topic}: {all:?} of {total} (keyed {keyed:?}, unkeyed {unkeyed:?})");
+            // Unkeyed messages (10% of events) spread almost exactly; the keyed
+            // ones as murmur2 spreads the 2000 users.
+            let unkeyed_total: u64 = unkeyed.iter().sum();
+            for n in unkeyed {
+                assert!(
+                    n.abs_diff(unkeyed_total / 3) < unkeyed_total / 30,
+                    "{topic} {unkeyed:?}"
+                );
+            }
+            for n in &all {
+                assert!(n.abs_diff(total / 3) < total / 20, "{topic} {all:?}");
+            }
         }
     }
 

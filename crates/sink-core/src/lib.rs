@@ -47,6 +47,26 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How long the runtime gets to stop its tasks once the service is done.
+const RUNTIME_STOP: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long a rebalance waits for in-flight batches of revoked partitions:
+/// half the session timeout, as Vector does, so a slow drain never gets
+/// this member evicted mid-rebalance.
+pub fn drain_timeout(session_timeout_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(session_timeout_ms / 2)
+}
+
+/// The longest a service takes to exit after SIGTERM: a rebalance's drain
+/// running when the signal came ends first, then `--shutdown-timeout-secs`
+/// bounds writing, committing and leaving the group, then the runtime
+/// stops. Grace periods (compose, Kubernetes) must exceed it.
+pub fn worst_case_exit(session_timeout_ms: u64, shutdown_timeout_secs: u64) -> std::time::Duration {
+    drain_timeout(session_timeout_ms)
+        + std::time::Duration::from_secs(shutdown_timeout_secs)
+        + RUNTIME_STOP
+}
+
 /// Runs a service's entry point on a multi-thread runtime (the consume loop
 /// needs one) and turns an error into a one-paragraph message and exit code
 /// 1: operators read what is wrong, never a backtrace.
@@ -63,7 +83,7 @@ where
             // Dropping the runtime would wait for every blocking task, and
             // a consumer close that hangs on a silent broker never ends:
             // `run` already gave up on it within the shutdown timeout.
-            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            runtime.shutdown_timeout(RUNTIME_STOP);
             result
         });
     match result {

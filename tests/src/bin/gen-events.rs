@@ -1,16 +1,30 @@
 //! gen-events: realistic movie-service log events into Kafka, reproducibly.
 //!
-//! `--route logstash` does what the Logstash pipeline does: every event to
-//! user2, search / movie_detail ones also to user3 (malformed lines only to
-//! user2: Logstash cannot read their `info`). `--topic T` sends everything to
-//! one topic instead.
+//! `--route logstash` does what deploy/logstash/pipeline.conf does: every
+//! event to user2, search / movie_detail ones also to user3; a malformed line
+//! Logstash cannot read (not a JSON object, an `@timestamp` it cannot parse)
+//! only to user2, one it can read by its `info`. `--topic T` sends everything
+//! to one topic instead.
+//!
+//! Messages are keyed as Logstash keys them: by `user_id`, and without a key
+//! for an event without one (absent, null, `""` or `false`; see
+//! [`e2e::generator::logstash_route`]). They go to the partition the Java
+//! client that Logstash's kafka output uses would pick
+//! ([`e2e::generator::JavaPartitioner`]): for a key, murmur2 of the key made
+//! positive, modulo the topic's partition count, so one user's events stay in
+//! one partition, in the order generated; without a key, one partition for
+//! about a batch (16 KiB) of such messages, then the next in turn, so
+//! anonymous events spread over all partitions as the Java client's sticky
+//! partitioner spreads them.
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, ensure, Context};
 use clap::Parser;
-use e2e::generator::{Generator, Mix};
+use e2e::generator::{logstash_route, Generator, JavaPartitioner, Mix};
 use e2e::kafka;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
 
 /// Generates movie-service log events into Kafka.
 #[derive(Debug, Parser)]
@@ -76,6 +90,16 @@ async fn main() -> anyhow::Result<()> {
     let mut generator = Generator::new(args.seed, mix, chrono::Utc::now().timestamp_millis())
         .bad_fraction(args.bad_fraction)
         .users(args.users);
+    // Partitions are picked as the Java client picks them, so their counts are needed.
+    let first = match &route {
+        Route::One(topic) => topic.clone(),
+        Route::Logstash => args.user2_topic.clone(),
+    };
+    let mut first_partitioner = JavaPartitioner::new(partition_count(&producer, &first)?);
+    let mut user3_partitioner = JavaPartitioner::new(match &route {
+        Route::One(_) => 1,
+        Route::Logstash => partition_count(&producer, &args.user3_topic)?,
+    });
     let started = Instant::now();
     let deadline = args.seconds.map(|s| started + Duration::from_secs(s));
     // Send in slices of 10 ms so a rate is smooth, not bursty.
@@ -92,25 +116,25 @@ async fn main() -> anyhow::Result<()> {
         let n = per_tick.min(args.count - sent);
         for _ in 0..n {
             let event = generator.next_event();
-            let partition = (sent % 3) as i32;
-            match &route {
-                Route::One(_) => user2.push((partition, event.payload)),
-                Route::Logstash => {
-                    if event.valid && matches!(event.info, "search" | "movie_detail") {
-                        user3.push((partition, event.payload.clone()));
-                    }
-                    user2.push((partition, event.payload));
-                }
+            let to = logstash_route(&event.payload);
+            let key = to.key.as_deref().map(str::as_bytes);
+            if matches!(route, Route::Logstash) && to.user3 {
+                user3.push(Keyed {
+                    key: to.key.clone(),
+                    partition: user3_partitioner.partition(key, event.payload.len()),
+                    payload: event.payload.clone(),
+                });
             }
+            user2.push(Keyed {
+                partition: first_partitioner.partition(key, event.payload.len()),
+                key: to.key,
+                payload: event.payload,
+            });
             sent += 1;
         }
-        let first = match &route {
-            Route::One(topic) => topic.as_str(),
-            Route::Logstash => args.user2_topic.as_str(),
-        };
-        kafka::produce(&producer, first, std::mem::take(&mut user2)).await?;
+        produce_keyed(&producer, &first, std::mem::take(&mut user2)).await?;
         if !user3.is_empty() {
-            kafka::produce(&producer, &args.user3_topic, std::mem::take(&mut user3)).await?;
+            produce_keyed(&producer, &args.user3_topic, std::mem::take(&mut user3)).await?;
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -124,4 +148,56 @@ async fn main() -> anyhow::Result<()> {
 enum Route {
     One(String),
     Logstash,
+}
+
+/// One message: its key (if any), the partition the Java client would pick
+/// for it, and the payload.
+struct Keyed {
+    key: Option<String>,
+    partition: i32,
+    payload: Vec<u8>,
+}
+
+/// The partition count of `topic`, which must exist.
+fn partition_count(producer: &FutureProducer, topic: &str) -> anyhow::Result<i32> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .with_context(|| format!("metadata of topic {topic}"))?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .with_context(|| format!("no metadata for topic {topic}"))?;
+    if let Some(err) = found.error() {
+        bail!("topic {topic}: {err:?}");
+    }
+    let n = i32::try_from(found.partitions().len())?;
+    ensure!(n > 0, "topic {topic} has no partitions (does it exist?)");
+    Ok(n)
+}
+
+/// Produces messages with their keys (or none) to their partitions and waits
+/// for every delivery (e2e::kafka::produce sends without keys).
+async fn produce_keyed(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: Vec<Keyed>,
+) -> anyhow::Result<()> {
+    for chunk in messages.chunks(5_000) {
+        let pending = chunk.iter().map(|m| {
+            let record = FutureRecord::to(topic)
+                .partition(m.partition)
+                .payload(&m.payload);
+            let record = match &m.key {
+                Some(key) => record.key(key.as_bytes()),
+                None => record,
+            };
+            producer.send(record, Timeout::After(Duration::from_secs(30)))
+        });
+        for result in futures::future::join_all(pending).await {
+            result.map_err(|(err, _)| anyhow::anyhow!("delivery to {topic} failed: {err}"))?;
+        }
+    }
+    Ok(())
 }

@@ -217,9 +217,7 @@ pub async fn run_connecting<S: Sink>(
         sink: Arc::clone(&sink),
         topic: Arc::clone(&topic),
         health: Arc::clone(&health),
-        // As Vector does: half the session timeout, so a slow drain never
-        // gets this member evicted mid-rebalance.
-        drain_timeout: Duration::from_millis(args.session_timeout_ms / 2),
+        drain_timeout: crate::drain_timeout(args.session_timeout_ms),
         reset_to: args.reset_offsets_beyond_log_end,
     };
     let consumer: StreamConsumer<LoopContext<S>> = kafka_config_context(
