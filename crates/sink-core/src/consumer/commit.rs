@@ -1,0 +1,96 @@
+//! Commits: what rebalances and finished batches decided is applied at the
+//! end of each turn of the loop (drop revoked records, seek where the sink
+//! stands, commit what is acknowledged), and once more at shutdown.
+
+use super::*;
+
+impl<S: Sink> Loop<S> {
+    /// Drops the buffered records of partitions revoked since the last call.
+    pub(super) fn purge_revoked(&mut self) {
+        let revoked = self.shared.tracker().take_revoked();
+        for partition in revoked {
+            self.batcher.purge(partition);
+        }
+    }
+
+    /// Applies what rebalances and completed batches decided: drops records of
+    /// revoked partitions, seeks where the sink stands, commits.
+    ///
+    /// Only called when every record received so far is in the batcher:
+    /// a seek purges its partition there, and the fetcher starts again at
+    /// the seek's offset. A record received before the seek but taken
+    /// after it would escape the purge and become the first record after
+    /// the seek: the records between the seek's offset and it would then
+    /// be dropped as stale when fetched again, and never written.
+    pub(super) fn after_step(&mut self) {
+        self.purge_revoked();
+        let (seeks, commits) = {
+            let mut tracker = self.shared.tracker();
+            (tracker.take_seeks(), tracker.take_commits())
+        };
+        for (partition, offset) in seeks {
+            self.batcher.purge(partition);
+            tracing::info!(
+                partition,
+                offset,
+                "the sink already holds records up to this offset; resuming there"
+            );
+            self.shared.tracker().seeking(partition, offset);
+            // Bounded wait: the position may only move once the fetcher did.
+            let seek = || {
+                self.consumer
+                    .seek(&self.topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+            };
+            match blocking(seek) {
+                Ok(()) => self.shared.tracker().moved_to(partition, offset),
+                Err(err) => tracing::warn!(
+                    %err, partition, offset,
+                    "seek failed; the sink refuses the records fetched meanwhile and asks again"
+                ),
+            }
+        }
+        if !commits.is_empty() {
+            let commits = offsets_list(&self.topic, &commits);
+            if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
+                tracing::warn!(%err, "cannot send offset commit");
+            }
+        }
+    }
+
+    /// Shutdown: writes what was fetched, within the deadline, and commits it
+    /// synchronously. Returns what was left unwritten.
+    pub(super) async fn drain(&mut self, timeout: Duration) -> Leftover {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // A rebalance may have run in the last recv(): purge before sealing.
+        self.after_step();
+        self.batcher.seal();
+        while !self.tasks.is_empty() || self.batcher.has_sealed() {
+            self.dispatch();
+            tokio::select! {
+                joined = self.tasks.join_next() => {
+                    if let Some(Err(err)) = joined {
+                        tracing::error!(%err, "a batch task failed during shutdown");
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+            self.after_step();
+        }
+        let unfinished = self.tasks.len();
+        self.tasks.abort_all();
+        let commits = self.shared.tracker().take_commits();
+        if !commits.is_empty() {
+            // Async: a synchronous commit would hold this thread for as
+            // long as the broker takes to answer, past the deadline.
+            // Closing the consumer waits for it, within the deadline.
+            let commits = offsets_list(&self.topic, &commits);
+            if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
+                tracing::warn!(%err, "final commit failed; the next owner re-reads the last batches");
+            }
+        }
+        Leftover {
+            buffered: self.batcher.buffered(),
+            batches: unfinished,
+        }
+    }
+}
