@@ -21,7 +21,7 @@ pub struct Health {
     /// Partitions refused because they start beyond their log's end.
     refused: AtomicUsize,
     /// Partitions this consumer owns: /metrics shows per-partition series
-    /// only for these (see [`owned_series_only`]).
+    /// only for these (see [`crate::http`]).
     owned: Mutex<Vec<i32>>,
     /// Liveness: since when work has been pending without anything
     /// completing (`None` while nothing is pending), and how long that may
