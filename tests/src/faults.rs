@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
@@ -26,16 +26,13 @@ use crate::bigquery::Emulator;
 use crate::generator::{Generated, Truth};
 use crate::process::Service;
 use crate::redis_model;
-use crate::{kafka, unique, Stack};
+use crate::service::ServiceFlags;
+use crate::{kafka, poll_until, unique, wait_for_async, Check, Stack};
 
 /// Partitions of every topic the suite creates (as in production).
 pub const PARTITIONS: i32 = 3;
 /// `--history-size` of redis-sink (its default).
 const HISTORY_SIZE: usize = 50;
-/// `--session-timeout-ms` of every service the suite starts.
-pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-/// `--shutdown-timeout-secs` of every service the suite starts.
-pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a pipeline may take to apply everything after the faults end.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -262,62 +259,38 @@ impl Pipeline {
     }
 
     /// The service's flags.
-    fn args(&self, metrics_port: u16) -> Vec<String> {
-        let session = SESSION_TIMEOUT.as_millis().to_string();
-        let shutdown = SHUTDOWN_TIMEOUT.as_secs().to_string();
-        let metrics = format!("127.0.0.1:{metrics_port}");
-        let mut args: Vec<&str> = vec![
-            "--bootstrap-servers",
-            &self.config.bootstrap,
-            "--topic",
-            &self.topic,
-            "--group-id",
-            &self.group,
-            "--session-timeout-ms",
-            &session,
-            "--shutdown-timeout-secs",
-            &shutdown,
-            "--metrics-addr",
-            &metrics,
-        ];
+    fn flags(&self) -> ServiceFlags {
+        let (bootstrap, topic, group) = (&self.config.bootstrap, &self.topic, &self.group);
         match self.kind {
-            SinkKind::Redis => args.extend([
-                "--redis-url",
+            SinkKind::Redis => ServiceFlags::redis_sink(
+                bootstrap,
+                topic,
+                group,
                 &self.config.redis_url,
-                "--key-prefix",
                 &self.prefix,
-                "--batch-linger-ms",
-                "50",
-            ]),
-            SinkKind::BigQuery => args.extend([
-                "--bigquery-endpoint",
+            ),
+            SinkKind::BigQuery => ServiceFlags::bigquery_sink(
+                bootstrap,
+                topic,
+                group,
                 &self.config.bigquery_endpoint,
-                "--project",
                 &self.emulator.project,
-                "--dataset",
                 &self.emulator.dataset,
-                "--table",
                 &self.table,
-                "--batch-linger-ms",
-                "200",
-            ]),
+            ),
         }
-        args.into_iter().map(str::to_owned).collect()
+        .for_tests()
     }
 
     /// Starts one more instance of the service.
     pub fn start(&mut self) -> anyhow::Result<Instance> {
         self.starts += 1;
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let metrics_port = crate::free_port()?;
         let name = format!("{}-{}", self.topic, self.starts);
-        let service = Service::start(
-            self.kind.binary(),
-            &self.args(metrics_port),
-            &self.log_dir,
-            &name,
-        )?;
+        let service = self
+            .flags()
+            .metrics_port(metrics_port)
+            .start(&self.log_dir, &name)?;
         Ok(Instance {
             service,
             metrics_port,
@@ -346,14 +319,8 @@ impl Pipeline {
         match self.kind {
             SinkKind::Redis => {
                 let mut redis = self.redis().await?;
-                let key = redis_sink::keys::Keys::new(self.prefix.as_str()).offsets(&self.topic);
-                let stored: BTreeMap<i32, i64> = redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query_async(&mut redis)
-                    .await?;
-                Ok((0..PARTITIONS)
-                    .map(|p| stored.get(&p).copied().unwrap_or(0))
-                    .collect())
+                crate::redis::applied_offsets(&mut redis, &self.prefix, &self.topic, PARTITIONS)
+                    .await
             }
             SinkKind::BigQuery => self.committed().await,
         }
@@ -380,21 +347,12 @@ impl Pipeline {
 
     /// Waits until the sink has applied more than `than` records in total.
     pub async fn wait_progress(&self, than: i64, instance: &Instance) -> anyhow::Result<i64> {
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
-        loop {
-            let applied = self.applied_total().await?;
-            if applied > than {
-                return Ok(applied);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "no progress past {than} records in {CATCH_UP_TIMEOUT:?}; log {}:\n{}",
-                    instance.service.log.display(),
-                    instance.service.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("progress past {than} records");
+        self.poll_applied(Duration::from_millis(50), &what, instance, |applied| {
+            let total = applied.iter().sum();
+            (total > than).then_some(total).into()
+        })
+        .await
     }
 
     /// The recovery time after a fault: from now until the sink has applied
@@ -427,28 +385,35 @@ impl Pipeline {
     }
 
     /// Waits until the sink has applied each partition up to `want`.
+    /// (Every 100 ms: [`Pipeline::recover`] times this wait.)
     async fn wait_applied(&self, want: &[i64], instance: &Instance) -> anyhow::Result<()> {
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
-        loop {
-            let applied = self.applied().await?;
-            if applied.iter().zip(want).all(|(a, w)| a >= w) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "applied {applied:?} of {want:?} after {CATCH_UP_TIMEOUT:?}; log {}:\n{}",
-                    instance.service.log.display(),
-                    instance.service.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("every partition applied up to {want:?}");
+        self.poll_applied(Duration::from_millis(100), &what, instance, |applied| {
+            let done = applied.iter().zip(want).all(|(a, w)| a >= w);
+            Check::done_if(done, || format!("applied {applied:?}"))
+        })
+        .await
+    }
+
+    /// Looks at what the sink has applied ([`Pipeline::applied`]) `every`
+    /// so often until `check` finds what it waits for, for up to
+    /// [`CATCH_UP_TIMEOUT`]; an error shows `instance`'s log.
+    async fn poll_applied<T>(
+        &self,
+        every: Duration,
+        what: &str,
+        instance: &Instance,
+        check: impl Fn(&[i64]) -> Check<T>,
+    ) -> anyhow::Result<T> {
+        let found = poll_until(CATCH_UP_TIMEOUT, every, what, || async {
+            Ok(check(&self.applied().await?))
+        })
+        .await;
+        instance.service.with_log(found)
     }
 
     async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        Ok(redis::Client::open(self.config.redis_url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?)
+        crate::redis::connect(&self.config.redis_url).await
     }
 
     /// Compares the sink with what was produced.
@@ -632,14 +597,11 @@ impl Instance {
 
     /// Waits until `/metrics` answers (the service has started).
     pub async fn wait_metrics(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.counter("sink_events_consumed_total").await.is_err() {
-            if Instant::now() >= deadline {
-                bail!("no /metrics after 60 s:\n{}", self.service.log_tail());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
+        let answered = wait_for_async(Duration::from_secs(60), "/metrics", || async {
+            Ok(self.counter("sink_events_consumed_total").await.is_ok())
+        })
+        .await;
+        self.service.with_log(answered)
     }
 }
 

@@ -10,7 +10,9 @@ pub mod faults;
 pub mod generator;
 pub mod kafka;
 pub mod process;
+pub mod redis;
 pub mod redis_model;
+pub mod service;
 pub mod tcp_front;
 
 use std::collections::HashMap;
@@ -118,23 +120,80 @@ pub async fn ready(port: u16) -> anyhow::Result<bool> {
     }
 }
 
+/// What one look of [`poll_until`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check<T> {
+    /// What was awaited, with its value.
+    Done(T),
+    /// Not yet; what the look saw instead (for the message on timing out,
+    /// may be empty).
+    NotYet(String),
+}
+
+impl Check<()> {
+    /// Done if `holds`, else not yet, having seen what `seen` says.
+    pub fn done_if(holds: bool, seen: impl FnOnce() -> String) -> Self {
+        if holds {
+            Self::Done(())
+        } else {
+            Self::NotYet(seen())
+        }
+    }
+}
+
+impl<T> From<Option<T>> for Check<T> {
+    fn from(value: Option<T>) -> Self {
+        value.map_or_else(|| Self::NotYet(String::new()), Self::Done)
+    }
+}
+
+/// Looks with `look` every `every` until it finds what it waits for, and
+/// returns that; fails with `what` (and what the last look saw) if that
+/// does not happen within `timeout`, or with the look's own error.
+pub async fn poll_until<T, F, Fut>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut look: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Check<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = match look()
+            .await
+            .with_context(|| format!("while waiting for {what}"))?
+        {
+            Check::Done(value) => return Ok(value),
+            Check::NotYet(seen) => seen,
+        };
+        if Instant::now() >= deadline {
+            let seen = if seen.is_empty() {
+                seen
+            } else {
+                format!(" ({seen})")
+            };
+            bail!("timed out after {timeout:?} waiting for {what}{seen}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Awaits a condition, checking it every 20 ms, and fails with `what` if it
 /// does not hold within `timeout`.
 pub async fn wait_for<F>(timeout: Duration, what: &str, mut condition: F) -> anyhow::Result<()>
 where
     F: FnMut() -> bool,
 {
-    let deadline = Instant::now() + timeout;
-    while !condition() {
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+    poll_until(timeout, Duration::from_millis(20), what, || {
+        std::future::ready(Ok(condition().then_some(()).into()))
+    })
+    .await
 }
 
-/// Same as [`wait_for`] with an async condition.
+/// Same as [`wait_for`] with an async condition, checked every 50 ms.
 pub async fn wait_for_async<F, Fut>(
     timeout: Duration,
     what: &str,
@@ -144,17 +203,9 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<bool>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition()
-            .await
-            .with_context(|| format!("while waiting for {what}"))?
-        {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(timeout, Duration::from_millis(50), what, || {
+        let holds = condition();
+        async move { Ok(holds.await?.then_some(()).into()) }
+    })
+    .await
 }

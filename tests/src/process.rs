@@ -138,20 +138,27 @@ impl Service {
     }
 
     /// Waits for exit, up to `timeout`; returns the exit code.
-    pub async fn wait(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<i32>> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status.code());
-            }
-            if std::time::Instant::now() >= deadline {
-                bail!(
-                    "process did not exit within {timeout:?}; log: {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let child = &mut self.child;
+        let exited = crate::poll_until(
+            timeout,
+            Duration::from_millis(20),
+            "the process to exit",
+            || {
+                let status = child.try_wait().map_err(anyhow::Error::from);
+                std::future::ready(status.map(|s| s.map(|s| s.code()).into()))
+            },
+        )
+        .await;
+        self.with_log(exited)
+    }
+
+    /// `result`, an error of which is followed by where the log is and its
+    /// last lines.
+    pub fn with_log<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        result.map_err(|err| {
+            anyhow::anyhow!("{err:#}; log {}:\n{}", self.log.display(), self.log_tail())
+        })
     }
 
     /// The last "partitions assigned" line of its log, if any: it ends with
@@ -185,14 +192,14 @@ pub async fn restart_alone(
 ) -> anyhow::Result<Service> {
     for _ in 0..3 {
         let service = start()?;
-        let mut assignment = None;
-        crate::wait_for(std::time::Duration::from_secs(60), "an assignment", || {
-            assignment = service.last_assignment();
-            assignment.is_some()
-        })
-        .await
-        .with_context(|| format!("log:\n{}", service.log_tail()))?;
-        if assignment.is_some_and(|line| !line.ends_with("[]")) {
+        let assignment = crate::poll_until(
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            "an assignment",
+            || std::future::ready(Ok(service.last_assignment().into())),
+        )
+        .await;
+        if !service.with_log(assignment)?.ends_with("[]") {
             return Ok(service);
         }
         service.kill()?;
@@ -255,9 +262,7 @@ impl PrivateRedis {
 
     /// A connection to it.
     pub async fn connection(&self) -> anyhow::Result<MultiplexedConnection> {
-        Ok(redis::Client::open(self.url().as_str())?
-            .get_multiplexed_async_connection()
-            .await?)
+        crate::redis::connect(&self.url()).await
     }
 
     /// Makes this server a replica of `primary` and waits until it is in
@@ -309,15 +314,12 @@ impl PrivateRedis {
         self.child = Some(child);
         let url = self.url();
         crate::wait_for_async(
-            std::time::Duration::from_secs(20),
+            Duration::from_secs(20),
             "redis-server to answer PING",
             || {
                 let url = url.clone();
                 async move {
-                    let Ok(client) = redis::Client::open(url.as_str()) else {
-                        return Ok(false);
-                    };
-                    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    let Ok(mut conn) = crate::redis::connect(&url).await else {
                         return Ok(false);
                     };
                     Ok(redis::cmd("PING")

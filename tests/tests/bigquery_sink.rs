@@ -4,13 +4,14 @@
 //! in the table with what it produced, record by record.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use e2e::bigquery::{int, Emulator, Fault, FaultProxy};
 use e2e::generator::{Generator, Mix};
 use e2e::process::{restart_alone, Service};
-use e2e::{kafka, unique, wait_for, Stack};
+use e2e::service::ServiceFlags;
+use e2e::{kafka, poll_until, unique, wait_for, Check, Stack};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -18,8 +19,6 @@ use serde_json::Value;
 
 const PARTITIONS: i32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(240);
-/// `--session-timeout-ms` of every sink the tests start.
-const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// (partition, offset) of a Kafka record.
 type Coordinates = (i32, i64);
@@ -114,60 +113,38 @@ impl Fixture {
         Ok(())
     }
 
-    /// The sink's flags; `extra` may override any of them.
-    fn args(&self, endpoint: &str, extra: &[&str]) -> Vec<String> {
-        let session_timeout_ms = SESSION_TIMEOUT.as_millis().to_string();
-        let base = [
-            ("--bootstrap-servers", self.stack.kafka.as_str()),
-            ("--topic", &self.topic),
-            ("--group-id", &self.group),
-            ("--project", &self.emulator.project),
-            ("--dataset", &self.emulator.dataset),
-            ("--table", &self.table),
-            ("--bigquery-endpoint", endpoint),
-            ("--session-timeout-ms", &session_timeout_ms),
-            ("--metrics-addr", "127.0.0.1:0"),
-            ("--batch-linger-ms", "200"),
-            ("--shutdown-timeout-secs", "10"),
-        ];
-        let mut args = Vec::new();
-        for (flag, value) in base {
-            if !extra.contains(&flag) {
-                args.extend([flag.to_owned(), value.to_owned()]);
-            }
-        }
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        args
-    }
-
-    /// Starts the sink against `endpoint` (the emulator, or a proxy).
+    /// Starts the sink against `endpoint` (the emulator, or a proxy);
+    /// `extra` may override any of the fixture's flags.
     fn start(&mut self, endpoint: &str, extra: &[&str]) -> anyhow::Result<Service> {
         self.services += 1;
         let name = format!("{}-{}", self.topic, self.services);
-        Service::start(
-            "bigquery-sink",
-            &self.args(endpoint, extra),
-            &self.stack.dir.join("logs"),
-            &name,
+        ServiceFlags::bigquery_sink(
+            &self.stack.kafka,
+            &self.topic,
+            &self.group,
+            endpoint,
+            &self.emulator.project,
+            &self.emulator.dataset,
+            &self.table,
         )
+        .for_tests()
+        .extra(extra)
+        .start(&self.stack.dir.join("logs"), &name)
     }
 
     /// Waits until `relation` holds at least `rows` rows.
     async fn wait_rows(&self, relation: &str, rows: i64, service: &Service) -> anyhow::Result<()> {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let count = self.emulator.count(relation).await?;
-            if count >= rows {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{relation} has {count} of {rows} rows after {TIMEOUT:?}; service log:\n{}",
-                    service.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let stored = poll_until(
+            TIMEOUT,
+            Duration::from_millis(200),
+            &format!("{rows} rows in {relation}"),
+            || async {
+                let count = self.emulator.count(relation).await?;
+                Ok(Check::done_if(count >= rows, || format!("{count} rows")))
+            },
+        )
+        .await;
+        service.with_log(stored)
     }
 
     /// Creates the de-duplicated view exactly as docs/bigquery.md gives it.

@@ -8,8 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use e2e::generator::{Generated, Generator, Mix, Truth};
 use e2e::process::{fail_over, restart_alone, PrivateRedis, Service};
+use e2e::redis::{applied_offsets, connect, group_offsets_key, offsets_key, stored_offsets};
 use e2e::redis_model::{diff, dump, expected};
-use e2e::{kafka, unique, wait_for, wait_for_async, Stack};
+use e2e::service::ServiceFlags;
+use e2e::{kafka, poll_until, unique, wait_for, wait_for_async, Check, Stack};
 use rand::{Rng, SeedableRng};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -73,9 +75,7 @@ impl Fixture {
         topic: String,
         mock: Option<MockCluster<'static, DefaultProducerContext>>,
     ) -> anyhow::Result<Self> {
-        let redis = redis::Client::open(redis_url.as_str())?
-            .get_multiplexed_async_connection()
-            .await?;
+        let redis = connect(&redis_url).await?;
         Ok(Self {
             redis_url,
             producer: kafka::producer(&stack.kafka)?,
@@ -106,30 +106,15 @@ impl Fixture {
         kafka::produce(&self.producer, &self.topic, messages).await
     }
 
-    fn args(&self) -> Vec<String> {
-        [
-            "--bootstrap-servers",
+    fn flags(&self) -> ServiceFlags {
+        ServiceFlags::redis_sink(
             &self.stack.kafka,
-            "--topic",
             &self.topic,
-            "--group-id",
             &self.group,
-            "--redis-url",
             &self.redis_url,
-            "--key-prefix",
             &self.prefix,
-            "--session-timeout-ms",
-            "6000",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--batch-linger-ms",
-            "50",
-            "--shutdown-timeout-secs",
-            "10",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
+        )
+        .for_tests()
     }
 
     fn start(&mut self) -> anyhow::Result<Service> {
@@ -141,68 +126,54 @@ impl Fixture {
     fn start_with(&mut self, extra: &[&str]) -> anyhow::Result<Service> {
         self.services += 1;
         let name = format!("{}-{}", self.topic, self.services);
-        let mut args = self.args();
-        for flag in extra.iter().filter(|a| a.starts_with("--")) {
-            if let Some(i) = args.iter().position(|a| a == flag) {
-                args.drain(i..i + 2);
-            }
-        }
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        Service::start("redis-sink", &args, &self.stack.dir.join("logs"), &name)
+        self.flags()
+            .extra(extra)
+            .start(&self.stack.dir.join("logs"), &name)
     }
 
     /// Next offsets stored in Redis per partition.
-    async fn applied(&mut self) -> anyhow::Result<[i64; PARTITIONS as usize]> {
-        let key = redis_sink::keys::Keys::new(self.prefix.as_str()).offsets(&self.topic);
-        let map: BTreeMap<i32, i64> = redis::cmd("HGETALL")
-            .arg(&key)
-            .query_async(&mut self.redis)
-            .await?;
-        let mut out = [0; PARTITIONS as usize];
-        for (p, o) in map {
-            if let Some(slot) = out.get_mut(p as usize) {
-                *slot = o;
-            }
-        }
-        Ok(out)
+    async fn applied(&self) -> anyhow::Result<[i64; PARTITIONS as usize]> {
+        let stored = applied_offsets(
+            &mut self.redis.clone(),
+            &self.prefix,
+            &self.topic,
+            PARTITIONS,
+        )
+        .await?;
+        Ok(std::array::from_fn(|p| stored[p]))
     }
 
     /// Waits until Redis has applied at least `target` records in total.
-    async fn wait_applied_at_least(
-        &mut self,
-        target: i64,
-        service: &Service,
-    ) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        loop {
-            let applied: i64 = self.applied().await?.iter().sum();
-            if applied >= target {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                anyhow::bail!(
-                    "applied {applied} of {target}; service log:\n{}",
-                    service.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    async fn wait_applied_at_least(&self, target: i64, service: &Service) -> anyhow::Result<()> {
+        let applied = poll_until(
+            Duration::from_secs(300),
+            Duration::from_millis(20),
+            &format!("{target} records applied"),
+            || async {
+                let applied: i64 = self.applied().await?.iter().sum();
+                Ok(Check::done_if(applied >= target, || {
+                    format!("{applied} applied")
+                }))
+            },
+        )
+        .await;
+        service.with_log(applied)
     }
 
     /// Waits until `group` has committed every produced record in Kafka.
     async fn wait_group_committed(&self, group: &str, service: &Service) -> anyhow::Result<()> {
         let offsets = kafka::OffsetReader::new(&self.stack.kafka, group, &self.topic, PARTITIONS)?;
         let want: Vec<Option<i64>> = self.produced.iter().map(|p| Some(*p)).collect();
-        e2e::wait_for_async(Duration::from_secs(120), "the group's commits", || {
+        let committed = wait_for_async(Duration::from_secs(120), "the group's commits", || {
             let done = offsets.committed().is_ok_and(|c| c == want);
             async move { Ok(done) }
         })
-        .await
-        .with_context(|| format!("group {group}; service log:\n{}", service.log_tail()))
+        .await;
+        service.with_log(committed.with_context(|| format!("group {group}")))
     }
 
     /// Waits until every produced record is applied.
-    async fn wait_all_applied(&mut self, service: &Service) -> anyhow::Result<()> {
+    async fn wait_all_applied(&self, service: &Service) -> anyhow::Result<()> {
         let total = self.produced.iter().sum();
         self.wait_applied_at_least(total, service).await?;
         assert_eq!(
@@ -345,7 +316,7 @@ async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::Result<()> {
     let mut f = Fixture::new().await?;
-    let (mut service, log) = Service::start_logging_to_pipe("redis-sink", &f.args())?;
+    let (mut service, log) = Service::start_logging_to_pipe("redis-sink", &f.flags().args())?;
     // Read until the instance has its partitions; the pipe closes when the
     // reader is dropped at the end of the closure.
     let joined = tokio::task::spawn_blocking(move || {
@@ -435,9 +406,7 @@ async fn redis_restart_mid_stream_equals_the_model() -> anyhow::Result<()> {
     f.wait_applied_at_least(15_000, &service).await?;
     redis.restart().await?;
     // A fresh connection: the test's own one died with the server.
-    f.redis = redis::Client::open(redis.url().as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    f.redis = connect(&redis.url()).await?;
     f.wait_all_applied(&service).await?;
     f.assert_state_matches_model().await
 }
@@ -692,12 +661,12 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         let service = f.start_with(&["--batch-max-events", "300"])?;
         // Three failed attempts: at least one retry after a backoff, long
         // enough for the second batch to have been counted if it could be.
-        wait_for(Duration::from_secs(60), "three WRONGTYPE errors", || {
+        let failed = wait_for(Duration::from_secs(60), "three WRONGTYPE errors", || {
             std::fs::read_to_string(&service.log)
                 .is_ok_and(|log| log.matches("WRONGTYPE").count() >= 3)
         })
-        .await
-        .with_context(|| format!("a bad {bad} key; log:\n{}", service.log_tail()))?;
+        .await;
+        service.with_log(failed.with_context(|| format!("a bad {bad} key")))?;
         assert_eq!(
             f.applied().await?[0],
             0,
@@ -761,14 +730,15 @@ async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow
     // the topic from the start) applied everything and kept it in its own
     // hash; the per-topic one is behind (partition 1 stands at 1).
     f.group = unique("upgraded");
-    let keys = redis_sink::keys::Keys::new(f.prefix.as_str());
+    let by_topic = offsets_key(&f.prefix, &f.topic);
+    let by_group = group_offsets_key(&f.prefix, &f.group, &f.topic);
     redis::cmd("COPY")
-        .arg(keys.offsets(&f.topic))
-        .arg(keys.group_offsets(&f.group, &f.topic))
+        .arg(&by_topic)
+        .arg(&by_group)
         .query_async::<()>(&mut f.redis)
         .await?;
     redis::cmd("HSET")
-        .arg(keys.offsets(&f.topic))
+        .arg(&by_topic)
         .arg(1)
         .arg(1)
         .query_async::<()>(&mut f.redis)
@@ -779,11 +749,7 @@ async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow
     f.wait_all_applied(&upgraded).await?;
     f.assert_state_matches_model().await?;
     // What an older version (rolled back to) reads.
-    let by_group: BTreeMap<i32, i64> = redis::cmd("HGETALL")
-        .arg(keys.group_offsets(&f.group, &f.topic))
-        .query_async(&mut f.redis)
-        .await?;
-    let by_group: Vec<i64> = by_group.into_values().collect();
+    let by_group = stored_offsets(&mut f.redis, &by_group, PARTITIONS).await?;
     assert_eq!(
         by_group,
         f.produced.to_vec(),
@@ -930,7 +896,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
         (4, vec![(0, 4)]),
     ] {
         redis::cmd("HSET")
-            .arg(keys.offsets("user3"))
+            .arg(offsets_key(&prefix, "user3"))
             .arg(0)
             .arg(stored)
             .query_async::<()>(&mut conn)
@@ -1065,8 +1031,7 @@ async fn sigterm_exits_in_time_when_the_broker_stops_answering() -> anyhow::Resu
     // The fixture's --shutdown-timeout-secs is 10.
     let code = service.wait(Duration::from_secs(30)).await;
     let took = asked.elapsed();
-    let code =
-        code.with_context(|| format!("no exit within 30 s; log:\n{}", service.log_tail()))?;
+    let code = code.context("no exit within 30 s")?;
     assert_eq!(code, Some(0), "exit status; log:\n{}", service.log_tail());
     // The timeout, and a little for the process to end once it gave up.
     assert!(took <= Duration::from_secs(12), "exit took {took:?}");

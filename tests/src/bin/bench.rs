@@ -18,17 +18,20 @@
 //! Run through `make bench`, which builds release binaries and starts the
 //! stack.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use e2e::bigquery::{Fault, FaultProxy, InsertSeen};
 use e2e::generator::{Generator, Mix};
 use e2e::process::{PrivateRedis, Service};
-use e2e::{kafka, unique, Stack};
+use e2e::redis::applied_offsets;
+use e2e::service::ServiceFlags;
+use e2e::{kafka, poll_until, unique, Stack};
 
 const PARTITIONS: i32 = 3;
+/// How long one run may take.
+const TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Benchmarks against the local stack (scripts/stack.sh up).
 #[derive(Debug, Parser)]
@@ -230,28 +233,15 @@ fn own_cpu_seconds() -> f64 {
     e2e::process::cpu_seconds("self").unwrap_or(0.0)
 }
 
-fn common_args(stack: &Stack, topic: &str, group: &str) -> Vec<String> {
-    [
-        "--bootstrap-servers",
-        &stack.kafka,
-        "--topic",
-        topic,
-        "--group-id",
-        group,
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
+/// A service's flags in the benchmark: the defaults but for JSON logs.
+fn bench_flags(flags: ServiceFlags) -> ServiceFlags {
+    flags.set("--log-format", "json")
 }
 
 async fn run_null(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<Figures> {
     let group = unique("bench-null");
-    let args = common_args(stack, topic, &group);
-    let figures = run_until_committed(stack, topic, events, "null-sink", &group, &args).await?;
+    let flags = bench_flags(ServiceFlags::null_sink(&stack.kafka, topic, &group));
+    let figures = run_until_committed(stack, topic, events, &group, &flags).await?;
     Ok(Figures {
         name: "null sink (ceiling)",
         ..figures
@@ -267,20 +257,16 @@ async fn run_bigquery(
 ) -> anyhow::Result<Figures> {
     let group = unique("bench-bq");
     let table = group.replace('-', "_");
-    let mut args = common_args(stack, topic, &group);
-    for arg in [
-        "--bigquery-endpoint",
+    let flags = bench_flags(ServiceFlags::bigquery_sink(
+        &stack.kafka,
+        topic,
+        &group,
         endpoint,
-        "--project",
         &stack.bigquery_project,
-        "--dataset",
         &stack.bigquery_dataset,
-        "--table",
         &table,
-    ] {
-        args.push(arg.to_owned());
-    }
-    let figures = run_until_committed(stack, topic, events, "bigquery-sink", &group, &args).await?;
+    ));
+    let figures = run_until_committed(stack, topic, events, &group, &flags).await?;
     Ok(Figures { name, ..figures })
 }
 
@@ -289,32 +275,49 @@ async fn run_until_committed(
     stack: &Stack,
     topic: &str,
     events: usize,
-    binary: &str,
     group: &str,
-    args: &[String],
+    flags: &ServiceFlags,
 ) -> anyhow::Result<Figures> {
     let started = Instant::now();
-    let service = Service::start(binary, args, &stack.dir.join("logs"), group)?;
-    let per_partition = per_partition(events);
+    let service = flags.start(&stack.dir.join("logs"), group)?;
+    let per_partition: Vec<Option<i64>> = per_partition(events).into_iter().map(Some).collect();
     let offsets = kafka::OffsetReader::new(&stack.kafka, group, topic, PARTITIONS)?;
+    measure(started, &service, events, || {
+        // Off the runtime's workers: the instant endpoint runs on them.
+        let committed = tokio::task::block_in_place(|| offsets.committed());
+        std::future::ready(committed.map(|c| c == per_partition))
+    })
+    .await
+}
+
+/// Samples the service's peak RSS and CPU every 20 ms until `done` holds;
+/// the figures of a run that started at `started`.
+async fn measure<F, Fut>(
+    started: Instant,
+    service: &Service,
+    events: usize,
+    mut done: F,
+) -> anyhow::Result<Figures>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
     let mut peak = 0;
     let mut cpu = 0.0;
-    loop {
-        peak = peak.max(service.peak_rss().unwrap_or(0));
-        cpu = service.cpu_seconds().unwrap_or(cpu);
-        // Off the runtime's workers: the instant endpoint runs on them.
-        let committed = tokio::task::block_in_place(|| offsets.committed())?;
-        if committed
-            .iter()
-            .zip(&per_partition)
-            .all(|(c, n)| *c == Some(*n))
-        {
-            break;
-        }
-        check_timeout(started, &service)?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let finished = poll_until(
+        TIMEOUT,
+        Duration::from_millis(20),
+        "every offset applied",
+        || {
+            peak = service.peak_rss().unwrap_or(0).max(peak);
+            cpu = service.cpu_seconds().unwrap_or(cpu);
+            let done = done();
+            async move { Ok(done.await?.then_some(()).into()) }
+        },
+    )
+    .await;
     let seconds = started.elapsed().as_secs_f64();
+    service.with_log(finished)?;
     Ok(Figures {
         name: "",
         events,
@@ -335,60 +338,47 @@ async fn run_redis(
 ) -> anyhow::Result<Figures> {
     let group = unique("bench-redis");
     let prefix = format!("{group}:");
-    let mut conn = redis::Client::open(redis_url)?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = e2e::redis::connect(redis_url).await?;
     // Redis may not answer within the client's default 500 ms while it runs
     // a batch's script or forks for an AOF rewrite: that is not a failure of
     // the run being measured.
     conn.set_response_timeout(Duration::from_secs(30));
     let calls_before = total_calls(&mut conn).await?;
     let redis_cpu_before = redis_cpu(&mut conn).await?;
-    let mut args = common_args(stack, topic, &group);
-    args.extend([
-        "--redis-url".into(),
-        redis_url.to_owned(),
-        "--key-prefix".into(),
-        prefix.clone(),
-    ]);
+    let flags = bench_flags(ServiceFlags::redis_sink(
+        &stack.kafka,
+        topic,
+        &group,
+        redis_url,
+        &prefix,
+    ));
     let started = Instant::now();
-    let service = Service::start("redis-sink", &args, &stack.dir.join("logs"), &group)?;
-    let offsets_key = redis_sink::keys::Keys::new(prefix.as_str()).offsets(topic);
+    let service = flags.start(&stack.dir.join("logs"), &group)?;
     let total = events as i64;
-    let mut peak = 0;
-    let mut cpu = 0.0;
     let mut polls = 0u64;
-    loop {
-        peak = peak.max(service.peak_rss().unwrap_or(0));
-        cpu = service.cpu_seconds().unwrap_or(cpu);
+    let figures = measure(started, &service, events, || {
         polls += 1;
-        let applied: BTreeMap<i32, i64> = redis::cmd("HGETALL")
-            .arg(&offsets_key)
-            .query_async(&mut conn)
-            .await?;
-        if applied.values().sum::<i64>() >= total {
-            break;
+        let mut conn = conn.clone();
+        let prefix = prefix.clone();
+        async move {
+            let applied = applied_offsets(&mut conn, &prefix, topic, PARTITIONS).await?;
+            Ok(applied.iter().sum::<i64>() >= total)
         }
-        check_timeout(started, &service)?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    })
+    .await?;
     // Our own commands are not the sink's: every HGETALL, and the first INFO
     // (counted once it completed).
     let calls_after = total_calls(&mut conn).await?;
     let redis_cpu_seconds = redis_cpu(&mut conn).await? - redis_cpu_before;
     Ok(Figures {
         name,
-        events,
-        seconds,
-        peak_rss: peak,
-        cpu_seconds: cpu,
         redis_commands: Some(
             calls_after
                 .saturating_sub(calls_before)
                 .saturating_sub(polls + 1),
         ),
         redis_cpu_seconds: Some(redis_cpu_seconds),
+        ..figures
     })
 }
 
@@ -429,11 +419,4 @@ fn per_partition(events: usize) -> Vec<i64> {
     (0..PARTITIONS as usize)
         .map(|p| ((events + PARTITIONS as usize - 1 - p) / PARTITIONS as usize) as i64)
         .collect()
-}
-
-fn check_timeout(started: Instant, service: &Service) -> anyhow::Result<()> {
-    if started.elapsed() > Duration::from_secs(600) {
-        bail!("not done after 10 minutes; log:\n{}", service.log_tail());
-    }
-    Ok(())
 }
