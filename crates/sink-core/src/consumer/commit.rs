@@ -1,6 +1,9 @@
 //! Commits: what rebalances and finished batches decided is applied at the
 //! end of each turn of the loop (drop revoked records, seek where the sink
-//! stands, commit what is acknowledged), and once more at shutdown.
+//! stands, commit what is acknowledged), and once more at shutdown. Two
+//! commits happen in the rebalance callbacks instead ([`super::assignment`]):
+//! a revoke commits what its partitions acknowledged before letting go, and
+//! an operator's reset commits where refused partitions start again.
 
 use super::*;
 

@@ -17,9 +17,9 @@
 //!   assignment starts each partition where the sink says it stands.
 //!
 //! Rooms: this file holds the shared state, start-up and one turn of the
-//! loop; [`intake`] takes records into the batcher; [`writer`] writes a
-//! batch (and probes the sink while idle); [`commit`] seeks and commits at
-//! the end of each turn and at shutdown; [`assignment`] is the rebalance
+//! loop; `intake.rs` takes records into the batcher; `writer.rs` writes a
+//! batch (and probes the sink while idle); `commit.rs` seeks and commits at
+//! the end of each turn and at shutdown; `assignment.rs` is the rebalance
 //! callbacks. The pure parts are crate modules: [`crate::batch`],
 //! [`crate::offsets`], [`crate::flow`], [`crate::starts`].
 
