@@ -274,10 +274,14 @@ pub struct LogstashRoute {
 /// the pipeline file run on the same lines.
 ///
 /// A line that is not a JSON object, or whose `@timestamp` is not a string
-/// Logstash can parse (here: RFC 3339, the schema's format), is unreadable:
-/// Logstash sends it unchanged to user2 only, keyed by its `user_id` if the
-/// JSON had one. Anything else goes to user2, and also to user3 for
-/// `search` / `movie_detail`.
+/// Logstash can parse (here: RFC 3339, the schema's format; null and `false`
+/// count as absent), is unreadable: Logstash sends it unchanged to user2
+/// only, keyed by its `user_id` if the JSON had one. So is a JSON object whose
+/// own `tags` hold `_timestampparsefailure` (the tag Logstash gives a bad
+/// `@timestamp`). A line with `"@metadata"` (in double quotes) anywhere is
+/// sent unchanged to user2 only, without a key (the pipeline does not decode
+/// it). Anything else goes to user2, and also to user3 for `search` /
+/// `movie_detail`.
 ///
 /// Keyed or not is the pipeline's `if [user_id] or [user_id] == "false"`:
 /// no key when `user_id` is absent, null, `""` or `false` (Logstash's
@@ -285,21 +289,29 @@ pub struct LogstashRoute {
 /// second test); any other value, `0` included, is the key.
 pub fn logstash_route(line: &[u8]) -> LogstashRoute {
     let text = String::from_utf8_lossy(line);
+    let not_decoded = LogstashRoute {
+        key: None,
+        user3: false,
+    };
+    if text.contains(r#""@metadata""#) {
+        return not_decoded;
+    }
     let Ok(serde_json::Value::Object(event)) = serde_json::from_str(&text) else {
-        return LogstashRoute {
-            key: None,
-            user3: false,
-        };
+        return not_decoded;
     };
     let readable_time = match event.get("@timestamp") {
-        None | Some(serde_json::Value::Null) => true,
+        None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => true,
         Some(serde_json::Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s).is_ok(),
         Some(_) => false,
     };
+    let tagged_bad_time = event
+        .get("tags")
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|tags| tags.iter().any(|t| t == "_timestampparsefailure"));
     let info = event.get("info").and_then(serde_json::Value::as_str);
     LogstashRoute {
         key: logstash_key(event.get("user_id")),
-        user3: readable_time && matches!(info, Some("search" | "movie_detail")),
+        user3: readable_time && !tagged_bad_time && matches!(info, Some("search" | "movie_detail")),
     }
 }
 
@@ -519,6 +531,21 @@ mod tests {
         assert_eq!(route(r#"{"info":"search"}"#), (None, true));
         assert_eq!(route("GET /search"), (None, false));
         assert_eq!(route(r#"["search"]"#), (None, false));
+        // Logstash's json filter takes an @timestamp of false as absent.
+        assert_eq!(
+            route(r#"{"info":"search","user_id":"u","@timestamp":false}"#),
+            (key("u"), true)
+        );
+        // Its tag for a bad @timestamp, in the line's own tags: as if bad.
+        assert_eq!(
+            route(r#"{"info":"search","user_id":"u","tags":["_timestampparsefailure"]}"#),
+            (key("u"), false)
+        );
+        // "@metadata": not decoded, so neither keyed nor routed by its fields.
+        assert_eq!(
+            route(r#"{"info":"search","user_id":"u","@metadata":{}}"#),
+            (None, false)
+        );
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! condition or sprintf form), so the check cannot pass on a construct it does
 //! not understand:
 //!
-//! - inputs: beats (id, port, add_field), tcp (id, port, codec => json_lines)
-//! - filters: mutate (id, rename, remove_field, add_tag), json (id, source)
+//! - inputs: beats (id, port, add_field), tcp (id, port, add_field,
+//!   codec => line)
+//! - filters: mutate (id, rename, remove_field), json (id, source, add_field),
+//!   drop (id)
 //! - outputs: kafka (id, bootstrap_servers, topic_id, message_key or none, acks,
-//!   compression_type, codec => json | plain { format })
+//!   compression_type, max_request_size, codec => json | plain { format })
 //! - conditions: == and != with a string, in, not in, !, a bare field, and/or,
 //!   parentheses
 //!
@@ -20,7 +22,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use crate::report;
@@ -36,7 +38,13 @@ mod routing;
 pub use pipeline::logstash_interpreter_refuses_what_it_does_not_model;
 pub use routing::logstash_pipeline_routes_like_gen_events;
 
-use pipeline::Pipeline;
+use pipeline::{filebeat_event, Arrival, Pipeline};
+use plugins::{kafka_request_size, KAFKA_MAX_REQUEST_SIZE};
+
+/// What a line may grow by on its way to Kafka, beyond Filebeat's cap: the
+/// record's overhead, the key, what Logstash adds to an event ("@version",
+/// milliseconds in @timestamp), with room to spare.
+const FILEBEAT_LINE_HEADROOM: u64 = 64 << 10;
 
 /// A YAML mapping flattened to dotted keys (`queue.type: x` and
 /// `queue: {type: x}` mean the same to Logstash and Filebeat); lists are leaves.
@@ -139,8 +147,66 @@ pub fn logstash_settings_persist_the_queue() -> Result<()> {
     report(problems)
 }
 
+/// The smallest max_request_size of the kafka outputs (the client's default
+/// where unset).
+fn kafka_max_request_size(pipeline: &Pipeline) -> Result<u64> {
+    let mut smallest = u64::MAX;
+    for out in pipeline.kafka_outputs()? {
+        let size = match out.get("max_request_size") {
+            None => KAFKA_MAX_REQUEST_SIZE,
+            Some(size) => scalar(size)
+                .parse()
+                .with_context(|| format!("kafka max_request_size {size}"))?,
+        };
+        smallest = smallest.min(size);
+    }
+    Ok(smallest)
+}
+
+/// Every line Filebeat can ship, through the pipeline, gives records that the
+/// kafka outputs' client accepts: the longest readable line (re-encoded with
+/// "@version" and milliseconds) and a cut one (sent as it came).
+fn largest_lines_fit(
+    pipeline: &Pipeline,
+    cap: u64,
+    max_request: u64,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    let cap = usize::try_from(cap)?;
+    let event = |keyword_len: usize| {
+        format!(
+            r#"{{"@timestamp":"2024-05-01T12:00:00Z","info":"search","user_id":"u-1024","keyword":"{}"}}"#,
+            "k".repeat(keyword_len)
+        )
+    };
+    let padding = event(0).len();
+    ensure!(cap > padding, "message_max_bytes {cap} is below one event");
+    let longest = event(cap - padding);
+    let cut = event(cap)[..cap].to_owned();
+    for (what, line) in [("the longest line", longest), ("a cut line", cut)] {
+        let outcomes = pipeline.run(&Arrival::Beats(filebeat_event(&line)))?;
+        let records: Vec<_> = outcomes.iter().flat_map(|o| &o.records).collect();
+        if records.is_empty() {
+            problems.push(format!(
+                "{what} Filebeat ships ({} bytes) is not sent",
+                line.len()
+            ));
+        }
+        for r in outcomes.iter().flat_map(|o| &o.dropped) {
+            problems.push(format!(
+                "{what} Filebeat ships ({} bytes) gives a {}-byte record in {}, above \
+                 max_request_size {max_request}: the kafka output drops it",
+                line.len(),
+                kafka_request_size(r.key.as_deref(), &r.value),
+                r.output
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Filebeat ships raw lines (no decoding, no processors) to the beats input's
-/// port.
+/// port, each cut short enough to fit a Kafka request with room to spare.
 pub fn logstash_gets_raw_lines_from_filebeat() -> Result<()> {
     let files = yaml(&["deploy/filebeat/filebeat.yml"])?;
     let config = files
@@ -149,7 +215,9 @@ pub fn logstash_gets_raw_lines_from_filebeat() -> Result<()> {
         .and_then(|docs| docs.first())
         .map(dotted)
         .context("filebeat.yml is empty")?;
-    let beats_port = Pipeline::load()?.port("beats")?;
+    let pipeline = Pipeline::load()?;
+    let beats_port = pipeline.port("beats")?;
+    let max_request = kafka_max_request_size(&pipeline)?;
     let mut problems = Vec::new();
     let inputs = config
         .get("filebeat.inputs")
@@ -169,6 +237,26 @@ pub fn logstash_gets_raw_lines_from_filebeat() -> Result<()> {
             .is_none_or(|p| p.is_empty())
         {
             problems.push(format!("input {:?}: no paths", text("id")));
+        }
+        // A line Filebeat ships must fit one Kafka record: the kafka output
+        // drops a record above max_request_size (RecordTooLargeException).
+        // Filebeat's own default cap is 10 MiB.
+        match input.get("message_max_bytes").map(scalar) {
+            Some(cap) => match cap.parse::<u64>() {
+                Ok(cap) if cap + FILEBEAT_LINE_HEADROOM <= max_request => {
+                    largest_lines_fit(&pipeline, cap, max_request, &mut problems)?;
+                }
+                _ => problems.push(format!(
+                    "input {:?}: message_max_bytes {cap} + {FILEBEAT_LINE_HEADROOM} bytes of \
+                     headroom is above the kafka outputs' max_request_size {max_request}",
+                    text("id")
+                )),
+            },
+            None => problems.push(format!(
+                "input {:?}: no message_max_bytes (Filebeat's default, 10 MiB, is above the \
+                 kafka outputs' max_request_size {max_request})",
+                text("id")
+            )),
         }
         // The pipeline decodes the line: no JSON decoding in Filebeat.
         for (key, value) in &input {

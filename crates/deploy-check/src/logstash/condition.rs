@@ -70,17 +70,14 @@ fn operand(event: &LsEvent, item: &Value) -> Result<bool> {
         );
         setting_text(v, "condition literal")
     };
-    // `"v" in [field]`: a list field holds it, or a string field contains it.
+    // `"v" in [field]` (ConstantStringInField): a string field contains it, or
+    // a list field holds that string (Ruby equality: not the number 5 for "5");
+    // any other field does not.
     let field_contains = |field: &str, value: &str| -> Result<bool> {
         Ok(match event.get(field)? {
-            None => false,
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(logstash_text)
-                .collect::<Result<Vec<_>>>()?
-                .iter()
-                .any(|t| t == value),
-            Some(other) => logstash_text(other)?.contains(value),
+            Some(Value::String(s)) => s.contains(value),
+            Some(Value::Array(items)) => items.iter().any(|item| item == value),
+            _ => false,
         })
     };
     // `[field] in ["a", "b"]`: the field's text is one of them.

@@ -3,8 +3,6 @@
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
 
-use crate::values::scalar;
-
 /// The time Logstash reads events at in these checks.
 pub(super) const LOGSTASH_NOW: &str = "2030-01-02T03:04:05.000Z";
 
@@ -51,9 +49,23 @@ pub(super) fn logstash_text(value: &Value) -> Result<String> {
 
 /// A Logstash event: fields, `@metadata` (never shipped by a codec) and
 /// `@timestamp` kept as Logstash writes it (UTC, at least milliseconds).
+/// `cancelled`: dropped (the drop filter); no later plugin sees it.
 #[derive(Debug, Clone, Default)]
 pub(super) struct LsEvent {
     pub(super) data: Map<String, Value>,
+    pub(super) cancelled: bool,
+}
+
+/// Ruby's `to_s` of a parsed JSON value, where it is the JSON text too:
+/// a string as is, an integer or a bool as its text. Others (floats, lists,
+/// hashes, which Ruby writes its own way) are refused.
+pub(super) fn ruby_to_s(value: &Value) -> Result<String> {
+    Ok(match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if !n.is_f64() => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => bail!("Ruby's to_s of {other} is not modelled"),
+    })
 }
 
 /// Logstash's `Timestamp.coerce`, for what it can be given here: an RFC 3339
@@ -91,7 +103,10 @@ impl LsEvent {
             Some(other) => bail!("@metadata {other} is not modelled"),
         };
         let given = fields.remove("@timestamp").filter(|t| !t.is_null());
-        let mut event = LsEvent { data: fields };
+        let mut event = LsEvent {
+            data: fields,
+            cancelled: false,
+        };
         event.data.insert("@metadata".into(), metadata);
         event
             .data
@@ -170,13 +185,6 @@ impl LsEvent {
             Some(other) => bail!("tags {other} is not modelled"),
         }
         Ok(())
-    }
-
-    pub(super) fn tags(&self) -> Vec<String> {
-        match self.data.get("tags") {
-            Some(Value::Array(tags)) => tags.iter().map(scalar).collect(),
-            _ => Vec::new(),
-        }
     }
 
     /// `event.sprintf(template)`: `%{[field]}` replaced by the field's text,

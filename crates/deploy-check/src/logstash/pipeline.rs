@@ -7,20 +7,23 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
 
 use super::condition::condition;
-use super::event::{coerce_timestamp, logstash_json, LsEvent};
+use super::event::{coerce_timestamp, LsEvent};
 use super::plugins::{
-    json_filter, kafka_send, kafka_settings, mutate, plugin_settings, setting_codec, setting_hash,
-    setting_text, KafkaRecord,
+    drop_filter, json_filter, kafka_send, kafka_settings, mutate, plugin_settings, setting_codec,
+    setting_hash, setting_text, KafkaRecord,
 };
 use crate::validators::check_deploy;
 
 /// What `walk` does with a plugin: its name, its settings, the event.
 type RunPlugin<'a> = dyn FnMut(&str, &[Value], &mut LsEvent) -> Result<()> + 'a;
 
-/// Runs a list of plugins and conditionals on `event`.
+/// Runs a list of plugins and conditionals on `event`, until it is dropped.
 pub(super) fn walk(items: &[Value], event: &mut LsEvent, plugin: &mut RunPlugin<'_>) -> Result<()> {
     let mut chain_taken: Option<bool> = None;
     for item in items {
+        if event.cancelled {
+            return Ok(());
+        }
         let parts = item.as_array().context("pipeline item is not a list")?;
         let kind = parts
             .first()
@@ -65,19 +68,31 @@ pub(super) fn walk(items: &[Value], event: &mut LsEvent, plugin: &mut RunPlugin<
     Ok(())
 }
 
-/// What the input made of one line and where the pipeline sent it.
+/// What the input made of one line and where the pipeline sent it; `dropped`:
+/// the records a kafka output made but did not send (too large).
 #[derive(Debug)]
 pub(super) struct Outcome {
     pub(super) event: LsEvent,
     pub(super) records: Vec<KafkaRecord>,
+    pub(super) dropped: Vec<KafkaRecord>,
 }
 
 /// What reaches an input.
 pub(super) enum Arrival<'a> {
     /// Filebeat's event (Filebeat 8, filestream, no decoding), as JSON.
     Beats(Map<String, Value>),
-    /// One line on the tcp json_lines input.
-    JsonLine(&'a str),
+    /// One line on the tcp input (its line codec), without its "\n".
+    TcpLine(&'a str),
+}
+
+/// The filters the pipeline uses.
+fn run_filter(name: &str, body: &[Value], event: &mut LsEvent) -> Result<()> {
+    match name {
+        "mutate" => mutate(body, event),
+        "json" => json_filter(body, event),
+        "drop" => drop_filter(body, event),
+        other => bail!("filter {other} is not modelled"),
+    }
 }
 
 /// deploy/logstash/pipeline.conf, parsed.
@@ -137,10 +152,15 @@ impl Pipeline {
             let settings = match kind {
                 "beats" => plugin_settings("beats", body, &["id", "port", "add_field"])?,
                 "tcp" => {
-                    let settings = plugin_settings("tcp", body, &["id", "port", "codec"])?;
+                    let settings =
+                        plugin_settings("tcp", body, &["id", "port", "codec", "add_field"])?;
                     let codec = settings.get("codec").context("tcp: no codec")?;
-                    let (codec, _) = setting_codec(codec, "tcp codec")?;
-                    ensure!(codec == "json_lines", "tcp: codec {codec} is not modelled");
+                    let (codec, codec_body) = setting_codec(codec, "tcp codec")?;
+                    // The line codec with its defaults: "\n" ends a line, UTF-8.
+                    ensure!(
+                        codec == "line" && codec_body.is_empty(),
+                        "tcp: codec {codec} {codec_body:?} is not modelled"
+                    );
                     settings
                 }
                 other => bail!("input {other} is not modelled"),
@@ -199,35 +219,28 @@ impl Pipeline {
                     "[@metadata][input][beats][host][ip]",
                     Value::from("10.0.0.3"),
                 )?;
+                // include_codec_tag (default true).
+                event.tag("beats_input_codec_plain_applied")?;
                 ("beats", vec![event])
             }
-            Arrival::JsonLine(line) => {
-                // json_lines: an object is one event; a line that is not JSON
-                // (or JSON but not an object or list) is kept in [message],
-                // tagged. Empty lines give no event; lists and null are not
-                // modelled.
-                let events = if line.trim().is_empty() {
-                    Vec::new()
-                } else {
-                    match logstash_json(line)? {
-                        Some(Value::Object(fields)) => vec![LsEvent::new(fields)?],
-                        Some(Value::Array(_) | Value::Null) => {
-                            bail!("json_lines of {line:?} is not modelled")
-                        }
-                        Some(_) | None => vec![LsEvent::new(Map::from_iter([
-                            ("message".to_owned(), Value::from(*line)),
-                            ("tags".to_owned(), Value::from(vec!["_jsonparsefailure"])),
-                        ]))?],
-                    }
-                };
-                let mut events = events;
-                for event in &mut events {
-                    event.set(
-                        "[@metadata][input][tcp][source][ip]",
-                        Value::from("127.0.0.1"),
-                    )?;
-                }
-                ("tcp", events)
+            Arrival::TcpLine(line) => {
+                // The line codec (ECS v8): one event per line, even an empty
+                // one, the line in [message] and a copy in [event][original].
+                // Two lines at once are not modelled; nor is a "\r" (Filebeat
+                // strips it before "\n", the line codec keeps it).
+                ensure!(
+                    !line.contains(['\n', '\r']),
+                    "tcp: {line:?} with a line break is not modelled"
+                );
+                let mut event = LsEvent::new(Map::from_iter([
+                    ("message".to_owned(), Value::from(*line)),
+                    ("event".to_owned(), serde_json::json!({ "original": line })),
+                ]))?;
+                event.set(
+                    "[@metadata][input][tcp][source][ip]",
+                    Value::from("127.0.0.1"),
+                )?;
+                ("tcp", vec![event])
             }
         };
         let input = self.input(name)?;
@@ -288,22 +301,25 @@ impl Pipeline {
     pub(super) fn run(&self, arrival: &Arrival) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::new();
         for mut event in self.receive(arrival)? {
-            walk(
-                &self.filters,
-                &mut event,
-                &mut |name, body, event| match name {
-                    "mutate" => mutate(body, event),
-                    "json" => json_filter(body, event),
-                    other => bail!("filter {other} is not modelled"),
-                },
-            )?;
+            walk(&self.filters, &mut event, &mut run_filter)?;
+            if event.cancelled {
+                continue;
+            }
             let mut records = Vec::new();
+            let mut dropped = Vec::new();
             walk(&self.outputs, &mut event, &mut |name, body, event| {
                 ensure!(name == "kafka", "output {name} is not modelled");
-                records.push(kafka_send(body, event)?);
+                match kafka_send(body, event)? {
+                    (record, true) => records.push(record),
+                    (record, false) => dropped.push(record),
+                }
                 Ok(())
             })?;
-            outcomes.push(Outcome { event, records });
+            outcomes.push(Outcome {
+                event,
+                records,
+                dropped,
+            });
         }
         Ok(outcomes)
     }
@@ -313,10 +329,15 @@ impl Pipeline {
 pub(super) const FILEBEAT_READ_AT: &str = "2030-01-02T03:04:00.250Z";
 
 /// What Filebeat 8 ships for one line of the action log (filestream input,
-/// no parsers, no processors).
+/// no parsers, no processors), read at FILEBEAT_READ_AT.
 pub(super) fn filebeat_event(line: &str) -> Map<String, Value> {
+    filebeat_event_read_at(line, FILEBEAT_READ_AT)
+}
+
+/// What Filebeat 8 ships for one line read at `read_at`.
+pub(super) fn filebeat_event_read_at(line: &str, read_at: &str) -> Map<String, Value> {
     let event = serde_json::json!({
-        "@timestamp": FILEBEAT_READ_AT,
+        "@timestamp": read_at,
         "@metadata": {"beat": "filebeat", "type": "_doc", "version": "8.14.3"},
         "message": line,
         "host": {"name": "web-03"},
@@ -341,23 +362,40 @@ pub(super) fn filebeat_event(line: &str) -> Map<String, Value> {
 /// guessing.
 pub fn logstash_interpreter_refuses_what_it_does_not_model() -> Result<()> {
     refuses_unmodelled_constructs()?;
-    // Jackson would read the object and ignore " x"; not modelled, so refused.
     let pipeline = Pipeline::load()?;
-    for arrival in [
-        Arrival::Beats(filebeat_event(r#"{"info":"login"} x"#)),
-        Arrival::JsonLine(r#"{"info":"login"} x"#),
-        Arrival::JsonLine("[]"),
-    ] {
+    let lines = [
+        // Jackson would read the object and ignore " x".
+        r#"{"info":"login"} x"#,
+        // A key "@metadata" written with an escape gets past the pipeline's
+        // test on the text; the json filter would replace [@metadata] with it.
+        r#"{"\u0040metadata":{"readable":"true"},"info":"search","keyword":"x"}"#,
+        // Tags that are not a list of strings (Logstash renames or refuses them).
+        r#"{"info":"search","tags":"x"}"#,
+        r#"{"info":"search","tags":{"a":1}}"#,
+        // Ruby's to_s of the @timestamp it cannot parse, for [_@timestamp].
+        r#"{"@timestamp":{"t":1},"info":"login"}"#,
+    ];
+    for line in lines {
+        for arrival in [Arrival::Beats(filebeat_event(line)), Arrival::TcpLine(line)] {
+            ensure!(
+                pipeline.run(&arrival).is_err(),
+                "the unmodelled line {line} was not refused"
+            );
+        }
+    }
+    // Two lines at once on the tcp input, or a line ending in "\r".
+    for text in ["{}\n{}", "{}\r"] {
         ensure!(
-            pipeline.run(&arrival).is_err(),
-            "an unmodelled line was not refused"
+            pipeline.run(&Arrival::TcpLine(text)).is_err(),
+            "tcp {text:?} was not refused"
         );
     }
     Ok(())
 }
 
-/// The part of the refusals that needs no pipeline file: conditions, filters,
-/// a kafka option and a sprintf form.
+/// The part of the refusals that needs no pipeline file: conditions, filters
+/// and their options, the tcp input's codec, a kafka option and a sprintf
+/// form.
 fn refuses_unmodelled_constructs() -> Result<()> {
     let event = LsEvent::new(Map::from_iter([("info".to_owned(), Value::from("search"))]))?;
     let refused = [
@@ -375,30 +413,61 @@ fn refuses_unmodelled_constructs() -> Result<()> {
             "condition {cond:?} was not refused"
         );
     }
-    let mut event = event;
-    let unknown_filter: Vec<Value> =
-        serde_json::from_str(r#"[["grok", [["match", [[["message", ["%{WORD}"]]]]]]]]"#)?;
-    let result = walk(
-        &unknown_filter,
-        &mut event,
-        &mut |name, body, event| match name {
-            "mutate" => mutate(body, event),
-            "json" => json_filter(body, event),
-            other => bail!("filter {other} is not modelled"),
-        },
-    );
-    ensure!(result.is_err(), "an unknown filter was not refused");
-    let unknown_option: Vec<Value> =
-        serde_json::from_str(r#"[["json", [["source", ["message"]], ["target", ["doc"]]]]]"#)?;
-    let result = walk(
-        &unknown_option,
-        &mut event,
-        &mut |name, body, event| match name {
-            "json" => json_filter(body, event),
-            other => bail!("filter {other} is not modelled"),
-        },
-    );
-    ensure!(result.is_err(), "an unknown json option was not refused");
+    let filters = [
+        (
+            "an unknown filter",
+            r#"[["grok", [["match", [[["message", ["%{WORD}"]]]]]]]]"#,
+        ),
+        (
+            "a json target",
+            r#"[["json", [["source", ["info"]], ["target", ["doc"]]]]]"#,
+        ),
+        (
+            "a json tag_on_failure",
+            r#"[["json", [["source", ["info"]], ["tag_on_failure", [["x"]]]]]]"#,
+        ),
+        (
+            "a mutate add_tag",
+            r#"[["mutate", [["add_tag", [["x"]]]]]]"#,
+        ),
+        (
+            "a mutate add_field",
+            r#"[["mutate", [["add_field", [[["x", ["y"]]]]]]]]"#,
+        ),
+        (
+            "add_field to an existing field",
+            r#"[["json", [["source", ["doc"]], ["add_field", [[["info", ["x"]]]]]]]]"#,
+        ),
+        ("a drop percentage", r#"[["drop", [["percentage", [50]]]]]"#),
+    ];
+    let mut doc = event.clone();
+    doc.set("doc", Value::from(r#"{"a":1}"#))?;
+    for (what, filter) in filters {
+        let filter: Vec<Value> = serde_json::from_str(filter)?;
+        let mut event = doc.clone();
+        ensure!(
+            walk(&filter, &mut event, &mut run_filter).is_err(),
+            "{what} was not refused"
+        );
+    }
+    for codec in [
+        r#""json_lines""#,
+        r#""json""#,
+        r#"["line", [["delimiter", ["\r\n"]]]]"#,
+    ] {
+        let tcp: Value = serde_json::from_str(&format!(
+            r#"["tcp", [["port", [5000]], ["codec", [{codec}]]]]"#
+        ))?;
+        let pipeline = Pipeline {
+            inputs: vec![tcp],
+            filters: Vec::new(),
+            outputs: Vec::new(),
+        };
+        ensure!(
+            pipeline.input("tcp").is_err(),
+            "tcp codec {codec} was not refused"
+        );
+    }
     let partitioner: Vec<Value> = serde_json::from_str(
         r#"[["topic_id", ["user2"]], ["codec", ["json"]], ["message_key", ["%{[user_id]}"]], ["partitioner", ["round_robin"]]]"#,
     )?;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use super::event::{coerce_timestamp, logstash_json, logstash_text, LsEvent, LOGSTASH_NOW};
+use super::event::{coerce_timestamp, logstash_json, ruby_to_s, LsEvent, LOGSTASH_NOW};
 
 /// One setting's value as the parser gives it: `[name, [value]]`.
 fn setting_value<'a>(kv: &'a Value, plugin: &str) -> Result<(&'a str, &'a Value)> {
@@ -95,17 +95,25 @@ pub(super) fn setting_codec<'a>(value: &'a Value, what: &str) -> Result<(String,
     }
 }
 
-/// A filter's common options on success (Logstash's order: remove_field, then add_tag).
+/// A filter's common options on success, those the pipeline uses, in
+/// Logstash's order (`Filters::Base#filter_matched`): add_field, then
+/// remove_field. Adding to a field that is already there (Logstash makes a
+/// list of the two) is not modelled.
 fn filter_matched(event: &mut LsEvent, settings: &BTreeMap<&str, &Value>) -> Result<()> {
+    if let Some(fields) = settings.get("add_field") {
+        for (field, value) in setting_hash(fields, "add_field")? {
+            let field = event.sprintf(&field)?;
+            ensure!(
+                event.get(&field)?.is_none(),
+                "add_field to an existing {field} is not modelled"
+            );
+            let value = event.sprintf(&value)?;
+            event.set(&field, value.into())?;
+        }
+    }
     if let Some(fields) = settings.get("remove_field") {
         for field in setting_list(fields, "remove_field")? {
             event.remove(&event.sprintf(&field)?)?;
-        }
-    }
-    if let Some(tags) = settings.get("add_tag") {
-        for tag in setting_list(tags, "add_tag")? {
-            let tag = event.sprintf(&tag)?;
-            event.tag(&tag)?;
         }
     }
     Ok(())
@@ -113,7 +121,7 @@ fn filter_matched(event: &mut LsEvent, settings: &BTreeMap<&str, &Value>) -> Res
 
 /// `mutate`: rename, then the common options.
 pub(super) fn mutate(body: &[Value], event: &mut LsEvent) -> Result<()> {
-    let settings = plugin_settings("mutate", body, &["id", "rename", "remove_field", "add_tag"])?;
+    let settings = plugin_settings("mutate", body, &["id", "rename", "remove_field"])?;
     if let Some(rename) = settings.get("rename") {
         for (from, to) in setting_hash(rename, "mutate rename")? {
             if let Some(value) = event.remove(&event.sprintf(&from)?)? {
@@ -124,12 +132,25 @@ pub(super) fn mutate(body: &[Value], event: &mut LsEvent) -> Result<()> {
     filter_matched(event, &settings)
 }
 
-/// `json { source => ... }` without a target (logstash-filter-json): a JSON
-/// object is merged into the event, its `@timestamp` becoming the event's
+/// `drop`: the event goes no further.
+pub(super) fn drop_filter(body: &[Value], event: &mut LsEvent) -> Result<()> {
+    plugin_settings("drop", body, &["id"])?;
+    event.cancelled = true;
+    Ok(())
+}
+
+/// `json { source => ... }` without a target (logstash-filter-json 3.2): a
+/// JSON object is merged into the event, each top-level key set as a field
+/// (`tags` too, replacing the event's), its `@timestamp` becoming the event's
 /// (one that does not parse: Logstash's time, `_timestampparsefailure`, the
-/// original in `_@timestamp`); anything else tags `_jsonparsefailure`.
+/// original's `to_s` in `_@timestamp`; a Ruby-false one, null or `false`, is
+/// as if absent), then the common options; anything else (not JSON, not an
+/// object) tags `_jsonparsefailure`, without the common options. Refused: a
+/// key `@metadata` (Logstash would replace the event's @metadata with it, or
+/// fail half-way) or one Logstash reads as a field reference, and `tags` that
+/// are not a list of strings (Logstash renames or refuses them).
 pub(super) fn json_filter(body: &[Value], event: &mut LsEvent) -> Result<()> {
-    let settings = plugin_settings("json", body, &["id", "source"])?;
+    let settings = plugin_settings("json", body, &["id", "source", "add_field"])?;
     let source = setting_text(settings.get("source").context("json: no source")?, "source")?;
     let Some(text) = event.get(&source)?.cloned() else {
         return Ok(());
@@ -140,12 +161,22 @@ pub(super) fn json_filter(body: &[Value], event: &mut LsEvent) -> Result<()> {
     let Some(Value::Object(mut parsed)) = logstash_json(text)? else {
         return event.tag("_jsonparsefailure");
     };
-    let given = parsed.remove("@timestamp").filter(|t| !t.is_null());
+    let given = parsed
+        .remove("@timestamp")
+        .filter(|t| !t.is_null() && *t != Value::Bool(false));
     for (key, value) in parsed {
         ensure!(
             !key.starts_with('[') && key != "@metadata",
             "json: field name {key:?} is not modelled"
         );
+        if key == "tags" {
+            ensure!(
+                value
+                    .as_array()
+                    .is_some_and(|tags| tags.iter().all(Value::is_string)),
+                "json: tags {value} (not a list of strings) are not modelled"
+            );
+        }
         event.set(&key, value)?;
     }
     if let Some(given) = given {
@@ -158,7 +189,7 @@ pub(super) fn json_filter(body: &[Value], event: &mut LsEvent) -> Result<()> {
                     .data
                     .insert("@timestamp".into(), Value::from(LOGSTASH_NOW));
                 event.tag("_timestampparsefailure")?;
-                event.set("_@timestamp", Value::from(logstash_text(&given)?))?;
+                event.set("_@timestamp", Value::from(ruby_to_s(&given)?))?;
             }
         }
     }
@@ -174,7 +205,7 @@ pub(super) struct KafkaRecord {
     pub(super) value: String,
 }
 
-const KAFKA_OPTIONS: [&str; 7] = [
+const KAFKA_OPTIONS: [&str; 8] = [
     "id",
     "bootstrap_servers",
     "topic_id",
@@ -182,17 +213,47 @@ const KAFKA_OPTIONS: [&str; 7] = [
     "message_key",
     "acks",
     "compression_type",
+    "max_request_size",
 ];
 
+/// The Java client's default `max.request.size`, the kafka output's default
+/// `max_request_size`: the largest record (with its overhead) it sends.
+pub(super) const KAFKA_MAX_REQUEST_SIZE: u64 = 1_048_576;
+
+/// The size the Java client checks against `max_request_size` before it
+/// sends a record (`AbstractRecords.estimateSizeInBytesUpperBound`, message
+/// format v2): the batch header (61 bytes), a record's largest fixed overhead
+/// (21), the key (or 1 byte for none) and the value, each after its length
+/// as a zigzag varint, and the count of headers (none: 1 byte).
+pub(super) fn kafka_request_size(key: Option<&str>, value: &str) -> u64 {
+    fn with_length(len: usize) -> u64 {
+        let mut zigzag = (len as u64) << 1;
+        let mut bytes = 1;
+        while zigzag >= 0x80 {
+            zigzag >>= 7;
+            bytes += 1;
+        }
+        bytes + len as u64
+    }
+    61 + 21 + key.map_or(1, |k| with_length(k.len())) + with_length(value.len()) + 1
+}
+
 /// A kafka output's settings. Any other option (a `partitioner`, a
-/// `message_headers`...) would change what is sent and is refused.
+/// `message_headers`...) would change what is sent and is refused;
+/// `max_request_size` is modelled (kafka_send).
 pub(super) fn kafka_settings(body: &[Value]) -> Result<BTreeMap<&str, &Value>> {
     plugin_settings("kafka", body, &KAFKA_OPTIONS)
 }
 
-/// The message one kafka output sends for `event`.
-pub(super) fn kafka_send(body: &[Value], event: &mut LsEvent) -> Result<KafkaRecord> {
+/// The message one kafka output makes of `event`, and whether it sends it:
+/// a record above `max_request_size` is refused by the client
+/// (RecordTooLargeException), which the output logs and drops.
+pub(super) fn kafka_send(body: &[Value], event: &mut LsEvent) -> Result<(KafkaRecord, bool)> {
     let settings = kafka_settings(body)?;
+    let max_request_size = match settings.get("max_request_size") {
+        Some(size) => setting_text(size, "max_request_size")?.parse()?,
+        None => KAFKA_MAX_REQUEST_SIZE,
+    };
     let get = |name: &str| -> Result<String> {
         setting_text(
             settings
@@ -225,10 +286,12 @@ pub(super) fn kafka_send(body: &[Value], event: &mut LsEvent) -> Result<KafkaRec
         Some(key) => Some(event.sprintf(&setting_text(key, "message_key")?)?),
         None => None,
     };
-    Ok(KafkaRecord {
+    let sent = kafka_request_size(key.as_deref(), &value) <= max_request_size;
+    let record = KafkaRecord {
         output: get("id")?,
         topic: event.sprintf(&get("topic_id")?)?,
         key,
         value,
-    })
+    };
+    Ok((record, sent))
 }

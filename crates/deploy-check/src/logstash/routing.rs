@@ -1,5 +1,6 @@
 //! The pipeline against gen-events' routing and the sinks' reading: every kafka
-//! output's settings, and test lines through both inputs.
+//! output's settings, and test lines through both inputs, which must send the
+//! same messages for the same line.
 
 use std::collections::BTreeSet;
 
@@ -7,31 +8,59 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{Map, Value};
 
 use super::event::LOGSTASH_NOW;
-use super::pipeline::{filebeat_event, Arrival, Outcome, Pipeline, FILEBEAT_READ_AT};
-use super::plugins::{plugin_settings, setting_codec};
+use super::pipeline::{
+    filebeat_event, filebeat_event_read_at, Arrival, Outcome, Pipeline, FILEBEAT_READ_AT,
+};
+use super::plugins::{plugin_settings, setting_codec, KafkaRecord};
 use crate::compose::{environment, service};
 use crate::report;
 use crate::values::scalar;
+use crate::workspace::root;
 
 /// The lines the Logstash test feeds: the schema's examples, lines whose
-/// fields share names with Filebeat's, lines Logstash cannot read, and the
-/// generator's events with malformed ones.
+/// fields share names with Filebeat's or with the pipeline's flags, lines that
+/// carry the json filter's tags or an "@metadata", lines Logstash cannot read,
+/// and the generator's events with malformed ones. None is empty: Filebeat
+/// ships no empty line (the tcp input's empty line is checked apart).
 fn logstash_test_lines() -> Vec<String> {
     let mut lines: Vec<String> = [
         r#"{"@timestamp":"2024-05-01T21:34:56.789+09:00","@version":"1","host":"web-03","message":"GET /search","info":"search","user_id":"u-1024","keyword":"범죄도시 \uac80\uc0c9"}"#,
         r#"{"@timestamp":"2024-05-01T12:35:10.002Z","info":"movie_detail","user_id":1024,"movie_id":12345,"movie_title":"범죄도시","geo":{"country":"KR"}}"#,
         r#"{"@timestamp":"2024-05-01T12:30:00Z","info":"login","user_id":"u-1024","host":"auth-01"}"#,
         r#"{"info":"search","keyword":"matrix","user_id":null}"#,
-        r#"{"@timestamp":"2024-05-01T12:00:00.5Z","info":"play","user_id":"u-5","agent":"Mozilla/5.0","log":"player","input":"remote","ecs":1,"tags":["beta"]}"#,
+        r#"{"@timestamp":"2024-05-01T12:00:00.5Z","info":"play","user_id":"u-5","agent":"Mozilla/5.0","log":"player","input":"remote","ecs":1,"event":"x","tags":["beta"]}"#,
         r#"{"@timestamp":"2024-05-01T12:00:01Z","info":"search","keyword":42,"user_id":"u1"}"#,
         r#"{"@timestamp":"2024-05-01T12:00:02Z","info":"movie_detail","movie_id":7,"user_id":{"id":1}}"#,
+        r#"{"@timestamp":null,"@version":"2","_@timestamp":"x","info":"login","user_id":"u-2"}"#,
+        // Tags and names the pipeline routes on, in the line: no effect.
+        r#"{"info":"search","keyword":"x","user_id":"u-7","tags":["unreadable"]}"#,
+        r#"{"@timestamp":"2024-05-01T12:00:03Z","info":"search","keyword":"x","user_id":"u-8","tags":["_jsonparsefailure","readable"]}"#,
+        r#"{"info":"movie_detail","movie_id":8,"user_id":"u-9","readable":"true","line":"forged","via":"tcp"}"#,
+        // The json filter's own tag for a bad @timestamp, in the line: sent as
+        // it came (it cannot be told from the filter's).
+        r#"{"@timestamp":"2024-05-01T12:00:04Z","info":"search","keyword":"x","user_id":"u-10","tags":["_timestampparsefailure"]}"#,
+        // "@metadata" in double quotes: sent as it came, unkeyed.
+        r#"{"@metadata":{"readable":"true","line":"forged"},"info":"search","keyword":"x","user_id":"u-11"}"#,
+        r#"{"@timestamp":"yesterday","@metadata":{"readable":"true"},"info":"search","keyword":"x","user_id":"u-12"}"#,
+        r#"{"info":"search","keyword":"@metadata","user_id":"u-13"}"#,
+        r#"GET /search?q="@metadata""#,
+        // ... but not without the quotes.
+        r#"{"info":"search","keyword":"a@metadata.example","user_id":"u-14"}"#,
+        // false is Ruby-false: the json filter takes it as no @timestamp.
+        r#"{"@timestamp":false,"info":"search","keyword":"x","user_id":"u-15"}"#,
         "hello",
         "GET /search?q=parasite HTTP/1.1",
+        " ",
+        "\t",
         r#"[{"info":"search"}]"#,
+        "[]",
         "null",
         "42",
+        r#""{\"info\":\"search\"}""#,
         r#"{"@timestamp":"yesterday","info":"search","keyword":"x","user_id":"u-9"}"#,
+        r#"{"@timestamp":"","info":"search","keyword":"x","user_id":"u-9"}"#,
         r#"{"@timestamp":1714566896000,"info":"login"}"#,
+        r#"{"@timestamp":true,"info":"search","keyword":"x","user_id":0}"#,
     ]
     .map(str::to_owned)
     .to_vec();
@@ -41,11 +70,45 @@ fn logstash_test_lines() -> Vec<String> {
     for _ in 0..400 {
         let line = String::from_utf8_lossy(&generator.next_event().payload).into_owned();
         // Filebeat ships no empty lines.
-        if !line.trim().is_empty() {
+        if !line.is_empty() {
             lines.push(line);
         }
     }
     lines
+}
+
+/// What the pipeline is meant to do with a line (pipeline.conf's header):
+/// `Unreadable` (not a JSON object, or an @timestamp Logstash cannot parse)
+/// and `AsItCame` (readable, but with "@metadata" in double quotes or the
+/// json filter's `_timestampparsefailure` among its own tags) go to user2
+/// unchanged; `Event` is sent as the event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expected {
+    Event,
+    AsItCame,
+    Unreadable,
+}
+
+fn expected(line: &str) -> Expected {
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+        return Expected::Unreadable;
+    };
+    let bad_time = match fields.get("@timestamp") {
+        None | Some(Value::Null | Value::Bool(false)) => false,
+        Some(Value::String(t)) => chrono::DateTime::parse_from_rfc3339(t).is_err(),
+        Some(_) => true,
+    };
+    let own_tag = fields
+        .get("tags")
+        .and_then(Value::as_array)
+        .is_some_and(|tags| tags.iter().any(|t| t == "_timestampparsefailure"));
+    if bad_time {
+        Expected::Unreadable
+    } else if own_tag || line.contains(r#""@metadata""#) {
+        Expected::AsItCame
+    } else {
+        Expected::Event
+    }
 }
 
 /// The sinks' reading of a message (sink_core::event): time and fields, or
@@ -84,12 +147,17 @@ fn check_logstash_line(
 ) -> Result<()> {
     let arrival = match via {
         "beats" => Arrival::Beats(filebeat_event(line)),
-        _ => Arrival::JsonLine(line),
+        _ => Arrival::TcpLine(line),
     };
     let outcomes = pipeline
         .run(&arrival)
         .with_context(|| format!("{via} {line:?}"))?;
-    let [Outcome { event, records }] = outcomes.as_slice() else {
+    let [Outcome {
+        event,
+        records,
+        dropped,
+    }] = outcomes.as_slice()
+    else {
         problems.push(format!(
             "{via} {line:?}: {} events, expected 1",
             outcomes.len()
@@ -97,17 +165,24 @@ fn check_logstash_line(
         return Ok(());
     };
     let mut say = |what: String| problems.push(format!("{via} {line:?}: {what}"));
+    for r in dropped {
+        say(format!(
+            "{} dropped the {}-byte record",
+            r.output,
+            r.value.len()
+        ));
+    }
     // Routing and keys: as gen-events sends (and the Java client partitions by
     // the key, or spreads messages without one).
     let route = e2e::generator::logstash_route(line.as_bytes());
     let topics: BTreeSet<&str> = records.iter().map(|r| r.topic.as_str()).collect();
-    let mut expected = BTreeSet::from(["user2"]);
+    let mut expected_topics = BTreeSet::from(["user2"]);
     if route.user3 {
-        expected.insert("user3");
+        expected_topics.insert("user3");
     }
-    if topics != expected || records.len() != expected.len() {
+    if topics != expected_topics || records.len() != expected_topics.len() {
         say(format!(
-            "sent to {:?}, gen-events sends to {expected:?}",
+            "sent to {:?}, gen-events sends to {expected_topics:?}",
             records.iter().map(|r| &r.topic).collect::<Vec<_>>()
         ));
     }
@@ -123,21 +198,16 @@ fn check_logstash_line(
             say(format!("{} keyed by {:?}", r.topic, r.key));
         }
     }
-    let tags = event.tags();
-    let unreadable = tags.iter().any(|t| t == "unreadable");
-    let line_json = match serde_json::from_str::<Value>(line) {
-        Ok(Value::Object(fields)) => Some(fields),
-        _ => None,
-    };
-    let tcp_bad_time = via == "tcp" && tags.iter().any(|t| t == "_timestampparsefailure");
-    if line_json.is_none() || (via == "beats" && tags.iter().any(|t| t.ends_with("parsefailure"))) {
-        // Unreadable: tagged, not dropped; the line as it came to user2 only,
-        // where the sinks dead-letter it with a reason.
-        if !unreadable || !tags.iter().any(|t| t.ends_with("parsefailure")) {
-            say(format!(
-                "not tagged unreadable and *parsefailure: tags {tags:?}"
-            ));
-        }
+    let readable = event.get("[@metadata][readable]")?.is_some();
+    let expected = expected(line);
+    if readable != (expected == Expected::Event) {
+        say(format!(
+            "[@metadata][readable] is {readable}, expected {expected:?}"
+        ));
+    }
+    if expected != Expected::Event {
+        // The line as it came to user2 only; one Logstash cannot read is
+        // dead-lettered by the sinks with a reason.
         for r in records {
             if r.value != line {
                 say(format!(
@@ -145,7 +215,7 @@ fn check_logstash_line(
                     r.topic, r.value
                 ));
             }
-            if let Ok(view) = sink_view(&r.value, 0) {
+            if let (Expected::Unreadable, Ok(view)) = (expected, sink_view(&r.value, 0)) {
                 say(format!(
                     "the sinks accept it ({view}); they must dead-letter it"
                 ));
@@ -153,13 +223,11 @@ fn check_logstash_line(
         }
         return Ok(());
     }
-    if unreadable {
-        say(format!("tagged unreadable but readable: tags {tags:?}"));
-    }
-    let Some(line_fields) = line_json else {
+    let Ok(Value::Object(mut line_fields)) = serde_json::from_str::<Value>(line) else {
         return Ok(());
     };
-    // Readable: the event's own fields reach Kafka, nothing of Filebeat's.
+    // Readable: the event's own fields reach Kafka, nothing of Filebeat's or
+    // the inputs', and its own @timestamp or the read time.
     let own_time = line_fields
         .get("@timestamp")
         .and_then(Value::as_str)
@@ -169,6 +237,11 @@ fn check_logstash_line(
     } else {
         LOGSTASH_NOW
     };
+    // An @timestamp of false is as if absent to the json filter.
+    if line_fields.get("@timestamp") == Some(&Value::Bool(false)) {
+        line_fields.remove("@timestamp");
+    }
+    let line_as_read = Value::Object(line_fields.clone()).to_string();
     for r in records {
         let Ok(Value::Object(sent)) = serde_json::from_str::<Value>(&r.value) else {
             say(format!("{} got {:?}, not a JSON object", r.topic, r.value));
@@ -176,9 +249,6 @@ fn check_logstash_line(
         };
         let mut expected_keys: BTreeSet<&str> = line_fields.keys().map(String::as_str).collect();
         expected_keys.extend(["@timestamp", "@version"]);
-        if tcp_bad_time {
-            expected_keys.extend(["_@timestamp", "tags"]);
-        }
         let sent_keys: BTreeSet<&str> = sent.keys().map(String::as_str).collect();
         if sent_keys != expected_keys {
             say(format!(
@@ -199,10 +269,7 @@ fn check_logstash_line(
             .get("@timestamp")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        let time = match (&own_time, tcp_bad_time) {
-            (Some(own), false) => own.as_str(),
-            _ => read_time,
-        };
+        let time = own_time.as_deref().unwrap_or(read_time);
         if millis(sent_time).ok() != millis(time).ok() || millis(sent_time).is_err() {
             say(format!(
                 "{} @timestamp {sent_time:?}, expected the instant {time}",
@@ -212,20 +279,65 @@ fn check_logstash_line(
         // The sinks read the same event from the message as from the line
         // (a line without @timestamp: the time Logstash gave it).
         let kafka_ms = millis(read_time)?;
-        if !tcp_bad_time && sink_view(&r.value, kafka_ms) != sink_view(line, kafka_ms) {
+        if sink_view(&r.value, kafka_ms) != sink_view(&line_as_read, kafka_ms) {
             say(format!(
                 "{}: the sinks read {:?}, from the line {:?}",
                 r.topic,
                 sink_view(&r.value, kafka_ms),
-                sink_view(line, kafka_ms)
+                sink_view(&line_as_read, kafka_ms)
             ));
         }
     }
     Ok(())
 }
 
+/// The repository paths pipeline.conf names exist (a moved test or doc
+/// leaves a stale pointer otherwise).
+fn named_paths_exist(problems: &mut Vec<String>) -> Result<()> {
+    let file = "deploy/logstash/pipeline.conf";
+    let text = std::fs::read_to_string(root().join(file))?;
+    for word in text.split(|c: char| c.is_whitespace() || "(),;`\"'".contains(c)) {
+        let path = word.trim_end_matches(['.', ':']);
+        let in_repo = ["crates/", "tests/", "docs/", "deploy/", "scripts/"]
+            .iter()
+            .any(|dir| path.starts_with(dir));
+        if in_repo && !root().join(path).exists() {
+            problems.push(format!("{file} names {path}, which does not exist"));
+        }
+    }
+    Ok(())
+}
+
+/// The messages the pipeline sends for what arrives.
+fn records(pipeline: &Pipeline, arrival: &Arrival) -> Result<Vec<KafkaRecord>> {
+    Ok(pipeline
+        .run(arrival)?
+        .into_iter()
+        .flat_map(|o| o.records)
+        .collect())
+}
+
+/// The tcp input sends what the beats input sends for the same line, read at
+/// the same time: `nc localhost 5000 < file` gives what Filebeat would.
+fn check_inputs_agree(pipeline: &Pipeline, line: &str, problems: &mut Vec<String>) -> Result<()> {
+    let beats = records(
+        pipeline,
+        &Arrival::Beats(filebeat_event_read_at(line, LOGSTASH_NOW)),
+    )
+    .with_context(|| format!("beats {line:?}"))?;
+    let tcp =
+        records(pipeline, &Arrival::TcpLine(line)).with_context(|| format!("tcp {line:?}"))?;
+    if beats != tcp {
+        problems.push(format!(
+            "{line:?}: the inputs differ: beats sends {beats:?}, tcp {tcp:?}"
+        ));
+    }
+    Ok(())
+}
+
 /// deploy/logstash/pipeline.conf, run by the interpreter, routes and keys every
-/// test line as gen-events does, and the sinks read what it sends as the line.
+/// test line as gen-events does, the sinks read what it sends as the line,
+/// and both inputs send the same for the same line.
 pub fn logstash_pipeline_routes_like_gen_events() -> Result<()> {
     let pipeline = Pipeline::load()?;
     let compose_bootstrap = environment(service("redis-sink")?)?
@@ -233,6 +345,7 @@ pub fn logstash_pipeline_routes_like_gen_events() -> Result<()> {
         .cloned()
         .unwrap_or_default();
     let mut problems = Vec::new();
+    named_paths_exist(&mut problems)?;
 
     // Every kafka output: its own id (Logstash refuses to start on a repeated
     // one), the compose brokers by default, keyed by user_id or not keyed, the
@@ -282,14 +395,14 @@ pub fn logstash_pipeline_routes_like_gen_events() -> Result<()> {
         }
     }
 
-    // Both inputs: the beats input at Filebeat's port, the tcp json_lines one.
+    // Both inputs: the beats input at Filebeat's port, the tcp one.
     ensure!(
         pipeline.port("beats")? == 5044,
         "the beats input is not on 5044"
     );
     pipeline.input("tcp")?;
 
-    // Routing by info, as gen-events routes (json_lines events).
+    // Routing by info, as gen-events routes.
     for info in [
         Some("search"),
         Some("movie_detail"),
@@ -304,12 +417,10 @@ pub fn logstash_pipeline_routes_like_gen_events() -> Result<()> {
         if let Some(info) = info {
             event.insert("info".into(), info.into());
         }
-        check_logstash_line(
-            &pipeline,
-            "tcp",
-            &Value::Object(event).to_string(),
-            &mut problems,
-        )?;
+        let line = Value::Object(event).to_string();
+        for via in ["tcp", "beats"] {
+            check_logstash_line(&pipeline, via, &line, &mut problems)?;
+        }
     }
 
     // Keyed by user_id when the event has one, without a key when it has none:
@@ -350,7 +461,7 @@ pub fn logstash_pipeline_routes_like_gen_events() -> Result<()> {
             for via in ["tcp", "beats"] {
                 let arrival = match via {
                     "beats" => Arrival::Beats(filebeat_event(&line)),
-                    _ => Arrival::JsonLine(&line),
+                    _ => Arrival::TcpLine(&line),
                 };
                 for outcome in pipeline.run(&arrival)? {
                     for r in outcome.records.iter().filter(|r| r.key != expected) {
@@ -365,17 +476,19 @@ pub fn logstash_pipeline_routes_like_gen_events() -> Result<()> {
         }
     }
 
-    // Every test line as Filebeat ships it, and as a json_lines line where the
-    // codec's handling is modelled (not a list or null).
+    // Every test line as Filebeat ships it and on the tcp input, each checked,
+    // and the two inputs' messages compared.
     for line in logstash_test_lines() {
         check_logstash_line(&pipeline, "beats", &line, &mut problems)?;
-        let list_or_null = matches!(
-            serde_json::from_str::<Value>(&line),
-            Ok(Value::Array(_) | Value::Null)
-        );
-        if !list_or_null {
-            check_logstash_line(&pipeline, "tcp", &line, &mut problems)?;
-        }
+        check_logstash_line(&pipeline, "tcp", &line, &mut problems)?;
+        check_inputs_agree(&pipeline, &line, &mut problems)?;
+    }
+    // An empty line, which Filebeat does not ship: the tcp input sends nothing.
+    let empty = pipeline.run(&Arrival::TcpLine(""))?;
+    if !empty.is_empty() {
+        problems.push(format!(
+            "tcp \"\": an empty line gives {empty:?}; Filebeat ships none"
+        ));
     }
     problems.dedup();
     const SHOWN: usize = 30;
