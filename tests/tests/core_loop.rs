@@ -974,15 +974,9 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
 async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyhow::Result<()> {
     let (_mock, topic, bootstrap) = mock_topic("recreated")?;
     let producer = kafka::producer(&bootstrap)?;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes())),
-    )
-    .await?;
+    ten_and_five(&producer, &topic).await?;
     let group = unique("group");
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
+    let (port, metrics) = metrics_addr()?;
     let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
     let stored = BTreeMap::from([(0, 1_000)]);
     let sink = RecordingSink {
@@ -1051,15 +1045,9 @@ async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyho
 async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
     let (mock, topic, bootstrap) = mock_topic("truncated")?;
     let producer = kafka::producer(&bootstrap)?;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes())),
-    )
-    .await?;
+    ten_and_five(&producer, &topic).await?;
     let group = unique("group");
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
+    let (port, metrics) = metrics_addr()?;
     let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
     let sink = RecordingSink::default();
     let seen = Arc::clone(&sink.seen);
@@ -1132,6 +1120,22 @@ async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
         "after the restart: what the refused partition did not read, once"
     );
     Ok(())
+}
+
+/// Produces 10 events to partition 0 and 5 to partition 1 of `topic`.
+async fn ten_and_five(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+) -> anyhow::Result<()> {
+    let events = (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes()));
+    kafka::produce(producer, topic, events).await?;
+    Ok(())
+}
+
+/// A free loopback port for /metrics, and the address to pass.
+fn metrics_addr() -> anyhow::Result<(u16, String)> {
+    let port = e2e::free_port()?;
+    Ok((port, format!("127.0.0.1:{port}")))
 }
 
 /// Waits until /metrics on `port` says `partition` of `topic` is refused.

@@ -40,11 +40,7 @@ pub fn k8s_kafka_address_is_written_once() -> Result<()> {
     let docs = k8s_docs()?;
     let mut problems = Vec::new();
     let mut addresses = BTreeSet::new();
-    let scaled: Vec<&Value> = docs
-        .iter()
-        .filter(|d| d["kind"] == "ScaledObject")
-        .collect();
-    ensure!(!scaled.is_empty(), "no ScaledObject");
+    let scaled = scaled_objects(docs)?;
     for so in scaled {
         let (deployment, container) = scale_target(docs, so)?;
         let name = name_of(deployment);
@@ -142,11 +138,7 @@ pub fn k8s_keda_authenticates_and_falls_back_to_the_partition_count() -> Result<
     let partitions = partitions()?;
     let refs = secret_refs(docs);
     let mut problems = Vec::new();
-    let scaled: Vec<&Value> = docs
-        .iter()
-        .filter(|d| d["kind"] == "ScaledObject")
-        .collect();
-    ensure!(!scaled.is_empty(), "no ScaledObject");
+    let scaled = scaled_objects(docs)?;
     for so in scaled {
         let name = name_of(so);
         // A failing lag query must not leave the group with too few consumers.
@@ -233,4 +225,14 @@ pub fn k8s_keda_authenticates_and_falls_back_to_the_partition_count() -> Result<
         }
     }
     report(problems)
+}
+
+/// The ScaledObjects of the manifests; at least one.
+fn scaled_objects(docs: &[Value]) -> Result<Vec<&Value>> {
+    let scaled: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ScaledObject")
+        .collect();
+    ensure!(!scaled.is_empty(), "no ScaledObject");
+    Ok(scaled)
 }
