@@ -133,8 +133,8 @@ impl<S: Sink> Loop<S> {
              leader election, a recreated topic, a failover to a mirror; librdkafka logs its \
              offset reset). Records the new log holds below the resume offset were never read. \
              What was read before is written and committed; nothing more of this partition is \
-             read by this replica. Check what the log holds: a restart, or the partition moving \
-             to another replica, resumes it at its stored offset (refused again if that lies \
+             read by this replica. Check what the log holds: a restart, or a rebalance assigning it \
+             again, resumes it at its stored offset (refused again if that lies \
              beyond the log's end, until --reset-offsets-beyond-log-end says where to start); \
              to read the new log from elsewhere, move the group's committed offset (and, for \
              redis-sink, the fence, docs/redis-keys.md) while the service is stopped"
