@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use e2e::service::ServiceFlags;
 use e2e::{kafka, unique, wait_for, Stack};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sink_core::config::try_parse_args_from;
@@ -186,26 +187,11 @@ fn args_with(
         batch_max_bytes: 1 << 20,
         batch_linger_ms: 50,
     };
-    let argv = [
-        "test",
-        "--bootstrap-servers",
-        bootstrap,
-        "--topic",
-        topic,
-        "--group-id",
-        group,
-        "--session-timeout-ms",
-        "6000",
-        "--shutdown-timeout-secs",
-        "10",
-    ];
-    let any_port = ["--metrics-addr", "127.0.0.1:0"];
-    let any_port = if extra.contains(&"--metrics-addr") {
-        &any_port[..0]
-    } else {
-        &any_port[..]
-    };
-    let argv = argv.iter().chain(any_port).chain(extra);
+    // The flags every test service gets, parsed in this process.
+    let flags = ServiceFlags::consumer("test", bootstrap, topic, group)
+        .for_tests()
+        .extra(extra);
+    let argv = std::iter::once("test".to_owned()).chain(flags.args());
     Ok(try_parse_args_from::<Cli, _, _>(&defaults, argv)?.consumer)
 }
 
