@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use e2e::bigquery::{Fault, FaultProxy};
-use e2e::faults::{Instance, Item, Pipeline, PipelineConfig, SinkKind, Tally};
+use e2e::faults::{Instance, Item, Load, Pipeline, PipelineConfig, SinkKind, Tally};
 use e2e::generator::{Generator, Mix, Truth};
 use e2e::process::{fail_over, PrivateRedis};
 use e2e::service::SHUTDOWN_TIMEOUT;
@@ -375,17 +375,34 @@ async fn graceful_stop(instance: &mut Instance) -> anyhow::Result<(Option<i32>, 
     Ok((code, started.elapsed().as_secs_f64()))
 }
 
-async fn redis_down(stack: &Stack) -> anyhow::Result<Outcome> {
-    let mut redis = PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?;
+/// A redis-sink pipeline writing to the Redis at `redis_url` (one the
+/// scenario controls) instead of the stack's.
+async fn on_redis(stack: &Stack, redis_url: String) -> anyhow::Result<Pipeline> {
     let config = PipelineConfig {
-        redis_url: redis.url(),
+        redis_url,
         ..PipelineConfig::stack(stack)
     };
-    let mut p = Pipeline::new(stack, SinkKind::Redis, config, None).await?;
-    let (items, rate) = load(SinkKind::Redis, 3, 20);
+    Pipeline::new(stack, SinkKind::Redis, config, None).await
+}
+
+/// The opening of an outage scenario: `seconds` of load (seed `seed`)
+/// produced in the background, one instance, and something applied.
+async fn load_and_start(
+    p: &mut Pipeline,
+    seed: u64,
+    seconds: usize,
+) -> anyhow::Result<(Load, Instance)> {
+    let (items, rate) = load(p.kind, seed, seconds);
     let load = p.start_load(items, rate);
     let instance = p.start()?;
     p.wait_progress(0, &instance).await?;
+    Ok((load, instance))
+}
+
+async fn redis_down(stack: &Stack) -> anyhow::Result<Outcome> {
+    let mut redis = PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?;
+    let mut p = on_redis(stack, redis.url()).await?;
+    let (load, instance) = load_and_start(&mut p, 3, 20).await?;
     redis.stop()?;
     let outage = outage(&instance, Duration::from_secs(10)).await?;
     redis.start_again().await?;
@@ -416,10 +433,7 @@ async fn bigquery_down(stack: &Stack) -> anyhow::Result<Outcome> {
         ..PipelineConfig::stack(stack)
     };
     let mut p = Pipeline::new(stack, SinkKind::BigQuery, config, None).await?;
-    let (items, rate) = load(SinkKind::BigQuery, 4, 20);
-    let load = p.start_load(items, rate);
-    let instance = p.start()?;
-    p.wait_progress(0, &instance).await?;
+    let (load, instance) = load_and_start(&mut p, 4, 20).await?;
     // DropAfterForward: BigQuery stored the rows but the reply is lost.
     proxy.set_faults(vec![
         Fault::Status(500),
@@ -574,15 +588,8 @@ async fn redis_failover(stack: &Stack) -> anyhow::Result<Outcome> {
     let new = PrivateRedis::start(dir.join("b")).await?;
     new.replicate(&old).await?;
     let front = e2e::tcp_front::TcpFront::start(old.addr()).await?;
-    let config = PipelineConfig {
-        redis_url: format!("redis://{}", front.addr()),
-        ..PipelineConfig::stack(stack)
-    };
-    let mut p = Pipeline::new(stack, SinkKind::Redis, config, None).await?;
-    let (items, rate) = load(SinkKind::Redis, 11, 20);
-    let load = p.start_load(items, rate);
-    let instance = p.start()?;
-    p.wait_progress(0, &instance).await?;
+    let mut p = on_redis(stack, format!("redis://{}", front.addr())).await?;
+    let (load, instance) = load_and_start(&mut p, 11, 20).await?;
     let started = Instant::now();
     fail_over(&old, &new, &front).await?;
     let switched = started.elapsed();
@@ -599,15 +606,8 @@ async fn redis_failover(stack: &Stack) -> anyhow::Result<Outcome> {
 async fn eviction_policy(stack: &Stack) -> anyhow::Result<Outcome> {
     let redis = PrivateRedis::start(stack.dir.join(unique("faults-eviction"))).await?;
     let mut conn = redis.connection().await?;
-    let config = PipelineConfig {
-        redis_url: redis.url(),
-        ..PipelineConfig::stack(stack)
-    };
-    let mut p = Pipeline::new(stack, SinkKind::Redis, config, None).await?;
-    let (items, rate) = load(SinkKind::Redis, 12, 20);
-    let load = p.start_load(items, rate);
-    let instance = p.start()?;
-    p.wait_progress(0, &instance).await?;
+    let mut p = on_redis(stack, redis.url()).await?;
+    let (load, instance) = load_and_start(&mut p, 12, 20).await?;
     let policy = |value: &'static str| {
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("SET").arg("maxmemory-policy").arg(value);
@@ -895,11 +895,7 @@ async fn backlog(stack: &Stack) -> anyhow::Result<Outcome> {
     const BACKLOG: usize = 1_000_000;
     const BEFORE_PAUSE: usize = 60_000;
     let mut redis = PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?;
-    let config = PipelineConfig {
-        redis_url: redis.url(),
-        ..PipelineConfig::stack(stack)
-    };
-    let mut p = Pipeline::new(stack, SinkKind::Redis, config, None).await?;
+    let mut p = on_redis(stack, redis.url()).await?;
     let mut all = events(SinkKind::Redis, 9, 3_000 + BEFORE_PAUSE + BACKLOG);
     let backlog = all.split_off(3_000 + BEFORE_PAUSE);
     let before_pause = all.split_off(3_000);
