@@ -316,11 +316,6 @@ impl<S: Sink> LoopContext<S> {
 
     /// Stops refusing partitions that are no longer ours.
     pub(super) fn forget_refused(&self, partitions: &[i32]) {
-        let mut went_back = lock(&self.shared.went_back);
-        for partition in partitions {
-            went_back.remove(partition);
-        }
-        drop(went_back);
         let mut refused = lock(&self.shared.refused);
         let gone: Vec<i32> = partitions
             .iter()
@@ -397,11 +392,13 @@ impl<S: Sink> Loop<S> {
     /// a restart (the operator reads the error first).
     pub(super) async fn recheck_refused(&mut self) {
         self.refused_checked_at = Instant::now();
-        let went_back = lock(&self.shared.went_back).clone();
+        // Those refused at assignment: the tracker holds the ones whose log
+        // went back while read.
+        let read_before = self.shared.tracker().assigned();
         let refused: Vec<i32> = lock(&self.shared.refused)
             .iter()
             .copied()
-            .filter(|p| !went_back.contains(p))
+            .filter(|p| !read_before.contains(p))
             .collect();
         if refused.is_empty() {
             return;

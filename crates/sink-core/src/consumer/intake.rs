@@ -146,7 +146,6 @@ impl<S: Sink> Loop<S> {
             tracing::warn!(%err, partition, "cannot pause a refused partition; its records are dropped");
         }
         lock(&self.shared.refused).insert(partition);
-        lock(&self.shared.went_back).insert(partition);
         let context = self.consumer.context();
         context.publish_refused(&[partition], 1.0);
         context.forget_stalls(&[partition]);

@@ -104,12 +104,10 @@ struct Shared {
     taking: AtomicBool,
     /// The last consumer error librdkafka reported, for the stall log.
     last_error: Mutex<Option<String>>,
-    /// Assigned partitions refused: they start beyond their log's end, or
-    /// their log went back.
+    /// Assigned partitions refused: they start beyond their log's end (not
+    /// in the tracker), or their log went back while read (in the tracker,
+    /// marked refused).
     refused: Mutex<std::collections::BTreeSet<i32>>,
-    /// Refused partitions whose log went back while this replica read
-    /// them: a reset does not start them again (a restart does).
-    went_back: Mutex<std::collections::BTreeSet<i32>>,
     stalls: Mutex<StallWatch>,
 }
 
@@ -217,7 +215,6 @@ pub async fn run_connecting<S: Sink>(
         taking: AtomicBool::new(true),
         last_error: Mutex::new(None),
         refused: Mutex::new(std::collections::BTreeSet::new()),
-        went_back: Mutex::new(std::collections::BTreeSet::new()),
         stalls: Mutex::new(StallWatch::new(args.stall_timeout())),
     });
     let context = LoopContext {
