@@ -1,5 +1,6 @@
-//! BigQuery emulator helpers and the fault proxy (bigquery-sink tests).
+//! bigquery-sink's sink in the harness, and the emulator and fault proxy.
 //!
+//! - [`BigQuerySide`]: a fresh table, as a pipeline's sink;
 //! - [`Emulator`]: queries and tables through the emulator's REST API
 //!   (TIMESTAMP values come back as int64 microseconds);
 //! - [`FaultProxy`]: a small HTTP/1.1 proxy on loopback between the sink and
@@ -7,7 +8,7 @@
 //!   requests or fail some rows instead of forwarding, and records the size
 //!   of every insertAll request it receives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+use futures::future::BoxFuture;
+
+use crate::generator::{Generated, Mix};
+use crate::pipeline::{Coordinates, Item, SinkSide, Tally};
+use crate::service::ServiceFlags;
 use crate::Stack;
 
 /// The emulator's REST API, for one project and dataset.
@@ -255,6 +261,131 @@ impl Emulator {
                     .collect()
             })
             .unwrap_or_default())
+    }
+}
+
+/// bigquery-sink's side of a [`Pipeline`](crate::pipeline::Pipeline): a
+/// fresh table in the emulator's dataset, written through `endpoint` (the
+/// emulator, or a [`FaultProxy`] in front of it). Cheap to clone: a test
+/// keeps a clone to query the table itself.
+#[derive(Debug, Clone)]
+pub struct BigQuerySide {
+    /// The emulator.
+    pub emulator: Emulator,
+    /// `--bigquery-endpoint`.
+    pub endpoint: String,
+    /// `--table`.
+    pub table: String,
+}
+
+impl BigQuerySide {
+    /// A fresh table of the stack's emulator, written to directly.
+    pub fn on_stack(stack: &Stack) -> anyhow::Result<Self> {
+        Ok(Self {
+            emulator: Emulator::new(stack)?,
+            endpoint: stack.bigquery_endpoint.clone(),
+            table: crate::unique("user_logs").replace('-', "_"),
+        })
+    }
+
+    /// The same table, written through `endpoint` (a proxy).
+    pub fn via(self, endpoint: String) -> Self {
+        Self { endpoint, ..self }
+    }
+
+    /// Creates the de-duplicated view exactly as docs/bigquery.md gives it;
+    /// returns its name.
+    pub async fn create_dedup_view(&self) -> anyhow::Result<String> {
+        self.emulator
+            .create_documented_dedup_view(&self.table)
+            .await
+    }
+
+    /// Every (partition, offset) in `relation` (the table or a view), with
+    /// repeats, sorted.
+    pub async fn coordinates(
+        &self,
+        relation: &str,
+        topic: &str,
+    ) -> anyhow::Result<Vec<Coordinates>> {
+        self.emulator.coordinates(relation, topic).await
+    }
+
+    /// Rows in `relation`.
+    pub async fn count(&self, relation: &str) -> anyhow::Result<i64> {
+        self.emulator.count(relation).await
+    }
+}
+
+impl SinkSide for BigQuerySide {
+    fn binary(&self) -> &'static str {
+        "bigquery-sink"
+    }
+
+    fn mix(&self) -> Mix {
+        Mix::All
+    }
+
+    fn flags(&self, bootstrap: &str, topic: &str, group: &str) -> ServiceFlags {
+        ServiceFlags::bigquery_sink(
+            bootstrap,
+            topic,
+            group,
+            &self.endpoint,
+            &self.emulator.project,
+            &self.emulator.dataset,
+            &self.table,
+        )
+    }
+
+    fn keeps(&self, event: &Generated) -> bool {
+        event.valid
+    }
+
+    fn stored_offsets<'a>(
+        &'a self,
+        _topic: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Vec<i64>>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// In the sink: the distinct (partition, offset) of the de-duplicated
+    /// view exactly as docs/bigquery.md defines it; raw repeats in the table
+    /// (the documented at-least-once window) are counted apart.
+    fn tally<'a>(
+        &'a self,
+        topic: &'a str,
+        produced: &'a BTreeMap<Coordinates, Item>,
+        tally: &'a mut Tally,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let view = self.create_dedup_view().await?;
+            let raw = self.coordinates(&self.table, topic).await?;
+            let deduplicated = self.coordinates(&view, topic).await?;
+            let distinct: BTreeSet<Coordinates> = deduplicated.iter().copied().collect();
+            tally.double_counted = deduplicated.len() - distinct.len();
+            tally.raw_duplicates = raw.len() - raw.iter().collect::<BTreeSet<_>>().len();
+            for (coordinates, item) in produced {
+                match (item.kept, distinct.contains(coordinates)) {
+                    (true, true) => tally.in_sink += 1,
+                    (true, false) => tally.lost += 1,
+                    (false, true) => tally.problems.push(format!(
+                        "{coordinates:?} must be dead-lettered but is a row"
+                    )),
+                    (false, false) => {}
+                }
+            }
+            let unknown = distinct
+                .iter()
+                .filter(|c| !produced.contains_key(c))
+                .count();
+            if unknown > 0 {
+                tally
+                    .problems
+                    .push(format!("{unknown} rows of records never produced"));
+            }
+            Ok(())
+        })
     }
 }
 

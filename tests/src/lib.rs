@@ -1,14 +1,19 @@
-//! Shared harness of the end-to-end tests: the local stack started by
-//! `scripts/stack.sh`, per-test topics and groups, and Kafka helpers.
+//! The one harness of the end-to-end tests, the fault suite and the
+//! benchmark: the local stack started by `scripts/stack.sh`, a [`broker`]
+//! (tansu or the mock cluster), a [`pipeline`] (topic, service, sink, what
+//! was produced and what the sink holds), the services' command lines
+//! ([`service`]), their /metrics ([`metrics`]), and [`poll_until`].
 //!
 //! Every test talks to real components on loopback. The stack's addresses
 //! come from the environment (`eval "$(scripts/stack.sh up)"`, which `make
 //! test` does) or, failing that, from `.stack/env` at the workspace root.
 
 pub mod bigquery;
-pub mod faults;
+pub mod broker;
 pub mod generator;
 pub mod kafka;
+pub mod metrics;
+pub mod pipeline;
 pub mod process;
 pub mod redis;
 pub mod redis_model;
@@ -20,6 +25,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+/// Partitions of every topic the tests create (as in production).
+pub const PARTITIONS: i32 = 3;
 
 /// Addresses of the running stack.
 #[derive(Debug, Clone)]

@@ -1,12 +1,19 @@
-//! Reading redis-sink's state in Redis: connections, and the offsets it
-//! stores beside the data (docs/redis-keys.md).
+//! redis-sink's sink in the harness ([`RedisSide`]), and reading its state
+//! in Redis: connections, and the offsets it stores beside the data
+//! (docs/redis-keys.md).
 //!
 //! (Inside this crate `redis::` still names the redis crate: this module is
 //! `crate::redis`, in scope only where it is imported.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use futures::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
+
+use crate::generator::{Generated, Mix, Truth};
+use crate::pipeline::{Coordinates, Item, SinkSide, Tally};
+use crate::redis_model;
+use crate::service::ServiceFlags;
 
 /// A connection to the Redis at `url`.
 pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
@@ -49,4 +56,138 @@ pub async fn applied_offsets(
     partitions: i32,
 ) -> anyhow::Result<Vec<i64>> {
     stored_offsets(conn, &offsets_key(prefix, topic), partitions).await
+}
+
+/// redis-sink's side of a [`Pipeline`](crate::pipeline::Pipeline): a Redis
+/// and a fresh key prefix that isolates the pipeline's keys. Cheap to
+/// clone: a test keeps a clone to look at Redis itself.
+#[derive(Clone)]
+pub struct RedisSide {
+    /// The Redis URL redis-sink is given.
+    pub url: String,
+    /// `--key-prefix`.
+    pub prefix: String,
+    /// A connection to that Redis.
+    pub conn: MultiplexedConnection,
+}
+
+/// `--history-size` of redis-sink (its default).
+pub const HISTORY_SIZE: usize = 50;
+
+impl RedisSide {
+    /// The Redis at `url`, under a fresh key prefix.
+    pub async fn new(url: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: url.to_owned(),
+            prefix: format!("{}:", crate::unique("user3")),
+            conn: connect(url).await?,
+        })
+    }
+
+    /// The stack's redis-server.
+    pub async fn on_stack(stack: &crate::Stack) -> anyhow::Result<Self> {
+        Self::new(&stack.redis_url).await
+    }
+
+    /// Every key of the contract under the prefix, with its members.
+    pub async fn dump(&self) -> anyhow::Result<redis_model::State> {
+        redis_model::dump(&mut self.conn.clone(), &self.prefix).await
+    }
+
+    /// What the contract says Redis holds after `truths` (default
+    /// `--history-size`).
+    pub fn expected<'a>(&self, truths: impl IntoIterator<Item = &'a Truth>) -> redis_model::State {
+        redis_model::expected(&self.prefix, truths, HISTORY_SIZE)
+    }
+
+    /// Fails with the difference unless Redis holds what `truths` make.
+    pub async fn assert_matches<'a>(
+        &self,
+        truths: impl IntoIterator<Item = &'a Truth>,
+    ) -> anyhow::Result<redis_model::State> {
+        let want = self.expected(truths);
+        let got = self.dump().await?;
+        anyhow::ensure!(
+            want == got,
+            "Redis state differs from the model: {}",
+            redis_model::diff(&want, &got)
+        );
+        Ok(got)
+    }
+
+    /// The offsets redis-sink stores for `topic`.
+    pub async fn applied(&self, topic: &str) -> anyhow::Result<Vec<i64>> {
+        applied_offsets(
+            &mut self.conn.clone(),
+            &self.prefix,
+            topic,
+            crate::PARTITIONS,
+        )
+        .await
+    }
+}
+
+impl SinkSide for RedisSide {
+    fn binary(&self) -> &'static str {
+        "redis-sink"
+    }
+
+    fn mix(&self) -> Mix {
+        Mix::User3
+    }
+
+    fn flags(&self, bootstrap: &str, topic: &str, group: &str) -> ServiceFlags {
+        ServiceFlags::redis_sink(bootstrap, topic, group, &self.url, &self.prefix)
+    }
+
+    fn keeps(&self, event: &Generated) -> bool {
+        event.valid && event.truth.is_some()
+    }
+
+    fn stored_offsets<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Vec<i64>>>> {
+        Box::pin(async move { Ok(Some(self.applied(topic).await?)) })
+    }
+
+    /// Each valid event adds exactly 1 to one `rank:*:total` member, so the
+    /// totals are compared member by member with the model (short = lost,
+    /// over = double-counted), and every key of the contract must equal the
+    /// model.
+    fn tally<'a>(
+        &'a self,
+        _topic: &'a str,
+        produced: &'a BTreeMap<Coordinates, Item>,
+        tally: &'a mut Tally,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let want = self.expected(produced.values().filter_map(|i| i.truth.as_ref()));
+            let got = self.dump().await?;
+            for kind in ["search", "movie"] {
+                let key = format!("{}rank:{kind}:total", self.prefix);
+                let empty = BTreeMap::new();
+                let (want_total, got_total) = (
+                    want.get(&key).unwrap_or(&empty),
+                    got.get(&key).unwrap_or(&empty),
+                );
+                let members: BTreeSet<&String> =
+                    want_total.keys().chain(got_total.keys()).collect();
+                for member in members {
+                    let w = want_total.get(member).copied().unwrap_or(0);
+                    let g = got_total.get(member).copied().unwrap_or(0);
+                    tally.in_sink += usize::try_from(g).unwrap_or(0);
+                    tally.lost += usize::try_from(w - g).unwrap_or(0);
+                    tally.double_counted += usize::try_from(g - w).unwrap_or(0);
+                }
+            }
+            if want != got {
+                tally.problems.push(format!(
+                    "Redis state differs from the model: {}",
+                    redis_model::diff(&want, &got)
+                ));
+            }
+            Ok(())
+        })
+    }
 }

@@ -19,14 +19,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use e2e::bigquery::{Fault, FaultProxy};
-use e2e::faults::{Instance, Item, Load, Pipeline, PipelineConfig, SinkKind, Tally};
-use e2e::generator::{Generator, Mix, Truth};
+use e2e::bigquery::{BigQuerySide, Fault, FaultProxy};
+use e2e::broker::Broker;
+use e2e::generator::{Generator, Truth};
+use e2e::pipeline::{Instance, Item, Load, Pipeline, SinkSide, Tally};
 use e2e::process::{fail_over, PrivateRedis};
+use e2e::redis::RedisSide;
 use e2e::service::SHUTDOWN_TIMEOUT;
 use e2e::{unique, Stack};
 use rand::{Rng, SeedableRng};
-use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// Runs the fault scenarios against the local stack and prints the table.
@@ -288,32 +289,56 @@ async fn run(stack: &Stack, scenario: Scenario, kind: SinkKind) -> anyhow::Resul
     }
 }
 
-/// Events of the topic's kind: `n` of them, produced over `seconds`.
-/// bigquery-sink's load is smaller: the emulator stores about 3,000 rows/s.
-fn load(kind: SinkKind, seed: u64, seconds: usize) -> (Vec<Item>, usize) {
-    let per_second = match kind {
-        SinkKind::Redis => 2_000,
-        SinkKind::BigQuery => 400,
-    };
-    (events(kind, seed, per_second * seconds), per_second)
+/// Which service a row of the plan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SinkKind {
+    Redis,
+    BigQuery,
 }
 
-fn events(kind: SinkKind, seed: u64, n: usize) -> Vec<Item> {
-    let mix = match kind {
-        SinkKind::Redis => Mix::User3,
-        SinkKind::BigQuery => Mix::All,
+impl SinkKind {
+    fn binary(self) -> &'static str {
+        match self {
+            Self::Redis => "redis-sink",
+            Self::BigQuery => "bigquery-sink",
+        }
+    }
+}
+
+/// The sink of `kind` on the stack.
+async fn side(stack: &Stack, kind: SinkKind) -> anyhow::Result<Box<dyn SinkSide>> {
+    Ok(match kind {
+        SinkKind::Redis => Box::new(RedisSide::on_stack(stack).await?),
+        SinkKind::BigQuery => Box::new(BigQuerySide::on_stack(stack)?),
+    })
+}
+
+/// A pipeline of `kind` on the stack's tansu.
+async fn pipeline(stack: &Stack, kind: SinkKind) -> anyhow::Result<Pipeline> {
+    Pipeline::new(stack, Broker::tansu(stack), side(stack, kind).await?).await
+}
+
+/// Events of the pipeline's topic: `n` of them, produced over `seconds`.
+/// bigquery-sink's load is smaller: the emulator stores about 3,000 rows/s.
+fn load(p: &Pipeline, seed: u64, seconds: usize) -> (Vec<Item>, usize) {
+    let per_second = match p.binary() {
+        "redis-sink" => 2_000,
+        _ => 400,
     };
-    let mut generator = Generator::new(seed, mix, chrono::Utc::now().timestamp_millis()).users(500);
-    (0..n)
-        .map(|_| Item::generated(generator.next_event(), kind))
-        .collect()
+    (events(p, seed, per_second * seconds), per_second)
+}
+
+fn events(p: &Pipeline, seed: u64, n: usize) -> Vec<Item> {
+    let mut generator =
+        Generator::new(seed, p.mix(), chrono::Utc::now().timestamp_millis()).users(500);
+    (0..n).map(|_| p.item(generator.next_event())).collect()
 }
 
 async fn sigkill(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let mut p = Pipeline::new(stack, kind, PipelineConfig::stack(stack), None).await?;
+    let mut p = pipeline(stack, kind).await?;
     // Long enough for 5 rounds of (re)join, which takes up to a session
     // timeout while the group waits for the killed member.
-    let (items, rate) = load(kind, 1, 60);
+    let (items, rate) = load(&p, 1, 60);
     let load = p.start_load(items, rate);
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let mut instance = p.start()?;
@@ -337,8 +362,8 @@ async fn sigkill(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
 }
 
 async fn scale(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let mut p = Pipeline::new(stack, kind, PipelineConfig::stack(stack), None).await?;
-    let (items, rate) = load(kind, 2, 20);
+    let mut p = pipeline(stack, kind).await?;
+    let (items, rate) = load(&p, 2, 20);
     let load = p.start_load(items, rate);
     let first = p.start()?;
     p.wait_progress(0, &first).await?;
@@ -378,11 +403,8 @@ async fn graceful_stop(instance: &mut Instance) -> anyhow::Result<(Option<i32>, 
 /// A redis-sink pipeline writing to the Redis at `redis_url` (one the
 /// scenario controls) instead of the stack's.
 async fn on_redis(stack: &Stack, redis_url: String) -> anyhow::Result<Pipeline> {
-    let config = PipelineConfig {
-        redis_url,
-        ..PipelineConfig::stack(stack)
-    };
-    Pipeline::new(stack, SinkKind::Redis, config, None).await
+    let side = RedisSide::new(&redis_url).await?;
+    Pipeline::new(stack, Broker::tansu(stack), Box::new(side)).await
 }
 
 /// The opening of an outage scenario: `seconds` of load (seed `seed`)
@@ -392,7 +414,7 @@ async fn load_and_start(
     seed: u64,
     seconds: usize,
 ) -> anyhow::Result<(Load, Instance)> {
-    let (items, rate) = load(p.kind, seed, seconds);
+    let (items, rate) = load(p, seed, seconds);
     let load = p.start_load(items, rate);
     let instance = p.start()?;
     p.wait_progress(0, &instance).await?;
@@ -428,11 +450,8 @@ async fn outage(instance: &Instance, length: Duration) -> anyhow::Result<String>
 
 async fn bigquery_down(stack: &Stack) -> anyhow::Result<Outcome> {
     let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
-    let config = PipelineConfig {
-        bigquery_endpoint: proxy.endpoint(),
-        ..PipelineConfig::stack(stack)
-    };
-    let mut p = Pipeline::new(stack, SinkKind::BigQuery, config, None).await?;
+    let side = BigQuerySide::on_stack(stack)?.via(proxy.endpoint());
+    let mut p = Pipeline::new(stack, Broker::tansu(stack), Box::new(side)).await?;
     let (load, instance) = load_and_start(&mut p, 4, 20).await?;
     // DropAfterForward: BigQuery stored the rows but the reply is lost.
     proxy.set_faults(vec![
@@ -457,33 +476,17 @@ async fn bigquery_down(stack: &Stack) -> anyhow::Result<Outcome> {
         .note(format!("faults served: {}", served.join(", "))))
 }
 
-/// librdkafka's mock cluster (3 brokers, replication 3) with a pipeline's
-/// topic and dead-letter topic on it; keep the cluster alive.
-async fn on_mock_cluster(
-    stack: &Stack,
-    kind: SinkKind,
-    prefix: &str,
-) -> anyhow::Result<(
-    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    Pipeline,
-)> {
-    let mock = MockCluster::new(3).context("mock cluster")?;
-    let topic = unique(prefix);
-    mock.create_topic(&topic, 3, 3)?;
-    mock.create_topic(&format!("{topic}.dlq"), 3, 3)?;
-    let config = PipelineConfig {
-        bootstrap: mock.bootstrap_servers(),
-        create_topics: false,
-        ..PipelineConfig::stack(stack)
-    };
-    let pipeline = Pipeline::new(stack, kind, config, Some(topic)).await?;
-    Ok((mock, pipeline))
+/// A pipeline of `kind` on librdkafka's mock cluster (3 brokers,
+/// replication 3).
+async fn on_mock_cluster(stack: &Stack, kind: SinkKind) -> anyhow::Result<Pipeline> {
+    Pipeline::new(stack, Broker::mock_cluster(3)?, side(stack, kind).await?).await
 }
 
 async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let (mock, mut p) = on_mock_cluster(stack, kind, "faults-mock").await?;
+    let mut p = on_mock_cluster(stack, kind).await?;
     let topic = p.topic.clone();
-    let (items, rate) = load(kind, 5, 25);
+    let mock = p.broker.mock().context("a mock cluster")?;
+    let (items, rate) = load(&p, 5, 25);
     let load = p.start_load(items, rate);
     let instance = p.start()?;
     let mut applied = p.wait_progress(0, &instance).await?;
@@ -538,9 +541,9 @@ async fn broker_faults(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome>
 /// mishandles fetches inside batches), with a restart mid-stream so that a
 /// partition resumes inside a batch.
 async fn zstd_input(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let (_mock, mut p) = on_mock_cluster(stack, kind, "faults-zstd").await?;
+    let mut p = on_mock_cluster(stack, kind).await?;
     p.logstash_production("zstd")?;
-    let (items, rate) = load(kind, 9, 20);
+    let (items, rate) = load(&p, 9, 20);
     let load = p.start_load(items, rate);
     let mut instance = p.start()?;
     let applied = p.wait_progress(0, &instance).await?;
@@ -559,8 +562,8 @@ async fn zstd_input(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
 /// key prefix, started while the old one still runs, which then stops: the
 /// fence is the data's, so nothing is counted twice.
 async fn group_rename(stack: &Stack) -> anyhow::Result<Outcome> {
-    let mut p = Pipeline::new(stack, SinkKind::Redis, PipelineConfig::stack(stack), None).await?;
-    let (items, rate) = load(SinkKind::Redis, 10, 20);
+    let mut p = pipeline(stack, SinkKind::Redis).await?;
+    let (items, rate) = load(&p, 10, 20);
     let load = p.start_load(items, rate);
     let mut old = p.start()?;
     let applied = p.wait_progress(0, &old).await?;
@@ -712,11 +715,11 @@ fn poison_items(kind: SinkKind) -> Vec<(&'static str, Item)> {
 }
 
 async fn poison(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let mut p = Pipeline::new(stack, kind, PipelineConfig::stack(stack), None).await?;
+    let mut p = pipeline(stack, kind).await?;
     // Each poison record 3 times, between valid events on every partition.
     let poison = poison_items(kind);
     let mut items = Vec::new();
-    let mut valid = events(kind, 6, 3_000).into_iter();
+    let mut valid = events(&p, 6, 3_000).into_iter();
     for _ in 0..3 {
         for (_, item) in &poison {
             items.extend(valid.by_ref().take(100));
@@ -736,8 +739,8 @@ async fn poison(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
 }
 
 async fn sigterm(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let mut p = Pipeline::new(stack, kind, PipelineConfig::stack(stack), None).await?;
-    let (items, rate) = load(kind, 7, 20);
+    let mut p = pipeline(stack, kind).await?;
+    let (items, rate) = load(&p, 7, 20);
     let items_len = items.len();
     let load = p.start_load(items, rate);
     let mid_load = (items_len / 4) as i64;
@@ -785,12 +788,12 @@ async fn stale_consumer(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome
         SinkKind::Redis => Some(PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?),
         SinkKind::BigQuery => None,
     };
-    let mut config = PipelineConfig::stack(stack);
-    if let Some(redis) = &redis {
-        config.redis_url = redis.url();
-    }
-    let mut p = Pipeline::new(stack, kind, config, None).await?;
-    let (items, rate) = load(kind, 8, 30);
+    let side: Box<dyn SinkSide> = match &redis {
+        Some(redis) => Box::new(RedisSide::new(&redis.url()).await?),
+        None => side(stack, kind).await?,
+    };
+    let mut p = Pipeline::new(stack, Broker::tansu(stack), side).await?;
+    let (items, rate) = load(&p, 8, 30);
     let load = p.start_load(items, rate);
     let mut stale = p.start()?;
     let mut other = p.start()?;
@@ -896,7 +899,7 @@ async fn backlog(stack: &Stack) -> anyhow::Result<Outcome> {
     const BEFORE_PAUSE: usize = 60_000;
     let mut redis = PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?;
     let mut p = on_redis(stack, redis.url()).await?;
-    let mut all = events(SinkKind::Redis, 9, 3_000 + BEFORE_PAUSE + BACKLOG);
+    let mut all = events(&p, 9, 3_000 + BEFORE_PAUSE + BACKLOG);
     let backlog = all.split_off(3_000 + BEFORE_PAUSE);
     let before_pause = all.split_off(3_000);
     p.produce(all).await?;

@@ -1,17 +1,13 @@
-//! Building blocks of the fault suite (`make faults`, `src/bin/faults.rs`):
-//! a [`Pipeline`] (a topic, one of the two services and its sink) that
-//! remembers every record it produced and what the sink must do with it, a
-//! paced [`Load`], and the [`Tally`] that says what was lost, double-counted
-//! or dead-lettered.
+//! A [`Pipeline`]: a topic on a [`Broker`], the service under test and its
+//! sink. It produces records round-robin over the partitions and remembers
+//! where each one landed and what the sink must do with it; it starts
+//! instances, waits until the sink applied what was produced, and compares
+//! the sink with it ([`Tally`]). Every end-to-end test of a service, the
+//! fault suite and the benchmark build on it.
 //!
-//! What counts as "in the sink":
-//! - redis-sink: each valid event adds exactly 1 to one `rank:*:total`
-//!   member, so the totals' scores are compared member by member with the
-//!   model (short = lost, over = double-counted), and every key of the
-//!   contract must equal the model (`redis_model`);
-//! - bigquery-sink: the distinct (partition, offset) of the de-duplicated
-//!   view exactly as docs/bigquery.md defines it; raw duplicates in the table
-//!   (the documented at-least-once window) are reported separately.
+//! A sink plugs in as one [`SinkSide`] (`crate::redis::RedisSide`,
+//! `crate::bigquery::BigQuerySide`); a broker as a [`Broker`] (tansu, the
+//! mock cluster).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -19,43 +15,54 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::future::BoxFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
-use crate::bigquery::Emulator;
-use crate::generator::{Generated, Truth};
+use crate::broker::Broker;
+use crate::generator::{Generated, Mix, Truth};
+use crate::metrics::Scrape;
 use crate::process::Service;
-use crate::redis_model;
 use crate::service::ServiceFlags;
-use crate::{kafka, poll_until, unique, wait_for_async, Check, Stack};
+use crate::{kafka, poll_until, unique, wait_for_async, Check, Stack, PARTITIONS};
 
-/// Partitions of every topic the suite creates (as in production).
-pub const PARTITIONS: i32 = 3;
-/// `--history-size` of redis-sink (its default).
-const HISTORY_SIZE: usize = 50;
-/// How long a pipeline may take to apply everything after the faults end.
+/// How long a pipeline may take to apply everything produced.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// (partition, offset) of a Kafka record.
-type Coordinates = (i32, i64);
+pub type Coordinates = (i32, i64);
 
-/// Which service a pipeline runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SinkKind {
-    /// redis-sink on a user3-like topic.
-    Redis,
-    /// bigquery-sink on a user2-like topic.
-    BigQuery,
-}
+/// The sink end of a pipeline: which service writes to it, with which
+/// flags, and how to read back what it holds.
+pub trait SinkSide: Send + Sync {
+    /// The binary of the service that writes to this sink.
+    fn binary(&self) -> &'static str;
 
-impl SinkKind {
-    /// The binary's name.
-    pub fn binary(self) -> &'static str {
-        match self {
-            Self::Redis => "redis-sink",
-            Self::BigQuery => "bigquery-sink",
-        }
-    }
+    /// The events the sink's topic carries (user3 only search and
+    /// movie_detail, user2 every kind).
+    fn mix(&self) -> Mix;
+
+    /// The service's flags for `topic` and `group` on `bootstrap`.
+    fn flags(&self, bootstrap: &str, topic: &str, group: &str) -> ServiceFlags;
+
+    /// Whether the sink applies `event` (otherwise it must dead-letter it).
+    fn keeps(&self, event: &Generated) -> bool;
+
+    /// The next offset per partition the sink stores beside its data, if it
+    /// stores offsets (`None`: what the group committed is what it applied).
+    fn stored_offsets<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Vec<i64>>>>;
+
+    /// Compares what the sink holds with `produced`: fills the tally's
+    /// `in_sink`, `lost`, `double_counted`, `raw_duplicates` and `problems`.
+    fn tally<'a>(
+        &'a self,
+        topic: &'a str,
+        produced: &'a BTreeMap<Coordinates, Item>,
+        tally: &'a mut Tally,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
 /// A record to produce, and what the sink must do with it.
@@ -65,62 +72,19 @@ pub struct Item {
     pub payload: Vec<u8>,
     /// True if the sink must apply it, false if it must dead-letter it.
     pub kept: bool,
-    /// redis-sink: what applying it does (`None` for bigquery-sink).
+    /// What applying a kept search / movie_detail event does in Redis.
     pub truth: Option<Truth>,
-}
-
-impl Item {
-    /// A generated event as `kind` must treat it.
-    pub fn generated(event: Generated, kind: SinkKind) -> Self {
-        let kept = match kind {
-            SinkKind::Redis => event.valid && event.truth.is_some(),
-            SinkKind::BigQuery => event.valid,
-        };
-        Self {
-            payload: event.payload,
-            kept,
-            truth: event.truth.filter(|_| kept && kind == SinkKind::Redis),
-        }
-    }
-}
-
-/// Where the records of a [`Pipeline`] come from and go to.
-pub struct PipelineConfig {
-    /// Bootstrap servers (tansu, or a mock cluster).
-    pub bootstrap: String,
-    /// redis-sink's Redis.
-    pub redis_url: String,
-    /// bigquery-sink's `--bigquery-endpoint` (the emulator or a proxy).
-    pub bigquery_endpoint: String,
-    /// Creates the topics through the admin API (false: the caller did,
-    /// e.g. on a mock cluster, which has no admin API).
-    pub create_topics: bool,
-}
-
-impl PipelineConfig {
-    /// Everything on the local stack.
-    pub fn stack(stack: &Stack) -> Self {
-        Self {
-            bootstrap: stack.kafka.clone(),
-            redis_url: stack.redis_url.clone(),
-            bigquery_endpoint: stack.bigquery_endpoint.clone(),
-            create_topics: true,
-        }
-    }
 }
 
 /// A topic, the service consuming it and its sink, with everything produced.
 pub struct Pipeline {
-    /// The service under test.
-    pub kind: SinkKind,
-    config: PipelineConfig,
-    /// The topic.
+    /// Where the topic lives.
+    pub broker: Broker,
+    sink: Box<dyn SinkSide>,
+    /// The topic (its dead letters go to `<topic>.dlq`).
     pub topic: String,
-    group: String,
-    /// redis-sink's key prefix (isolates the pipeline's keys).
-    prefix: String,
-    emulator: Emulator,
-    table: String,
+    /// The consumer group instances started from now on join.
+    pub group: String,
     producer: FutureProducer,
     /// Every record produced, by (partition, offset).
     produced: BTreeMap<Coordinates, Item>,
@@ -130,59 +94,75 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// A pipeline with fresh topics (`<topic>` and `<topic>.dlq`), group,
-    /// key prefix and table. `topic` names the topic when the caller created
-    /// it (mock cluster).
+    /// A pipeline on fresh topics (`<topic>` and `<topic>.dlq`) of `broker`
+    /// with a fresh group, writing to `sink`.
     pub async fn new(
         stack: &Stack,
-        kind: SinkKind,
-        config: PipelineConfig,
-        topic: Option<String>,
+        broker: Broker,
+        sink: Box<dyn SinkSide>,
     ) -> anyhow::Result<Self> {
-        let topic = topic.unwrap_or_else(|| {
-            unique(match kind {
-                SinkKind::Redis => "faults-user3",
-                SinkKind::BigQuery => "faults-user2",
-            })
-        });
-        if config.create_topics {
-            kafka::create_topic(&config.bootstrap, &topic, PARTITIONS).await?;
-            kafka::create_topic(&config.bootstrap, &format!("{topic}.dlq"), PARTITIONS).await?;
-        }
+        let prefix = match sink.mix() {
+            Mix::User3 => "user3",
+            Mix::All => "user2",
+        };
+        let topic = broker.topic_with_dlq(prefix).await?;
         Ok(Self {
-            kind,
-            producer: kafka::producer(&config.bootstrap)?,
-            config,
-            group: unique(kind.binary()),
-            prefix: format!("{topic}:"),
-            table: topic.replace('-', "_"),
-            emulator: Emulator::new(stack)?,
+            producer: broker.producer()?,
+            group: unique(sink.binary()),
+            sink,
+            broker,
+            topic,
             produced: BTreeMap::new(),
             sent: 0,
             log_dir: stack.dir.join("logs"),
             starts: 0,
-            topic,
         })
     }
 
+    /// The dead-letter topic.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.topic)
+    }
+
     /// Produces from now on in record batches of up to 64 KB instead of one
-    /// record per batch (see [`kafka::producer`] for why that is the default).
+    /// record per batch (see [`kafka::producer`] for why that is the default
+    /// on tansu).
     pub fn batch_production(&mut self) -> anyhow::Result<()> {
-        self.producer = kafka::producer_with(&self.config.bootstrap, false)?;
+        self.producer = kafka::producer_with(self.broker.bootstrap(), false)?;
         Ok(())
     }
 
     /// Produces from now on as Logstash's kafka output does: batched, with
-    /// `compression` (gzip, snappy, lz4, zstd).
+    /// `compression` (none, gzip, snappy, lz4, zstd).
     pub fn logstash_production(&mut self, compression: &str) -> anyhow::Result<()> {
-        self.producer = kafka::logstash_producer(&self.config.bootstrap, compression)?;
+        self.producer = kafka::logstash_producer(self.broker.bootstrap(), compression)?;
         Ok(())
+    }
+
+    /// The binary of the service under test.
+    pub fn binary(&self) -> &'static str {
+        self.sink.binary()
+    }
+
+    /// The events the pipeline's topic carries.
+    pub fn mix(&self) -> Mix {
+        self.sink.mix()
     }
 
     /// Instances started from now on join a new consumer group (a renamed
     /// group, a blue/green deployment).
     pub fn rename_group(&mut self) {
-        self.group = unique(self.kind.binary());
+        self.group = unique(self.sink.binary());
+    }
+
+    /// `event` as the sink must treat it.
+    pub fn item(&self, event: Generated) -> Item {
+        let kept = self.sink.keeps(&event);
+        Item {
+            payload: event.payload,
+            kept,
+            truth: event.truth.filter(|_| kept),
+        }
     }
 
     /// Starts producing `items` round-robin over the partitions at about
@@ -258,38 +238,51 @@ impl Pipeline {
         self.finish(load).await
     }
 
-    /// The service's flags.
-    fn flags(&self) -> ServiceFlags {
-        let (bootstrap, topic, group) = (&self.config.bootstrap, &self.topic, &self.group);
-        match self.kind {
-            SinkKind::Redis => ServiceFlags::redis_sink(
-                bootstrap,
-                topic,
-                group,
-                &self.config.redis_url,
-                &self.prefix,
-            ),
-            SinkKind::BigQuery => ServiceFlags::bigquery_sink(
-                bootstrap,
-                topic,
-                group,
-                &self.config.bigquery_endpoint,
-                &self.emulator.project,
-                &self.emulator.dataset,
-                &self.table,
-            ),
-        }
-        .for_tests()
+    /// Produces generated events as fast as the broker takes them.
+    pub async fn produce_events(&mut self, events: Vec<Generated>) -> anyhow::Result<()> {
+        let items = events.into_iter().map(|e| self.item(e)).collect();
+        self.produce(items).await
+    }
+
+    /// Produces raw payloads the sink must apply (`kept`) or dead-letter.
+    pub async fn produce_payloads(
+        &mut self,
+        payloads: Vec<Vec<u8>>,
+        kept: bool,
+    ) -> anyhow::Result<()> {
+        let items = payloads
+            .into_iter()
+            .map(|payload| Item {
+                payload,
+                kept,
+                truth: None,
+            })
+            .collect();
+        self.produce(items).await
+    }
+
+    /// The flags of the next instance (without its metrics port).
+    pub fn flags(&self) -> ServiceFlags {
+        self.sink
+            .flags(self.broker.bootstrap(), &self.topic, &self.group)
+            .for_tests()
     }
 
     /// Starts one more instance of the service.
     pub fn start(&mut self) -> anyhow::Result<Instance> {
+        self.start_with(&[])
+    }
+
+    /// Starts one more instance with more flags; a flag of the pipeline's
+    /// given again in `extra` takes the value given there.
+    pub fn start_with(&mut self, extra: &[&str]) -> anyhow::Result<Instance> {
         self.starts += 1;
         let metrics_port = crate::free_port()?;
         let name = format!("{}-{}", self.topic, self.starts);
         let service = self
             .flags()
             .metrics_port(metrics_port)
+            .extra(extra)
             .start(&self.log_dir, &name)?;
         Ok(Instance {
             service,
@@ -297,13 +290,24 @@ impl Pipeline {
         })
     }
 
+    /// Every record produced so far, by its coordinates.
+    pub fn records(&self) -> &BTreeMap<Coordinates, Item> {
+        &self.produced
+    }
+
     /// Records produced so far.
     pub fn produced(&self) -> usize {
         self.produced.len()
     }
 
+    /// What the kept search / movie_detail events produced so far must do
+    /// in Redis.
+    pub fn truths(&self) -> impl Iterator<Item = &Truth> {
+        self.produced.values().filter_map(|i| i.truth.as_ref())
+    }
+
     /// Next offset per partition of everything produced so far.
-    fn produced_ends(&self) -> Vec<i64> {
+    pub fn produced_ends(&self) -> Vec<i64> {
         let mut ends = vec![0; PARTITIONS as usize];
         for (partition, offset) in self.produced.keys() {
             if let Some(end) = ends.get_mut(*partition as usize) {
@@ -314,30 +318,35 @@ impl Pipeline {
     }
 
     /// Next offset per partition the sink has durably applied: the offsets
-    /// redis-sink stores in Redis, bigquery-sink's committed offsets.
+    /// it stores beside its data, or else the group's committed offsets.
     pub async fn applied(&self) -> anyhow::Result<Vec<i64>> {
-        match self.kind {
-            SinkKind::Redis => {
-                let mut redis = self.redis().await?;
-                crate::redis::applied_offsets(&mut redis, &self.prefix, &self.topic, PARTITIONS)
-                    .await
-            }
-            SinkKind::BigQuery => self.committed().await,
+        match self.sink.stored_offsets(&self.topic).await? {
+            Some(stored) => Ok(stored),
+            None => self.committed().await,
         }
     }
 
     /// The group's committed Kafka offsets (0 where none).
     pub async fn committed(&self) -> anyhow::Result<Vec<i64>> {
+        Ok(self
+            .committed_by(&self.group)
+            .await?
+            .into_iter()
+            .map(|o| o.unwrap_or(0))
+            .collect())
+    }
+
+    /// `group`'s committed Kafka offsets (`None` where none).
+    pub async fn committed_by(&self, group: &str) -> anyhow::Result<Vec<Option<i64>>> {
         let (bootstrap, group, topic) = (
-            self.config.bootstrap.clone(),
-            self.group.clone(),
+            self.broker.bootstrap().to_owned(),
+            group.to_owned(),
             self.topic.clone(),
         );
-        let committed = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             kafka::committed(&bootstrap, &group, &topic, PARTITIONS)
         })
-        .await??;
-        Ok(committed.into_iter().map(|o| o.unwrap_or(0)).collect())
+        .await?
     }
 
     /// Total records applied so far.
@@ -348,10 +357,15 @@ impl Pipeline {
     /// Waits until the sink has applied more than `than` records in total.
     pub async fn wait_progress(&self, than: i64, instance: &Instance) -> anyhow::Result<i64> {
         let what = format!("progress past {than} records");
-        self.poll_applied(Duration::from_millis(50), &what, instance, |applied| {
-            let total = applied.iter().sum();
-            (total > than).then_some(total).into()
-        })
+        self.poll_applied(
+            Duration::from_millis(50),
+            &what,
+            &instance.service,
+            |applied| {
+                let total = applied.iter().sum();
+                (total > than).then_some(total).into()
+            },
+        )
         .await
     }
 
@@ -375,20 +389,44 @@ impl Pipeline {
             }
             None => self.produced_ends(),
         };
-        self.wait_applied(&target, instance).await?;
+        self.wait_applied(&target, &instance.service).await?;
         Ok(started.elapsed())
     }
 
     /// Waits until the sink has applied every record produced so far.
     pub async fn wait_caught_up(&self, instance: &Instance) -> anyhow::Result<()> {
-        self.wait_applied(&self.produced_ends(), instance).await
+        self.wait_applied(&self.produced_ends(), &instance.service)
+            .await
+    }
+
+    /// Waits until `group` has committed every record produced so far.
+    pub async fn wait_committed_by(&self, group: &str, instance: &Instance) -> anyhow::Result<()> {
+        let want: Vec<Option<i64>> = self.produced_ends().into_iter().map(Some).collect();
+        let offsets =
+            kafka::OffsetReader::new(self.broker.bootstrap(), group, &self.topic, PARTITIONS)?;
+        let committed = poll_until(
+            CATCH_UP_TIMEOUT,
+            Duration::from_millis(50),
+            &format!("group {group} to commit {want:?}"),
+            || {
+                let seen = offsets.committed();
+                async {
+                    let seen = seen?;
+                    Ok(Check::done_if(seen == want, || {
+                        format!("committed {seen:?}")
+                    }))
+                }
+            },
+        )
+        .await;
+        instance.service.with_log(committed)
     }
 
     /// Waits until the sink has applied each partition up to `want`.
     /// (Every 100 ms: [`Pipeline::recover`] times this wait.)
-    async fn wait_applied(&self, want: &[i64], instance: &Instance) -> anyhow::Result<()> {
+    async fn wait_applied(&self, want: &[i64], service: &Service) -> anyhow::Result<()> {
         let what = format!("every partition applied up to {want:?}");
-        self.poll_applied(Duration::from_millis(100), &what, instance, |applied| {
+        self.poll_applied(Duration::from_millis(100), &what, service, |applied| {
             let done = applied.iter().zip(want).all(|(a, w)| a >= w);
             Check::done_if(done, || format!("applied {applied:?}"))
         })
@@ -397,26 +435,22 @@ impl Pipeline {
 
     /// Looks at what the sink has applied ([`Pipeline::applied`]) `every`
     /// so often until `check` finds what it waits for, for up to
-    /// [`CATCH_UP_TIMEOUT`]; an error shows `instance`'s log.
+    /// [`CATCH_UP_TIMEOUT`]; an error shows `service`'s log.
     async fn poll_applied<T>(
         &self,
         every: Duration,
         what: &str,
-        instance: &Instance,
+        service: &Service,
         check: impl Fn(&[i64]) -> Check<T>,
     ) -> anyhow::Result<T> {
         let found = poll_until(CATCH_UP_TIMEOUT, every, what, || async {
             Ok(check(&self.applied().await?))
         })
         .await;
-        instance.service.with_log(found)
+        service.with_log(found)
     }
 
-    async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-        crate::redis::connect(&self.config.redis_url).await
-    }
-
-    /// Compares the sink with what was produced.
+    /// Compares the sink and the dead-letter topic with what was produced.
     pub async fn tally(&self) -> anyhow::Result<Tally> {
         let mut tally = Tally {
             produced: self.produced.len(),
@@ -424,80 +458,15 @@ impl Pipeline {
             dlq_expected: self.produced.values().filter(|i| !i.kept).count(),
             ..Tally::default()
         };
-        match self.kind {
-            SinkKind::Redis => self.tally_redis(&mut tally).await?,
-            SinkKind::BigQuery => self.tally_bigquery(&mut tally).await?,
-        }
+        self.sink
+            .tally(&self.topic, &self.produced, &mut tally)
+            .await?;
         self.tally_dead_letters(&mut tally).await?;
         Ok(tally)
     }
 
-    async fn tally_redis(&self, tally: &mut Tally) -> anyhow::Result<()> {
-        let want = redis_model::expected(
-            &self.prefix,
-            self.produced.values().filter_map(|i| i.truth.as_ref()),
-            HISTORY_SIZE,
-        );
-        let got = redis_model::dump(&mut self.redis().await?, &self.prefix).await?;
-        for kind in ["search", "movie"] {
-            let key = format!("{}rank:{kind}:total", self.prefix);
-            let empty = BTreeMap::new();
-            let (want_total, got_total) = (
-                want.get(&key).unwrap_or(&empty),
-                got.get(&key).unwrap_or(&empty),
-            );
-            let members: BTreeSet<&String> = want_total.keys().chain(got_total.keys()).collect();
-            for member in members {
-                let w = want_total.get(member).copied().unwrap_or(0);
-                let g = got_total.get(member).copied().unwrap_or(0);
-                tally.in_sink += usize::try_from(g).unwrap_or(0);
-                tally.lost += usize::try_from(w - g).unwrap_or(0);
-                tally.double_counted += usize::try_from(g - w).unwrap_or(0);
-            }
-        }
-        if want != got {
-            tally.problems.push(format!(
-                "Redis state differs from the model: {}",
-                redis_model::diff(&want, &got)
-            ));
-        }
-        Ok(())
-    }
-
-    async fn tally_bigquery(&self, tally: &mut Tally) -> anyhow::Result<()> {
-        let view = self
-            .emulator
-            .create_documented_dedup_view(&self.table)
-            .await?;
-        let raw = self.emulator.coordinates(&self.table, &self.topic).await?;
-        let deduplicated = self.emulator.coordinates(&view, &self.topic).await?;
-        let distinct: BTreeSet<Coordinates> = deduplicated.iter().copied().collect();
-        tally.double_counted = deduplicated.len() - distinct.len();
-        tally.raw_duplicates = raw.len() - raw.iter().collect::<BTreeSet<_>>().len();
-        for (coordinates, item) in &self.produced {
-            match (item.kept, distinct.contains(coordinates)) {
-                (true, true) => tally.in_sink += 1,
-                (true, false) => tally.lost += 1,
-                (false, true) => tally.problems.push(format!(
-                    "{coordinates:?} must be dead-lettered but is a row"
-                )),
-                (false, false) => {}
-            }
-        }
-        let unknown = distinct
-            .iter()
-            .filter(|c| !self.produced.contains_key(c))
-            .count();
-        if unknown > 0 {
-            tally
-                .problems
-                .push(format!("{unknown} rows of records never produced"));
-        }
-        Ok(())
-    }
-
     async fn tally_dead_letters(&self, tally: &mut Tally) -> anyhow::Result<()> {
-        let (bootstrap, dlq) = (self.config.bootstrap.clone(), format!("{}.dlq", self.topic));
+        let (bootstrap, dlq) = (self.broker.bootstrap().to_owned(), self.dlq());
         let expected = tally.dlq_expected;
         // Reads the expected letters, then listens 3 s more for any beyond
         // them (a valid record dead-lettered also shows as lost).
@@ -577,35 +546,37 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Instance {
     /// The process.
     pub service: Service,
-    metrics_port: u16,
+    /// The port of its /metrics, /healthz and /readyz.
+    pub metrics_port: u16,
 }
 
 impl Instance {
-    /// The sum of a counter over all its labels, from `/metrics`.
+    /// Its /metrics now.
+    pub async fn metrics(&self) -> anyhow::Result<Scrape> {
+        Scrape::from_port(self.metrics_port).await
+    }
+
+    /// The sum of a counter or gauge over all its series, from /metrics.
     pub async fn counter(&self, name: &str) -> anyhow::Result<f64> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        let text = reqwest::get(&url).await?.text().await?;
-        Ok(text
-            .lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(self.metrics().await?.sum(name))
+    }
+
+    /// Whether it answers /readyz with 200.
+    pub async fn ready(&self) -> anyhow::Result<bool> {
+        crate::ready(self.metrics_port).await
     }
 
     /// Waits until `/metrics` answers (the service has started).
     pub async fn wait_metrics(&self) -> anyhow::Result<()> {
         let answered = wait_for_async(Duration::from_secs(60), "/metrics", || async {
-            Ok(self.counter("sink_events_consumed_total").await.is_ok())
+            Ok(self.metrics().await.is_ok())
         })
         .await;
         self.service.with_log(answered)
     }
 }
 
-/// What a scenario left in the sink, compared with what it produced.
+/// What a pipeline left in the sink, compared with what it produced.
 #[derive(Debug, Default)]
 pub struct Tally {
     /// Records produced.
@@ -641,5 +612,14 @@ impl Tally {
             && self.dlq_without_reason == 0
             && self.in_sink == self.expected_in_sink
             && self.problems.is_empty()
+    }
+
+    /// Fails with every problem unless the tally holds.
+    pub fn assert_holds(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.holds(),
+            "the sink does not match what was produced: {self:#?}"
+        );
+        Ok(())
     }
 }
