@@ -179,34 +179,6 @@ impl Service {
     }
 }
 
-/// Starts the only instance of a consumer group just after the last one was
-/// killed, with `start`. tansu 0.6 sometimes answers that join by leaving
-/// every partition with the killed member, which it never expires (seen in
-/// about one run in ten, the kill a second or two after an assignment): the
-/// new instance gets none, and nothing moves until the 300 s rebalance
-/// timeout. Apache Kafka drops the dead member after the session timeout.
-/// Joining again makes tansu rebalance, so a test checks our guarantee
-/// instead of waiting out a broker bug.
-pub async fn restart_alone(
-    mut start: impl FnMut() -> anyhow::Result<Service>,
-) -> anyhow::Result<Service> {
-    for _ in 0..3 {
-        let service = start()?;
-        let assignment = crate::poll_until(
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            "an assignment",
-            || std::future::ready(Ok(service.last_assignment().into())),
-        )
-        .await;
-        if !service.with_log(assignment)?.ends_with("[]") {
-            return Ok(service);
-        }
-        service.kill()?;
-    }
-    bail!("tansu gave the only instance no partitions three times in a row")
-}
-
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
