@@ -9,7 +9,10 @@
 //! - fetch a record, decode it (the sink's pure `decode`), add it to the batcher;
 //! - sealed batches are written by spawned tasks, at most `max_in_flight` at
 //!   once; a task retries until the sink accepts, sends dead letters first,
-//!   then marks its offsets done in the shared [`OffsetTracker`];
+//!   then acknowledges the batch (`Shared::acknowledge`, the one way
+//!   offsets become committable) to the [`OffsetTracker`], the one owner
+//!   of offset state, which the loop and the rebalance callbacks only
+//!   change through its methods;
 //! - when sealed batches pile up (the sink is behind or down), the assignment
 //!   is paused but polling goes on, so the consumer stays in its group;
 //! - rebalances run inside `recv()`: a revoke waits (bounded) for in-flight
@@ -112,8 +115,33 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(stall_timeout: Duration) -> Self {
+        Self {
+            tracker: Mutex::new(OffsetTracker::default()),
+            batch_done: Condvar::new(),
+            closing: AtomicBool::new(false),
+            rebalances: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            taking: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            refused: Mutex::new(std::collections::BTreeSet::new()),
+            stalls: Mutex::new(StallWatch::new(stall_timeout)),
+        }
+    }
+
     fn tracker(&self) -> MutexGuard<'_, OffsetTracker> {
         lock(&self.tracker)
+    }
+
+    /// The acknowledgement path, and its only way in: batch `batch_id` is
+    /// durably done (its dead letters accepted, its records written or
+    /// already held by the sink as `already_applied` says). From here on
+    /// its offsets may be committed, by the loop's next turn
+    /// (`commit.rs`) or by a revoke waiting for it (`assignment.rs`),
+    /// which this wakes.
+    fn acknowledge(&self, batch_id: BatchId, already_applied: &[(i32, i64)]) {
+        self.tracker().complete(batch_id, already_applied);
+        self.batch_done.notify_all();
     }
 }
 
@@ -206,17 +234,7 @@ pub async fn run_connecting<S: Sink>(
     );
 
     let sink = Arc::new(sink);
-    let shared = Arc::new(Shared {
-        tracker: Mutex::new(OffsetTracker::default()),
-        batch_done: Condvar::new(),
-        closing: AtomicBool::new(false),
-        rebalances: AtomicU64::new(0),
-        writes: AtomicU64::new(0),
-        taking: AtomicBool::new(true),
-        last_error: Mutex::new(None),
-        refused: Mutex::new(std::collections::BTreeSet::new()),
-        stalls: Mutex::new(StallWatch::new(args.stall_timeout())),
-    });
+    let shared = Arc::new(Shared::new(args.stall_timeout()));
     let context = LoopContext {
         shared: Arc::clone(&shared),
         sink: Arc::clone(&sink),

@@ -93,9 +93,162 @@ pub(super) async fn write_batch<S: Sink>(
     metrics::counter!(m::BATCHES, "topic" => work.batch.topic.to_string()).increment(1);
     metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
     metrics::histogram!(m::BATCH_EVENTS).record(work.len() as f64);
-    shared
-        .tracker()
-        .complete(batch_id, &outcome.already_applied);
-    shared.batch_done.notify_all();
+    shared.acknowledge(batch_id, &outcome.already_applied);
     health.batch_done(Instant::now());
+}
+
+/// The writer's timing on tokio's paused clock: minutes of outage pass in
+/// no time, and every wait is exact.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::batch::BatchLimits;
+    use crate::config::{try_parse_args_from, ServiceDefaults};
+    use crate::sink::{Batch, SinkError, WriteOutcome};
+
+    /// A sink that is down (writes and probes fail) while `down` is set.
+    #[derive(Default)]
+    struct Outage {
+        down: AtomicBool,
+        writes: AtomicUsize,
+        probes: AtomicUsize,
+    }
+
+    impl Outage {
+        fn result(&self) -> Result<(), SinkError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(SinkError::unavailable("down", anyhow::anyhow!("down")))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Sink for Outage {
+        type Item = ();
+
+        fn decode(&self, _record: &Record) -> Result<(), Rejection> {
+            Ok(())
+        }
+
+        async fn write(&self, _batch: &Batch<()>) -> Result<WriteOutcome, SinkError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.result().map(|()| WriteOutcome::default())
+        }
+
+        async fn check(&self) -> Result<(), SinkError> {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            self.result()
+        }
+    }
+
+    /// Dead letters to a broker nobody listens on (the batches here have
+    /// none, so nothing is ever sent).
+    fn dead_letters() -> Arc<DeadLetters> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            consumer: ConsumerArgs,
+        }
+        let defaults = ServiceDefaults {
+            topic: "t",
+            group_id: "g",
+            batch_max_events: 10,
+            batch_max_bytes: 1 << 20,
+            batch_linger_ms: 10,
+        };
+        let argv = ["svc", "--bootstrap-servers", "127.0.0.1:9"];
+        let args = try_parse_args_from::<Cli, _, _>(&defaults, argv)
+            .unwrap()
+            .consumer;
+        Arc::new(DeadLetters::new(&args).unwrap())
+    }
+
+    /// Offsets 0..3 of partition 0 as one sealed batch, begun in the tracker.
+    fn one_batch(shared: &Shared) -> (BatchId, Work<()>) {
+        let limits = BatchLimits {
+            max_events: 10,
+            max_bytes: 1 << 20,
+            linger: Duration::from_secs(1),
+        };
+        let mut batcher = Batcher::new("t".into(), limits);
+        for offset in 0..3 {
+            let record = Record {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                timestamp_ms: None,
+                key: None,
+                payload: b"{}".to_vec(),
+                headers: None,
+            };
+            batcher.push(record, Ok(()), 0, Instant::now());
+        }
+        batcher.seal();
+        let work = batcher.pop_sealed().unwrap();
+        (shared.tracker().begin(&work.batch.ranges), work)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_backing_off_goes_through_within_a_probe_of_the_sink_coming_back() {
+        let sink = Arc::new(Outage::default());
+        sink.down.store(true, Ordering::SeqCst);
+        let shared = Arc::new(Shared::new(Duration::from_secs(600)));
+        shared.tracker().assign(0, Some(0));
+        let health = Health::new();
+        let probe = tokio::spawn(probe_sink(
+            Arc::clone(&sink),
+            Arc::clone(&shared),
+            Arc::clone(&health),
+        ));
+        let (batch_id, work) = one_batch(&shared);
+        let write = tokio::spawn(write_batch(
+            Arc::clone(&sink),
+            dead_letters(),
+            Arc::clone(&shared),
+            Arc::clone(&health),
+            batch_id,
+            work,
+        ));
+
+        // Five minutes down: the write backs off to its ceiling (30 s for an
+        // unavailable sink), the probe keeps looking every second, and
+        // nothing becomes committable.
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert!(!write.is_finished());
+        assert!(!health.sink_ok());
+        assert!(shared.tracker().take_commits().is_empty());
+        // Every second something looks at the sink: a probe, or in the
+        // seconds a write attempt did, nothing more.
+        let probes = sink.probes.load(Ordering::SeqCst);
+        let writes = sink.writes.load(Ordering::SeqCst);
+        assert!(writes < 40, "{writes} writes: they back off");
+        assert!(
+            (295..=305).contains(&(probes + writes)),
+            "{probes} probes and {writes} writes in 300 s down"
+        );
+
+        // Back: the next probe wakes the write, long before its backoff ends.
+        sink.down.store(false, Ordering::SeqCst);
+        let back = tokio::time::Instant::now();
+        write.await.unwrap();
+        assert!(
+            back.elapsed() <= DOWN_CHECK_INTERVAL,
+            "written {:?} after the sink came back",
+            back.elapsed()
+        );
+        assert!(health.sink_ok());
+        assert_eq!(shared.tracker().take_commits(), vec![(0, 3)]);
+
+        // Up and idle, the probe slows to once every CHECK_INTERVAL (and
+        // skips the rounds right after a write, which said enough).
+        let probes = sink.probes.load(Ordering::SeqCst);
+        tokio::time::sleep(CHECK_INTERVAL * 6).await;
+        let idle = sink.probes.load(Ordering::SeqCst) - probes;
+        assert!((4..=6).contains(&idle), "{idle} probes in 60 s idle");
+        probe.abort();
+    }
 }
