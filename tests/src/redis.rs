@@ -67,7 +67,8 @@ pub struct RedisSide {
     pub url: String,
     /// `--key-prefix`.
     pub prefix: String,
-    /// A connection to that Redis.
+    /// A connection to that Redis, made once: it does not survive a
+    /// restart of that Redis ([`RedisSide::connect`] makes a new one).
     pub conn: MultiplexedConnection,
 }
 
@@ -89,9 +90,15 @@ impl RedisSide {
         Self::new(&stack.redis_url).await
     }
 
+    /// A new connection: reads that must survive a restart of the Redis (a
+    /// connection does not reconnect by itself) make one each.
+    pub async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+        connect(&self.url).await
+    }
+
     /// Every key of the contract under the prefix, with its members.
     pub async fn dump(&self) -> anyhow::Result<redis_model::State> {
-        redis_model::dump(&mut self.conn.clone(), &self.prefix).await
+        redis_model::dump(&mut self.connect().await?, &self.prefix).await
     }
 
     /// What the contract says Redis holds after `truths` (default
@@ -118,7 +125,7 @@ impl RedisSide {
     /// The offsets redis-sink stores for `topic`.
     pub async fn applied(&self, topic: &str) -> anyhow::Result<Vec<i64>> {
         applied_offsets(
-            &mut self.conn.clone(),
+            &mut self.connect().await?,
             &self.prefix,
             topic,
             crate::PARTITIONS,
