@@ -315,7 +315,70 @@ impl BigQuerySide {
     pub async fn count(&self, relation: &str) -> anyhow::Result<i64> {
         self.emulator.count(relation).await
     }
+
+    /// Waits until `relation` holds at least `rows` rows, for up to
+    /// [`ROWS_TIMEOUT`]; an error shows `instance`'s log.
+    pub async fn wait_rows(
+        &self,
+        relation: &str,
+        rows: usize,
+        instance: &crate::pipeline::Instance,
+    ) -> anyhow::Result<()> {
+        let want = i64::try_from(rows)?;
+        let stored = crate::poll_until(
+            ROWS_TIMEOUT,
+            Duration::from_millis(200),
+            &format!("{rows} rows in {relation}"),
+            || async {
+                let count = self.count(relation).await?;
+                Ok(crate::Check::done_if(count >= want, || {
+                    format!("{count} rows")
+                }))
+            },
+        )
+        .await;
+        instance.service.with_log(stored)
+    }
+
+    /// Fails unless `relation` holds exactly one row of `topic` per
+    /// coordinates in `expected` and no other, saying which are repeated,
+    /// missing or unexpected.
+    pub async fn assert_exactly(
+        &self,
+        relation: &str,
+        topic: &str,
+        expected: &BTreeSet<Coordinates>,
+    ) -> anyhow::Result<()> {
+        let got = self.coordinates(relation, topic).await?;
+        if got.iter().eq(expected.iter()) {
+            return Ok(());
+        }
+        let mut counts: BTreeMap<Coordinates, usize> = BTreeMap::new();
+        for c in &got {
+            *counts.entry(*c).or_default() += 1;
+        }
+        let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(10).collect();
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|c| !counts.contains_key(c))
+            .take(10)
+            .collect();
+        let unexpected: Vec<_> = counts
+            .keys()
+            .filter(|c| !expected.contains(c))
+            .take(10)
+            .collect();
+        bail!(
+            "{relation}: {} rows for {} records; repeated {repeated:?}, missing {missing:?}, \
+             unexpected {unexpected:?}",
+            got.len(),
+            expected.len()
+        )
+    }
 }
+
+/// How long [`BigQuerySide::wait_rows`] waits.
+pub const ROWS_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl SinkSide for BigQuerySide {
     fn binary(&self) -> &'static str {

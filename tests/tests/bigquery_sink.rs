@@ -6,212 +6,76 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
-use e2e::bigquery::{int, Emulator, Fault, FaultProxy};
+use anyhow::Context;
+use e2e::bigquery::{int, BigQuerySide, Fault, FaultProxy};
+use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
-use e2e::process::{restart_alone, Service};
-use e2e::service::ServiceFlags;
-use e2e::{kafka, poll_until, unique, wait_for, Check, Stack};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use e2e::pipeline::{Coordinates, Instance, Item, Pipeline};
+use e2e::{kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
 use serde_json::Value;
 
-const PARTITIONS: i32 = 3;
+/// How long a test waits for dead letters, log lines, faults and readiness.
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// (partition, offset) of a Kafka record.
-type Coordinates = (i32, i64);
+/// `error.code` of the lines the sink refuses before BigQuery sees them.
+const DECODE_CODES: [&str; 5] = [
+    "not_json",
+    "empty",
+    "invalid_utf8",
+    "not_an_object",
+    "bad_timestamp",
+];
 
-struct Fixture {
-    stack: Stack,
-    emulator: Emulator,
-    topic: String,
-    group: String,
-    table: String,
-    producer: FutureProducer,
-    /// Every record produced, by its coordinates.
-    produced: BTreeMap<Coordinates, Vec<u8>>,
-    sent: usize,
-    services: usize,
-    /// The in-process broker `stack.kafka` points at, for fixtures made
-    /// with [`Fixture::on_mock_cluster`]; dropping it stops the brokers.
-    _mock: Option<MockCluster<'static, DefaultProducerContext>>,
+/// A pipeline on `broker` into a fresh table of the emulator, written
+/// through `proxy` if given; and the table's side, to query it.
+async fn into_table(
+    stack: &Stack,
+    broker: Broker,
+    proxy: Option<&FaultProxy>,
+) -> anyhow::Result<(Pipeline, BigQuerySide)> {
+    let mut bq = BigQuerySide::on_stack(stack)?;
+    if let Some(proxy) = proxy {
+        bq = bq.via(proxy.endpoint());
+    }
+    let p = Pipeline::new(stack, broker, Box::new(bq.clone())).await?;
+    Ok((p, bq))
 }
 
-impl Fixture {
-    async fn new() -> anyhow::Result<Self> {
-        let stack = Stack::get()?;
-        let topic = unique("user2");
-        kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
-        kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
-        let producer = kafka::producer(&stack.kafka)?;
-        Self::on_topic(stack, topic, producer, None)
-    }
+/// A pipeline on tansu into a fresh table, written to directly.
+async fn on_tansu() -> anyhow::Result<(Pipeline, BigQuerySide)> {
+    let stack = Stack::get()?;
+    into_table(&stack, Broker::tansu(&stack), None).await
+}
 
-    /// On librdkafka's mock cluster (3 brokers, in this process), which
-    /// serves batched and compressed record batches as Kafka does, fed by a
-    /// producer set as Logstash's kafka output with `compression`. (tansu,
-    /// behind [`Fixture::new`], needs one record per batch.)
-    async fn on_mock_cluster(compression: &str) -> anyhow::Result<Self> {
-        let mock = MockCluster::new(3)?;
-        let topic = unique("user2");
-        mock.create_topic(&topic, PARTITIONS, 3)?;
-        mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 3)?;
-        let mut stack = Stack::get()?;
-        stack.kafka = mock.bootstrap_servers();
-        let producer = kafka::logstash_producer(&stack.kafka, compression)?;
-        Self::on_topic(stack, topic, producer, Some(mock))
-    }
+/// A pipeline on tansu into a fresh table, written through a fault proxy
+/// in front of the emulator (forwarding until told otherwise).
+async fn through_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, FaultProxy)> {
+    let stack = Stack::get()?;
+    let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
+    let (p, bq) = into_table(&stack, Broker::tansu(&stack), Some(&proxy)).await?;
+    Ok((p, bq, proxy))
+}
 
-    fn on_topic(
-        stack: Stack,
-        topic: String,
-        producer: FutureProducer,
-        mock: Option<MockCluster<'static, DefaultProducerContext>>,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            emulator: Emulator::new(&stack)?,
-            producer,
-            group: unique("bigquery-sink"),
-            table: unique("user_logs").replace('-', "_"),
-            topic,
-            stack,
-            produced: BTreeMap::new(),
-            sent: 0,
-            services: 0,
-            _mock: mock,
-        })
-    }
+/// Events of every kind, timed over the two hours before now.
+fn generator(seed: u64) -> Generator {
+    Generator::new(seed, Mix::All, chrono::Utc::now().timestamp_millis())
+}
 
-    /// Produces payloads round-robin over the partitions and remembers where
-    /// each one landed.
-    async fn produce(&mut self, payloads: Vec<Vec<u8>>) -> anyhow::Result<()> {
-        let mut pending = Vec::new();
-        for payload in payloads {
-            let partition = (self.sent % PARTITIONS as usize) as i32;
-            self.sent += 1;
-            let producer = self.producer.clone();
-            let topic = self.topic.clone();
-            pending.push(async move {
-                let record = FutureRecord::<(), _>::to(&topic)
-                    .partition(partition)
-                    .payload(&payload);
-                match producer
-                    .send(record, Timeout::After(Duration::from_secs(30)))
-                    .await
-                {
-                    Ok(delivery) => Ok(((delivery.partition, delivery.offset), payload)),
-                    Err((err, _)) => Err(anyhow!("delivery failed: {err}")),
-                }
-            });
-        }
-        for result in futures::future::join_all(pending).await {
-            let (coordinates, payload) = result?;
-            self.produced.insert(coordinates, payload);
-        }
-        Ok(())
-    }
-
-    /// Starts the sink against `endpoint` (the emulator, or a proxy);
-    /// `extra` may override any of the fixture's flags.
-    fn start(&mut self, endpoint: &str, extra: &[&str]) -> anyhow::Result<Service> {
-        self.services += 1;
-        let name = format!("{}-{}", self.topic, self.services);
-        ServiceFlags::bigquery_sink(
-            &self.stack.kafka,
-            &self.topic,
-            &self.group,
-            endpoint,
-            &self.emulator.project,
-            &self.emulator.dataset,
-            &self.table,
-        )
-        .for_tests()
-        .extra(extra)
-        .start(&self.stack.dir.join("logs"), &name)
-    }
-
-    /// Waits until `relation` holds at least `rows` rows.
-    async fn wait_rows(&self, relation: &str, rows: i64, service: &Service) -> anyhow::Result<()> {
-        let stored = poll_until(
-            TIMEOUT,
-            Duration::from_millis(200),
-            &format!("{rows} rows in {relation}"),
-            || async {
-                let count = self.emulator.count(relation).await?;
-                Ok(Check::done_if(count >= rows, || format!("{count} rows")))
-            },
-        )
-        .await;
-        service.with_log(stored)
-    }
-
-    /// Creates the de-duplicated view exactly as docs/bigquery.md gives it.
-    async fn create_dedup_view(&self) -> anyhow::Result<String> {
-        self.emulator
-            .create_documented_dedup_view(&self.table)
-            .await
-    }
-
-    /// Every (partition, offset) in `relation`, with repeats.
-    async fn coordinates(&self, relation: &str) -> anyhow::Result<Vec<Coordinates>> {
-        self.emulator.coordinates(relation, &self.topic).await
-    }
-
-    /// `relation` holds exactly one row per expected record, and no other.
-    async fn assert_exactly(
-        &self,
-        relation: &str,
-        expected: &BTreeSet<Coordinates>,
-    ) -> anyhow::Result<()> {
-        let got = self.coordinates(relation).await?;
-        let want: Vec<Coordinates> = expected.iter().copied().collect();
-        if got != want {
-            let mut counts: BTreeMap<Coordinates, usize> = BTreeMap::new();
-            for c in &got {
-                *counts.entry(*c).or_default() += 1;
-            }
-            let repeated: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(10).collect();
-            let missing: Vec<_> = expected
-                .iter()
-                .filter(|c| !counts.contains_key(c))
-                .take(10)
-                .collect();
-            let extra: Vec<_> = counts
-                .keys()
-                .filter(|c| !expected.contains(c))
-                .take(10)
-                .collect();
-            bail!(
-                "{relation}: {} rows for {} records; repeated {repeated:?}, missing {missing:?}, unexpected {extra:?}",
-                got.len(),
-                expected.len()
-            );
-        }
-        Ok(())
-    }
-
-    fn all(&self) -> BTreeSet<Coordinates> {
-        self.produced.keys().copied().collect()
-    }
-
-    fn dlq(&self) -> String {
-        format!("{}.dlq", self.topic)
-    }
-
-    /// Nothing reached the dead-letter topic.
-    fn assert_no_dead_letters(&self) {
-        let letters =
-            kafka::read_messages(&self.stack.kafka, &self.dlq(), 1, Duration::from_secs(3));
-        assert!(letters.is_err(), "unexpected dead letters: {letters:?}");
+/// `payload` as the sink must treat it: kept if the oracle can read it.
+fn item(payload: Vec<u8>) -> Item {
+    Item {
+        kept: oracle(&payload).is_some(),
+        payload,
+        truth: None,
     }
 }
 
-fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Vec<u8>> {
-    let mut generator = Generator::new(seed, Mix::All, chrono::Utc::now().timestamp_millis())
-        .bad_fraction(bad_fraction);
-    (0..n).map(|_| generator.next_event().payload).collect()
+/// `n` events of every kind, a `bad_fraction` of them malformed lines.
+fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Item> {
+    let mut generator = generator(seed).bad_fraction(bad_fraction);
+    (0..n)
+        .map(|_| item(generator.next_event().payload))
+        .collect()
 }
 
 /// What the table must say about an event, worked out from its JSON with
@@ -248,19 +112,164 @@ fn oracle(payload: &[u8]) -> Option<(Option<i64>, [Option<String>; 5])> {
     ))
 }
 
+/// Coordinates of the records produced that `which` picks.
+fn coordinates_of(p: &Pipeline, which: impl Fn(&Item) -> bool) -> BTreeSet<Coordinates> {
+    p.records()
+        .iter()
+        .filter(|(_, item)| which(item))
+        .map(|(at, _)| *at)
+        .collect()
+}
+
+/// Waits until `relation` holds a row for each record the sink must keep,
+/// then checks that it holds exactly those, once each.
+async fn wait_landed(
+    p: &Pipeline,
+    bq: &BigQuerySide,
+    relation: &str,
+    instance: &Instance,
+) -> anyhow::Result<()> {
+    let kept = coordinates_of(p, |item| item.kept);
+    bq.wait_rows(relation, kept.len(), instance).await?;
+    bq.assert_exactly(relation, &p.topic, &kept).await
+}
+
+/// Checks the rows of the table where `filter` holds against the events
+/// produced at their coordinates: the payload round-trips, `JSON_VALUE`
+/// reads a field outside the schema, and the typed columns (and
+/// `event_time`, where the payload gives it) are what the oracle says. Returns how many rows it checked.
+async fn check_rows(p: &Pipeline, bq: &BigQuerySide, filter: &str) -> anyhow::Result<usize> {
+    let rows = bq
+        .emulator
+        .query(&format!(
+            "SELECT kafka_partition, kafka_offset, TO_JSON_STRING(payload), \
+             JSON_VALUE(payload, '$.message'), event_time, info, user_id, keyword, movie_id, host \
+             FROM {} WHERE {filter}",
+            bq.emulator.sql_name(&bq.table)
+        ))
+        .await?;
+    for row in &rows {
+        let at = (
+            i32::try_from(int(&row[0]).context("partition")?)?,
+            int(&row[1]).context("offset")?,
+        );
+        let payload = &p
+            .records()
+            .get(&at)
+            .context("a row nobody produced")?
+            .payload;
+        let original: Value = serde_json::from_slice(payload)?;
+        let stored: Value = serde_json::from_str(row[2].as_str().context("payload")?)?;
+        assert_eq!(stored, original, "payload of {at:?}");
+        assert_eq!(
+            row[3].as_str(),
+            original["message"].as_str(),
+            "JSON_VALUE of {at:?}"
+        );
+        let (time, columns) = oracle(payload).context("a valid event")?;
+        // Without `@timestamp` the sink takes the record's Kafka timestamp.
+        if time.is_some() {
+            assert_eq!(int(&row[4]), time, "event_time of {at:?}");
+        }
+        let got: Vec<Option<String>> = row[5..10]
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(got, columns.to_vec(), "typed columns of {at:?}");
+    }
+    Ok(rows.len())
+}
+
+/// Reads a dead letter for each record the sink must not keep, then
+/// listens 3 s for more: each carries its source topic and coordinates and
+/// the original bytes, with a reason, and comes once. Returns each one's
+/// `error.code` and `error` by its coordinates.
+fn dead_letters(p: &Pipeline) -> anyhow::Result<BTreeMap<Coordinates, (String, String)>> {
+    let refused = coordinates_of(p, |item| !item.kept);
+    let letters = kafka::read_at_least(
+        p.broker.bootstrap(),
+        &p.dlq(),
+        refused.len(),
+        TIMEOUT,
+        Duration::from_secs(3),
+    )?;
+    let mut lettered = BTreeMap::new();
+    for letter in letters {
+        let header = |k: &str| letter.headers.get(k).cloned().unwrap_or_default();
+        assert_eq!(header("source.topic"), p.topic);
+        let at: Coordinates = (
+            header("source.partition").parse()?,
+            header("source.offset").parse()?,
+        );
+        let (code, reason) = (header("error.code"), header("error"));
+        assert!(
+            refused.contains(&at),
+            "{at:?} should not be a dead letter: {code} {reason}"
+        );
+        assert_eq!(
+            p.records().get(&at).map(|item| &item.payload),
+            Some(&letter.payload),
+            "dead letter {at:?} carries the original bytes"
+        );
+        assert!(!reason.is_empty(), "{at:?}: {code} without a reason");
+        assert!(
+            lettered.insert(at, (code, reason)).is_none(),
+            "{at:?} dead-lettered twice"
+        );
+    }
+    assert_eq!(
+        lettered.len(),
+        refused.len(),
+        "each refused record in the DLQ"
+    );
+    Ok(lettered)
+}
+
+/// Waits until `instance` has logged what `logged` looks for and the proxy
+/// has refused three writes (retried periodically): the sink must not be
+/// ready then.
+async fn wait_refused(
+    instance: &Instance,
+    proxy: &FaultProxy,
+    what: &str,
+    logged: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let log = &instance.service.log;
+    let seen = wait_for(TIMEOUT, what, || {
+        std::fs::read_to_string(log).is_ok_and(|l| logged(&l))
+    })
+    .await;
+    instance.service.with_log(seen)?;
+    wait_for(TIMEOUT, "three writes refused", || {
+        proxy.faults_served() >= 3
+    })
+    .await?;
+    assert!(
+        !instance.ready().await?,
+        "ready while every write is refused"
+    );
+    Ok(())
+}
+
+/// Once the cause of the refusals is fixed: every record lands once,
+/// nothing was dead-lettered, and the sink is ready again.
+async fn recovers(p: &Pipeline, bq: &BigQuerySide, instance: &Instance) -> anyhow::Result<()> {
+    wait_landed(p, bq, &bq.table, instance).await?;
+    dead_letters(p)?;
+    wait_for_async(TIMEOUT, "readiness after the fix", || instance.ready()).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(1, 20_000, 0.0)).await?;
-    let endpoint = f.stack.bigquery_endpoint.clone();
-    let service = f.start(&endpoint, &[])?;
-    f.wait_rows(&f.table, 20_000, &service).await?;
-    f.assert_exactly(&f.table, &f.all()).await?;
+    let (mut p, bq) = on_tansu().await?;
+    p.produce(events(1, 20_000, 0.0)).await?;
+    let instance = p.start()?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
 
     // The table was created with the documented schema.
-    let schema: Vec<String> = f
+    let schema: Vec<String> = bq
         .emulator
-        .schema(&f.table)
+        .schema(&bq.table)
         .await?
         .into_iter()
         .map(|(name, kind, mode)| format!("{name} {kind} {mode}"))
@@ -284,8 +293,8 @@ async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload() -> 
 
     // A field outside the schema is queryable in every row: `message` is
     // unique per event.
-    let t = f.emulator.sql_name(&f.table);
-    let messages = f
+    let t = bq.emulator.sql_name(&bq.table);
+    let messages = bq
         .emulator
         .scalar(&format!(
             "SELECT COUNT(DISTINCT JSON_VALUE(payload, '$.message')) FROM {t}"
@@ -295,13 +304,13 @@ async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload() -> 
 
     // Kinds as generated.
     let mut want_kinds: BTreeMap<String, i64> = BTreeMap::new();
-    for payload in f.produced.values() {
-        let value: Value = serde_json::from_slice(payload)?;
+    for item in p.records().values() {
+        let value: Value = serde_json::from_slice(&item.payload)?;
         *want_kinds
             .entry(value["info"].as_str().unwrap_or_default().to_owned())
             .or_default() += 1;
     }
-    let got_kinds: BTreeMap<String, i64> = f
+    let got_kinds: BTreeMap<String, i64> = bq
         .emulator
         .query(&format!("SELECT info, COUNT(*) FROM {t} GROUP BY info"))
         .await?
@@ -315,68 +324,39 @@ async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload() -> 
         .collect();
     assert_eq!(got_kinds, want_kinds);
 
-    // Row by row for a sample: the payload round-trips, columns are typed.
-    let sample = f
-        .emulator
-        .query(&format!(
-            "SELECT kafka_partition, kafka_offset, TO_JSON_STRING(payload), JSON_VALUE(payload, '$.message'), \
-             event_time, info, user_id, keyword, movie_id, host FROM {t} WHERE kafka_offset < 100"
-        ))
-        .await?;
-    assert_eq!(sample.len(), 300);
-    for row in &sample {
-        let at = (
-            i32::try_from(int(&row[0]).context("partition")?)?,
-            int(&row[1]).context("offset")?,
-        );
-        let payload = f.produced.get(&at).context("a row nobody produced")?;
-        let original: Value = serde_json::from_slice(payload)?;
-        let stored: Value = serde_json::from_str(row[2].as_str().context("payload")?)?;
-        assert_eq!(stored, original, "payload of {at:?}");
-        assert_eq!(
-            row[3].as_str(),
-            original["message"].as_str(),
-            "JSON_VALUE of {at:?}"
-        );
-        let (time, columns) = oracle(payload).context("a valid event")?;
-        assert_eq!(int(&row[4]), time, "event_time of {at:?}");
-        let got: Vec<Option<String>> = row[5..10]
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect();
-        assert_eq!(got, columns.to_vec(), "typed columns of {at:?}");
-    }
-    f.assert_no_dead_letters();
+    // Row by row for a sample.
+    assert_eq!(check_rows(&p, &bq, "kafka_offset < 100").await?, 300);
+    dead_letters(&p)?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
 ) -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
+    const YEAR_ZERO: &[u8] = br#"{"@timestamp":"0000"#;
+    let (mut p, bq) = on_tansu().await?;
     // Malformed lines of every kind, and events BigQuery refuses: year 0 is
     // valid RFC 3339, but not a BigQuery TIMESTAMP.
-    let mut payloads = events(2, 3_000, 0.1);
+    let mut items = events(2, 3_000, 0.1);
     for i in 0..30 {
         let year0 = format!(
             r#"{{"@timestamp":"0000-01-01T00:00:00Z","info":"login","user_id":"u{i}","message":"year 0 #{i}"}}"#
         );
-        payloads.insert(i * 100, year0.into_bytes());
+        let payload = year0.into_bytes();
+        assert!(payload.starts_with(YEAR_ZERO) && oracle(&payload).is_some());
+        items.insert(
+            i * 100,
+            Item {
+                payload,
+                kept: false,
+                truth: None,
+            },
+        );
     }
-    f.produce(payloads).await?;
-
-    let mut refused_by_bigquery = BTreeSet::new();
-    let mut refused_at_decode = BTreeSet::new();
-    let mut kept = BTreeSet::new();
-    for (at, payload) in &f.produced {
-        if payload.starts_with(br#"{"@timestamp":"0000"#) {
-            refused_by_bigquery.insert(*at);
-        } else if oracle(payload).is_none() {
-            refused_at_decode.insert(*at);
-        } else {
-            kept.insert(*at);
-        }
-    }
+    p.produce(items).await?;
+    let refused_by_bigquery = coordinates_of(&p, |item| item.payload.starts_with(YEAR_ZERO));
+    let refused_at_decode = coordinates_of(&p, |item| oracle(&item.payload).is_none());
+    let kept = coordinates_of(&p, |item| item.kept);
     assert!(
         refused_at_decode.len() > 50 && kept.len() > 2_700,
         "{} refused, {} kept",
@@ -384,27 +364,9 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
         kept.len()
     );
 
-    let endpoint = f.stack.bigquery_endpoint.clone();
-    let service = f.start(&endpoint, &[])?;
-    f.wait_rows(&f.table, kept.len() as i64, &service).await?;
-    let dead = refused_by_bigquery.len() + refused_at_decode.len();
-    let letters = kafka::read_messages(&f.stack.kafka, &f.dlq(), dead, TIMEOUT)?;
-    f.assert_exactly(&f.table, &kept).await?;
-
-    let mut lettered = BTreeSet::new();
-    for letter in &letters {
-        let header = |k: &str| letter.headers.get(k).cloned().unwrap_or_default();
-        assert_eq!(header("source.topic"), f.topic);
-        let at: Coordinates = (
-            header("source.partition").parse()?,
-            header("source.offset").parse()?,
-        );
-        assert_eq!(
-            f.produced.get(&at),
-            Some(&letter.payload),
-            "dead letter {at:?} carries the original bytes"
-        );
-        let (code, reason) = (header("error.code"), header("error"));
+    let instance = p.start()?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    for (at, (code, reason)) in dead_letters(&p)? {
         if refused_by_bigquery.contains(&at) {
             assert_eq!(code, "bigquery_invalid", "{at:?}: {reason}");
             assert!(
@@ -412,28 +374,10 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
                 "{reason}"
             );
         } else {
-            assert!(
-                refused_at_decode.contains(&at),
-                "{at:?} should not be a dead letter: {code} {reason}"
-            );
-            assert!(
-                [
-                    "not_json",
-                    "empty",
-                    "invalid_utf8",
-                    "not_an_object",
-                    "bad_timestamp"
-                ]
-                .contains(&code.as_str()),
-                "{at:?}: {code}"
-            );
-            assert!(!reason.is_empty());
+            assert!(refused_at_decode.contains(&at), "{at:?}: {code} {reason}");
+            assert!(DECODE_CODES.contains(&code.as_str()), "{at:?}: {code}");
         }
-        lettered.insert(at);
     }
-    assert_eq!(lettered.len(), dead, "each refused record once in the DLQ");
-    let extra = kafka::read_messages(&f.stack.kafka, &f.dlq(), dead + 1, Duration::from_secs(3));
-    assert!(extra.is_err(), "more dead letters than refused records");
     Ok(())
 }
 
@@ -445,89 +389,27 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
 /// lands once, at its coordinates and with its own payload, and every
 /// malformed line is dead-lettered once.
 async fn compressed_batches_land_exactly_once(compression: &str) -> anyhow::Result<()> {
-    let mut f = Fixture::on_mock_cluster(compression).await?;
-    f.produce(events(10, 5_000, 0.02)).await?;
-    let mut kept = BTreeSet::new();
-    let mut refused = BTreeSet::new();
-    for (at, payload) in &f.produced {
-        if oracle(payload).is_some() {
-            kept.insert(*at);
-        } else {
-            refused.insert(*at);
-        }
-    }
+    let stack = Stack::get()?;
+    let (mut p, bq) = into_table(&stack, Broker::mock_cluster(3)?, None).await?;
+    p.logstash_production(compression)?;
+    p.produce(events(10, 5_000, 0.02)).await?;
+    let kept = coordinates_of(&p, |item| item.kept);
+    let refused = p.records().len() - kept.len();
     assert!(
-        refused.len() > 50 && kept.len() > 4_800,
-        "{} refused, {} kept",
-        refused.len(),
+        refused > 50 && kept.len() > 4_800,
+        "{refused} refused, {} kept",
         kept.len()
     );
 
-    let endpoint = f.stack.bigquery_endpoint.clone();
-    let service = f.start(&endpoint, &[])?;
-    f.wait_rows(&f.table, kept.len() as i64, &service).await?;
-    let letters = kafka::read_messages(&f.stack.kafka, &f.dlq(), refused.len(), TIMEOUT)?;
-    f.assert_exactly(&f.table, &kept).await?;
-
-    // Each row holds the payload produced at its coordinates.
-    let t = f.emulator.sql_name(&f.table);
-    let rows = f
-        .emulator
-        .query(&format!(
-            "SELECT kafka_partition, kafka_offset, TO_JSON_STRING(payload) FROM {t}"
-        ))
-        .await?;
-    assert_eq!(rows.len(), kept.len());
-    for row in &rows {
-        let at = (
-            i32::try_from(int(&row[0]).context("partition")?)?,
-            int(&row[1]).context("offset")?,
-        );
-        let original: Value =
-            serde_json::from_slice(f.produced.get(&at).context("a row nobody produced")?)?;
-        let stored: Value = serde_json::from_str(row[2].as_str().context("payload")?)?;
-        assert_eq!(stored, original, "payload of {at:?}");
-    }
-
-    let mut lettered = BTreeSet::new();
-    for letter in &letters {
-        let header = |k: &str| letter.headers.get(k).cloned().unwrap_or_default();
-        assert_eq!(header("source.topic"), f.topic);
-        let at: Coordinates = (
-            header("source.partition").parse()?,
-            header("source.offset").parse()?,
-        );
-        let (code, reason) = (header("error.code"), header("error"));
+    let instance = p.start()?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    assert_eq!(check_rows(&p, &bq, "TRUE").await?, kept.len());
+    for (at, (code, reason)) in dead_letters(&p)? {
         assert!(
-            refused.contains(&at),
-            "{at:?} should not be a dead letter: {code} {reason}"
-        );
-        assert_eq!(
-            f.produced.get(&at),
-            Some(&letter.payload),
-            "dead letter {at:?} carries the original bytes"
-        );
-        assert!(
-            [
-                "not_json",
-                "empty",
-                "invalid_utf8",
-                "not_an_object",
-                "bad_timestamp"
-            ]
-            .contains(&code.as_str()),
+            DECODE_CODES.contains(&code.as_str()),
             "{at:?}: {code} {reason}"
         );
-        lettered.insert(at);
     }
-    assert_eq!(lettered, refused, "each malformed line once in the DLQ");
-    let extra = kafka::read_messages(
-        &f.stack.kafka,
-        &f.dlq(),
-        refused.len() + 1,
-        Duration::from_secs(3),
-    );
-    assert!(extra.is_err(), "more dead letters than malformed lines");
     Ok(())
 }
 
@@ -553,9 +435,8 @@ async fn zstd_batches_land_exactly_once() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_and_dropped_connections_lose_nothing() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(3, 10_000, 0.0)).await?;
-    let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
+    let (mut p, bq, proxy) = through_proxy().await?;
+    p.produce(events(3, 10_000, 0.0)).await?;
     proxy.set_faults(vec![
         Fault::Status(500),
         Fault::Forward,
@@ -567,7 +448,7 @@ async fn errors_and_dropped_connections_lose_nothing() -> anyhow::Result<()> {
         Fault::Status(502),
         Fault::Forward,
     ]);
-    let service = f.start(&proxy.endpoint(), &["--batch-max-rows", "100"])?;
+    let instance = p.start_with(&["--batch-max-rows", "100"])?;
     wait_for(TIMEOUT, "40 faults served", || proxy.faults_served() >= 40).await?;
     proxy.clear_faults();
     let served = proxy.served();
@@ -577,20 +458,18 @@ async fn errors_and_dropped_connections_lose_nothing() -> anyhow::Result<()> {
         "every kind of fault was served: {served:?}"
     );
 
-    let view = f.create_dedup_view().await?;
-    f.wait_rows(&view, 10_000, &service).await?;
-    f.assert_exactly(&view, &f.all()).await?;
+    let view = bq.create_dedup_view().await?;
+    wait_landed(&p, &bq, &view, &instance).await?;
     // Forwarded-then-dropped requests were stored and sent again.
-    assert!(f.emulator.count(&f.table).await? >= 10_000);
-    f.assert_no_dead_letters();
+    assert!(bq.count(&bq.table).await? >= 10_000);
+    dead_letters(&p)?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_rows_bigquery_did_not_take_are_sent_again() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(6, 5_000, 0.0)).await?;
-    let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
+    let (mut p, bq, proxy) = through_proxy().await?;
+    p.produce(events(6, 5_000, 0.0)).await?;
     // Rows refused with `backendError`, and requests refused as too large
     // (nothing stored): no row may end up twice in the table itself.
     proxy.set_faults(vec![
@@ -598,9 +477,8 @@ async fn only_rows_bigquery_did_not_take_are_sent_again() -> anyhow::Result<()> 
         Fault::TooLargeAbove(60),
         Fault::Forward,
     ]);
-    let service = f.start(&proxy.endpoint(), &["--batch-max-rows", "200"])?;
-    f.wait_rows(&f.table, 5_000, &service).await?;
-    f.assert_exactly(&f.table, &f.all()).await?;
+    let instance = p.start_with(&["--batch-max-rows", "200"])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
     let served = proxy.served();
     assert!(
         served.get("FailOddRows").copied().unwrap_or(0) > 0,
@@ -616,28 +494,26 @@ async fn only_rows_bigquery_did_not_take_are_sent_again() -> anyhow::Result<()> 
         inserts.iter().any(|i| i.rows > 60) && inserts.iter().any(|i| i.rows <= 60 && i.rows > 1),
         "{inserts:?}"
     );
-    f.assert_no_dead_letters();
+    dead_letters(&p)?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_and_restart_lose_nothing() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(4, 20_000, 0.0)).await?;
-    let endpoint = f.stack.bigquery_endpoint.clone();
-    let service = f.start(&endpoint, &[])?;
-    f.wait_rows(&f.table, 4_000, &service).await?;
-    service.kill()?;
-    let written = f.emulator.count(&f.table).await?;
+    let (mut p, bq) = on_tansu().await?;
+    p.produce(events(4, 20_000, 0.0)).await?;
+    let instance = p.start()?;
+    bq.wait_rows(&bq.table, 4_000, &instance).await?;
+    instance.service.kill()?;
+    let written = bq.count(&bq.table).await?;
     assert!(
         written < 20_000,
         "killed after everything was written ({written} rows): not mid-stream"
     );
-    let service = restart_alone(|| f.start(&endpoint, &[])).await?;
-    let view = f.create_dedup_view().await?;
-    f.wait_rows(&view, 20_000, &service).await?;
-    f.assert_exactly(&view, &f.all()).await?;
-    f.assert_no_dead_letters();
+    let instance = p.restart_alone(&[]).await?;
+    let view = bq.create_dedup_view().await?;
+    wait_landed(&p, &bq, &view, &instance).await?;
+    dead_letters(&p)?;
     Ok(())
 }
 
@@ -645,36 +521,31 @@ async fn sigkill_mid_stream_and_restart_lose_nothing() -> anyhow::Result<()> {
 async fn no_request_over_the_byte_limit_is_sent() -> anyhow::Result<()> {
     const MAX_BYTES: usize = 200_000;
     const MAX_ROWS: usize = 7;
-    let mut f = Fixture::new().await?;
+    let (mut p, bq, proxy) = through_proxy().await?;
     // Big events whose quotes and backslashes double in size once the
     // payload is a JSON string inside the request, between ordinary ones.
-    let mut generator = Generator::new(5, Mix::All, chrono::Utc::now().timestamp_millis());
+    let mut generator = generator(5);
     let now = chrono::Utc::now().to_rfc3339();
-    let payloads: Vec<Vec<u8>> = (0..400)
+    let items = (0..400)
         .map(|i| {
-            if i % 2 == 0 {
+            item(if i % 2 == 0 {
                 let message = format!("{}#{i}", "\"\\".repeat(3_000 + i * 10));
                 serde_json::json!({"@timestamp": now, "info": "big", "message": message})
                     .to_string()
                     .into_bytes()
             } else {
                 generator.next_event().payload
-            }
+            })
         })
         .collect();
-    f.produce(payloads).await?;
-    let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
-    let service = f.start(
-        &proxy.endpoint(),
-        &[
-            "--batch-max-bytes",
-            &MAX_BYTES.to_string(),
-            "--batch-max-rows",
-            &MAX_ROWS.to_string(),
-        ],
-    )?;
-    f.wait_rows(&f.table, 400, &service).await?;
-    f.assert_exactly(&f.table, &f.all()).await?;
+    p.produce(items).await?;
+    let instance = p.start_with(&[
+        "--batch-max-bytes",
+        &MAX_BYTES.to_string(),
+        "--batch-max-rows",
+        &MAX_ROWS.to_string(),
+    ])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
 
     let inserts = proxy.inserts();
     let largest = inserts.iter().map(|i| i.bytes).max().unwrap_or(0);
@@ -689,26 +560,8 @@ async fn no_request_over_the_byte_limit_is_sent() -> anyhow::Result<()> {
     );
 
     // The big payloads arrived whole.
-    let t = f.emulator.sql_name(&f.table);
-    let lengths = f
-        .emulator
-        .query(&format!(
-            "SELECT kafka_partition, kafka_offset, LENGTH(JSON_VALUE(payload, '$.message')) FROM {t} WHERE info = 'big'"
-        ))
-        .await?;
-    assert_eq!(lengths.len(), 200);
-    for row in lengths {
-        let at = (
-            i32::try_from(int(&row[0]).context("partition")?)?,
-            int(&row[1]).context("offset")?,
-        );
-        let original: Value = serde_json::from_slice(f.produced.get(&at).context("unknown row")?)?;
-        let want = original["message"]
-            .as_str()
-            .map(|m| m.chars().count() as i64);
-        assert_eq!(int(&row[2]), want, "message length of {at:?}");
-    }
-    f.assert_no_dead_letters();
+    assert_eq!(check_rows(&p, &bq, "info = 'big'").await?, 200);
+    dead_letters(&p)?;
     Ok(())
 }
 
@@ -719,98 +572,65 @@ async fn no_request_over_the_byte_limit_is_sent() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_lettering(
 ) -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let service = f.start(&proxy.endpoint(), &["--metrics-addr", &metrics])?;
-    f.produce(events(8, 1_000, 0.0)).await?;
-    f.wait_rows(&f.table, 1_000, &service).await?;
+    let (mut p, bq, proxy) = through_proxy().await?;
+    let instance = p.start()?;
+    p.produce(events(8, 1_000, 0.0)).await?;
+    bq.wait_rows(&bq.table, 1_000, &instance).await?;
 
-    let documented = f.emulator.schema_fields(&f.table).await?;
-    let without_host: Vec<serde_json::Value> = documented
+    let documented = bq.emulator.schema_fields(&bq.table).await?;
+    let without_host: Vec<Value> = documented
         .as_array()
         .context("schema fields")?
         .iter()
         .filter(|field| field["name"] != "host")
         .cloned()
         .collect();
-    f.emulator
-        .set_schema(&f.table, serde_json::Value::Array(without_host))
+    bq.emulator
+        .set_schema(&bq.table, Value::Array(without_host))
         .await?;
     proxy.set_faults(vec![Fault::RefuseRowsAs("no such field: host.")]);
-    f.produce(events(9, 1_000, 0.0)).await?;
-    let log = service.log.clone();
-    wait_for(TIMEOUT, "the schema problem in the log", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| {
-            l.contains("table_schema_changed") && l.contains("column `host` is missing")
-        })
+    p.produce(events(9, 1_000, 0.0)).await?;
+    wait_refused(&instance, &proxy, "the schema problem in the log", |l| {
+        l.contains("table_schema_changed") && l.contains("column `host` is missing")
     })
     .await?;
-    wait_for(TIMEOUT, "three writes refused", || {
-        proxy.faults_served() >= 3
-    })
-    .await?;
-    assert!(!e2e::ready(port).await?, "ready while every row is refused");
-    assert_eq!(f.emulator.count(&f.table).await?, 1_000);
-    f.assert_no_dead_letters();
+    assert_eq!(bq.count(&bq.table).await?, 1_000);
+    dead_letters(&p)?;
 
-    f.emulator.set_schema(&f.table, documented).await?;
+    bq.emulator.set_schema(&bq.table, documented).await?;
     proxy.clear_faults();
-    f.wait_rows(&f.table, 2_000, &service).await?;
-    f.assert_exactly(&f.table, &f.all()).await?;
-    f.assert_no_dead_letters();
-    e2e::wait_for_async(TIMEOUT, "readiness after the fix", || e2e::ready(port)).await?;
-    Ok(())
+    recovers(&p, &bq, &instance).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
 ) -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(7, 2_000, 0.0)).await?;
-    let proxy = FaultProxy::start(&f.stack.bigquery_endpoint)?;
+    let (mut p, bq, proxy) = through_proxy().await?;
+    p.produce(events(7, 2_000, 0.0)).await?;
     proxy.set_faults(vec![Fault::Status(403)]);
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let service = f.start(&proxy.endpoint(), &["--metrics-addr", &metrics])?;
-    let log = service.log.clone();
-    wait_for(TIMEOUT, "the operator message in the log", || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("roles/bigquery.dataEditor"))
+    let instance = p.start()?;
+    wait_refused(&instance, &proxy, "the operator message in the log", |l| {
+        l.contains("roles/bigquery.dataEditor")
     })
     .await?;
-    // Retried periodically, readiness false, nothing written or committed.
-    wait_for(TIMEOUT, "three writes denied", || {
-        proxy.faults_served() >= 3
-    })
-    .await?;
-    assert!(
-        !e2e::ready(port).await?,
-        "ready while BigQuery denies access"
-    );
-    assert_eq!(f.emulator.count(&f.table).await?, 0);
-    let committed = kafka::committed(&f.stack.kafka, &f.group, &f.topic, PARTITIONS)?;
+    assert_eq!(bq.count(&bq.table).await?, 0);
     assert_eq!(
-        committed,
+        p.committed_by(&p.group).await?,
         vec![None; PARTITIONS as usize],
         "nothing committed while denied"
     );
 
     proxy.clear_faults();
-    f.wait_rows(&f.table, 2_000, &service).await?;
-    f.assert_exactly(&f.table, &f.all()).await?;
-    e2e::wait_for_async(TIMEOUT, "readiness after the fix", || e2e::ready(port)).await?;
-    Ok(())
+    recovers(&p, &bq, &instance).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_up_problems_stop_the_sink_with_one_clear_line() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    let endpoint = f.stack.bigquery_endpoint.clone();
+    let (mut p, bq) = on_tansu().await?;
     // An existing table lacking columns.
-    f.emulator
+    bq.emulator
         .create_table(
-            &f.table,
+            &bq.table,
             serde_json::json!([
                 {"name": "event_time", "type": "TIMESTAMP", "mode": "REQUIRED"},
                 {"name": "info", "type": "STRING"},
@@ -839,9 +659,9 @@ async fn start_up_problems_stop_the_sink_with_one_clear_line() -> anyhow::Result
         ),
     ];
     for (extra, want) in cases {
-        let mut service = f.start(&endpoint, extra)?;
-        let code = service.wait(Duration::from_secs(60)).await?;
-        let log = std::fs::read_to_string(&service.log)?;
+        let mut instance = p.start_with(extra)?;
+        let code = instance.service.wait(Duration::from_secs(60)).await?;
+        let log = std::fs::read_to_string(&instance.service.log)?;
         assert_eq!(code, Some(1), "{extra:?}: {log}");
         let line = log
             .lines()
