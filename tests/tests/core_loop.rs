@@ -1,26 +1,53 @@
 //! The shared consume loop against the real broker, with a recording sink.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::ops::Range;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use e2e::broker::{Broker, Mock};
+use e2e::metrics::Scrape;
 use e2e::service::ServiceFlags;
-use e2e::{kafka, unique, wait_for, Stack};
+use e2e::{
+    free_port, kafka, poll_until, ready, unique, wait_for, wait_for_async, Check, Stack, PARTITIONS,
+};
+use rdkafka::producer::FutureProducer;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sink_core::config::try_parse_args_from;
+use sink_core::metrics::{PARTITION_REFUSED, PARTITION_STALLED, RETRIES};
 use sink_core::{
     Batch, ConsumerArgs, PartitionRange, Record, Rejection, ServiceDefaults, Sink, SinkError,
     WriteOutcome,
 };
 use tokio::sync::oneshot;
 
-const PARTITIONS: i32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the sink saw: (partition, offset, payload) in write order.
 type Seen = Arc<Mutex<Vec<(i32, i64, String)>>>;
+
+/// What `Sink::stored_offsets` returns.
+type StoredOffsets = Result<Vec<Option<i64>>, SinkError>;
+
+/// What a [`RecordingSink`] shares with its test.
+#[derive(Clone, Default)]
+struct Shared {
+    seen: Seen,
+    /// Each batch's ranges, as `Sink::dispatched` reported them.
+    dispatched: Arc<Mutex<Vec<Vec<PartitionRange>>>>,
+    /// Write attempts so far.
+    writes: Arc<AtomicUsize>,
+    /// Fails every write while set (an outage).
+    down: Arc<AtomicBool>,
+    /// Partitions assigned so far (asked for their stored offsets).
+    assigned: Arc<Mutex<Vec<i32>>>,
+    /// Offsets reset by the loop; they replace `stored`.
+    resets: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
 
 /// Accepts everything except payloads starting with "BAD" (rejected at
 /// decode) and "REFUSE" (rejected at write); fails its first `fail_first`
@@ -29,30 +56,45 @@ type Seen = Arc<Mutex<Vec<(i32, i64, String)>>>;
 /// in any order, and only the commits stay in order).
 #[derive(Default)]
 struct RecordingSink {
-    seen: Seen,
-    /// Each batch's ranges, as `Sink::dispatched` reported them.
-    dispatched: Arc<Mutex<Vec<Vec<PartitionRange>>>>,
+    shared: Shared,
     fail_first: AtomicUsize,
-    writes: Arc<AtomicUsize>,
     stored: BTreeMap<i32, i64>,
     in_flight: usize,
-    /// Fails every write until then (an outage).
-    down_until: Option<std::time::Instant>,
-    /// Fails every write while set.
-    down: Arc<AtomicBool>,
-    /// Partitions assigned so far (asked for their stored offsets).
-    assigned: Arc<Mutex<Vec<i32>>>,
-    /// Offsets reset by the loop; they replace `stored`.
-    resets: Arc<Mutex<BTreeMap<i32, i64>>>,
     /// Fails its first resets (the sink did not answer).
     fail_resets: AtomicUsize,
 }
 
 impl RecordingSink {
+    /// A sink down (failing every write) from the start.
+    fn down() -> Self {
+        let sink = Self::default();
+        sink.shared.down.store(true, Ordering::SeqCst);
+        sink
+    }
+
     fn stored(&self, partition: i32) -> Option<i64> {
-        let reset = self.resets.lock().ok()?.get(&partition).copied();
+        let reset = self.shared.resets.lock().ok()?.get(&partition).copied();
         reset.or_else(|| self.stored.get(&partition).copied())
     }
+}
+
+/// Locks a test sink's state (poisoned: a transient failure).
+fn lock<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>, SinkError> {
+    mutex
+        .lock()
+        .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))
+}
+
+/// Whether `counter` had failures left to inject (and takes one).
+fn take_failure(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// An injected `what` ("outage", "failure"), transient.
+fn injected(what: &str) -> SinkError {
+    SinkError::transient("test_outage", anyhow::anyhow!("injected {what}"))
 }
 
 impl Sink for RecordingSink {
@@ -70,38 +112,21 @@ impl Sink for RecordingSink {
     }
 
     fn dispatched(&self, batch: &Batch<String>) {
-        if let Ok(mut dispatched) = self.dispatched.lock() {
+        if let Ok(mut dispatched) = self.shared.dispatched.lock() {
             dispatched.push(batch.ranges.clone());
         }
     }
 
     async fn write(&self, batch: &Batch<String>) -> Result<WriteOutcome, SinkError> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        if self.down.load(Ordering::SeqCst)
-            || self
-                .down_until
-                .is_some_and(|until| std::time::Instant::now() < until)
-        {
-            return Err(SinkError::transient(
-                "test_outage",
-                anyhow::anyhow!("injected outage"),
-            ));
+        self.shared.writes.fetch_add(1, Ordering::SeqCst);
+        if self.shared.down.load(Ordering::SeqCst) {
+            return Err(injected("outage"));
         }
-        if self
-            .fail_first
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(SinkError::transient(
-                "test_outage",
-                anyhow::anyhow!("injected failure"),
-            ));
+        if take_failure(&self.fail_first) {
+            return Err(injected("failure"));
         }
         let mut outcome = WriteOutcome::default();
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        let mut seen = lock(&self.shared.seen)?;
         for range in &batch.ranges {
             if let Some(stored) = self.stored(range.partition) {
                 if range.first < stored {
@@ -125,12 +150,8 @@ impl Sink for RecordingSink {
         Ok(outcome)
     }
 
-    async fn stored_offsets(
-        &self,
-        _topic: &str,
-        partitions: &[i32],
-    ) -> Result<Vec<Option<i64>>, SinkError> {
-        if let Ok(mut assigned) = self.assigned.lock() {
+    async fn stored_offsets(&self, _topic: &str, partitions: &[i32]) -> StoredOffsets {
+        if let Ok(mut assigned) = self.shared.assigned.lock() {
             assigned.extend(partitions);
         }
         Ok(partitions.iter().map(|p| self.stored(*p)).collect())
@@ -141,20 +162,10 @@ impl Sink for RecordingSink {
         _topic: &str,
         resets: &[(i32, i64, i64)],
     ) -> Result<(), SinkError> {
-        if self
-            .fail_resets
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(SinkError::transient(
-                "test_outage",
-                anyhow::anyhow!("injected failure"),
-            ));
+        if take_failure(&self.fail_resets) {
+            return Err(injected("failure"));
         }
-        let mut done = self
-            .resets
-            .lock()
-            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        let mut done = lock(&self.shared.resets)?;
         done.extend(resets.iter().map(|(partition, _, to)| (*partition, *to)));
         Ok(())
     }
@@ -164,17 +175,8 @@ impl Sink for RecordingSink {
     }
 }
 
-fn args(stack: &Stack, topic: &str, group: &str) -> anyhow::Result<ConsumerArgs> {
-    args_with(&stack.kafka, topic, group, &[])
-}
-
-/// [`args`] and `extra` flags.
-fn args_with(
-    bootstrap: &str,
-    topic: &str,
-    group: &str,
-    extra: &[&str],
-) -> anyhow::Result<ConsumerArgs> {
+/// The consumer arguments of `flags`, parsed in this process.
+fn consumer_args(flags: &ServiceFlags) -> anyhow::Result<ConsumerArgs> {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
@@ -187,10 +189,6 @@ fn args_with(
         batch_max_bytes: 1 << 20,
         batch_linger_ms: 50,
     };
-    // The flags every test service gets, parsed in this process.
-    let flags = ServiceFlags::consumer("test", bootstrap, topic, group)
-        .for_tests()
-        .extra(extra);
     let argv = std::iter::once("test".to_owned()).chain(flags.args());
     Ok(try_parse_args_from::<Cli, _, _>(&defaults, argv)?.consumer)
 }
@@ -198,7 +196,7 @@ fn args_with(
 /// A consumer running in the background until `stop` is called.
 struct Running {
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
@@ -213,72 +211,292 @@ impl Running {
         });
         Self {
             stop: Some(stop),
-            task,
+            task: Some(task),
         }
     }
 
-    async fn stop(mut self) -> anyhow::Result<()> {
+    /// Stops the consumer and returns how its run ended (once; later calls
+    /// do nothing).
+    async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task.await.context("consumer task")?
+        match self.task.take() {
+            Some(task) => task.await.context("consumer task")?,
+            None => Ok(()),
+        }
     }
 }
 
-async fn topic_with_dlq(stack: &Stack) -> anyhow::Result<String> {
-    let topic = unique("core");
-    kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
-    kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
-    Ok(topic)
+/// A test's topic and its dead-letter topic on a broker, the group its
+/// consumers share, a producer, and a reader of the group's commits.
+struct Setup {
+    broker: Broker,
+    topic: String,
+    group: String,
+    producer: FutureProducer,
+    offsets: kafka::OffsetReader,
 }
 
-/// librdkafka's mock cluster (one broker, in this process) with a topic of
-/// [`PARTITIONS`] partitions and its dead-letter topic: the cluster (keep
-/// it alive), the topic and the bootstrap address.
-fn mock_topic(
-    prefix: &str,
-) -> anyhow::Result<(
-    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    String,
-    String,
-)> {
-    let mock = rdkafka::mocking::MockCluster::new(1)?;
-    let topic = unique(prefix);
-    mock.create_topic(&topic, PARTITIONS, 1)?;
-    mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 1)?;
-    let bootstrap = mock.bootstrap_servers();
-    Ok((mock, topic, bootstrap))
+impl Setup {
+    /// On the stack's tansu.
+    async fn on_tansu() -> anyhow::Result<Self> {
+        Self::on(Broker::tansu(&Stack::get()?), "core").await
+    }
+
+    /// On librdkafka's mock cluster (one broker, in this process), the topic
+    /// named after `prefix`.
+    async fn on_mock(prefix: &str) -> anyhow::Result<Self> {
+        Self::on(Broker::mock_cluster(1)?, prefix).await
+    }
+
+    async fn on(broker: Broker, prefix: &str) -> anyhow::Result<Self> {
+        let topic = broker.topic_with_dlq(prefix).await?;
+        let group = unique("group");
+        // One record per record batch on either broker: these scenarios'
+        // producer (`Broker::producer` batches on the mock cluster).
+        let producer = kafka::producer(broker.bootstrap())?;
+        let offsets = kafka::OffsetReader::new(broker.bootstrap(), &group, &topic, PARTITIONS)?;
+        Ok(Self {
+            broker,
+            topic,
+            group,
+            producer,
+            offsets,
+        })
+    }
+
+    /// The mock cluster, to inject faults.
+    fn faults(&self) -> anyhow::Result<Rc<Mock>> {
+        self.broker.mock().context("faults need the mock cluster")
+    }
+
+    /// Arguments of a consumer of the topic in the group: the tests' flags,
+    /// /metrics on `metrics_port` if given, and `extra`.
+    fn args(&self, metrics_port: Option<u16>, extra: &[&str]) -> anyhow::Result<ConsumerArgs> {
+        let flags =
+            ServiceFlags::consumer("test", self.broker.bootstrap(), &self.topic, &self.group)
+                .for_tests();
+        let flags = match metrics_port {
+            Some(port) => flags.metrics_port(port),
+            None => flags,
+        };
+        consumer_args(&flags.extra(extra))
+    }
+
+    /// Starts a consumer of the topic in the group with `sink`, /metrics on
+    /// a free port, and `extra` flags.
+    fn start(&self, sink: RecordingSink, extra: &[&str]) -> anyhow::Result<Consumer> {
+        let port = free_port()?;
+        let shared = sink.shared.clone();
+        let running = Running::start(self.args(Some(port), extra)?, sink);
+        Ok(Consumer {
+            running,
+            sink: shared,
+            port,
+            topic: self.topic.clone(),
+        })
+    }
+
+    /// Produces `records` (partition, payload) to the topic.
+    async fn produce(
+        &self,
+        records: impl IntoIterator<Item = (i32, Vec<u8>)>,
+    ) -> anyhow::Result<()> {
+        kafka::produce(&self.producer, &self.topic, records).await
+    }
+
+    /// The group's committed offset per partition.
+    fn committed(&self) -> anyhow::Result<Vec<Option<i64>>> {
+        self.offsets.committed()
+    }
+
+    /// Waits until the group's committed offsets are `expected`.
+    async fn wait_for_committed(&self, what: &str, expected: &[Option<i64>]) -> anyhow::Result<()> {
+        poll_until(TIMEOUT, Duration::from_millis(50), what, || {
+            let check = match self.committed() {
+                Ok(committed) if committed == expected => Check::Done(()),
+                Ok(committed) => {
+                    Check::NotYet(format!("committed {committed:?}, expected {expected:?}"))
+                }
+                Err(err) => Check::NotYet(format!("{err:#}, expected {expected:?}")),
+            };
+            std::future::ready(Ok(check))
+        })
+        .await
+    }
+
+    /// The first `count` dead letters of the topic.
+    fn dead_letters(&self, count: usize) -> anyhow::Result<Vec<kafka::ReadMessage>> {
+        let dlq = format!("{}.dlq", self.topic);
+        kafka::read_messages(self.broker.bootstrap(), &dlq, count, TIMEOUT)
+    }
 }
 
-fn len(seen: &Seen) -> usize {
-    seen.lock().map(|s| s.len()).unwrap_or(0)
+/// A consumer of a [`Setup`]'s topic running in this process with a
+/// [`RecordingSink`], /metrics on `port`.
+struct Consumer {
+    running: Running,
+    /// What its sink shares.
+    sink: Shared,
+    port: u16,
+    topic: String,
+}
+
+impl Consumer {
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        self.running.stop().await
+    }
+
+    /// How many events the sink took.
+    fn len(&self) -> usize {
+        self.sink.seen.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// The events the sink took, in write order.
+    fn seen(&self) -> anyhow::Result<Vec<(i32, i64, String)>> {
+        Ok(self
+            .sink
+            .seen
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .clone())
+    }
+
+    /// Waits until the sink took `n` events (`what`).
+    async fn wait_seen(&self, what: &str, n: usize) -> anyhow::Result<()> {
+        self.wait_seen_within(TIMEOUT, what, n).await
+    }
+
+    async fn wait_seen_within(
+        &self,
+        timeout: Duration,
+        what: &str,
+        n: usize,
+    ) -> anyhow::Result<()> {
+        wait_for(timeout, what, || self.len() >= n).await
+    }
+
+    async fn ready(&self) -> anyhow::Result<bool> {
+        ready(self.port).await
+    }
+
+    /// Waits until readiness is `expected` (`what`).
+    async fn wait_ready(&self, what: &str, expected: bool) -> anyhow::Result<()> {
+        wait_for_async(TIMEOUT, what, || async move {
+            Ok(self.ready().await? == expected)
+        })
+        .await
+    }
+
+    /// Reads readiness every `every` for `span`: fails with `why` the first
+    /// time it is not `expected`.
+    async fn hold_readiness(
+        &self,
+        expected: bool,
+        span: Duration,
+        every: Duration,
+        why: &str,
+    ) -> anyhow::Result<()> {
+        let until = Instant::now() + span;
+        while Instant::now() < until {
+            anyhow::ensure!(
+                self.ready().await? == expected,
+                "{why} (stalled: {:?})",
+                self.stalled_partitions().await?
+            );
+            tokio::time::sleep(every).await;
+        }
+        Ok(())
+    }
+
+    /// Whether /healthz passes (`None` while nothing listens).
+    async fn live(&self) -> Option<bool> {
+        let response = reqwest::get(format!("http://127.0.0.1:{}/healthz", self.port)).await;
+        response.ok().map(|r| r.status().is_success())
+    }
+
+    /// Waits until /healthz answers `expected` (`what`).
+    async fn wait_live(&self, what: &str, expected: bool) -> anyhow::Result<()> {
+        wait_for_async(TIMEOUT, what, || async move {
+            Ok(self.live().await == Some(expected))
+        })
+        .await
+    }
+
+    /// The labels of the topic's partitions whose stalled gauge is 1.
+    async fn stalled_partitions(&self) -> anyhow::Result<Vec<String>> {
+        let scrape = Scrape::from_port(self.port).await?;
+        Ok(scrape
+            .matching(PARTITION_STALLED, &[("topic", &self.topic)])
+            .iter()
+            .filter(|s| s.value == 1.0)
+            .map(|s| s.labels.to_owned())
+            .collect())
+    }
+
+    /// Waits until /metrics says `partition` of the topic is refused.
+    async fn wait_for_refused(&self, partition: i32) -> anyhow::Result<()> {
+        let partition = partition.to_string();
+        let labels = [("topic", self.topic.as_str()), ("partition", &partition)];
+        let what = format!("partition {partition} refused on /metrics");
+        wait_for_async(TIMEOUT, &what, || async move {
+            let scrape = Scrape::or_empty(self.port).await;
+            Ok(scrape
+                .matching(PARTITION_REFUSED, &labels)
+                .iter()
+                .any(|s| s.value == 1.0))
+        })
+        .await
+    }
+
+    /// Whether /metrics counts at least 3 dead-letter retries of `kind`
+    /// (false while nothing listens).
+    async fn dead_letter_retries(&self, kind: &str) -> anyhow::Result<bool> {
+        let scrape = Scrape::or_empty(self.port).await;
+        Ok(scrape
+            .matching(RETRIES, &[("operation", "dead_letter"), ("kind", kind)])
+            .iter()
+            .any(|s| s.value >= 3.0))
+    }
+}
+
+/// `<prefix>-<i>` for each `i` of `range`, to partition `i % PARTITIONS`.
+fn spread<P: Display>(prefix: P, range: Range<i32>) -> impl Iterator<Item = (i32, Vec<u8>)> {
+    range.map(move |i| (i % PARTITIONS, format!("{prefix}-{i}").into_bytes()))
+}
+
+/// `payloads`, in this order, to `partition`.
+fn to_partition<'a>(
+    partition: i32,
+    payloads: &'a [&str],
+) -> impl Iterator<Item = (i32, Vec<u8>)> + 'a {
+    payloads
+        .iter()
+        .map(move |p| (partition, p.as_bytes().to_vec()))
+}
+
+/// 10 events to partition 0 and 5 to partition 1.
+fn ten_and_five() -> impl Iterator<Item = (i32, Vec<u8>)> {
+    (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
+    let setup = Setup::on_tansu().await?;
     let n = 10_000;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..n).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
-    )
-    .await?;
+    setup.produce(spread("event", 0..n)).await?;
 
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let dispatched = Arc::clone(&sink.dispatched);
-    let running = Running::start(args(&stack, &topic, &group)?, sink);
-    wait_for(TIMEOUT, "all 10,000 events", || len(&seen) >= n as usize).await?;
-    running.stop().await?;
+    let mut consumer = setup.start(RecordingSink::default(), &[])?;
+    consumer.wait_seen("all 10,000 events", n as usize).await?;
+    consumer.stop().await?;
 
     // Sink::dispatched saw every batch in offset order: per partition, the
     // ranges chain from 0 to the end without a hole or an overlap (what a
     // sink writing several batches at once orders its writes by).
-    let dispatched = dispatched
+    let dispatched = consumer
+        .sink
+        .dispatched
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
@@ -298,10 +516,7 @@ async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<
         assert_eq!(at, produced, "partition {p}: dispatched ranges {ranges:?}");
     }
 
-    let seen = seen
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
+    let seen = consumer.seen()?;
     assert_eq!(seen.len(), n as usize, "each event exactly once");
     for p in 0..PARTITIONS {
         let payloads: Vec<&str> = seen
@@ -322,33 +537,21 @@ async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<
             first_difference.map(|i| (&payloads[i.saturating_sub(2)..(i + 3).min(payloads.len())], &expected[i.saturating_sub(2)..(i + 3).min(expected.len())])),
         );
     }
-    let committed = kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?;
     let expected: Vec<Option<i64>> = (0..PARTITIONS)
         .map(|p| Some(((0..n).filter(|i| i % PARTITIONS == p).count()) as i64))
         .collect();
     assert_eq!(
-        committed, expected,
+        setup.committed()?,
+        expected,
         "offsets committed after the sink took everything"
     );
 
     // The same group again: only what is produced now arrives.
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args(&stack, &topic, &group)?, sink);
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..PARTITIONS).map(|p| (p, format!("late-{p}").into_bytes())),
-    )
-    .await?;
-    wait_for(TIMEOUT, "the 3 late events", || len(&seen) >= 3).await?;
-    running.stop().await?;
-    let mut payloads: Vec<String> = seen
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-        .map(|s| s.2.clone())
-        .collect();
+    let mut consumer = setup.start(RecordingSink::default(), &[])?;
+    setup.produce(spread("late", 0..PARTITIONS)).await?;
+    consumer.wait_seen("the 3 late events", 3).await?;
+    consumer.stop().await?;
+    let mut payloads: Vec<String> = consumer.seen()?.into_iter().map(|s| s.2).collect();
     payloads.sort();
     assert_eq!(
         payloads,
@@ -361,17 +564,9 @@ async fn every_event_once_in_partition_order_then_committed() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_sink_gets_everything_later_and_nothing_is_committed_before() -> anyhow::Result<()>
 {
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
+    let setup = Setup::on_tansu().await?;
     let n = 900;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..n).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
-    )
-    .await?;
+    setup.produce(spread("event", 0..n)).await?;
 
     let fail_first = 4;
     let sink = RecordingSink {
@@ -379,19 +574,12 @@ async fn failing_sink_gets_everything_later_and_nothing_is_committed_before() ->
         in_flight: 3,
         ..RecordingSink::default()
     };
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args(&stack, &topic, &group)?, sink);
-    wait_for(TIMEOUT, "every event after the outage", || {
-        len(&seen) >= n as usize
-    })
-    .await?;
-    running.stop().await?;
-    let mut offsets: Vec<(i32, i64)> = seen
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-        .map(|s| (s.0, s.1))
-        .collect();
+    let mut consumer = setup.start(sink, &[])?;
+    consumer
+        .wait_seen("every event after the outage", n as usize)
+        .await?;
+    consumer.stop().await?;
+    let mut offsets: Vec<(i32, i64)> = consumer.seen()?.iter().map(|s| (s.0, s.1)).collect();
     let total = offsets.len();
     offsets.sort_unstable();
     offsets.dedup();
@@ -400,33 +588,61 @@ async fn failing_sink_gets_everything_later_and_nothing_is_committed_before() ->
         (n as usize, n as usize),
         "every event, none twice"
     );
-    let committed = kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?;
-    assert_eq!(committed, vec![Some(300); 3]);
+    assert_eq!(setup.committed()?, vec![Some(300); 3]);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_records_land_in_the_dlq_with_headers() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
-    let payloads = ["ok-1", "BAD-1", "ok-2", "REFUSE-1", "ok-3", "BAD-2"];
-    kafka::produce(
-        &producer,
-        &topic,
-        payloads.iter().map(|p| (1, p.as_bytes().to_vec())),
-    )
+async fn nothing_is_committed_past_what_the_sink_has_not_accepted() -> anyhow::Result<()> {
+    // Commits are flowing (partition 0 committed), then the sink fails every
+    // write for a while: neither partition 0's new records nor partition 1's
+    // may be committed until the sink accepts them.
+    let setup = Setup::on_tansu().await?;
+    let records = |partition: i32, from: usize| {
+        (from..from + 300).map(move |i| (partition, format!("event-{partition}-{i}").into_bytes()))
+    };
+    let mut consumer = setup.start(RecordingSink::default(), &[])?;
+    setup.produce(records(0, 0)).await?;
+    setup
+        .wait_for_committed("committed offsets", &[Some(300), None, None])
+        .await?;
+
+    consumer.sink.down.store(true, Ordering::SeqCst);
+    let attempts = consumer.sink.writes.load(Ordering::SeqCst);
+    setup.produce(records(0, 300).chain(records(1, 0))).await?;
+    wait_for(TIMEOUT, "three failed write attempts", || {
+        consumer.sink.writes.load(Ordering::SeqCst) >= attempts + 3
+    })
     .await?;
+    assert_eq!(
+        setup.committed()?,
+        vec![Some(300), None, None],
+        "committed records the sink had not accepted"
+    );
+    assert_eq!(consumer.len(), 300);
 
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args(&stack, &topic, &group)?, sink);
-    wait_for(TIMEOUT, "the 3 good events", || len(&seen) >= 3).await?;
-    wait_for_committed(&stack, &group, &topic, vec![None, Some(6), None]).await?;
-    running.stop().await?;
+    consumer.sink.down.store(false, Ordering::SeqCst);
+    setup
+        .wait_for_committed("committed offsets", &[Some(600), Some(300), None])
+        .await?;
+    assert_eq!(consumer.len(), 900, "every record once");
+    consumer.stop().await
+}
 
-    let letters = kafka::read_messages(&stack.kafka, &format!("{topic}.dlq"), 3, TIMEOUT)?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_records_land_in_the_dlq_with_headers() -> anyhow::Result<()> {
+    let setup = Setup::on_tansu().await?;
+    let payloads = ["ok-1", "BAD-1", "ok-2", "REFUSE-1", "ok-3", "BAD-2"];
+    setup.produce(to_partition(1, &payloads)).await?;
+
+    let mut consumer = setup.start(RecordingSink::default(), &[])?;
+    consumer.wait_seen("the 3 good events", 3).await?;
+    setup
+        .wait_for_committed("committed offsets", &[None, Some(6), None])
+        .await?;
+    consumer.stop().await?;
+
+    let letters = setup.dead_letters(3)?;
     let mut by_payload: BTreeMap<String, &kafka::ReadMessage> = BTreeMap::new();
     for letter in &letters {
         by_payload.insert(
@@ -441,7 +657,7 @@ async fn rejected_records_land_in_the_dlq_with_headers() -> anyhow::Result<()> {
     let bad = by_payload["BAD-1"];
     assert_eq!(bad.headers["error"], "payload BAD-1 is bad");
     assert_eq!(bad.headers["error.code"], "bad_test_payload");
-    assert_eq!(bad.headers["source.topic"], topic);
+    assert_eq!(bad.headers["source.topic"], setup.topic);
     assert_eq!(bad.headers["source.partition"], "1");
     assert_eq!(bad.headers["source.offset"], "1");
     assert!(bad.headers["failed.at"].ends_with('Z'), "{:?}", bad.headers);
@@ -452,36 +668,25 @@ async fn rejected_records_land_in_the_dlq_with_headers() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_too_large_for_the_topic_goes_with_its_payload_cut() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
+    let setup = Setup::on_tansu().await?;
     let big = format!("BAD-{}", "x".repeat(100_000));
-    kafka::produce(
-        &producer,
-        &topic,
-        ["ok-1", big.as_str(), "ok-2"]
-            .iter()
-            .map(|p| (2, p.as_bytes().to_vec())),
-    )
-    .await?;
+    setup
+        .produce(to_partition(2, &["ok-1", big.as_str(), "ok-2"]))
+        .await?;
 
     // The dead-letter producer accepts at most 20,000 bytes, as a topic
     // with a smaller max.message.bytes than its source would.
-    let args = args_with(
-        &stack.kafka,
-        &topic,
-        &group,
+    let mut consumer = setup.start(
+        RecordingSink::default(),
         &["--kafka-option", "message.max.bytes=20000"],
     )?;
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args, sink);
-    wait_for(TIMEOUT, "the 2 good events", || len(&seen) >= 2).await?;
-    wait_for_committed(&stack, &group, &topic, vec![None, None, Some(3)]).await?;
-    running.stop().await?;
+    consumer.wait_seen("the 2 good events", 2).await?;
+    setup
+        .wait_for_committed("committed offsets", &[None, None, Some(3)])
+        .await?;
+    consumer.stop().await?;
 
-    let letters = kafka::read_messages(&stack.kafka, &format!("{topic}.dlq"), 1, TIMEOUT)?;
+    let letters = setup.dead_letters(1)?;
     let letter = &letters[0];
     assert_eq!(letter.headers["payload.truncated"], big.len().to_string());
     assert_eq!(letter.headers["source.offset"], "1");
@@ -498,32 +703,20 @@ async fn a_dead_letter_too_large_for_the_topic_goes_with_its_payload_cut() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_stores_offsets_decides_where_partitions_start() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..30).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
-    )
-    .await?;
+    let setup = Setup::on_tansu().await?;
+    setup.produce(spread("event", 0..30)).await?;
 
     // Partition 0 already applied up to offset 4, partition 2 up to 10 (all of it).
     let sink = RecordingSink {
         stored: BTreeMap::from([(0, 4), (2, 10)]),
         ..RecordingSink::default()
     };
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args(&stack, &topic, &group)?, sink);
-    wait_for_committed(&stack, &group, &topic, vec![Some(10), Some(10), None]).await?;
-    running.stop().await?;
-    let mut got: Vec<(i32, i64)> = seen
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-        .map(|s| (s.0, s.1))
-        .collect();
+    let mut consumer = setup.start(sink, &[])?;
+    setup
+        .wait_for_committed("committed offsets", &[Some(10), Some(10), None])
+        .await?;
+    consumer.stop().await?;
+    let mut got: Vec<(i32, i64)> = consumer.seen()?.iter().map(|s| (s.0, s.1)).collect();
     got.sort_unstable();
     let expected: Vec<(i32, i64)> = (4..10)
         .map(|o| (0, o))
@@ -559,88 +752,44 @@ async fn a_paused_consumer_resumes_after_an_eager_rebalance() -> anyhow::Result<
 /// (With partition 0 gone, the loop is no longer behind: the paused flag
 /// must still be true for it to resume.)
 async fn a_paused_consumer_resumes_after_a_rebalance(strategy: &[&str]) -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
+    let setup = Setup::on_tansu().await?;
     let backlog = 30_000;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..backlog).map(|i| (0, format!("event-{i}").into_bytes())),
-    )
-    .await?;
+    setup
+        .produce((0..backlog).map(|i| (0, format!("event-{i}").into_bytes())))
+        .await?;
 
-    let first = RecordingSink::default();
-    first.down.store(true, Ordering::SeqCst);
-    let (seen_first, writes, down) = (
-        Arc::clone(&first.seen),
-        Arc::clone(&first.writes),
-        Arc::clone(&first.down),
-    );
-    let running_first = Running::start(args_with(&stack.kafka, &topic, &group, strategy)?, first);
+    let mut first = setup.start(RecordingSink::down(), strategy)?;
     // Past the loop's 5 s hold: it has paused by now.
     wait_for(TIMEOUT, "the outage to begin", || {
-        writes.load(Ordering::SeqCst) > 0
+        first.sink.writes.load(Ordering::SeqCst) > 0
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(7)).await;
-    let second = RecordingSink::default();
-    let (seen_second, assigned_second) = (Arc::clone(&second.seen), Arc::clone(&second.assigned));
-    let running_second = Running::start(args_with(&stack.kafka, &topic, &group, strategy)?, second);
+    let mut second = setup.start(RecordingSink::default(), strategy)?;
     wait_for(TIMEOUT, "the second consumer's partitions", || {
-        assigned_second.lock().is_ok_and(|a| !a.is_empty())
+        second.sink.assigned.lock().is_ok_and(|a| !a.is_empty())
     })
     .await?;
     let more = 3_000;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..more).map(|i| (i % PARTITIONS, format!("more-{i}").into_bytes())),
-    )
-    .await?;
-    down.store(false, Ordering::SeqCst);
+    setup.produce(spread("more", 0..more)).await?;
+    first.sink.down.store(false, Ordering::SeqCst);
     let n = (backlog + more) as usize;
     wait_for(
         Duration::from_secs(120),
         "every event, in one consumer or the other",
-        || len(&seen_first) + len(&seen_second) >= n,
+        || first.len() + second.len() >= n,
     )
     .await?;
-    running_second.stop().await?;
-    running_first.stop().await?;
-    let mut offsets: Vec<(i32, i64)> = [&seen_first, &seen_second]
-        .iter()
-        .flat_map(|seen| {
-            seen.lock()
-                .map(|s| s.iter().map(|e| (e.0, e.1)).collect::<Vec<_>>())
-                .unwrap_or_default()
-        })
-        .collect();
+    second.stop().await?;
+    first.stop().await?;
+    let mut offsets: Vec<(i32, i64)> = Vec::new();
+    for consumer in [&first, &second] {
+        offsets.extend(consumer.seen()?.iter().map(|e| (e.0, e.1)));
+    }
     offsets.sort_unstable();
     offsets.dedup();
     assert_eq!(offsets.len(), n, "every offset at least once");
     Ok(())
-}
-
-async fn wait_for_committed(
-    stack: &Stack,
-    group: &str,
-    topic: &str,
-    expected: Vec<Option<i64>>,
-) -> anyhow::Result<()> {
-    let offsets = kafka::OffsetReader::new(&stack.kafka, group, topic, PARTITIONS)?;
-    let mut last = Vec::new();
-    let result = e2e::wait_for_async(TIMEOUT, "committed offsets", || {
-        let current = offsets.committed();
-        let matches = current.as_ref().map(|c| *c == expected).unwrap_or(false);
-        if let Ok(c) = current {
-            last = c;
-        }
-        async move { Ok(matches) }
-    })
-    .await;
-    result.with_context(|| format!("committed {last:?}, expected {expected:?}"))
 }
 
 /// A sink that keeps its own offsets, like redis-sink's fence: a batch
@@ -678,10 +827,7 @@ impl Sink for FencedSink {
             rand::random::<u16>() % 500,
         )))
         .await;
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+        let mut state = lock(&self.state)?;
         state.writes += 1;
         let claim_half = state.writes % 3 == 0;
         let mut outcome = WriteOutcome::default();
@@ -714,15 +860,8 @@ impl Sink for FencedSink {
         Ok(outcome)
     }
 
-    async fn stored_offsets(
-        &self,
-        _topic: &str,
-        partitions: &[i32],
-    ) -> Result<Vec<Option<i64>>, SinkError> {
-        let state = self
-            .state
-            .lock()
-            .map_err(|_| SinkError::transient("poisoned", anyhow::anyhow!("lock")))?;
+    async fn stored_offsets(&self, _topic: &str, partitions: &[i32]) -> StoredOffsets {
+        let state = lock(&self.state)?;
         Ok(partitions
             .iter()
             .map(|p| state.stored.get(p).copied())
@@ -736,27 +875,15 @@ async fn a_seek_never_skips_records_fetched_before_it() -> anyhow::Result<()> {
     // over: a record the loop had already fetched when a seek was decided
     // must not be taken as the first record after it, or the records in
     // between are dropped as stale and never reach the sink.
-    let (_mock, topic, bootstrap) = mock_topic("seek")?;
-    let group = unique("group");
-    let args = args_with(
-        &bootstrap,
-        &topic,
-        &group,
-        &["--batch-max-events", "7", "--batch-linger-ms", "1"],
-    )?;
+    let setup = Setup::on_mock("seek").await?;
+    let args = setup.args(None, &["--batch-max-events", "7", "--batch-linger-ms", "1"])?;
     let sink = FencedSink::default();
     let state = Arc::clone(&sink.state);
-    let running = Running::start(args, sink);
-    let producer = kafka::producer(&bootstrap)?;
+    let mut running = Running::start(args, sink);
     // In small chunks, so that records keep arriving while the loop seeks.
     let (chunks, per_chunk) = (600, 30);
     for chunk in 0..chunks {
-        kafka::produce(
-            &producer,
-            &topic,
-            (0..per_chunk).map(|i| (i % PARTITIONS, format!("{chunk}-{i}").into_bytes())),
-        )
-        .await?;
+        setup.produce(spread(chunk, 0..per_chunk)).await?;
     }
     let per_partition = i64::from(chunks * per_chunk / PARTITIONS);
     let stored = || {
@@ -788,166 +915,72 @@ async fn a_partition_that_stops_advancing_shows_and_recovers() -> anyhow::Result
     // Records wait in the log but every fetch fails (as when a record batch
     // cannot be read): the stalled partitions show in a metric and in
     // readiness, and once fetches succeed again everything arrives.
-    use rdkafka::types::RDKafkaApiKey;
-    use rdkafka::types::RDKafkaRespErr;
-
-    let (mock, topic, bootstrap) = mock_topic("stall")?;
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let args = args_with(
-        &bootstrap,
-        &topic,
-        &unique("group"),
+    let setup = Setup::on_mock("stall").await?;
+    let mut consumer = setup.start(
+        RecordingSink::default(),
         &[
-            "--metrics-addr",
-            &metrics,
             "--stall-timeout-secs",
             "10",
             "--kafka-option",
             "statistics.interval.ms=1000,fetch.error.backoff.ms=1000",
         ],
     )?;
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args, sink);
-    let producer = kafka::producer(&bootstrap)?;
-    let batch = |from: usize| {
-        (from..from + 30).map(|i| ((i % 3) as i32, format!("event-{i}").into_bytes()))
-    };
-    kafka::produce(&producer, &topic, batch(0)).await?;
-    wait_for(TIMEOUT, "the first 30 events", || len(&seen) >= 30).await?;
-    e2e::wait_for_async(TIMEOUT, "readiness", || e2e::ready(port)).await?;
+    setup.produce(spread("event", 0..30)).await?;
+    consumer.wait_seen("the first 30 events", 30).await?;
+    consumer.wait_ready("readiness", true).await?;
 
     // About 40 s of failed fetches, then records to read.
-    mock.request_errors(
+    setup.faults()?.request_errors(
         RDKafkaApiKey::Fetch,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_KAFKA_STORAGE_ERROR; 40],
     );
-    kafka::produce(&producer, &topic, batch(30)).await?;
-    e2e::wait_for_async(TIMEOUT, "readiness to turn false", || async {
-        Ok(!e2e::ready(port).await?)
-    })
-    .await?;
-    let stalled = stalled_partitions(port, &topic).await?;
-    assert!(!stalled.is_empty(), "no partition reported stalled");
-    assert!(len(&seen) < 60, "stalled, yet every event arrived");
-
-    wait_for(
-        Duration::from_secs(120),
-        "every event after the failures",
-        || len(&seen) >= 60,
-    )
-    .await?;
-    e2e::wait_for_async(TIMEOUT, "readiness again", || e2e::ready(port)).await?;
-    assert_eq!(
-        stalled_partitions(port, &topic).await?,
-        Vec::<String>::new()
-    );
-    running.stop().await
-}
-
-/// The partitions of `topic` whose `sink_partition_stalled` gauge is 1.
-async fn stalled_partitions(port: u16, topic: &str) -> anyhow::Result<Vec<String>> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await?
-        .text()
+    setup.produce(spread("event", 30..60)).await?;
+    consumer
+        .wait_ready("readiness to turn false", false)
         .await?;
-    Ok(text
-        .lines()
-        .filter(|l| {
-            l.starts_with(sink_core::metrics::PARTITION_STALLED)
-                && l.contains(&format!("topic=\"{topic}\""))
-                && l.ends_with(" 1")
-        })
-        .map(str::to_owned)
-        .collect())
-}
+    let stalled = consumer.stalled_partitions().await?;
+    assert!(!stalled.is_empty(), "no partition reported stalled");
+    assert!(consumer.len() < 60, "stalled, yet every event arrived");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_is_committed_past_what_the_sink_has_not_accepted() -> anyhow::Result<()> {
-    // Commits are flowing (partition 0 committed), then the sink fails every
-    // write for a while: neither partition 0's new records nor partition 1's
-    // may be committed until the sink accepts them.
-    let stack = Stack::get()?;
-    let topic = topic_with_dlq(&stack).await?;
-    let group = unique("group");
-    let producer = kafka::producer(&stack.kafka)?;
-    let records = |partition: i32, from: usize| {
-        (from..from + 300).map(move |i| (partition, format!("event-{partition}-{i}").into_bytes()))
-    };
-    let sink = RecordingSink::default();
-    let (seen, writes, down) = (
-        Arc::clone(&sink.seen),
-        Arc::clone(&sink.writes),
-        Arc::clone(&sink.down),
-    );
-    let running = Running::start(args(&stack, &topic, &group)?, sink);
-    kafka::produce(&producer, &topic, records(0, 0)).await?;
-    wait_for_committed(&stack, &group, &topic, vec![Some(300), None, None]).await?;
-
-    down.store(true, Ordering::SeqCst);
-    let attempts = writes.load(Ordering::SeqCst);
-    kafka::produce(&producer, &topic, records(0, 300).chain(records(1, 0))).await?;
-    wait_for(TIMEOUT, "three failed write attempts", || {
-        writes.load(Ordering::SeqCst) >= attempts + 3
-    })
-    .await?;
-    assert_eq!(
-        kafka::committed(&stack.kafka, &group, &topic, PARTITIONS)?,
-        vec![Some(300), None, None],
-        "committed records the sink had not accepted"
-    );
-    assert_eq!(len(&seen), 300);
-
-    down.store(false, Ordering::SeqCst);
-    wait_for_committed(&stack, &group, &topic, vec![Some(600), Some(300), None]).await?;
-    assert_eq!(len(&seen), 900, "every record once");
-    running.stop().await
+    consumer
+        .wait_seen_within(
+            Duration::from_secs(120),
+            "every event after the failures",
+            60,
+        )
+        .await?;
+    consumer.wait_ready("readiness again", true).await?;
+    assert_eq!(consumer.stalled_partitions().await?, Vec::<String>::new());
+    consumer.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<()> {
     // Records older than where a new group starts (auto.offset.reset=latest)
     // are no records to read: readiness stays true past the stall timeout.
-    let (_mock, topic, bootstrap) = mock_topic("latest")?;
-    let producer = kafka::producer(&bootstrap)?;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..30).map(|i| (i % PARTITIONS, format!("old-{i}").into_bytes())),
-    )
-    .await?;
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let args = args_with(
-        &bootstrap,
-        &topic,
-        &unique("group"),
+    let setup = Setup::on_mock("latest").await?;
+    setup.produce(spread("old", 0..30)).await?;
+    let mut consumer = setup.start(
+        RecordingSink::default(),
         &[
-            "--metrics-addr",
-            &metrics,
             "--stall-timeout-secs",
             "10",
             "--kafka-option",
             "auto.offset.reset=latest,statistics.interval.ms=1000",
         ],
     )?;
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args, sink);
-    e2e::wait_for_async(TIMEOUT, "readiness", || e2e::ready(port)).await?;
+    consumer.wait_ready("readiness", true).await?;
     // Twice the stall timeout, reading readiness all along.
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    while std::time::Instant::now() < until {
-        assert!(
-            e2e::ready(port).await?,
-            "not ready: {:?}",
-            stalled_partitions(port, &topic).await?
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(len(&seen), 0, "none of the records before the start");
-    running.stop().await
+    consumer
+        .hold_readiness(
+            true,
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            "not ready",
+        )
+        .await?;
+    assert_eq!(consumer.len(), 0, "none of the records before the start");
+    consumer.stop().await
 }
 
 /// The sink stores offset 1,000 for partition 0, whose log ends at 10 (the
@@ -958,121 +991,86 @@ async fn a_group_that_starts_at_the_log_end_is_not_stalled() -> anyhow::Result<(
 /// fails is tried again), and every record of the new log is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_stored_beyond_its_log_end_is_refused_until_reset() -> anyhow::Result<()> {
-    let (_mock, topic, bootstrap) = mock_topic("recreated")?;
-    let producer = kafka::producer(&bootstrap)?;
-    ten_and_five(&producer, &topic).await?;
-    let group = unique("group");
-    let (port, metrics) = metrics_addr()?;
-    let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
+    let setup = Setup::on_mock("recreated").await?;
+    setup.produce(ten_and_five()).await?;
     let stored = BTreeMap::from([(0, 1_000)]);
     let sink = RecordingSink {
         stored: stored.clone(),
         ..RecordingSink::default()
     };
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args, sink);
-    let refused = format!("sink_partition_refused{{topic=\"{topic}\",partition=\"0\"}} 1");
-    e2e::wait_for_async(TIMEOUT, "partition 0 refused on /metrics", || async {
-        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(response) => response.text().await?,
-            Err(_) => return Ok(false), // not listening yet
-        };
-        Ok(text.lines().any(|l| l == refused))
-    })
-    .await?;
+    let mut consumer = setup.start(sink, &[])?;
+    consumer.wait_for_refused(0).await?;
     // The other partitions go on.
-    wait_for(TIMEOUT, "partition 1's 5 events", || len(&seen) >= 5).await?;
+    consumer.wait_seen("partition 1's 5 events", 5).await?;
     assert!(
-        !e2e::ready(port).await?,
+        !consumer.ready().await?,
         "ready while a partition is refused"
     );
-    let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
-    e2e::wait_for_async(TIMEOUT, "partition 1 committed", || {
-        let committed = offsets.committed();
-        async move { Ok(committed? == vec![None, Some(5), None]) }
-    })
-    .await?;
+    setup
+        .wait_for_committed("partition 1 committed", &[None, Some(5), None])
+        .await?;
     assert!(
-        seen.lock().is_ok_and(|s| s.iter().all(|(p, _, _)| *p == 1)),
+        consumer.seen()?.iter().all(|(p, _, _)| *p == 1),
         "nothing of partition 0 was written"
     );
-    running.stop().await?;
+    consumer.stop().await?;
 
-    let args = args_with(
-        &bootstrap,
-        &topic,
-        &group,
-        &["--reset-offsets-beyond-log-end", "earliest"],
-    )?;
     let sink = RecordingSink {
         stored,
         fail_resets: AtomicUsize::new(1),
         ..RecordingSink::default()
     };
-    let (seen, resets) = (Arc::clone(&sink.seen), Arc::clone(&sink.resets));
-    let running = Running::start(args, sink);
+    let mut consumer = setup.start(sink, &["--reset-offsets-beyond-log-end", "earliest"])?;
     // The first reset fails; the next, 30 s later, goes through.
-    wait_for(TIMEOUT, "partition 0's 10 events", || len(&seen) >= 10).await?;
-    e2e::wait_for_async(TIMEOUT, "everything committed", || {
-        let committed = offsets.committed();
-        async move { Ok(committed? == vec![Some(10), Some(5), None]) }
-    })
-    .await?;
-    running.stop().await?;
+    consumer.wait_seen("partition 0's 10 events", 10).await?;
+    setup
+        .wait_for_committed("everything committed", &[Some(10), Some(5), None])
+        .await?;
+    consumer.stop().await?;
     assert_eq!(
-        *resets.lock().map_err(|_| anyhow::anyhow!("lock"))?,
+        *consumer
+            .sink
+            .resets
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?,
         BTreeMap::from([(0, 0)])
     );
-    assert_eq!(len(&seen), 10, "each record of the new log once");
+    assert_eq!(consumer.len(), 10, "each record of the new log once");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
-    let (mock, topic, bootstrap) = mock_topic("truncated")?;
-    let producer = kafka::producer(&bootstrap)?;
-    ten_and_five(&producer, &topic).await?;
-    let group = unique("group");
-    let (port, metrics) = metrics_addr()?;
-    let args = args_with(&bootstrap, &topic, &group, &["--metrics-addr", &metrics])?;
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args, sink);
-    let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
-    e2e::wait_for_async(TIMEOUT, "partitions 0 and 1 committed", || {
-        let committed = offsets.committed();
-        async move { Ok(committed? == vec![Some(10), Some(5), None]) }
-    })
-    .await?;
+    let setup = Setup::on_mock("truncated").await?;
+    setup.produce(ten_and_five()).await?;
+    let mut consumer = setup.start(RecordingSink::default(), &[])?;
+    setup
+        .wait_for_committed("partitions 0 and 1 committed", &[Some(10), Some(5), None])
+        .await?;
 
     // The broker answers as for a log truncated or replaced under the
     // reader: librdkafka resets the fetch to the log's start, and records
     // come again from offset 0.
-    mock.request_errors(
+    setup.faults()?.request_errors(
         RDKafkaApiKey::Fetch,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE],
     );
     for partition in [0, 1] {
-        wait_for_refused(port, &topic, partition).await?;
+        consumer.wait_for_refused(partition).await?;
     }
     assert!(
-        !e2e::ready(port).await?,
+        !consumer.ready().await?,
         "ready while partitions are refused"
     );
     // Partition 2 (empty when the fetch failed) goes on; 0 is not read.
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..6).map(|i| (if i < 3 { 2 } else { 0 }, format!("later-{i}").into_bytes())),
-    )
-    .await?;
-    e2e::wait_for_async(TIMEOUT, "partition 2 committed", || {
-        let committed = offsets.committed();
-        async move { Ok(committed? == vec![Some(10), Some(5), Some(3)]) }
-    })
-    .await?;
-    running.stop().await?;
-    let seen = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    setup
+        .produce((0..6).map(|i| (if i < 3 { 2 } else { 0 }, format!("later-{i}").into_bytes())))
+        .await?;
+    setup
+        .wait_for_committed("partition 2 committed", &[Some(10), Some(5), Some(3)])
+        .await?;
+    consumer.stop().await?;
+    let seen = consumer.seen()?;
     let later: Vec<&(i32, i64, String)> = seen
         .iter()
         .filter(|(_, _, e)| e.starts_with("later"))
@@ -1089,53 +1087,24 @@ async fn a_log_that_goes_back_while_read_is_refused() -> anyhow::Result<()> {
 
     // A restart resumes at the stored offsets (this log still holds them):
     // partition 0's later records, once.
-    let args = args_with(&bootstrap, &topic, &group, &[])?;
-    let sink = RecordingSink::default();
-    let seen = Arc::clone(&sink.seen);
-    let running = Running::start(args, sink);
-    e2e::wait_for_async(TIMEOUT, "partition 0's later records committed", || {
-        let committed = offsets.committed();
-        async move { Ok(committed? == vec![Some(13), Some(5), Some(3)]) }
-    })
-    .await?;
-    running.stop().await?;
-    let seen = seen.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    let mut consumer = setup.start(RecordingSink::default(), &[])?;
+    setup
+        .wait_for_committed(
+            "partition 0's later records committed",
+            &[Some(13), Some(5), Some(3)],
+        )
+        .await?;
+    consumer.stop().await?;
     assert_eq!(
-        seen.iter().map(|(p, o, _)| (*p, *o)).collect::<Vec<_>>(),
+        consumer
+            .seen()?
+            .iter()
+            .map(|(p, o, _)| (*p, *o))
+            .collect::<Vec<_>>(),
         vec![(0, 10), (0, 11), (0, 12)],
         "after the restart: what the refused partition did not read, once"
     );
     Ok(())
-}
-
-/// Produces 10 events to partition 0 and 5 to partition 1 of `topic`.
-async fn ten_and_five(
-    producer: &rdkafka::producer::FutureProducer,
-    topic: &str,
-) -> anyhow::Result<()> {
-    let events = (0..15).map(|i| (i32::from(i >= 10), format!("event-{i}").into_bytes()));
-    kafka::produce(producer, topic, events).await?;
-    Ok(())
-}
-
-/// A free loopback port for /metrics, and the address to pass.
-fn metrics_addr() -> anyhow::Result<(u16, String)> {
-    let port = e2e::free_port()?;
-    Ok((port, format!("127.0.0.1:{port}")))
-}
-
-/// Waits until /metrics on `port` says `partition` of `topic` is refused.
-async fn wait_for_refused(port: u16, topic: &str, partition: i32) -> anyhow::Result<()> {
-    let refused =
-        format!("sink_partition_refused{{topic=\"{topic}\",partition=\"{partition}\"}} 1");
-    e2e::wait_for_async(TIMEOUT, "the partition refused on /metrics", || async {
-        let text = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
-            Ok(response) => response.text().await?,
-            Err(_) => return Ok(false), // not listening yet
-        };
-        Ok(text.lines().any(|l| l == refused))
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1143,47 +1112,17 @@ async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::R
     // Idle is alive; records that wait past --liveness-timeout-secs with
     // nothing written make /healthz fail, so that the orchestrator restarts
     // the service; a write that gets through makes it pass again.
-    let (_mock, topic, bootstrap) = mock_topic("liveness")?;
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let args = args_with(
-        &bootstrap,
-        &topic,
-        &unique("group"),
-        &["--metrics-addr", &metrics, "--liveness-timeout-secs", "10"],
-    )?;
-    let sink = RecordingSink::default();
-    let (seen, down) = (Arc::clone(&sink.seen), Arc::clone(&sink.down));
-    down.store(true, Ordering::SeqCst);
-    let running = Running::start(args, sink);
-    let live = || async move {
-        match reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await {
-            Ok(response) => Some(response.status().is_success()),
-            Err(_) => None, // not listening yet
-        }
-    };
-    e2e::wait_for_async(TIMEOUT, "/healthz to answer", || async {
-        Ok(live().await == Some(true))
-    })
-    .await?;
-    let producer = kafka::producer(&bootstrap)?;
-    kafka::produce(
-        &producer,
-        &topic,
-        (0..30).map(|i| (i % PARTITIONS, format!("event-{i}").into_bytes())),
-    )
-    .await?;
-    e2e::wait_for_async(TIMEOUT, "/healthz to fail", || async {
-        Ok(live().await == Some(false))
-    })
-    .await?;
-    down.store(false, Ordering::SeqCst);
-    wait_for(Duration::from_secs(120), "every event", || len(&seen) >= 30).await?;
-    e2e::wait_for_async(TIMEOUT, "/healthz to pass again", || async {
-        Ok(live().await == Some(true))
-    })
-    .await?;
-    running.stop().await
+    let setup = Setup::on_mock("liveness").await?;
+    let mut consumer = setup.start(RecordingSink::down(), &["--liveness-timeout-secs", "10"])?;
+    consumer.wait_live("/healthz to answer", true).await?;
+    setup.produce(spread("event", 0..30)).await?;
+    consumer.wait_live("/healthz to fail", false).await?;
+    consumer.sink.down.store(false, Ordering::SeqCst);
+    consumer
+        .wait_seen_within(Duration::from_secs(120), "every event", 30)
+        .await?;
+    consumer.wait_live("/healthz to pass again", true).await?;
+    consumer.stop().await
 }
 
 /// A dead letter the topic refuses (no WRITE permission, a compacted topic
@@ -1194,8 +1133,6 @@ async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::R
 /// source record's headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow::Result<()> {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-
     let cases = [
         (
             "dlq_not_authorized",
@@ -1212,18 +1149,17 @@ async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow
         ("dlq_too_large", None, 30_000),
     ];
     for (kind, broker_error, key_bytes) in cases {
-        let (mock, topic, bootstrap) = mock_topic("refused")?;
-        let group = unique("group");
-        let producer = kafka::producer(&bootstrap)?;
+        let setup = Setup::on_mock("refused").await?;
         let key = vec![b'k'; key_bytes];
         for (payload, traced) in [("ok-1", false), ("BAD-1", true), ("ok-2", false)] {
             let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
                 key: "trace-id",
                 value: Some(if traced { "abc" } else { "-" }),
             });
-            producer
+            setup
+                .producer
                 .send(
-                    rdkafka::producer::FutureRecord::to(&topic)
+                    rdkafka::producer::FutureRecord::to(&setup.topic)
                         .partition(0)
                         .key(key.as_slice())
                         .headers(headers)
@@ -1234,67 +1170,59 @@ async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow
                 .map_err(|(err, _)| err)?;
         }
         if let Some(error) = broker_error {
-            mock.request_errors(RDKafkaApiKey::Produce, &[error; 1_000]);
+            setup
+                .faults()?
+                .request_errors(RDKafkaApiKey::Produce, &[error; 1_000]);
         }
-        let port = e2e::free_port()?;
-        let addr = format!("127.0.0.1:{port}");
-        let args = args_with(
-            &bootstrap,
-            &topic,
-            &group,
-            &[
-                "--metrics-addr",
-                &addr,
-                "--kafka-option",
-                "message.max.bytes=20000",
-            ],
+        let mut consumer = setup.start(
+            RecordingSink::default(),
+            &["--kafka-option", "message.max.bytes=20000"],
         )?;
-        let sink = RecordingSink::default();
-        let seen = Arc::clone(&sink.seen);
-        let running = Running::start(args, sink);
 
-        e2e::wait_for_async(
+        wait_for_async(
             TIMEOUT,
             &format!("dead-letter retries of kind {kind}"),
-            || dead_letter_retries(port, kind),
+            || consumer.dead_letter_retries(kind),
         )
         .await?;
         // Not ready while the letter is refused (that a probe finding the
         // sink itself fine does not flip it is health.rs's unit test).
-        let until = std::time::Instant::now() + Duration::from_secs(1);
-        while std::time::Instant::now() < until {
-            assert!(
-                !e2e::ready(port).await?,
-                "{kind}: ready while a dead letter is refused"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(len(&seen), 0, "{kind}: the batch waits for its dead letter");
-        let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
-        assert_eq!(offsets.committed()?, vec![None, None, None], "{kind}");
+        consumer
+            .hold_readiness(
+                false,
+                Duration::from_secs(1),
+                Duration::from_millis(50),
+                &format!("{kind}: ready while a dead letter is refused"),
+            )
+            .await?;
+        assert_eq!(
+            consumer.len(),
+            0,
+            "{kind}: the batch waits for its dead letter"
+        );
+        assert_eq!(setup.committed()?, vec![None, None, None], "{kind}");
 
         // The operator's fix: the broker takes letters again (for the key,
         // a larger limit: here a restart with the default).
-        let running = if broker_error.is_some() {
-            mock.clear_request_errors(RDKafkaApiKey::Produce);
-            running
+        if broker_error.is_some() {
+            setup.faults()?.clear_request_errors(RDKafkaApiKey::Produce);
         } else {
-            running.stop().await?;
+            consumer.stop().await?;
             let sink = RecordingSink {
-                seen: Arc::clone(&seen),
+                shared: Shared {
+                    seen: Arc::clone(&consumer.sink.seen),
+                    ..Shared::default()
+                },
                 ..RecordingSink::default()
             };
-            Running::start(args_with(&bootstrap, &topic, &group, &[])?, sink)
-        };
-        wait_for(TIMEOUT, "the good events", || len(&seen) >= 2).await?;
-        let offsets = kafka::OffsetReader::new(&bootstrap, &group, &topic, PARTITIONS)?;
-        e2e::wait_for_async(TIMEOUT, "the commit past the dead letter", || {
-            let committed = offsets.committed();
-            async move { Ok(committed? == vec![Some(3), None, None]) }
-        })
-        .await?;
-        running.stop().await?;
-        let letters = kafka::read_messages(&bootstrap, &format!("{topic}.dlq"), 1, TIMEOUT)?;
+            consumer = setup.start(sink, &[])?;
+        }
+        consumer.wait_seen("the good events", 2).await?;
+        setup
+            .wait_for_committed("the commit past the dead letter", &[Some(3), None, None])
+            .await?;
+        consumer.stop().await?;
+        let letters = setup.dead_letters(1)?;
         assert_eq!(letters[0].headers["trace-id"], "abc", "{kind}");
         assert_eq!(
             letters[0].headers["error.code"], "bad_test_payload",
@@ -1302,19 +1230,4 @@ async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow
         );
     }
     Ok(())
-}
-
-/// Whether /metrics on `port` counts at least 3 dead-letter retries of `kind`.
-/// (False while the service is not listening yet.)
-async fn dead_letter_retries(port: u16, kind: &str) -> anyhow::Result<bool> {
-    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return Ok(false);
-    };
-    let text = response.text().await?;
-    Ok(text.lines().any(|l| {
-        l.starts_with(sink_core::metrics::RETRIES)
-            && l.contains("operation=\"dead_letter\"")
-            && l.contains(&format!("kind=\"{kind}\""))
-            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(3.0)
-    }))
 }

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use e2e::bigquery::{Fault, FaultProxy, InsertSeen};
+use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::process::{PrivateRedis, Service};
 use e2e::redis::applied_offsets;
 use e2e::service::ServiceFlags;
-use e2e::{kafka, poll_until, unique, Stack};
+use e2e::{kafka, poll_until, unique, Stack, PARTITIONS};
 
-const PARTITIONS: i32 = 3;
 /// How long one run may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -153,11 +153,12 @@ async fn fill_topic(
     events: usize,
     users: u32,
 ) -> anyhow::Result<String> {
-    let topic = unique(prefix);
-    kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
-    kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
+    let broker = Broker::tansu(stack);
+    let topic = broker.topic_with_dlq(prefix).await?;
     eprintln!("bench: producing {events} events into {topic} ...");
-    let producer = kafka::producer_with(&stack.kafka, false)?;
+    // Batched (not `Broker::producer`'s one record per batch): nothing here
+    // resumes mid-stream.
+    let producer = kafka::producer_with(broker.bootstrap(), false)?;
     let mut generator = Generator::new(42, mix, chrono::Utc::now().timestamp_millis()).users(users);
     let mut bytes = 0usize;
     let mut produced = 0usize;
@@ -382,14 +383,22 @@ async fn run_redis(
     })
 }
 
-/// Sum of `calls=` over INFO commandstats (commands run inside scripts count).
-async fn total_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
+/// The text of redis-server's INFO `section`.
+async fn info(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+) -> anyhow::Result<String> {
+    redis::cmd("INFO")
+        .arg(section)
         .query_async(conn)
         .await
-        .context("INFO commandstats")?;
-    Ok(info
+        .with_context(|| format!("INFO {section}"))
+}
+
+/// Sum of `calls=` over INFO commandstats (commands run inside scripts count).
+async fn total_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    Ok(info(conn, "commandstats")
+        .await?
         .lines()
         .filter_map(|l| l.split("calls=").nth(1))
         .filter_map(|rest| rest.split(',').next())
@@ -400,12 +409,8 @@ async fn total_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Re
 /// used_cpu_user + used_cpu_sys of redis-server (its main thread and the
 /// rest of the process), in seconds.
 async fn redis_cpu(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(conn)
-        .await
-        .context("INFO cpu")?;
-    Ok(info
+    Ok(info(conn, "cpu")
+        .await?
         .lines()
         .filter_map(|l| {
             l.strip_prefix("used_cpu_user:")
