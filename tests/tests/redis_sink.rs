@@ -6,236 +6,96 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
+use e2e::broker::Broker;
 use e2e::generator::{Generated, Generator, Mix, Truth};
-use e2e::process::{fail_over, restart_alone, PrivateRedis, Service};
-use e2e::redis::{applied_offsets, connect, group_offsets_key, offsets_key, stored_offsets};
-use e2e::redis_model::{diff, dump, expected};
-use e2e::service::ServiceFlags;
-use e2e::{kafka, poll_until, unique, wait_for, wait_for_async, Check, Stack};
+use e2e::metrics::Scrape;
+use e2e::pipeline::{Instance, Pipeline};
+use e2e::process::{fail_over, PrivateRedis, Service};
+use e2e::redis::{group_offsets_key, offsets_key, stored_offsets, RedisSide, HISTORY_SIZE};
+use e2e::service::SHUTDOWN_TIMEOUT;
+use e2e::tcp_front::TcpFront;
+use e2e::{kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
 use rand::{Rng, SeedableRng};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
-use redis::aio::MultiplexedConnection;
 
-const PARTITIONS: i32 = 3;
-const HISTORY_SIZE: usize = 50;
-
-struct Fixture {
-    stack: Stack,
-    redis_url: String,
-    topic: String,
-    group: String,
-    prefix: String,
-    redis: MultiplexedConnection,
-    producer: rdkafka::producer::FutureProducer,
-    /// Messages produced per partition.
-    produced: [i64; PARTITIONS as usize],
-    truths: Vec<Truth>,
-    services: usize,
-    /// When the fixture was made: every key is written after it.
-    created_ms: i64,
-    /// The in-process broker `stack.kafka` points at, for fixtures made
-    /// with [`Fixture::on_mock_cluster`].
-    mock: Option<MockCluster<'static, DefaultProducerContext>>,
+/// A redis-sink pipeline on `broker` writing to the Redis at `url` under a
+/// fresh prefix; a clone of its Redis side, for the test to look at Redis
+/// itself; and a time (ms) before any key under that prefix was written.
+async fn pipeline(
+    stack: &Stack,
+    broker: Broker,
+    url: &str,
+) -> anyhow::Result<(Pipeline, RedisSide, i64)> {
+    let since = chrono::Utc::now().timestamp_millis();
+    let redis = RedisSide::new(url).await?;
+    let p = Pipeline::new(stack, broker, Box::new(redis.clone())).await?;
+    Ok((p, redis, since))
 }
 
-impl Fixture {
-    async fn new() -> anyhow::Result<Self> {
-        let stack = Stack::get()?;
-        let url = stack.redis_url.clone();
-        Self::with_redis(stack, url).await
-    }
+/// A pipeline on the stack's tansu and Redis, as [`pipeline`] makes it.
+async fn on_stack() -> anyhow::Result<(Pipeline, RedisSide, i64)> {
+    let stack = Stack::get()?;
+    pipeline(&stack, Broker::tansu(&stack), &stack.redis_url).await
+}
 
-    async fn with_redis(stack: Stack, redis_url: String) -> anyhow::Result<Self> {
-        let topic = unique("user3");
-        kafka::create_topic(&stack.kafka, &topic, PARTITIONS).await?;
-        kafka::create_topic(&stack.kafka, &format!("{topic}.dlq"), PARTITIONS).await?;
-        Self::on_topic(stack, redis_url, topic, None).await
-    }
+/// Waits until `instance` has applied everything produced: the offsets
+/// stored in Redis are then exactly the produced ends, no further.
+async fn caught_up(p: &Pipeline, instance: &Instance) -> anyhow::Result<()> {
+    p.wait_caught_up(instance).await?;
+    assert_eq!(
+        p.applied().await?,
+        p.produced_ends(),
+        "stored offsets = produced per partition"
+    );
+    Ok(())
+}
 
-    /// On librdkafka's mock cluster (3 brokers, in this process), which
-    /// serves batched and compressed record batches as Kafka does, fed by a
-    /// producer set as Logstash's kafka output with `compression`.
-    async fn on_mock_cluster(compression: &str) -> anyhow::Result<Self> {
-        let mock = MockCluster::new(3)?;
-        let topic = unique("user3");
-        mock.create_topic(&topic, PARTITIONS, 3)?;
-        mock.create_topic(&format!("{topic}.dlq"), PARTITIONS, 3)?;
-        let mut stack = Stack::get()?;
-        stack.kafka = mock.bootstrap_servers();
-        let url = stack.redis_url.clone();
-        let mut f = Self::on_topic(stack, url, topic, Some(mock)).await?;
-        f.producer = kafka::logstash_producer(&f.stack.kafka, compression)?;
-        Ok(f)
-    }
+/// Fails unless Redis holds what the model makes of everything `p`
+/// produced, each key expiring as the contract says.
+async fn assert_model(p: &Pipeline, redis: &RedisSide, since_ms: i64) -> anyhow::Result<()> {
+    let state = redis.assert_matches(p.truths()).await?;
+    assert_expiries(redis, state.keys(), since_ms).await
+}
 
-    async fn on_topic(
-        stack: Stack,
-        redis_url: String,
-        topic: String,
-        mock: Option<MockCluster<'static, DefaultProducerContext>>,
-    ) -> anyhow::Result<Self> {
-        let redis = connect(&redis_url).await?;
-        Ok(Self {
-            redis_url,
-            producer: kafka::producer(&stack.kafka)?,
-            group: unique("redis-sink"),
-            prefix: format!("{topic}:"),
-            topic,
-            stack,
-            redis,
-            produced: [0; PARTITIONS as usize],
-            truths: Vec::new(),
-            services: 0,
-            created_ms: chrono::Utc::now().timestamp_millis(),
-            mock,
-        })
+/// Each key expires as docs/redis-keys.md says: a total never, an hourly
+/// bucket `--bucket-ttl-secs` and a history `--history-ttl-secs` after its
+/// last write (defaults), which was between `since_ms` and now.
+async fn assert_expiries<'k>(
+    redis: &RedisSide,
+    keys: impl Iterator<Item = &'k String>,
+    since_ms: i64,
+) -> anyhow::Result<()> {
+    const BUCKET_TTL_MS: i64 = 172_800_000;
+    const HISTORY_TTL_MS: i64 = 2_592_000_000;
+    let keys: Vec<&String> = keys.collect();
+    let mut pipe = redis::pipe();
+    for key in &keys {
+        pipe.cmd("PTTL").arg(*key);
     }
-
-    /// Produces events round-robin over the partitions, remembering the truth.
-    async fn produce(&mut self, events: Vec<Generated>) -> anyhow::Result<()> {
-        let mut messages = Vec::with_capacity(events.len());
-        for event in events {
-            let partition = (self.produced.iter().sum::<i64>() % i64::from(PARTITIONS)) as i32;
-            self.produced[partition as usize] += 1;
-            if let Some(truth) = event.truth.filter(|_| event.valid) {
-                self.truths.push(truth);
-            }
-            messages.push((partition, event.payload));
-        }
-        kafka::produce(&self.producer, &self.topic, messages).await
-    }
-
-    fn flags(&self) -> ServiceFlags {
-        ServiceFlags::redis_sink(
-            &self.stack.kafka,
-            &self.topic,
-            &self.group,
-            &self.redis_url,
-            &self.prefix,
-        )
-        .for_tests()
-    }
-
-    fn start(&mut self) -> anyhow::Result<Service> {
-        self.start_with(&[])
-    }
-
-    /// Starts an instance with more flags; a flag of the fixture's given
-    /// again in `extra` takes the value given there.
-    fn start_with(&mut self, extra: &[&str]) -> anyhow::Result<Service> {
-        self.services += 1;
-        let name = format!("{}-{}", self.topic, self.services);
-        self.flags()
-            .extra(extra)
-            .start(&self.stack.dir.join("logs"), &name)
-    }
-
-    /// Next offsets stored in Redis per partition.
-    async fn applied(&self) -> anyhow::Result<[i64; PARTITIONS as usize]> {
-        let stored = applied_offsets(
-            &mut self.redis.clone(),
-            &self.prefix,
-            &self.topic,
-            PARTITIONS,
-        )
-        .await?;
-        Ok(std::array::from_fn(|p| stored[p]))
-    }
-
-    /// Waits until Redis has applied at least `target` records in total.
-    async fn wait_applied_at_least(&self, target: i64, service: &Service) -> anyhow::Result<()> {
-        let applied = poll_until(
-            Duration::from_secs(300),
-            Duration::from_millis(20),
-            &format!("{target} records applied"),
-            || async {
-                let applied: i64 = self.applied().await?.iter().sum();
-                Ok(Check::done_if(applied >= target, || {
-                    format!("{applied} applied")
-                }))
-            },
-        )
-        .await;
-        service.with_log(applied)
-    }
-
-    /// Waits until `group` has committed every produced record in Kafka.
-    async fn wait_group_committed(&self, group: &str, service: &Service) -> anyhow::Result<()> {
-        let offsets = kafka::OffsetReader::new(&self.stack.kafka, group, &self.topic, PARTITIONS)?;
-        let want: Vec<Option<i64>> = self.produced.iter().map(|p| Some(*p)).collect();
-        let committed = wait_for_async(Duration::from_secs(120), "the group's commits", || {
-            let done = offsets.committed().is_ok_and(|c| c == want);
-            async move { Ok(done) }
-        })
-        .await;
-        service.with_log(committed.with_context(|| format!("group {group}")))
-    }
-
-    /// Waits until every produced record is applied.
-    async fn wait_all_applied(&self, service: &Service) -> anyhow::Result<()> {
-        let total = self.produced.iter().sum();
-        self.wait_applied_at_least(total, service).await?;
-        assert_eq!(
-            self.applied().await?,
-            self.produced,
-            "stored offsets = produced per partition"
-        );
-        Ok(())
-    }
-
-    async fn assert_state_matches_model(&mut self) -> anyhow::Result<()> {
-        let want = expected(&self.prefix, &self.truths, HISTORY_SIZE);
-        let got = dump(&mut self.redis, &self.prefix).await?;
-        assert!(
-            want == got,
-            "Redis state differs from the model: {}",
-            diff(&want, &got)
-        );
-        self.assert_expiries(got.keys()).await
-    }
-
-    /// Each key expires as docs/redis-keys.md says: a total never, an hourly
-    /// bucket `--bucket-ttl-secs` and a history `--history-ttl-secs` after
-    /// its last write (defaults), which was between the fixture's creation
-    /// and now.
-    async fn assert_expiries<'k>(
-        &mut self,
-        keys: impl Iterator<Item = &'k String>,
-    ) -> anyhow::Result<()> {
-        const BUCKET_TTL_MS: i64 = 172_800_000;
-        const HISTORY_TTL_MS: i64 = 2_592_000_000;
-        let keys: Vec<&String> = keys.collect();
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("PTTL").arg(*key);
-        }
-        let ttls: Vec<i64> = pipe.query_async(&mut self.redis).await?;
-        let now = chrono::Utc::now().timestamp_millis();
-        for (key, ttl) in keys.into_iter().zip(ttls) {
-            let rest = key.strip_prefix(&self.prefix).unwrap_or(key);
-            let lifetime = if rest.ends_with(":total") {
-                None
-            } else if rest.starts_with("history:") {
-                Some(HISTORY_TTL_MS)
-            } else {
-                Some(BUCKET_TTL_MS)
-            };
-            match lifetime {
-                None => assert_eq!(ttl, -1, "{key} must not expire"),
-                Some(lifetime) => {
-                    // PTTL is rounded to the millisecond: 1 ms of slack.
-                    let deadline = now + ttl;
-                    assert!(
-                        (self.created_ms + lifetime - 1..=now + lifetime + 1).contains(&deadline),
-                        "{key} expires at {deadline}, not {lifetime} ms after a write between {} and {now}",
-                        self.created_ms
-                    );
-                }
+    // A new connection: the key check may follow a restart of that Redis.
+    let ttls: Vec<i64> = pipe.query_async(&mut redis.connect().await?).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    for (key, ttl) in keys.into_iter().zip(ttls) {
+        let rest = key.strip_prefix(&redis.prefix).unwrap_or(key);
+        let lifetime = if rest.ends_with(":total") {
+            None
+        } else if rest.starts_with("history:") {
+            Some(HISTORY_TTL_MS)
+        } else {
+            Some(BUCKET_TTL_MS)
+        };
+        match lifetime {
+            None => assert_eq!(ttl, -1, "{key} must not expire"),
+            Some(lifetime) => {
+                // PTTL is rounded to the millisecond: 1 ms of slack.
+                let deadline = now + ttl;
+                assert!(
+                    (since_ms + lifetime - 1..=now + lifetime + 1).contains(&deadline),
+                    "{key} expires at {deadline}, not {lifetime} ms after a write between {since_ms} and {now}"
+                );
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Generated> {
@@ -247,27 +107,27 @@ fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Generated> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_thousand_events_equal_the_model() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(1, 50_000, 0.0)).await?;
-    let service = f.start()?;
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await
+    let (mut p, redis, since) = on_stack().await?;
+    p.produce_events(events(1, 50_000, 0.0)).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_three_times_neither_loses_nor_double_counts() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(2, 100_000, 0.0)).await?;
+    let (mut p, redis, since) = on_stack().await?;
+    p.produce_events(events(2, 100_000, 0.0)).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    let mut service = f.start()?;
+    let mut instance = p.start()?;
     for round in 0..3 {
         let target = 100_000 * (round * 25 + rng.random_range(5..20)) / 100;
-        f.wait_applied_at_least(target, &service).await?;
-        service.kill()?;
-        service = restart_alone(|| f.start()).await?;
+        p.wait_progress(target, &instance).await?;
+        instance.service.kill()?;
+        instance = p.restart_alone(&[]).await?;
     }
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,28 +145,28 @@ async fn replicas_joining_and_leaving_with_eager_rebalances_equal_the_model() ->
 /// assignment strategy or the flags given. (Down to one replica is the
 /// fault suite's scale row: with two members leaving in turn, tansu 0.6
 /// sometimes keeps partitions with a member that left, see
-/// `process::restart_alone`.)
+/// `Pipeline::restart_alone`.)
 async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
+    let (mut p, redis, since) = on_stack().await?;
     let all = events(3, 60_000, 0.0);
     let mut chunks = all.chunks(15_000).map(<[Generated]>::to_vec);
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    let first = f.start_with(strategy)?;
-    f.wait_applied_at_least(5_000, &first).await?;
-    let second = f.start_with(strategy)?;
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    let mut third = f.start_with(strategy)?;
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    third.signal("TERM")?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    let first = p.start_with(strategy)?;
+    p.wait_progress(5_000, &first).await?;
+    let second = p.start_with(strategy)?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    let mut third = p.start_with(strategy)?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    third.service.signal("TERM")?;
     assert_eq!(
-        third.wait(Duration::from_secs(30)).await?,
+        third.service.wait(Duration::from_secs(30)).await?,
         Some(0),
         "graceful exit"
     );
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    f.wait_all_applied(&second).await?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    caught_up(&p, &second).await?;
     drop(first);
-    f.assert_state_matches_model().await
+    assert_model(&p, &redis, since).await
 }
 
 /// Whoever reads the log may go away (`redis-sink | head`, a log shipper
@@ -315,8 +175,14 @@ async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
 /// and then hanging on SIGTERM while leaving the consumer group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    let (mut service, log) = Service::start_logging_to_pipe("redis-sink", &f.flags().args())?;
+    let (mut p, redis, since) = on_stack().await?;
+    let metrics_port = e2e::free_port()?;
+    let args = p.flags().metrics_port(metrics_port).args();
+    let (service, log) = Service::start_logging_to_pipe(p.binary(), &args)?;
+    let mut instance = Instance {
+        service,
+        metrics_port,
+    };
     // Read until the instance has its partitions; the pipe closes when the
     // reader is dropped at the end of the closure.
     let joined = tokio::task::spawn_blocking(move || {
@@ -328,20 +194,20 @@ async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::
         tokio::time::timeout(Duration::from_secs(60), joined).await??,
         "the log ended before partitions were assigned"
     );
-    f.produce(events(8, 5_000, 0.01)).await?;
-    f.wait_all_applied(&service).await?;
-    service.signal("TERM")?;
+    p.produce_events(events(8, 5_000, 0.01)).await?;
+    caught_up(&p, &instance).await?;
+    instance.service.signal("TERM")?;
     assert_eq!(
-        service.wait(Duration::from_secs(30)).await?,
+        instance.service.wait(Duration::from_secs(30)).await?,
         Some(0),
         "graceful exit"
     );
-    f.assert_state_matches_model().await
+    assert_model(&p, &redis, since).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
+    let (mut p, redis, since) = on_stack().await?;
     let mut batch = events(4, 5_000, 0.1);
     let now = chrono::Utc::now().to_rfc3339();
     for i in 0..50 {
@@ -356,22 +222,24 @@ async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow:
         });
     }
     let bad = batch.iter().filter(|e| !e.valid).count();
-    f.produce(batch).await?;
-    let service = f.start()?;
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await?;
-    let letters = kafka::read_messages(
-        &f.stack.kafka,
-        &format!("{}.dlq", f.topic),
+    p.produce_events(batch).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await?;
+    // The `bad` letters, then 3 s more for any beyond them.
+    let letters = kafka::read_at_least(
+        p.broker.bootstrap(),
+        &p.dlq(),
         bad,
         Duration::from_secs(60),
+        Duration::from_secs(3),
     )?;
-    assert_eq!(letters.len(), bad);
+    assert_eq!(letters.len(), bad, "one dead letter per bad event");
     let mut codes: BTreeMap<String, usize> = BTreeMap::new();
     for letter in &letters {
         let reason = letter.headers.get("error").context("error header")?;
         assert!(!reason.is_empty(), "a dead letter without a reason");
-        assert_eq!(letter.headers.get("source.topic"), Some(&f.topic));
+        assert_eq!(letter.headers.get("source.topic"), Some(&p.topic));
         *codes
             .entry(
                 letter
@@ -383,14 +251,6 @@ async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow:
             .or_default() += 1;
     }
     assert_eq!(codes.get("off_topic"), Some(&50), "{codes:?}");
-    // Nothing more than the bad ones: the DLQ holds exactly `bad` letters.
-    let extra = kafka::read_messages(
-        &f.stack.kafka,
-        &format!("{}.dlq", f.topic),
-        bad + 1,
-        Duration::from_secs(3),
-    );
-    assert!(extra.is_err(), "more dead letters than bad events");
     Ok(())
 }
 
@@ -399,16 +259,15 @@ async fn redis_restart_mid_stream_equals_the_model() -> anyhow::Result<()> {
     // A redis-server of this test's own: restarting the shared one would
     // disturb the tests running beside this one.
     let stack = Stack::get()?;
-    let mut redis = PrivateRedis::start(stack.dir.join(unique("redis-restart"))).await?;
-    let mut f = Fixture::with_redis(stack, redis.url()).await?;
-    f.produce(events(5, 60_000, 0.0)).await?;
-    let service = f.start()?;
-    f.wait_applied_at_least(15_000, &service).await?;
-    redis.restart().await?;
-    // A fresh connection: the test's own one died with the server.
-    f.redis = connect(&redis.url()).await?;
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await
+    let mut server = PrivateRedis::start(stack.dir.join(unique("redis-restart"))).await?;
+    let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), &server.url()).await?;
+    p.produce_events(events(5, 60_000, 0.0)).await?;
+    let instance = p.start()?;
+    p.wait_progress(15_000, &instance).await?;
+    // The Redis side reads over a new connection each time: it reads on.
+    server.restart().await?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
 }
 
 /// A managed Redis fails over: the replica is promoted, the old primary
@@ -423,18 +282,20 @@ async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::
     let old = PrivateRedis::start_without_aof(dir.join("a")).await?;
     let new = PrivateRedis::start_without_aof(dir.join("b")).await?;
     new.replicate(&old).await?;
-    let front = e2e::tcp_front::TcpFront::start(old.addr()).await?;
-    let mut f = Fixture::with_redis(stack, format!("redis://{}", front.addr())).await?;
+    let front = TcpFront::start(old.addr()).await?;
+    let url = format!("redis://{}", front.addr());
+    let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), &url).await?;
     let all = events(9, 40_000, 0.0);
     let (before, after) = all.split_at(20_000);
-    f.produce(before.to_vec()).await?;
-    let service = f.start()?;
-    f.wait_applied_at_least(5_000, &service).await?;
+    p.produce_events(before.to_vec()).await?;
+    let instance = p.start()?;
+    p.wait_progress(5_000, &instance).await?;
+    // The Redis side reads over new connections, which reach the new
+    // primary through the front.
     fail_over(&old, &new, &front).await?;
-    f.redis = new.connection().await?;
-    f.produce(after.to_vec()).await?;
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await
+    p.produce_events(after.to_vec()).await?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
 }
 
 /// Redis does not answer when the service starts: the service must not
@@ -443,67 +304,55 @@ async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::
 /// attempts counted. Once Redis answers, it starts as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
+    let (mut p, redis, since) = on_stack().await?;
     let nothing = std::net::SocketAddr::from(([127, 0, 0, 1], e2e::free_port()?));
-    let front = e2e::tcp_front::TcpFront::start(nothing).await?;
+    let front = TcpFront::start(nothing).await?;
     let url = format!("redis://{}", front.addr());
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let service = f.start_with(&["--redis-url", &url, "--metrics-addr", &metrics])?;
+    let instance = p.start_with(&["--redis-url", &url])?;
     wait_for_async(
         Duration::from_secs(60),
         "two connect attempts on /metrics",
-        || {
-            metric_at_least(
-                port,
-                "sink_retries_total{operation=\"connect\",kind=\"redis_unreachable\"}",
-                2.0,
-            )
+        || async {
+            let connects = Scrape::or_empty(instance.metrics_port).await.sum_of(
+                "sink_retries_total",
+                &[("operation", "connect"), ("kind", "redis_unreachable")],
+            );
+            Ok(connects >= 2.0)
         },
     )
     .await?;
-    assert!(metric_at_least(port, "sink_starting", 1.0).await?);
-    let live = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await?;
+    assert!(instance.counter("sink_starting").await? >= 1.0);
+    let live = reqwest::get(format!(
+        "http://127.0.0.1:{}/healthz",
+        instance.metrics_port
+    ))
+    .await?;
     assert!(
         live.status().is_success(),
         "not live while waiting for Redis"
     );
-    assert!(!e2e::ready(port).await?, "ready before Redis answered");
+    assert!(!instance.ready().await?, "ready before Redis answered");
 
-    let redis_addr = f
-        .redis_url
+    let redis_addr = redis
+        .url
         .trim_start_matches("redis://")
         .parse()
         .context("the stack's REDIS_URL")?;
     front.switch(redis_addr);
-    f.produce(events(10, 2_000, 0.0)).await?;
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await?;
-    assert!(!metric_at_least(port, "sink_starting", 1.0).await?);
+    p.produce_events(events(10, 2_000, 0.0)).await?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await?;
+    assert!(instance.counter("sink_starting").await? < 1.0);
     Ok(())
-}
-
-/// Whether the sample `series` on /metrics at `port` is at least `value`
-/// (false while nothing listens or the series is absent).
-async fn metric_at_least(port: u16, series: &str, value: f64) -> anyhow::Result<bool> {
-    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
-        return Ok(false);
-    };
-    let text = response.text().await?;
-    Ok(text.lines().any(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.trim().parse::<f64>().ok())
-            .is_some_and(|v| v >= value)
-    }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(6, 5_000, 0.0)).await?;
-    let service = f.start()?;
-    f.wait_all_applied(&service).await?;
-    let model = expected(&f.prefix, &f.truths, HISTORY_SIZE);
+    let (mut p, redis, _) = on_stack().await?;
+    p.produce_events(events(6, 5_000, 0.0)).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    let model = redis.expected(p.truths());
 
     // Ties are ordered as ZRANGE REV does: score, then member, both descending.
     let ranked = |key: &str, limit: usize| -> Vec<(String, i64)> {
@@ -515,7 +364,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
         rows.truncate(limit);
         rows
     };
-    // A read-back command against the fixture's keys.
+    // A read-back command against the pipeline's keys.
     let command = |args: &[&str]| -> anyhow::Result<std::process::Command> {
         let mut command = std::process::Command::new(e2e::process::binary("redis-sink")?);
         // The read-back commands need Redis only: they once asked for the
@@ -523,7 +372,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
         command
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
             .args(args)
-            .args(["--redis-url", &f.redis_url, "--key-prefix", &f.prefix]);
+            .args(["--redis-url", &redis.url, "--key-prefix", &redis.prefix]);
         Ok(command)
     };
     let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
@@ -553,7 +402,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     let top_search = as_rows(cli(&["top", "--kind", "search", "--limit", "5"])?, "count");
     assert_eq!(
         top_search,
-        ranked(&format!("{}rank:search:total", f.prefix), 5)
+        ranked(&format!("{}rank:search:total", redis.prefix), 5)
     );
     // Every generated event is from the last two hours: three hours = all time.
     let top_movies_3h = as_rows(
@@ -562,12 +411,11 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     );
     assert_eq!(
         top_movies_3h,
-        ranked(&format!("{}rank:movie:total", f.prefix), 7)
+        ranked(&format!("{}rank:movie:total", redis.prefix), 7)
     );
 
-    let user = f
-        .truths
-        .iter()
+    let user = p
+        .truths()
         .find_map(|t| t.user.clone().filter(|_| t.info == "search"))
         .context("a user")?;
     let history = as_rows(
@@ -577,7 +425,10 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     assert!(!history.is_empty());
     assert_eq!(
         history,
-        ranked(&format!("{}history:search:{user}", f.prefix), HISTORY_SIZE)
+        ranked(
+            &format!("{}history:search:{user}", redis.prefix),
+            HISTORY_SIZE
+        )
     );
 
     // The table form is aligned and lists the same members.
@@ -620,7 +471,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
 async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
 ) -> anyhow::Result<()> {
     for bad in ["history", "rank"] {
-        let mut f = Fixture::new().await?;
+        let (mut p, redis, since) = on_stack().await?;
         // Offset 0 of partition 0, and its user's only event: only the first
         // batch writes that user's history.
         let now = chrono::Utc::now();
@@ -644,40 +495,43 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         };
         let mut all = vec![only_once];
         all.extend(events(6, 3_000, 0.0));
-        f.produce(all).await?;
+        p.produce_events(all).await?;
         let key = if bad == "history" {
-            format!("{}history:search:only-once", f.prefix)
+            format!("{}history:search:only-once", redis.prefix)
         } else {
-            format!("{}rank:search:total", f.prefix)
+            format!("{}rank:search:total", redis.prefix)
         };
+        let mut conn = redis.conn.clone();
         redis::cmd("SET")
             .arg(&key)
             .arg("not a sorted set")
-            .query_async::<()>(&mut f.redis)
+            .query_async::<()>(&mut conn)
             .await?;
         // Small batches: while the first one fails, the second (which holds
         // partition 0 too, with nothing stored for it yet) is in flight
         // beside it and must not be counted first.
-        let service = f.start_with(&["--batch-max-events", "300"])?;
+        let instance = p.start_with(&["--batch-max-events", "300"])?;
         // Three failed attempts: at least one retry after a backoff, long
         // enough for the second batch to have been counted if it could be.
         let failed = wait_for(Duration::from_secs(60), "three WRONGTYPE errors", || {
-            std::fs::read_to_string(&service.log)
+            std::fs::read_to_string(&instance.service.log)
                 .is_ok_and(|log| log.matches("WRONGTYPE").count() >= 3)
         })
         .await;
-        service.with_log(failed.with_context(|| format!("a bad {bad} key")))?;
+        instance
+            .service
+            .with_log(failed.with_context(|| format!("a bad {bad} key")))?;
         assert_eq!(
-            f.applied().await?[0],
+            p.applied().await?[0],
             0,
             "partition 0 moved past a batch that failed on the bad {bad} key"
         );
         redis::cmd("DEL")
             .arg(&key)
-            .query_async::<()>(&mut f.redis)
+            .query_async::<()>(&mut conn)
             .await?;
-        f.wait_all_applied(&service).await?;
-        f.assert_state_matches_model().await?;
+        caught_up(&p, &instance).await?;
+        assert_model(&p, &redis, since).await?;
     }
     Ok(())
 }
@@ -687,30 +541,30 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
 /// two groups running at once count every event once between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_group_and_two_groups_at_once_count_every_event_once() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
+    let (mut p, redis, since) = on_stack().await?;
     let all = events(11, 9_000, 0.0);
     let mut chunks = all.chunks(3_000).map(<[Generated]>::to_vec);
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    let mut first = f.start()?;
-    f.wait_all_applied(&first).await?;
-    first.signal("TERM")?;
-    assert_eq!(first.wait(Duration::from_secs(30)).await?, Some(0));
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    let mut first = p.start()?;
+    caught_up(&p, &first).await?;
+    first.service.signal("TERM")?;
+    assert_eq!(first.service.wait(Duration::from_secs(30)).await?, Some(0));
 
     // Renamed: the new group has no Kafka offsets and reads from the start.
-    f.group = unique("renamed");
-    let renamed = f.start()?;
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    f.wait_group_committed(&f.group.clone(), &renamed).await?;
+    p.rename_group();
+    let renamed = p.start()?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    p.wait_committed_by(&p.group, &renamed).await?;
 
     // And a third group beside it, both running.
-    let renamed_group = f.group.clone();
-    f.group = unique("beside");
-    let beside = f.start()?;
-    f.produce(chunks.next().unwrap_or_default()).await?;
-    f.wait_group_committed(&renamed_group, &renamed).await?;
-    f.wait_group_committed(&f.group.clone(), &beside).await?;
-    f.wait_all_applied(&beside).await?;
-    f.assert_state_matches_model().await
+    let renamed_group = p.group.clone();
+    p.rename_group();
+    let beside = p.start()?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    p.wait_committed_by(&renamed_group, &renamed).await?;
+    p.wait_committed_by(&p.group, &beside).await?;
+    caught_up(&p, &beside).await?;
+    assert_model(&p, &redis, since).await
 }
 
 /// Versions before the per-topic fence kept a group's offsets under
@@ -720,39 +574,40 @@ async fn a_renamed_group_and_two_groups_at_once_count_every_event_once() -> anyh
 /// applied and nothing counts twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(12, 3_000, 0.0)).await?;
-    let mut before = f.start()?;
-    f.wait_all_applied(&before).await?;
-    before.signal("TERM")?;
-    assert_eq!(before.wait(Duration::from_secs(30)).await?, Some(0));
+    let (mut p, redis, since) = on_stack().await?;
+    p.produce_events(events(12, 3_000, 0.0)).await?;
+    let mut before = p.start()?;
+    caught_up(&p, &before).await?;
+    before.service.signal("TERM")?;
+    assert_eq!(before.service.wait(Duration::from_secs(30)).await?, Some(0));
     // An older version of a group with no Kafka offsets (so that it reads
     // the topic from the start) applied everything and kept it in its own
     // hash; the per-topic one is behind (partition 1 stands at 1).
-    f.group = unique("upgraded");
-    let by_topic = offsets_key(&f.prefix, &f.topic);
-    let by_group = group_offsets_key(&f.prefix, &f.group, &f.topic);
+    p.rename_group();
+    let by_topic = offsets_key(&redis.prefix, &p.topic);
+    let by_group = group_offsets_key(&redis.prefix, &p.group, &p.topic);
+    let mut conn = redis.conn.clone();
     redis::cmd("COPY")
         .arg(&by_topic)
         .arg(&by_group)
-        .query_async::<()>(&mut f.redis)
+        .query_async::<()>(&mut conn)
         .await?;
     redis::cmd("HSET")
         .arg(&by_topic)
         .arg(1)
         .arg(1)
-        .query_async::<()>(&mut f.redis)
+        .query_async::<()>(&mut conn)
         .await?;
-    let upgraded = f.start()?;
-    f.produce(events(13, 3_000, 0.0)).await?;
-    f.wait_group_committed(&f.group.clone(), &upgraded).await?;
-    f.wait_all_applied(&upgraded).await?;
-    f.assert_state_matches_model().await?;
+    let upgraded = p.start()?;
+    p.produce_events(events(13, 3_000, 0.0)).await?;
+    p.wait_committed_by(&p.group, &upgraded).await?;
+    caught_up(&p, &upgraded).await?;
+    assert_model(&p, &redis, since).await?;
     // What an older version (rolled back to) reads.
-    let by_group = stored_offsets(&mut f.redis, &by_group, PARTITIONS).await?;
+    let by_group = stored_offsets(&mut conn, &by_group, PARTITIONS).await?;
     assert_eq!(
         by_group,
-        f.produced.to_vec(),
+        p.produced_ends(),
         "the group's own hash kept in step"
     );
     Ok(())
@@ -765,11 +620,10 @@ async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::Result<()> {
     let stack = Stack::get()?;
-    let redis = PrivateRedis::start_without_aof(stack.dir.join(unique("redis-eviction"))).await?;
-    let mut f = Fixture::with_redis(stack, redis.url()).await?;
-    let policy_conn = f.redis.clone();
+    let server = PrivateRedis::start_without_aof(stack.dir.join(unique("redis-eviction"))).await?;
+    let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), &server.url()).await?;
     let set_policy = |policy: &'static str| {
-        let mut conn = policy_conn.clone();
+        let mut conn = redis.conn.clone();
         async move {
             redis::cmd("CONFIG")
                 .arg("SET")
@@ -780,13 +634,13 @@ async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::R
         }
     };
     set_policy("volatile-lru").await?;
-    let mut refused = f.start()?;
+    let mut refused = p.start()?;
     assert_eq!(
-        refused.wait(Duration::from_secs(30)).await?,
+        refused.service.wait(Duration::from_secs(30)).await?,
         Some(1),
         "started under volatile-lru"
     );
-    let log = std::fs::read_to_string(&refused.log)?;
+    let log = std::fs::read_to_string(&refused.service.log)?;
     assert!(
         log.contains("maxmemory-policy is volatile-lru")
             && log.contains("CONFIG SET maxmemory-policy noeviction"),
@@ -794,40 +648,38 @@ async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::R
     );
 
     set_policy("noeviction").await?;
-    f.produce(events(14, 2_000, 0.0)).await?;
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let service = f.start_with(&["--metrics-addr", &metrics])?;
-    f.wait_all_applied(&service).await?;
-    e2e::wait_for_async(Duration::from_secs(30), "readiness", || e2e::ready(port)).await?;
+    p.produce_events(events(14, 2_000, 0.0)).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    wait_for_async(Duration::from_secs(30), "readiness", || instance.ready()).await?;
 
     set_policy("allkeys-lru").await?;
-    e2e::wait_for_async(
+    wait_for_async(
         Duration::from_secs(30),
         "readiness to turn false",
-        || async { Ok(!e2e::ready(port).await?) },
+        || async { Ok(!instance.ready().await?) },
     )
     .await?;
-    let applied = f.applied().await?;
-    f.produce(events(15, 2_000, 0.0)).await?;
+    let applied = p.applied().await?;
+    p.produce_events(events(15, 2_000, 0.0)).await?;
     wait_for(
         Duration::from_secs(60),
         "writes refused for the policy",
         || {
-            std::fs::read_to_string(&service.log)
+            std::fs::read_to_string(&instance.service.log)
                 .is_ok_and(|log| log.matches("maxmemory-policy is allkeys-lru").count() >= 2)
         },
     )
     .await?;
-    assert_eq!(f.applied().await?, applied, "applied under allkeys-lru");
+    assert_eq!(p.applied().await?, applied, "applied under allkeys-lru");
 
     set_policy("noeviction").await?;
-    f.wait_all_applied(&service).await?;
-    e2e::wait_for_async(Duration::from_secs(30), "readiness again", || {
-        e2e::ready(port)
+    caught_up(&p, &instance).await?;
+    wait_for_async(Duration::from_secs(30), "readiness again", || {
+        instance.ready()
     })
     .await?;
-    f.assert_state_matches_model().await
+    assert_model(&p, &redis, since).await
 }
 
 /// A retry that finds its partition's stored offset at or past the batch's
@@ -926,11 +778,14 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
 /// record batches, on a broker that serves them as Kafka does. Every event
 /// counts once.
 async fn compressed_batches_equal_the_model(compression: &str) -> anyhow::Result<()> {
-    let mut f = Fixture::on_mock_cluster(compression).await?;
-    f.produce(events(16, 6_000, 0.01)).await?;
-    let service = f.start()?;
-    f.wait_all_applied(&service).await?;
-    f.assert_state_matches_model().await
+    let stack = Stack::get()?;
+    let broker = Broker::mock_cluster(3)?;
+    let (mut p, redis, since) = pipeline(&stack, broker, &stack.redis_url).await?;
+    p.logstash_production(compression)?;
+    p.produce_events(events(16, 6_000, 0.01)).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -958,45 +813,42 @@ async fn zstd_batches_equal_the_model() -> anyhow::Result<()> {
 /// another replica would stay on dashboards forever beside the new owner's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_show_only_the_partitions_a_replica_owns() -> anyhow::Result<()> {
-    let mut f = Fixture::new().await?;
-    f.produce(events(17, 3_000, 0.0)).await?;
-    let port = e2e::free_port()?;
-    let metrics = format!("127.0.0.1:{port}");
-    let first = f.start_with(&["--metrics-addr", &metrics])?;
-    f.wait_all_applied(&first).await?;
+    let (mut p, _, _) = on_stack().await?;
+    p.produce_events(events(17, 3_000, 0.0)).await?;
+    let first = p.start()?;
+    caught_up(&p, &first).await?;
     let lag_partitions = || async {
-        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-            .await?
-            .text()
-            .await?;
-        let mut partitions: Vec<String> = text
-            .lines()
-            .filter(|l| l.starts_with("sink_consumer_lag{"))
-            .filter_map(|l| l.split_once("partition=\"")?.1.split_once('"'))
-            .map(|(p, _)| p.to_owned())
+        let scrape = first.metrics().await?;
+        let shown: Vec<String> = (0..PARTITIONS)
+            .map(|partition| partition.to_string())
+            .filter(|partition| {
+                !scrape
+                    .matching("sink_consumer_lag", &[("partition", partition)])
+                    .is_empty()
+            })
             .collect();
-        partitions.sort();
-        anyhow::Ok(partitions)
+        anyhow::Ok(shown)
     };
-    e2e::wait_for_async(
+    wait_for_async(
         Duration::from_secs(30),
         "lag of all 3 partitions",
         || async { Ok(lag_partitions().await?.len() == 3) },
     )
     .await?;
-    let second = f.start()?;
+    let second = p.start()?;
     wait_for(
         Duration::from_secs(60),
         "the partitions dealt again",
         || {
-            [&first, &second].iter().all(|s| {
-                s.last_assignment()
+            [&first, &second].iter().all(|i| {
+                i.service
+                    .last_assignment()
                     .is_some_and(|l| !l.ends_with("[]") && !l.ends_with("[0, 1, 2]"))
             })
         },
     )
     .await?;
-    let line = first.last_assignment().unwrap_or_default();
+    let line = first.service.last_assignment().unwrap_or_default();
     let kept: Vec<String> = line
         .rsplit_once('[')
         .map(|(_, list)| list.trim_end_matches(']'))
@@ -1018,22 +870,32 @@ async fn metrics_show_only_the_partitions_a_replica_owns() -> anyhow::Result<()>
 /// that hangs on exit holds its partitions until the session times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_in_time_when_the_broker_stops_answering() -> anyhow::Result<()> {
-    let mut f = Fixture::on_mock_cluster("lz4").await?;
-    f.produce(events(18, 2_000, 0.0)).await?;
-    let mut service = f.start()?;
-    f.wait_all_applied(&service).await?;
-    let mock = f.mock.as_ref().context("a mock cluster")?;
+    let stack = Stack::get()?;
+    let broker = Broker::mock_cluster(3)?;
+    let (mut p, _, _) = pipeline(&stack, broker, &stack.redis_url).await?;
+    p.logstash_production("lz4")?;
+    p.produce_events(events(18, 2_000, 0.0)).await?;
+    let mut instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    let mock = p.broker.mock().context("a mock cluster")?;
     for broker in 1..=3 {
         mock.broker_round_trip_time(broker, Duration::from_secs(300))?;
     }
     let asked = std::time::Instant::now();
-    service.signal("TERM")?;
-    // The fixture's --shutdown-timeout-secs is 10.
-    let code = service.wait(Duration::from_secs(30)).await;
+    instance.service.signal("TERM")?;
+    let code = instance.service.wait(Duration::from_secs(30)).await;
     let took = asked.elapsed();
     let code = code.context("no exit within 30 s")?;
-    assert_eq!(code, Some(0), "exit status; log:\n{}", service.log_tail());
+    assert_eq!(
+        code,
+        Some(0),
+        "exit status; log:\n{}",
+        instance.service.log_tail()
+    );
     // The timeout, and a little for the process to end once it gave up.
-    assert!(took <= Duration::from_secs(12), "exit took {took:?}");
+    assert!(
+        took <= SHUTDOWN_TIMEOUT + Duration::from_secs(2),
+        "exit took {took:?}"
+    );
     Ok(())
 }
