@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
@@ -144,9 +145,12 @@ pub fn read_messages(
 
 /// Reads at least `count` messages from the start of `topic` (failing after
 /// `timeout`), then goes on until none arrives for `quiet`, to see any
-/// beyond `count`. (tansu 0.6.0's high watermark is not the end of the log
-/// when a record batch holds several records, so a reader cannot know the
-/// end from it.)
+/// beyond `count`. The quiet time counts only once every partition has
+/// been fetched to its end at least once: a reader that has not fetched
+/// yet has not seen that nothing is there. (tansu 0.6.0's high watermark
+/// is not the end of the log when a record batch holds several records,
+/// so an end reached is not the end of what may still arrive: hence the
+/// quiet time after it.)
 pub fn read_at_least(
     bootstrap: &str,
     topic: &str,
@@ -158,46 +162,77 @@ pub fn read_at_least(
         .set("bootstrap.servers", bootstrap)
         .set("group.id", crate::unique("reader"))
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
         .create()
         .context("reader")?;
-    consumer.subscribe(&[topic])?;
+    // Assigned, not subscribed: fetching starts without a group join.
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata of {topic}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("{topic} has no partitions");
+    }
+    let mut assignment = TopicPartitionList::new();
+    for partition in &partitions {
+        assignment.add_partition_offset(topic, *partition, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
+    let mut at_end = std::collections::BTreeSet::new();
     let mut last = std::time::Instant::now();
     loop {
         let now = std::time::Instant::now();
-        if out.len() >= count && now.duration_since(last) >= quiet {
+        let fetched_all = at_end.len() == partitions.len();
+        if out.len() >= count && fetched_all && now.duration_since(last) >= quiet {
             break;
         }
-        if out.len() < count && now >= deadline {
+        if now >= deadline {
             bail!(
-                "read {} of {count} messages from {topic} before timing out",
-                out.len()
+                "read {} of {count} messages from {topic} ({} of {} partitions fetched to their end) \
+                 before timing out",
+                out.len(),
+                at_end.len(),
+                partitions.len()
             );
         }
-        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-            last = std::time::Instant::now();
-            let message = message?;
-            let headers = message
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            (
-                                h.key.to_owned(),
-                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(ReadMessage {
-                partition: message.partition(),
-                offset: message.offset(),
-                payload: message.payload().unwrap_or_default().to_vec(),
-                headers,
-            });
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(partition)))
+                if at_end.insert(partition) && at_end.len() == partitions.len() =>
+            {
+                last = std::time::Instant::now();
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(err)) => return Err(err).context("reading"),
+            Some(Ok(message)) => {
+                last = std::time::Instant::now();
+                let headers = message
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(ReadMessage {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
         }
     }
     Ok(out)
