@@ -2,8 +2,9 @@
 //! sink. It produces records round-robin over the partitions and remembers
 //! where each one landed and what the sink must do with it; it starts
 //! instances, waits until the sink applied what was produced, and compares
-//! the sink with it ([`Tally`]). Every end-to-end test of a service, the
-//! fault suite and the benchmark build on it.
+//! the sink with it ([`Tally`]). Every end-to-end test of a service and the
+//! fault suite build on it; core_loop (in-process consumers) and the
+//! benchmark use its [`Broker`].
 //!
 //! A sink plugs in as one [`SinkSide`] (`crate::redis::RedisSide`,
 //! `crate::bigquery::BigQuerySide`); a broker as a [`Broker`] (tansu, the
@@ -227,7 +228,11 @@ impl Pipeline {
     /// Waits until every record of `load` is delivered and remembers them.
     pub async fn finish(&mut self, load: Load) -> anyhow::Result<()> {
         for (coordinates, item) in load.task.await.context("load task")?? {
-            self.produced.insert(coordinates, item);
+            // Two deliveries at one offset would make the tally compare
+            // against the wrong record.
+            if self.produced.insert(coordinates, item).is_some() {
+                anyhow::bail!("two records delivered at {coordinates:?}");
+            }
         }
         Ok(())
     }
@@ -241,23 +246,6 @@ impl Pipeline {
     /// Produces generated events as fast as the broker takes them.
     pub async fn produce_events(&mut self, events: Vec<Generated>) -> anyhow::Result<()> {
         let items = events.into_iter().map(|e| self.item(e)).collect();
-        self.produce(items).await
-    }
-
-    /// Produces raw payloads the sink must apply (`kept`) or dead-letter.
-    pub async fn produce_payloads(
-        &mut self,
-        payloads: Vec<Vec<u8>>,
-        kept: bool,
-    ) -> anyhow::Result<()> {
-        let items = payloads
-            .into_iter()
-            .map(|payload| Item {
-                payload,
-                kept,
-                truth: None,
-            })
-            .collect();
         self.produce(items).await
     }
 

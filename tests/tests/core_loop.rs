@@ -253,9 +253,7 @@ impl Setup {
     async fn on(broker: Broker, prefix: &str) -> anyhow::Result<Self> {
         let topic = broker.topic_with_dlq(prefix).await?;
         let group = unique("group");
-        // One record per record batch on either broker: these scenarios'
-        // producer (`Broker::producer` batches on the mock cluster).
-        let producer = kafka::producer(broker.bootstrap())?;
+        let producer = broker.producer()?;
         let offsets = kafka::OffsetReader::new(broker.bootstrap(), &group, &topic, PARTITIONS)?;
         Ok(Self {
             broker,
