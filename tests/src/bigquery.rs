@@ -402,7 +402,7 @@ impl SinkSide for BigQuerySide {
     }
 
     fn keeps(&self, event: &Generated) -> bool {
-        event.valid
+        expected_row(&event.payload).is_some()
     }
 
     fn stored_offsets<'a>(
@@ -450,6 +450,40 @@ impl SinkSide for BigQuerySide {
             Ok(())
         })
     }
+}
+
+/// The row bigquery-sink must make of a message, worked out from its JSON with
+/// serde_json and chrono alone: `None` if the sink must refuse it (not a
+/// JSON object, or a present `@timestamp` that is not RFC 3339), else the
+/// typed columns (`event_time` in microseconds when `@timestamp` is given).
+pub fn expected_row(payload: &[u8]) -> Option<(Option<i64>, [Option<String>; 5])> {
+    let value: Value = serde_json::from_slice(payload).ok()?;
+    let object = value.as_object()?;
+    let time = match object.get("@timestamp") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .ok()?
+                .timestamp_micros(),
+        ),
+        Some(_) => return None,
+    };
+    let text = |k: &str| object.get(k).and_then(Value::as_str).map(str::to_owned);
+    let id = |k: &str| match object.get(k) {
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    };
+    Some((
+        time,
+        [
+            text("info"),
+            id("user_id"),
+            text("keyword"),
+            id("movie_id"),
+            text("host"),
+        ],
+    ))
 }
 
 /// A query cell as an integer (the REST API sends INT64 as strings).

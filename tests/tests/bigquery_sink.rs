@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use e2e::bigquery::{int, BigQuerySide, Fault, FaultProxy};
+use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::pipeline::{Coordinates, Instance, Item, Pipeline};
@@ -61,10 +61,10 @@ fn generator(seed: u64) -> Generator {
     Generator::new(seed, Mix::All, chrono::Utc::now().timestamp_millis())
 }
 
-/// `payload` as the sink must treat it: kept if the oracle can read it.
+/// `payload` as the sink must treat it: kept if it makes a row.
 fn item(payload: Vec<u8>) -> Item {
     Item {
-        kept: oracle(&payload).is_some(),
+        kept: expected_row(&payload).is_some(),
         payload,
         truth: None,
     }
@@ -76,40 +76,6 @@ fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Item> {
     (0..n)
         .map(|_| item(generator.next_event().payload))
         .collect()
-}
-
-/// What the table must say about an event, worked out from its JSON with
-/// serde_json and chrono alone: `None` if the sink must refuse it (not a
-/// JSON object, or a present `@timestamp` that is not RFC 3339), else the
-/// typed columns (`event_time` in microseconds when `@timestamp` is given).
-fn oracle(payload: &[u8]) -> Option<(Option<i64>, [Option<String>; 5])> {
-    let value: Value = serde_json::from_slice(payload).ok()?;
-    let object = value.as_object()?;
-    let time = match object.get("@timestamp") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            chrono::DateTime::parse_from_rfc3339(s)
-                .ok()?
-                .timestamp_micros(),
-        ),
-        Some(_) => return None,
-    };
-    let text = |k: &str| object.get(k).and_then(Value::as_str).map(str::to_owned);
-    let id = |k: &str| match object.get(k) {
-        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(n.to_string()),
-        _ => None,
-    };
-    Some((
-        time,
-        [
-            text("info"),
-            id("user_id"),
-            text("keyword"),
-            id("movie_id"),
-            text("host"),
-        ],
-    ))
 }
 
 /// Coordinates of the records produced that `which` picks.
@@ -137,7 +103,7 @@ async fn wait_landed(
 /// Checks the rows of the table where `filter` holds against the events
 /// produced at their coordinates: the payload round-trips, `JSON_VALUE`
 /// reads a field outside the schema, and the typed columns (and
-/// `event_time`, where the payload gives it) are what the oracle says. Returns how many rows it checked.
+/// `event_time`, where the payload gives it) are what `expected_row` says. Returns how many rows it checked.
 async fn check_rows(p: &Pipeline, bq: &BigQuerySide, filter: &str) -> anyhow::Result<usize> {
     let rows = bq
         .emulator
@@ -166,7 +132,7 @@ async fn check_rows(p: &Pipeline, bq: &BigQuerySide, filter: &str) -> anyhow::Re
             original["message"].as_str(),
             "JSON_VALUE of {at:?}"
         );
-        let (time, columns) = oracle(payload).context("a valid event")?;
+        let (time, columns) = expected_row(payload).context("a valid event")?;
         // Without `@timestamp` the sink takes the record's Kafka timestamp.
         if time.is_some() {
             assert_eq!(int(&row[4]), time, "event_time of {at:?}");
@@ -343,7 +309,7 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
             r#"{{"@timestamp":"0000-01-01T00:00:00Z","info":"login","user_id":"u{i}","message":"year 0 #{i}"}}"#
         );
         let payload = year0.into_bytes();
-        assert!(payload.starts_with(YEAR_ZERO) && oracle(&payload).is_some());
+        assert!(payload.starts_with(YEAR_ZERO) && expected_row(&payload).is_some());
         items.insert(
             i * 100,
             Item {
@@ -355,7 +321,7 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
     }
     p.produce(items).await?;
     let refused_by_bigquery = coordinates_of(&p, |item| item.payload.starts_with(YEAR_ZERO));
-    let refused_at_decode = coordinates_of(&p, |item| oracle(&item.payload).is_none());
+    let refused_at_decode = coordinates_of(&p, |item| expected_row(&item.payload).is_none());
     let kept = coordinates_of(&p, |item| item.kept);
     assert!(
         refused_at_decode.len() > 50 && kept.len() > 2_700,
