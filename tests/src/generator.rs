@@ -105,6 +105,27 @@ pub struct Generator {
     movies: u32,
     now_ms: i64,
     seq: u64,
+    /// Set by [`Generator::production`].
+    production: Option<Production>,
+}
+
+/// What [`Generator::production`] changes.
+#[derive(Debug)]
+struct Production {
+    /// Cumulative Zipf weights over the distinct keywords.
+    keywords: Vec<f64>,
+    /// Cumulative Zipf weights over the movies.
+    movies: Vec<f64>,
+}
+
+/// Cumulative weights of a Zipf distribution (exponent 1) over `n` ranks.
+fn zipf(n: usize) -> Vec<f64> {
+    (1..=n)
+        .scan(0.0, |sum, rank| {
+            *sum += 1.0 / rank as f64;
+            Some(*sum)
+        })
+        .collect()
 }
 
 impl Generator {
@@ -119,7 +140,25 @@ impl Generator {
             movies: 500,
             now_ms,
             seq: 0,
+            production: None,
         }
+    }
+
+    /// Traffic shaped like a real service's, as the benchmark's production
+    /// input: 20,000 users; keywords (50,000 distinct, the canonical list
+    /// first) and movies (10,000) drawn by Zipf popularity, so the top
+    /// terms dominate over a long tail; the fields a web server's JSON log
+    /// carries besides ours (client, request, status, user agent: about
+    /// 600 bytes an event); and 1 in 20 malformed lines oversized (a
+    /// 200 KB line Filebeat cut, not JSON).
+    pub fn production(mut self) -> Self {
+        self.users = 20_000;
+        self.movies = 10_000;
+        self.production = Some(Production {
+            keywords: zipf(50_000),
+            movies: zipf(self.movies as usize),
+        });
+        self
     }
 
     /// Share of malformed lines, 0.0..=1.0.
@@ -132,6 +171,36 @@ impl Generator {
     pub fn users(mut self, users: u32) -> Self {
         self.users = users.max(1);
         self
+    }
+
+    /// A rank drawn from cumulative weights `cumulative`.
+    fn draw(rng: &mut StdRng, cumulative: &[f64]) -> usize {
+        let total = cumulative.last().copied().unwrap_or(0.0);
+        let at = rng.random::<f64>() * total;
+        cumulative
+            .partition_point(|w| *w < at)
+            .min(cumulative.len().saturating_sub(1))
+    }
+
+    /// A canonical keyword: Zipf over 50,000 in production, else skewed
+    /// over the canonical list.
+    fn keyword(&mut self) -> String {
+        match &self.production {
+            Some(production) => match Self::draw(&mut self.rng, &production.keywords) {
+                rank if rank < KEYWORDS.len() => KEYWORDS[rank].to_owned(),
+                rank => format!("keyword {rank}"),
+            },
+            None => KEYWORDS[self.skewed(KEYWORDS.len())].to_owned(),
+        }
+    }
+
+    /// A movie id, from 1.
+    fn movie(&mut self) -> u64 {
+        let rank = match &self.production {
+            Some(production) => Self::draw(&mut self.rng, &production.movies),
+            None => self.skewed(self.movies as usize),
+        };
+        rank as u64 + 1
     }
 
     /// Skewed pick in `0..n`: index ~ n * u^3 puts most mass on low indexes.
@@ -185,17 +254,17 @@ impl Generator {
         });
         let truth = match info {
             "search" => {
-                let canonical = KEYWORDS[self.skewed(KEYWORDS.len())];
-                event["keyword"] = json!(self.variant(canonical));
+                let canonical = self.keyword();
+                event["keyword"] = json!(self.variant(&canonical));
                 Some(Truth {
                     info,
-                    member: canonical.to_owned(),
+                    member: canonical,
                     user,
                     time_ms,
                 })
             }
             "movie_detail" => {
-                let id = self.skewed(self.movies as usize) as u64 + 1;
+                let id = self.movie();
                 // Integer and string ids mean the same movie.
                 event["movie_id"] = if self.rng.random_bool(0.5) {
                     json!(id)
@@ -215,12 +284,40 @@ impl Generator {
                 None
             }
         };
+        if self.production.is_some() {
+            self.web_server_fields(&mut event);
+        }
         Generated {
             info,
             payload: event.to_string().into_bytes(),
             truth,
             valid: true,
         }
+    }
+
+    /// What a web server's JSON access log carries besides our fields.
+    fn web_server_fields(&mut self, event: &mut serde_json::Value) {
+        let ip = format!(
+            "10.{}.{}.{}",
+            self.rng.random_range(0..256),
+            self.rng.random_range(0..256),
+            self.rng.random_range(1..255)
+        );
+        let path = match event["info"].as_str() {
+            Some("search") => "/search",
+            Some("movie_detail") => "/movies/detail",
+            _ => "/api/session",
+        };
+        event["clientip"] = json!(ip);
+        event["request"] = json!(format!("GET {path}?ref=home&page=1 HTTP/1.1"));
+        event["status"] = json!(200);
+        event["bytes"] = json!(self.rng.random_range(500..40_000));
+        event["referrer"] = json!("https://movies.example.com/");
+        event["agent"] = json!(
+            "Mozilla/5.0 (Linux; Android 14; SM-S918N) AppleWebKit/537.36 (KHTML, like Gecko) \
+             Chrome/124.0.0.0 Mobile Safari/537.36"
+        );
+        event["response_ms"] = json!(self.rng.random_range(1..800));
     }
 
     /// A keyword as a user might type it: case, width and spacing vary.
@@ -238,6 +335,14 @@ impl Generator {
     }
 
     fn malformed(&mut self) -> Generated {
+        if self.production.is_some() && self.rng.random_bool(0.05) {
+            return Generated {
+                info: "malformed",
+                payload: cut_line(200_000),
+                truth: None,
+                valid: false,
+            };
+        }
         let payload: Vec<u8> = match self.rng.random_range(0..8) {
             0 => b"GET /search?q=parasite HTTP/1.1".to_vec(),
             1 => Vec::new(),
@@ -427,6 +532,14 @@ impl JavaPartitioner {
     }
 }
 
+/// A JSON line of `bytes` cut in the middle, as Filebeat cuts a line
+/// longer than its limit: not JSON any more.
+fn cut_line(bytes: usize) -> Vec<u8> {
+    let mut line = br#"{"info":"search","keyword":""#.to_vec();
+    line.resize(bytes, b'k');
+    line
+}
+
 fn full_width(c: char) -> char {
     match c {
         ' ' => '\u{3000}',
@@ -439,6 +552,34 @@ fn full_width(c: char) -> char {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn production_traffic_has_a_head_and_a_long_tail() {
+        let mut g = Generator::new(7, Mix::User3, 0).production();
+        let mut keywords: std::collections::HashMap<String, usize> = Default::default();
+        let mut bytes = 0;
+        let n = 100_000;
+        for _ in 0..n {
+            let event = g.next_event();
+            bytes += event.payload.len();
+            if let Some(truth) = event.truth.filter(|t| t.info == "search") {
+                *keywords.entry(truth.member).or_default() += 1;
+            }
+        }
+        let searches: usize = keywords.values().sum();
+        let top = keywords.get(KEYWORDS[0]).copied().unwrap_or(0);
+        // Zipf over 50,000: the top term about 9 %, thousands of terms seen.
+        assert!(
+            (0.06..0.12).contains(&(top as f64 / searches as f64)),
+            "{top} of {searches}"
+        );
+        assert!(keywords.len() > 10_000, "{} distinct", keywords.len());
+        assert!(
+            (450..750).contains(&(bytes / n)),
+            "{} bytes an event",
+            bytes / n
+        );
+    }
 
     #[test]
     fn same_seed_same_events() {

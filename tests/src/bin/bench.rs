@@ -1,12 +1,18 @@
 //! bench: throughput and memory of the services against the local stack.
 //!
-//! `bench redis`: N generated events already in a fresh user3-like topic;
-//! measures, for the do-nothing sink (the consumer's own ceiling) and for
-//! redis-sink, the time from process start until every offset is applied,
-//! events/s, peak RSS, and (redis) Redis commands per event. redis-sink runs
-//! twice, each time against a fresh redis-server of its own: with the
+//! `bench redis`: two inputs, each already in a fresh user3-like topic.
+//! *uniform*: N generated events in 64 KB uncompressed record batches.
+//! *production*: shaped like what Logstash sends (lz4-compressed record
+//! batches of its 16 KB, 20,000 users, Zipf-popular keywords and movies,
+//! web-server fields, a share of malformed lines, some of them oversized;
+//! `Generator::production`), once per `--malformed` share. Measures, for the
+//! do-nothing sink (the consumer's own ceiling) and for redis-sink, the time
+//! from process start until every offset is applied, events/s, peak RSS,
+//! and (redis) Redis commands per event. redis-sink runs against a fresh
+//! redis-server of its own each time: on the uniform input with the
 //! append-only file (`appendfsync everysec`, what docs/redis-keys.md asks
-//! for in production) and without it, which shows what persistence costs.
+//! for in production) and without it, which shows what persistence costs;
+//! on the production input without it.
 //!
 //! `bench bigquery`: N events of every kind in a fresh user2-like topic;
 //! bigquery-sink (a) against an endpoint that accepts insertAll at once (the
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::bigquery::{Fault, FaultProxy, InsertSeen};
+use e2e::bigquery::{expected_row, Fault, FaultProxy, InsertSeen};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::process::{PrivateRedis, Service};
@@ -50,20 +56,52 @@ enum Command {
         /// Only the instant endpoint (the emulator run takes minutes).
         #[arg(long)]
         skip_emulator: bool,
+        /// The production-shaped input (see `bench redis`) with this share
+        /// of malformed lines, instead of the uniform one.
+        #[arg(long)]
+        malformed: Option<f64>,
     },
     /// redis-sink: events/s, Redis commands per event, peak RSS.
     Redis {
-        /// Events in the topic before the consumer starts.
+        /// Events of the uniform input in the topic before the consumer starts.
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
-        /// Distinct users in the generated events.
+        /// Distinct users in the uniform input.
         #[arg(long, default_value_t = 100_000)]
         users: u32,
+        /// Events of the production-shaped input.
+        #[arg(long, default_value_t = 300_000)]
+        production_events: usize,
+        /// Shares of malformed lines in the production-shaped input, one
+        /// run each.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.01, 0.02])]
+        malformed: Vec<f64>,
+        /// Which inputs to run.
+        #[arg(long, value_enum, default_value_t = Inputs::Both)]
+        input: Inputs,
     },
 }
 
+/// Which inputs `bench redis` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Inputs {
+    Uniform,
+    Production,
+    Both,
+}
+
+/// What a topic is filled with.
+#[derive(Debug, Clone, Copy)]
+enum Input {
+    /// The generator's default events, 64 KB uncompressed record batches.
+    Uniform { users: u32 },
+    /// `Generator::production` with this share of malformed lines, in
+    /// lz4-compressed record batches as Logstash sends them.
+    Production { malformed: f64 },
+}
+
 struct Figures {
-    name: &'static str,
+    name: String,
     events: usize,
     seconds: f64,
     peak_rss: u64,
@@ -77,34 +115,55 @@ struct Figures {
 async fn main() -> anyhow::Result<()> {
     let stack = Stack::get()?;
     match Cli::parse().command {
-        Command::Redis { events, users } => {
-            let topic = fill_topic(&stack, "bench-user3", Mix::User3, events, users).await?;
-            let null = run_null(&stack, &topic, events).await?;
-            // A fresh redis-server per run, so both start from an empty
-            // dataset and append-only file: AOF rewrites depend on what the
-            // file already holds.
-            let mut figures = vec![null];
-            for (append_only, name) in [
-                (true, "redis-sink, Redis AOF"),
-                (false, "redis-sink, Redis without AOF"),
-            ] {
-                let dir = stack.dir.join(unique("bench-redis"));
-                let redis = if append_only {
-                    PrivateRedis::start(dir.clone()).await?
-                } else {
-                    PrivateRedis::start_without_aof(dir.clone()).await?
-                };
-                figures.push(run_redis(&stack, &redis.url(), &topic, events, name).await?);
-                drop(redis);
-                std::fs::remove_dir_all(&dir)?;
+        Command::Redis {
+            events,
+            users,
+            production_events,
+            malformed,
+            input,
+        } => {
+            let mut figures = Vec::new();
+            if input != Inputs::Production {
+                let uniform = Input::Uniform { users };
+                let (topic, _) =
+                    fill_topic(&stack, "bench-user3", Mix::User3, events, uniform).await?;
+                figures.push(run_null(&stack, &topic, events, "uniform").await?);
+                for append_only in [true, false] {
+                    figures.push(
+                        run_private_redis(&stack, &topic, events, "uniform", append_only).await?,
+                    );
+                }
+            }
+            if input != Inputs::Uniform {
+                for share in malformed {
+                    let production = Input::Production { malformed: share };
+                    let label = format!("production {:.0}% bad", share * 100.0);
+                    let (topic, _) = fill_topic(
+                        &stack,
+                        "bench-user3",
+                        Mix::User3,
+                        production_events,
+                        production,
+                    )
+                    .await?;
+                    figures.push(run_null(&stack, &topic, production_events, &label).await?);
+                    figures.push(
+                        run_private_redis(&stack, &topic, production_events, &label, false).await?,
+                    );
+                }
             }
             print_figures(&figures);
         }
         Command::Bigquery {
             events,
             skip_emulator,
+            malformed,
         } => {
-            let topic = fill_topic(&stack, "bench-user2", Mix::All, events, 2_000).await?;
+            let input = match malformed {
+                Some(malformed) => Input::Production { malformed },
+                None => Input::Uniform { users: 2_000 },
+            };
+            let (topic, rows) = fill_topic(&stack, "bench-user2", Mix::All, events, input).await?;
             let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
             proxy.set_faults(vec![Fault::Accept]);
             let started = Instant::now();
@@ -114,15 +173,15 @@ async fn main() -> anyhow::Result<()> {
                 &topic,
                 events,
                 &proxy.endpoint(),
-                "bigquery-sink, instant endpoint",
+                "bigquery-sink, instant endpoint".into(),
             )
             .await?;
             let bench_cpu = own_cpu_seconds() - cpu_before;
             let inserts = proxy.inserts();
             let accepted: usize = inserts.iter().map(|i| i.rows).sum();
             anyhow::ensure!(
-                accepted >= events,
-                "the instant endpoint saw {accepted} rows of {events}"
+                accepted >= rows,
+                "the instant endpoint saw {accepted} rows of {rows}"
             );
             let mut figures = vec![instant];
             if !skip_emulator {
@@ -132,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
                         &topic,
                         events,
                         &stack.bigquery_endpoint,
-                        "bigquery-sink, emulator",
+                        "bigquery-sink, emulator".into(),
                     )
                     .await?,
                 );
@@ -144,23 +203,36 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A fresh topic (and its DLQ) holding `events` generated events, produced
-/// in record batches of the size Logstash makes.
+/// A fresh topic (and its DLQ) holding `events` generated events of
+/// `input`, spread round-robin over the partitions; and how many of them
+/// make a BigQuery row.
 async fn fill_topic(
     stack: &Stack,
     prefix: &str,
     mix: Mix,
     events: usize,
-    users: u32,
-) -> anyhow::Result<String> {
+    input: Input,
+) -> anyhow::Result<(String, usize)> {
     let broker = Broker::tansu(stack);
     let topic = broker.topic_with_dlq(prefix).await?;
-    eprintln!("bench: producing {events} events into {topic} ...");
+    eprintln!("bench: producing {events} events ({input:?}) into {topic} ...");
     // Batched (not `Broker::producer`'s one record per batch): nothing here
     // resumes mid-stream.
-    let producer = kafka::producer_with(broker.bootstrap(), false)?;
-    let mut generator = Generator::new(42, mix, chrono::Utc::now().timestamp_millis()).users(users);
+    let now = chrono::Utc::now().timestamp_millis();
+    let (producer, mut generator) = match input {
+        Input::Uniform { users } => (
+            kafka::producer_with(broker.bootstrap(), false)?,
+            Generator::new(42, mix, now).users(users),
+        ),
+        Input::Production { malformed } => (
+            kafka::logstash_producer(broker.bootstrap(), "lz4")?,
+            Generator::new(42, mix, now)
+                .production()
+                .bad_fraction(malformed),
+        ),
+    };
     let mut bytes = 0usize;
+    let mut rows = 0usize;
     let mut produced = 0usize;
     while produced < events {
         let n = (events - produced).min(50_000);
@@ -168,6 +240,7 @@ async fn fill_topic(
             .map(|i| {
                 let payload = generator.next_event().payload;
                 bytes += payload.len();
+                rows += usize::from(expected_row(&payload).is_some());
                 (((produced + i) % PARTITIONS as usize) as i32, payload)
             })
             .collect();
@@ -175,13 +248,13 @@ async fn fill_topic(
         produced += n;
     }
     eprintln!("bench: {events} events, {:.0} MB", bytes as f64 / 1e6);
-    Ok(topic)
+    Ok((topic, rows))
 }
 
 fn print_figures(figures: &[Figures]) {
     println!();
     println!(
-        "{:<34} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12} {:>12}",
+        "{:<48} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12} {:>12}",
         "consumer",
         "events",
         "seconds",
@@ -193,7 +266,7 @@ fn print_figures(figures: &[Figures]) {
     );
     for f in figures {
         println!(
-            "{:<34} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12} {:>12}",
+            "{:<48} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12} {:>12}",
             f.name,
             f.events,
             f.seconds,
@@ -239,14 +312,43 @@ fn bench_flags(flags: ServiceFlags) -> ServiceFlags {
     flags.set("--log-format", "json")
 }
 
-async fn run_null(stack: &Stack, topic: &str, events: usize) -> anyhow::Result<Figures> {
+async fn run_null(
+    stack: &Stack,
+    topic: &str,
+    events: usize,
+    input: &str,
+) -> anyhow::Result<Figures> {
     let group = unique("bench-null");
     let flags = bench_flags(ServiceFlags::null_sink(&stack.kafka, topic, &group));
     let figures = run_until_committed(stack, topic, events, &group, &flags).await?;
     Ok(Figures {
-        name: "null sink (ceiling)",
+        name: format!("{input}: null sink (ceiling)"),
         ..figures
     })
+}
+
+/// redis-sink against a fresh redis-server of its own, so every run starts
+/// from an empty dataset and append-only file (AOF rewrites depend on what
+/// the file already holds).
+async fn run_private_redis(
+    stack: &Stack,
+    topic: &str,
+    events: usize,
+    input: &str,
+    append_only: bool,
+) -> anyhow::Result<Figures> {
+    let dir = stack.dir.join(unique("bench-redis"));
+    let redis = if append_only {
+        PrivateRedis::start(dir.clone()).await?
+    } else {
+        PrivateRedis::start_without_aof(dir.clone()).await?
+    };
+    let aof = if append_only { "AOF" } else { "without AOF" };
+    let name = format!("{input}: redis-sink, Redis {aof}");
+    let figures = run_redis(stack, &redis.url(), topic, events, name).await?;
+    drop(redis);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(figures)
 }
 
 async fn run_bigquery(
@@ -254,7 +356,7 @@ async fn run_bigquery(
     topic: &str,
     events: usize,
     endpoint: &str,
-    name: &'static str,
+    name: String,
 ) -> anyhow::Result<Figures> {
     let group = unique("bench-bq");
     let table = group.replace('-', "_");
@@ -320,7 +422,7 @@ where
     let seconds = started.elapsed().as_secs_f64();
     service.with_log(finished)?;
     Ok(Figures {
-        name: "",
+        name: String::new(),
         events,
         seconds,
         peak_rss: peak,
@@ -335,7 +437,7 @@ async fn run_redis(
     redis_url: &str,
     topic: &str,
     events: usize,
-    name: &'static str,
+    name: String,
 ) -> anyhow::Result<Figures> {
     let group = unique("bench-redis");
     let prefix = format!("{group}:");
