@@ -62,6 +62,9 @@ struct RecordingSink {
     in_flight: usize,
     /// Fails its first resets (the sink did not answer).
     fail_resets: AtomicUsize,
+    /// Writes a batch while its dead letters are sent, as a sink whose
+    /// offsets only Kafka commits may (`Sink::dead_letters_first`).
+    letters_beside_write: bool,
 }
 
 impl RecordingSink {
@@ -172,6 +175,10 @@ impl Sink for RecordingSink {
 
     fn max_in_flight(&self) -> usize {
         self.in_flight.max(1)
+    }
+
+    fn dead_letters_first(&self) -> bool {
+        !self.letters_beside_write
     }
 }
 
@@ -1129,6 +1136,48 @@ async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::R
 /// there, loudly (the retry counted under its kind, readiness false while
 /// the sink itself is fine), and moves on once fixed. The letter keeps the
 /// source record's headers.
+/// A sink whose offsets only Kafka commits does not wait for a batch's
+/// dead letters to write it: its good records are written while the
+/// letter is refused, and nothing is committed past the letter until the
+/// topic takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_without_stored_offsets_writes_while_its_dead_letters_wait() -> anyhow::Result<()> {
+    let setup = Setup::on_mock("beside").await?;
+    setup
+        .produce(to_partition(0, &["ok-1", "BAD-1", "ok-2"]))
+        .await?;
+    let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    setup
+        .faults()?
+        .request_errors(RDKafkaApiKey::Produce, &[refused; 1_000]);
+    let sink = RecordingSink {
+        letters_beside_write: true,
+        ..RecordingSink::default()
+    };
+    let mut consumer = setup.start(sink, &[])?;
+    consumer
+        .wait_seen("the good events, while the letter is refused", 2)
+        .await?;
+    wait_for_async(TIMEOUT, "the letter's retries", || {
+        consumer.dead_letter_retries("dlq_not_authorized")
+    })
+    .await?;
+    assert_eq!(
+        setup.committed()?,
+        vec![None, None, None],
+        "committed past a dead letter the topic refused"
+    );
+
+    setup.faults()?.clear_request_errors(RDKafkaApiKey::Produce);
+    setup
+        .wait_for_committed("the commit past the dead letter", &[Some(3), None, None])
+        .await?;
+    consumer.stop().await?;
+    let letters = setup.dead_letters(1)?;
+    assert_eq!(letters[0].headers["source.offset"], "1");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow::Result<()> {
     let cases = [

@@ -358,6 +358,12 @@ impl Sink for BigQuerySink {
     fn max_in_flight(&self) -> usize {
         self.settings.max_in_flight
     }
+
+    /// Offsets live in Kafka's commits only: a batch's rows are inserted
+    /// while its dead letters are sent.
+    fn dead_letters_first(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -219,6 +219,17 @@ pub trait Sink: Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Whether a batch's dead letters must be acknowledged before its write
+    /// starts. True (the default) for a sink that stores offsets with its
+    /// writes ([`Sink::stored_offsets`]): its write moves past the letters,
+    /// so a letter still unsent then would be lost to a crash. A sink whose
+    /// offsets only Kafka commits answers false: its write then runs while
+    /// the letters are sent, off the write's path, and the commit still
+    /// waits for both.
+    fn dead_letters_first(&self) -> bool {
+        true
+    }
+
     /// Readiness probe: can the sink take writes right now?
     fn check(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
         async { Ok(()) }

@@ -38,9 +38,10 @@ pub(super) async fn probe_sink<S: Sink>(sink: Arc<S>, shared: Arc<Shared>, healt
     }
 }
 
-/// Writes one batch: dead letters first (a sink that stores offsets moves
-/// past them in the same write), then the sink, then its own rejections.
-/// Retries until each step succeeds, then marks the offsets done.
+/// Writes one batch: its dead letters and the sink write (the letters
+/// first if the sink says so: [`Sink::dead_letters_first`]), then the
+/// sink's own rejections. Retries until each step succeeds, then
+/// acknowledges the batch.
 pub(super) async fn write_batch<S: Sink>(
     sink: Arc<S>,
     dlq: Arc<DeadLetters>,
@@ -50,20 +51,27 @@ pub(super) async fn write_batch<S: Sink>(
     work: Work<S::Item>,
 ) {
     let started = Instant::now();
-    if !work.dead_letters.is_empty() {
-        let letters: Vec<(&Record, &Rejection)> =
-            work.dead_letters.iter().map(|(r, why)| (r, why)).collect();
-        retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
-    }
-    let outcome = retry::until_ok(
+    let letters: Vec<(&Record, &Rejection)> =
+        work.dead_letters.iter().map(|(r, why)| (r, why)).collect();
+    let send_letters = async {
+        if !letters.is_empty() {
+            retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
+        }
+    };
+    let write = retry::until_ok(
         "write",
         || {
             shared.writes.fetch_add(1, Ordering::Relaxed);
             sink.write(&work.batch)
         },
         &health,
-    )
-    .await;
+    );
+    let outcome = if sink.dead_letters_first() {
+        send_letters.await;
+        write.await
+    } else {
+        tokio::join!(send_letters, write).1
+    };
     health.set_sink_ok(true);
     if !outcome.rejected.is_empty() {
         let letters: Vec<(&Record, &Rejection)> = outcome
