@@ -309,7 +309,13 @@ impl ConsumerArgs {
         }
         config
             .set("acks", "all")
-            .set("enable.idempotence", "true")
+            // Not idempotent: an idempotent producer delivers nothing until
+            // it has a producer id, which librdkafka asks for on a timer
+            // once connected (the first letters of a process waited 0.5-1 s
+            // for it on the local broker). What it would prevent, a letter
+            // written twice when a send is retried, the dead-letter contract
+            // allows already (letters are at least once).
+            .set("enable.idempotence", "false")
             // Surface an unreachable DLQ as an error we retry and report,
             // instead of librdkafka's silent 5-minute default.
             .set("message.timeout.ms", "30000");
