@@ -149,8 +149,9 @@ impl Generator {
     /// first) and movies (10,000) drawn by Zipf popularity, so the top
     /// terms dominate over a long tail; the fields a web server's JSON log
     /// carries besides ours (client, request, status, user agent: about
-    /// 600 bytes an event); and 1 in 20 malformed lines oversized (a
-    /// 200 KB line Filebeat cut, not JSON).
+    /// 600 bytes an event); malformed lines only as Logstash routes them
+    /// (user3 gets readable objects with a wrong field; user2 everything,
+    /// 1 in 20 of its malformed lines a 900 KiB line Filebeat cut).
     pub fn production(mut self) -> Self {
         self.users = 20_000;
         self.movies = 10_000;
@@ -335,14 +336,29 @@ impl Generator {
     }
 
     fn malformed(&mut self) -> Generated {
-        if self.production.is_some() && self.rng.random_bool(0.05) {
+        if self.production.is_none() {
+            return self.any_malformed();
+        }
+        // In production only what Logstash routes to the topic arrives
+        // there: user3 gets readable objects only (no cut lines, no
+        // unparsable ones).
+        if self.mix == Mix::All && self.rng.random_bool(0.05) {
             return Generated {
                 info: "malformed",
-                payload: cut_line(200_000),
+                payload: cut_line(FILEBEAT_MAX_LINE),
                 truth: None,
                 valid: false,
             };
         }
+        loop {
+            let line = self.any_malformed();
+            if self.mix == Mix::All || logstash_route(&line.payload).user3 {
+                return line;
+            }
+        }
+    }
+
+    fn any_malformed(&mut self) -> Generated {
         let payload: Vec<u8> = match self.rng.random_range(0..8) {
             0 => b"GET /search?q=parasite HTTP/1.1".to_vec(),
             1 => Vec::new(),
@@ -531,6 +547,10 @@ impl JavaPartitioner {
         self.sticky
     }
 }
+
+/// Where Filebeat cuts a line (`message_max_bytes` in
+/// deploy/filebeat/filebeat.yml), so that it fits one Kafka record.
+const FILEBEAT_MAX_LINE: usize = 921_600;
 
 /// A JSON line of `bytes` cut in the middle, as Filebeat cuts a line
 /// longer than its limit: not JSON any more.

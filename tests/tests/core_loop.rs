@@ -1130,12 +1130,6 @@ async fn liveness_fails_while_records_wait_and_nothing_is_written() -> anyhow::R
     consumer.stop().await
 }
 
-/// A dead letter the topic refuses (no WRITE permission, a compacted topic
-/// refusing a record without a key, a key too large for the topic even with
-/// the payload cut) can only be fixed by an operator: its partition stops
-/// there, loudly (the retry counted under its kind, readiness false while
-/// the sink itself is fine), and moves on once fixed. The letter keeps the
-/// source record's headers.
 /// A sink whose offsets only Kafka commits does not wait for a batch's
 /// dead letters to write it: its good records are written while the
 /// letter is refused, and nothing is committed past the letter until the
@@ -1162,6 +1156,17 @@ async fn a_sink_without_stored_offsets_writes_while_its_dead_letters_wait() -> a
         consumer.dead_letter_retries("dlq_not_authorized")
     })
     .await?;
+    // Written once, and still not ready: the letter is what is missing.
+    let seen: Vec<(i32, i64)> = consumer.seen()?.iter().map(|s| (s.0, s.1)).collect();
+    assert_eq!(seen, vec![(0, 0), (0, 2)]);
+    consumer
+        .hold_readiness(
+            false,
+            Duration::from_secs(1),
+            Duration::from_millis(50),
+            "ready while a dead letter is refused",
+        )
+        .await?;
     assert_eq!(
         setup.committed()?,
         vec![None, None, None],
@@ -1178,6 +1183,12 @@ async fn a_sink_without_stored_offsets_writes_while_its_dead_letters_wait() -> a
     Ok(())
 }
 
+/// A dead letter the topic refuses (no WRITE permission, a compacted topic
+/// refusing a record without a key, a key too large for the topic even with
+/// the payload cut) can only be fixed by an operator: its partition stops
+/// there, loudly (the retry counted under its kind, readiness false while
+/// the sink itself is fine), and moves on once fixed. The letter keeps the
+/// source record's headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_the_topic_refuses_blocks_its_partition_loudly() -> anyhow::Result<()> {
     let cases = [

@@ -222,10 +222,14 @@ pub trait Sink: Send + Sync + 'static {
     /// Whether a batch's dead letters must be acknowledged before its write
     /// starts. True (the default) for a sink that stores offsets with its
     /// writes ([`Sink::stored_offsets`]): its write moves past the letters,
-    /// so a letter still unsent then would be lost to a crash. A sink whose
-    /// offsets only Kafka commits answers false: its write then runs while
-    /// the letters are sent, off the write's path, and the commit still
-    /// waits for both.
+    /// so a letter still unsent then would be lost if the process stopped
+    /// (a crash, a shutdown deadline). Only a sink whose offsets Kafka's
+    /// commits alone hold may answer false: its write then runs while the
+    /// letters are sent, off the write's path, and the commit still waits
+    /// for both. The price: while the dead-letter topic refuses letters,
+    /// batches are written but not committed, and written again after a
+    /// restart or a rebalance (for bigquery-sink, raw duplicates the
+    /// de-duplicated view absorbs).
     fn dead_letters_first(&self) -> bool {
         true
     }

@@ -1,6 +1,7 @@
-//! The writer side: one task per batch (dead letters, the sink, its
-//! rejections, retried until done, then the offsets marked done), and the
-//! readiness probe while no write says anything.
+//! The writer side: one task per batch (its dead letters and the sink
+//! write, one after the other or side by side as the sink says, then the
+//! sink's rejections, each retried until done, then the batch
+//! acknowledged), and the readiness probe while no write says anything.
 
 use super::*;
 
