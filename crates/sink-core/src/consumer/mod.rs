@@ -8,8 +8,9 @@
 //! Shape of the loop (one task):
 //! - fetch a record, decode it (the sink's pure `decode`), add it to the batcher;
 //! - sealed batches are written by spawned tasks, at most `max_in_flight` at
-//!   once; a task retries until the sink accepts, sends dead letters first,
-//!   then acknowledges the batch (`Shared::acknowledge`, the one way
+//!   once; a task retries until the sink accepts and the dead-letter topic
+//!   took the batch's letters (sent before the write for a sink that stores
+//!   offsets, beside it otherwise), then acknowledges the batch (`Shared::acknowledge`, the one way
 //!   offsets become committable) to the [`OffsetTracker`], the one owner
 //!   of offset state, which the loop and the rebalance callbacks only
 //!   change through its methods;
