@@ -45,7 +45,8 @@ bench:
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
-	  $(TARGET_DIR)/release/bench redis && $(TARGET_DIR)/release/bench bigquery; status=$$?; \
+	  $(TARGET_DIR)/release/bench redis && $(TARGET_DIR)/release/bench bigquery && \
+	  $(TARGET_DIR)/release/bench freshness; status=$$?; \
 	  $(STACK) down; exit $$status
 
 ## faults: the fault suite against the local stack (release builds); prints

@@ -24,6 +24,8 @@
 //! Run through `make bench`, which builds release binaries and starts the
 //! stack.
 
+mod freshness;
+
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -60,6 +62,16 @@ enum Command {
         /// of malformed lines, instead of the uniform one.
         #[arg(long)]
         malformed: Option<f64>,
+    },
+    /// redis-sink: the time from an event's produce to its count being
+    /// visible in Redis, at a steady rate (p50, p99).
+    Freshness {
+        /// Events per second.
+        #[arg(long, default_value_t = 5_000)]
+        rate: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
     },
     /// redis-sink: events/s, Redis commands per event, peak RSS.
     Redis {
@@ -153,6 +165,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             print_figures(&figures);
+        }
+        Command::Freshness { rate, seconds } => {
+            freshness::print(&freshness::redis(&stack, rate, seconds).await?);
         }
         Command::Bigquery {
             events,
