@@ -3,10 +3,11 @@
 //!
 //! One event in 50 is a probe: a search for a keyword of its own, sent
 //! anonymously (it writes no history). The bench notes when it hands each
-//! probe to the producer and polls Redis every 5 ms for the probes' counts
-//! (`ZMSCORE` on the all-time search ranking); a probe's latency is the
-//! first poll that sees it less its send time, so it reads up to 5 ms
-//! long. The rest of the load is `Generator::production` events.
+//! probe to the producer and asks Redis for the probes' counts (`ZMSCORE`
+//! on the all-time search ranking) once per 10 ms tick of the load, every
+//! 5 ms after it; a probe's latency is the first look that sees it less
+//! its send time, so it reads up to 10 ms long. The rest of the load is
+//! `Generator::production` events.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +23,7 @@ use rdkafka::producer::FutureRecord;
 
 /// One event in this many is a probe.
 const PROBE_EVERY: usize = 50;
-/// How often Redis is asked for the probes.
+/// How often Redis is asked for the probes once the load is produced.
 const POLL: Duration = Duration::from_millis(5);
 
 /// What a freshness run measured.
