@@ -200,6 +200,12 @@ impl Sink for RedisSink {
         MAX_IN_FLIGHT
     }
 
+    /// Every decoded action is applied: what Redis could refuse, it
+    /// refuses for the whole batch (retried), never for one event.
+    fn rejects_at_write(&self) -> bool {
+        false
+    }
+
     fn dispatched(&self, batch: &Batch<Action>) {
         self.scripts.owe(&batch.ranges);
     }

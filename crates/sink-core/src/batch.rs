@@ -54,8 +54,16 @@ impl<T> Work<T> {
 pub struct Batcher<T> {
     limits: BatchLimits,
     topic: Arc<str>,
+    /// False for a sink whose write never rejects an entry
+    /// ([`crate::Sink::rejects_at_write`]): a decoded record's payload, key
+    /// and headers are freed as soon as it is added.
+    keep_decoded_payloads: bool,
     open: Work<T>,
     open_bytes: usize,
+    /// The open batch's bytes per partition, so that a purge takes exactly
+    /// its partition's share off `open_bytes` (a freed payload no longer
+    /// says how large it was).
+    open_partition_bytes: Vec<(i32, usize)>,
     open_since: Option<Instant>,
     sealed: VecDeque<Work<T>>,
 }
@@ -67,10 +75,21 @@ impl<T> Batcher<T> {
             open: empty_work(&topic),
             limits,
             topic,
+            keep_decoded_payloads: true,
             open_bytes: 0,
+            open_partition_bytes: Vec::new(),
             open_since: None,
             sealed: VecDeque::new(),
         }
+    }
+
+    /// Frees each decoded record's payload, key and headers as it is added,
+    /// for a sink that never needs them after decode; they still count
+    /// towards [`BatchLimits::max_bytes`]. Records that failed decode keep
+    /// theirs: their dead letters carry them.
+    pub fn dropping_decoded_payloads(mut self) -> Self {
+        self.keep_decoded_payloads = false;
+        self
     }
 
     /// Adds a consumed record with what decode made of it. `resumed_from` is
@@ -79,12 +98,13 @@ impl<T> Batcher<T> {
     /// starts there.
     pub fn push(
         &mut self,
-        record: Record,
+        mut record: Record,
         decoded: Result<T, Rejection>,
         resumed_from: i64,
         now: Instant,
     ) {
         let size = record.size();
+        let record_partition = record.partition;
         if !self.open.is_empty() && self.open_bytes + size > self.limits.max_bytes {
             self.seal();
         }
@@ -104,10 +124,23 @@ impl<T> Batcher<T> {
                 .reserve(self.limits.max_events.min(PRESIZE_MAX_ENTRIES));
         }
         match decoded {
-            Ok(item) => self.open.batch.entries.push(Entry { record, item }),
+            Ok(item) => {
+                if !self.keep_decoded_payloads {
+                    record.drop_contents();
+                }
+                self.open.batch.entries.push(Entry { record, item });
+            }
             Err(rejection) => self.open.dead_letters.push((record, rejection)),
         }
         self.open_bytes += size;
+        match self
+            .open_partition_bytes
+            .iter_mut()
+            .find(|(p, _)| *p == record_partition)
+        {
+            Some((_, bytes)) => *bytes += size,
+            None => self.open_partition_bytes.push((record_partition, size)),
+        }
         self.open_since.get_or_insert(now);
         if self.open.len() >= self.limits.max_events || self.open_bytes >= self.limits.max_bytes {
             self.seal();
@@ -134,6 +167,7 @@ impl<T> Batcher<T> {
         let work = std::mem::replace(&mut self.open, empty_work(&self.topic));
         self.sealed.push_back(work);
         self.open_bytes = 0;
+        self.open_partition_bytes.clear();
         self.open_since = None;
     }
 
@@ -161,23 +195,14 @@ impl<T> Batcher<T> {
     /// be fetched again from another offset.
     pub fn purge(&mut self, partition: i32) {
         purge_work(&mut self.open, partition);
+        self.open_partition_bytes.retain(|&(p, bytes)| {
+            if p == partition {
+                self.open_bytes -= bytes;
+            }
+            p != partition
+        });
         if self.open.is_empty() {
-            self.open_bytes = 0;
             self.open_since = None;
-        } else {
-            self.open_bytes = self
-                .open
-                .batch
-                .entries
-                .iter()
-                .map(|e| e.record.size())
-                .sum::<usize>()
-                + self
-                    .open
-                    .dead_letters
-                    .iter()
-                    .map(|(r, _)| r.size())
-                    .sum::<usize>();
         }
         for work in &mut self.sealed {
             purge_work(work, partition);
@@ -268,6 +293,45 @@ mod tests {
             .collect();
         // 3 x 30 = 90 fits, a 4th would make 120 > 100.
         assert_eq!(sizes, vec![3, 3, 3, 1]);
+    }
+
+    #[test]
+    fn dropped_payloads_are_freed_at_once_and_still_count_towards_the_byte_limit() {
+        let now = Instant::now();
+        let mut b = Batcher::new("t".into(), limits(1000, 100, 1000)).dropping_decoded_payloads();
+        for offset in 0..4 {
+            b.push(record(0, offset, 30), Ok(()), offset, now);
+        }
+        b.push(record(0, 4, 30), Err(Rejection::new("bad", "bad")), 4, now);
+        b.seal();
+        let first = b.pop_sealed().unwrap();
+        assert_eq!(first.len(), 3, "3 x 30 bytes fit in 100, a 4th does not");
+        assert!(first
+            .batch
+            .entries
+            .iter()
+            .all(|e| e.record.payload.is_empty() && e.record.offset >= 0));
+        let second = b.pop_sealed().unwrap();
+        assert_eq!(
+            second.dead_letters[0].0.payload.len(),
+            30,
+            "a dead letter keeps its bytes"
+        );
+    }
+
+    #[test]
+    fn a_purge_takes_off_exactly_the_bytes_of_its_partition() {
+        let now = Instant::now();
+        let mut b = Batcher::new("t".into(), limits(1000, 100, 1000)).dropping_decoded_payloads();
+        b.push(record(0, 0, 30), Ok(()), 0, now);
+        b.push(record(1, 0, 30), Ok(()), 0, now);
+        b.push(record(1, 1, 30), Err(Rejection::new("bad", "bad")), 1, now);
+        b.purge(1);
+        // 30 bytes left open: 60 more fit, 80 more do not.
+        b.push(record(0, 1, 60), Ok(()), 1, now);
+        assert!(!b.has_sealed());
+        b.push(record(0, 2, 20), Ok(()), 2, now);
+        assert_eq!(b.pop_sealed().unwrap().len(), 2);
     }
 
     #[test]

@@ -43,6 +43,13 @@ impl Record {
     pub fn size(&self) -> usize {
         self.payload.len() + self.key.as_ref().map_or(0, Vec::len)
     }
+
+    /// Frees the payload, key and headers; where the record came from stays.
+    pub fn drop_contents(&mut self) {
+        self.payload = Vec::new();
+        self.key = None;
+        self.headers = None;
+    }
 }
 
 /// A record the sink will never accept, with the reason an operator reads in
@@ -69,7 +76,8 @@ impl Rejection {
 #[derive(Debug)]
 pub struct Entry<T> {
     /// The original record (the dead-letter topic needs its bytes if the sink
-    /// rejects it at write time).
+    /// rejects it at write time); only its coordinates for a sink that never
+    /// does ([`Sink::rejects_at_write`]).
     pub record: Record,
     /// What [`Sink::decode`] made of it.
     pub item: T,
@@ -231,6 +239,18 @@ pub trait Sink: Send + Sync + 'static {
     /// restart or a rebalance (for bigquery-sink, raw duplicates the
     /// de-duplicated view absorbs).
     fn dead_letters_first(&self) -> bool {
+        true
+    }
+
+    /// Whether [`Sink::write`] may list entries in
+    /// [`WriteOutcome::rejected`]. True by default. A sink whose write never
+    /// rejects an entry answers false, and the loop frees each decoded
+    /// record's payload, key and headers as soon as it is decoded instead of
+    /// holding them until the batch is written (on 600-byte events, most of
+    /// what redis-sink held). Such a sink rejecting an entry anyway is a bug
+    /// the loop logs as an error: the entry's dead letter carries its topic,
+    /// partition, offset and reason, but not its bytes.
+    fn rejects_at_write(&self) -> bool {
         true
     }
 

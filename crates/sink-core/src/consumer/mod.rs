@@ -265,7 +265,14 @@ pub async fn run_connecting<S: Sink>(
         stale_runs: std::collections::HashSet::new(),
         buffered: metrics::gauge!(m::BUFFERED_EVENTS),
         holding: metrics::gauge!(m::PAUSED),
-        batcher: Batcher::new(Arc::clone(&topic), args.batch_limits()),
+        batcher: {
+            let batcher = Batcher::new(Arc::clone(&topic), args.batch_limits());
+            if sink.rejects_at_write() {
+                batcher
+            } else {
+                batcher.dropping_decoded_payloads()
+            }
+        },
         max_in_flight: sink.max_in_flight().max(1),
         consumer,
         sink,

@@ -82,6 +82,8 @@ pub(super) async fn write_batch<S: Sink>(
                 let entry = work.batch.entries.get(*index);
                 if entry.is_none() {
                     tracing::error!(index, reason = %why.reason, "the sink rejected an entry that is not in the batch (a sink bug)");
+                } else if !sink.rejects_at_write() {
+                    tracing::error!(index, reason = %why.reason, "the sink rejected an entry although it says it never does (a sink bug): its payload was freed at decode, so its dead letter carries only where it came from");
                 }
                 entry.map(|e| (&e.record, why))
             })
