@@ -526,7 +526,7 @@ pub enum Fault {
 }
 
 /// One insertAll request the proxy received.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InsertSeen {
     /// Body bytes, as JSON (decompressed): what the request limits govern.
     pub bytes: usize,
@@ -534,6 +534,8 @@ pub struct InsertSeen {
     pub rows: usize,
     /// When the proxy had read the whole request.
     pub at: Instant,
+    /// The body itself, once [`FaultProxy::keep_bodies`] asked for it.
+    pub body: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug, Default)]
@@ -544,6 +546,7 @@ struct ProxyState {
     /// Faults served, by kind (`Forward` not counted).
     served: BTreeMap<String, usize>,
     inserts: Vec<InsertSeen>,
+    keep_bodies: bool,
 }
 
 /// An HTTP/1.1 proxy with fault injection, on `127.0.0.1:<free port>`.
@@ -620,6 +623,21 @@ impl FaultProxy {
     /// Every insertAll request received so far.
     pub fn inserts(&self) -> Vec<InsertSeen> {
         self.state().inserts.clone()
+    }
+
+    /// The insertAll requests received after the first `seen`.
+    pub fn inserts_after(&self, seen: usize) -> Vec<InsertSeen> {
+        self.state()
+            .inserts
+            .get(seen..)
+            .unwrap_or_default()
+            .to_vec()
+    }
+
+    /// Keeps the body of every insertAll request from now on, in
+    /// [`InsertSeen::body`] (to find what a request carried, and when).
+    pub fn keep_bodies(&self) {
+        self.state().keep_bodies = true;
     }
 }
 
@@ -810,10 +828,14 @@ fn serve(
         // The benchmark's instant endpoint: count rows without parsing, so
         // the proxy takes as little of the machine as it can.
         let rows = count(&request.body, br#""insertId""#);
-        lock().inserts.push(InsertSeen {
+        let at = Instant::now();
+        let mut s = lock();
+        let body = s.keep_bodies.then(|| Arc::from(request.body.as_slice()));
+        s.inserts.push(InsertSeen {
             bytes: request.body.len(),
             rows,
-            at: Instant::now(),
+            at,
+            body,
         });
         Fault::Accept
     } else if is_insert {
@@ -821,10 +843,12 @@ fn serve(
             serde_json::from_slice(&request.body).context("insertAll body is not JSON")?;
         rows = body["rows"].as_array().cloned().unwrap_or_default();
         let mut s = lock();
+        let body = s.keep_bodies.then(|| Arc::from(request.body.as_slice()));
         s.inserts.push(InsertSeen {
             bytes: request.body.len(),
             rows: rows.len(),
             at: Instant::now(),
+            body,
         });
         let fault = match s.pattern.len() {
             0 => Fault::Forward,

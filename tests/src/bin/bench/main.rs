@@ -63,8 +63,9 @@ enum Command {
         #[arg(long)]
         malformed: Option<f64>,
     },
-    /// redis-sink: the time from an event's produce to its count being
-    /// visible in Redis, at a steady rate (p50, p99).
+    /// Both services: the time from an event's produce to its count being
+    /// visible in Redis, and to its row being accepted by the instant
+    /// endpoint, at a steady rate (p50, p99).
     Freshness {
         /// Events per second.
         #[arg(long, default_value_t = 5_000)]
@@ -168,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Freshness { rate, seconds } => {
             freshness::print(&freshness::redis(&stack, rate, seconds).await?);
+            freshness::print(&freshness::bigquery(&stack, rate, seconds).await?);
         }
         Command::Bigquery {
             events,
