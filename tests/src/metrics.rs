@@ -44,6 +44,11 @@ impl Scrape {
         Self::from_port(port).await.unwrap_or_default()
     }
 
+    /// The whole scrape, as served.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     /// Every sample of the metric `name`.
     pub fn samples(&self, name: &str) -> Vec<Sample<'_>> {
         self.text

@@ -70,7 +70,12 @@ enum Command {
 #[command(next_help_heading = "Redis")]
 struct RedisArgs {
     /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     /// Prepended to every key (see docs/redis-keys.md).
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "")]

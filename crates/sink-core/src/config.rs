@@ -66,8 +66,9 @@ pub struct ConsumerArgs {
     #[arg(
         long = "kafka-option",
         env = "KAFKA_OPTIONS",
+        hide_env_values = true,
         value_name = "KEY=VALUE",
-        value_parser = parse_kafka_options
+        value_parser = KafkaOptionsParser
     )]
     pub kafka_option_lists: Vec<KafkaOptions>,
 
@@ -353,7 +354,36 @@ const CONSUMER_ONLY_PREFIXES: &[&str] = &[
     "statistics.interval.ms",
 ];
 
-fn parse_kafka_options(raw: &str) -> Result<KafkaOptions, String> {
+/// Parses `--kafka-option` / KAFKA_OPTIONS. Its own parser, not a function:
+/// clap's error for a function quotes the value, and these values hold
+/// passwords.
+#[derive(Debug, Clone, Copy)]
+struct KafkaOptionsParser;
+
+impl clap::builder::TypedValueParser for KafkaOptionsParser {
+    type Value = KafkaOptions;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KafkaOptions, clap::Error> {
+        value
+            .to_str()
+            .ok_or("is not valid UTF-8")
+            .and_then(parse_kafka_options)
+            .map_err(|why| {
+                clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("--kafka-option (KAFKA_OPTIONS) {why} (the value is not shown: it may hold a secret)\n"),
+                )
+                .with_cmd(cmd)
+            })
+    }
+}
+
+fn parse_kafka_options(raw: &str) -> Result<KafkaOptions, &'static str> {
     let mut pairs: Vec<(String, String)> = Vec::new();
     for piece in raw.split(',') {
         match piece.split_once('=') {
@@ -367,9 +397,8 @@ fn parse_kafka_options(raw: &str) -> Result<KafkaOptions, String> {
                     value.push_str(piece.trim());
                 }
                 None => {
-                    return Err(format!(
-                        "expected KEY=VALUE (a librdkafka property such as security.protocol=SASL_SSL), got {raw:?}"
-                    ))
+                    return Err("must start with KEY=VALUE, a librdkafka property such as \
+                         security.protocol=SASL_SSL; several are separated by commas")
                 }
             },
         }
