@@ -308,15 +308,22 @@ impl ConsumerArgs {
                 config.remove(&k);
             }
         }
+        // Not idempotent unless the operator asks for it: an idempotent
+        // producer delivers nothing until it has a producer id, which
+        // librdkafka asks for on a timer once connected (the first letters
+        // of a process waited 0.5-1 s for it on the local broker). What it
+        // would prevent, a letter written twice or out of order when
+        // librdkafka retries a send, the dead-letter contract allows
+        // already: letters are at least once, and each names its source
+        // partition and offset (docs/reliability.md).
+        if !self
+            .kafka_options()
+            .any(|(key, _)| key == "enable.idempotence")
+        {
+            config.set("enable.idempotence", "false");
+        }
         config
             .set("acks", "all")
-            // Not idempotent: an idempotent producer delivers nothing until
-            // it has a producer id, which librdkafka asks for on a timer
-            // once connected (the first letters of a process waited 0.5-1 s
-            // for it on the local broker). What it would prevent, a letter
-            // written twice when a send is retried, the dead-letter contract
-            // allows already (letters are at least once).
-            .set("enable.idempotence", "false")
             // Surface an unreachable DLQ as an error we retry and report,
             // instead of librdkafka's silent 5-minute default.
             .set("message.timeout.ms", "30000");
@@ -653,6 +660,26 @@ mod tests {
         assert!(err.contains("enable.auto.commit"), "{err}");
         let args = parse(&["--bootstrap-servers", "k", "--dlq-topic", "user3"]).unwrap();
         assert!(args.validate().is_err());
+    }
+
+    #[test]
+    fn the_dead_letter_producer_is_idempotent_only_when_asked() {
+        let args = parse(&["--bootstrap-servers", "k"]).unwrap();
+        assert_eq!(
+            args.producer_config().get("enable.idempotence"),
+            Some("false")
+        );
+        let args = parse(&[
+            "--bootstrap-servers",
+            "k",
+            "--kafka-option",
+            "enable.idempotence=true",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.producer_config().get("enable.idempotence"),
+            Some("true")
+        );
     }
 
     #[test]
