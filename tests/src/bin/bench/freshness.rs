@@ -12,7 +12,7 @@
 //! bigquery-sink the instant endpoint (the harness's fault proxy answering
 //! every insertAll at once) keeps each request's body and arrival time; a
 //! probe's latency is the arrival of the first request holding it. The rest
-//! of the load is `Generator::production` events.
+//! of the load is `Generator::production` events, 1 % of them malformed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -26,6 +26,9 @@ use e2e::service::ServiceFlags;
 use e2e::{kafka, unique, Stack, PARTITIONS};
 use rdkafka::producer::FutureRecord;
 
+/// The share of malformed lines in the load, as in production (batches
+/// then hold dead letters, which redis-sink sends before its write).
+const MALFORMED: f64 = 0.01;
 /// One event in this many is a probe.
 const PROBE_EVERY: usize = 50;
 /// How often the bench looks for probes once the load is produced.
@@ -208,7 +211,7 @@ pub async fn bigquery(stack: &Stack, rate: usize, seconds: u64) -> anyhow::Resul
     let watch = Watch::Proxy { proxy, scanned: 0 };
     let figures = load(&broker, &topic, Mix::All, watch, &service, rate, seconds).await?;
     Ok(Freshness {
-        what: "bigquery-sink with its defaults, instant endpoint: produce to row accepted",
+        what: "bigquery-sink with its defaults, instant endpoint: produce to the insertAll request carrying the row",
         knob: "--batch-max-events, default 500, and --batch-linger-ms, default 1000, \
                trade it against insertAll requests per row",
         ..figures
@@ -261,7 +264,9 @@ async fn load(
     // The load, paced in ticks of 10 ms; probes noted as they are queued.
     let total = rate * usize::try_from(seconds)?;
     let per_tick = (rate / 100).max(1);
-    let mut generator = Generator::new(7, mix, chrono::Utc::now().timestamp_millis()).production();
+    let mut generator = Generator::new(7, mix, chrono::Utc::now().timestamp_millis())
+        .production()
+        .bad_fraction(MALFORMED);
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(total);
     let mut i = 0;
