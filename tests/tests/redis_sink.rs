@@ -256,6 +256,67 @@ async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow:
     Ok(())
 }
 
+/// What input from the internet could do to Redis (a 200,000-character
+/// movie id in the all-time ranking, a 200,000-character or `\r\n` user id
+/// as a key, an event time that pins an item atop a history for good) is
+/// dead-lettered with its reason; everything else is applied as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_ids_and_times_go_to_the_dlq_and_the_rest_applies() -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack().await?;
+    let mut batch = events(5, 2_000, 0.0);
+    let now = chrono::Utc::now();
+    let stamp = now.to_rfc3339();
+    let in_a_day = (now + chrono::Duration::days(1)).to_rfc3339();
+    let long = "x".repeat(200_000);
+    let hostile = [
+        (
+            format!(r#"{{"@timestamp":"{stamp}","info":"movie_detail","movie_id":"{long}"}}"#),
+            "id_too_long",
+        ),
+        (
+            format!(
+                r#"{{"@timestamp":"{stamp}","info":"search","keyword":"k","user_id":"{long}"}}"#
+            ),
+            "id_too_long",
+        ),
+        (
+            format!(
+                r#"{{"@timestamp":"{stamp}","info":"search","keyword":"k","user_id":"u\r\nx"}}"#
+            ),
+            "id_control_character",
+        ),
+        (
+            format!(
+                r#"{{"@timestamp":"{in_a_day}","info":"movie_detail","movie_id":"m1","user_id":"u1"}}"#
+            ),
+            "time_in_future",
+        ),
+    ];
+    for (payload, _) in &hostile {
+        batch.push(Generated {
+            info: "search",
+            payload: payload.clone().into_bytes(),
+            truth: None,
+            valid: false,
+        });
+    }
+    p.produce_events(batch).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await?;
+    let tally = p.tally().await?;
+    for (_, code) in &hostile {
+        let expected = hostile.iter().filter(|(_, c)| c == code).count();
+        assert_eq!(
+            tally.dlq_codes.get(*code),
+            Some(&expected),
+            "{:?}",
+            tally.dlq_codes
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_mid_stream_equals_the_model() -> anyhow::Result<()> {
     // A redis-server of this test's own: restarting the shared one would
@@ -713,6 +774,8 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
             },
             rules: redis_sink::decode::DecodeRules {
                 max_keyword_chars: 200,
+                max_id_chars: 128,
+                max_future_skew_ms: 600_000,
             },
         },
     );

@@ -49,19 +49,48 @@ pub struct Action {
     pub time_ms: i64,
 }
 
-/// Decoding limits.
+/// Decoding limits: what input from the internet may make of Redis.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeRules {
     /// Longest keyword kept, in characters after normalization.
     pub max_keyword_chars: usize,
+    /// Longest user id or movie id kept, in characters: each becomes a key
+    /// or a member of an all-time ranking.
+    pub max_id_chars: usize,
+    /// How far an event's time may lie ahead of its Kafka timestamp, in
+    /// ms: a history is ordered by time, so a time far ahead would pin an
+    /// item at its top for good.
+    pub max_future_skew_ms: i64,
 }
+
+/// Raw keywords longer than this many characters per character kept are
+/// refused before normalization: NFKC's work grows with its input, and
+/// whitespace runs are all that shrink a keyword much.
+const RAW_KEYWORD_CHARS_PER_KEPT: usize = 16;
 
 /// Decodes one record. Every `Err` is permanent: replaying the record can
 /// never make it valid.
 pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> {
     let event = Event::parse(&record.payload, record.timestamp_ms).map_err(reject)?;
-    let user = event.user_id().map_err(reject)?.map(|u| u.into_owned());
+    let user = event
+        .user_id()
+        .map_err(reject)?
+        .map(|u| checked_id("user_id", u.into_owned(), rules.max_id_chars))
+        .transpose()?;
     let time_ms = event.time().timestamp_millis();
+    if let Some(kafka_ms) = record.timestamp_ms {
+        if time_ms > kafka_ms.saturating_add(rules.max_future_skew_ms) {
+            return Err(Rejection::new(
+                "time_in_future",
+                format!(
+                    "@timestamp is {} s after the record's Kafka timestamp, more than \
+                     --max-future-skew-secs {}: the sender's clock is wrong",
+                    (time_ms - kafka_ms) / 1000,
+                    rules.max_future_skew_ms / 1000
+                ),
+            ));
+        }
+    }
     let (kind, member) = match event.info().map_err(reject)?.as_deref() {
         Some("search") => {
             let raw = event
@@ -77,7 +106,10 @@ pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> 
             let id = event.movie_id().map_err(reject)?.ok_or_else(|| {
                 Rejection::new("missing_field", "movie_detail event without a movie_id")
             })?;
-            (Kind::Movie, id.into_owned())
+            (
+                Kind::Movie,
+                checked_id("movie_id", id.into_owned(), rules.max_id_chars)?,
+            )
         }
         Some(other) => {
             return Err(Rejection::new(
@@ -98,6 +130,28 @@ pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> 
     })
 }
 
+/// An id that may become a key or a ranking member: not longer than
+/// `max_chars` characters, no control characters.
+fn checked_id(field: &str, id: String, max_chars: usize) -> Result<String, Rejection> {
+    let chars = id.chars().count();
+    if chars > max_chars {
+        return Err(Rejection::new(
+            "id_too_long",
+            format!(
+                "{field} has {chars} characters, more than --max-id-chars {max_chars}: {}…",
+                truncate(&id, 40)
+            ),
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(Rejection::new(
+            "id_control_character",
+            format!("{field} holds the control character {c:?}"),
+        ));
+    }
+    Ok(id)
+}
+
 fn reject(err: sink_core::EventError) -> Rejection {
     Rejection::new(err.code(), err.to_string())
 }
@@ -106,6 +160,18 @@ fn reject(err: sink_core::EventError) -> Rejection {
 /// Unicode NFKC (full-width `ｉｐｈｏｎｅ` → `iphone`), trimmed, runs of
 /// whitespace collapsed to one space, lowercased.
 pub fn normalize_keyword(raw: &str, max_chars: usize) -> Result<String, Rejection> {
+    let raw_limit = max_chars.saturating_mul(RAW_KEYWORD_CHARS_PER_KEPT);
+    if raw.len() > raw_limit && raw.chars().count() > raw_limit {
+        return Err(Rejection::new(
+            "keyword_too_long",
+            format!(
+                "keyword has {} characters before normalization, more than {RAW_KEYWORD_CHARS_PER_KEPT} \
+                 times --max-keyword-chars {max_chars}: {}…",
+                raw.chars().count(),
+                truncate(raw, 40)
+            ),
+        ));
+    }
     // Most keywords are NFKC already: the quick check spares them a copy.
     let nfkc: Cow<'_, str> = match is_nfkc_quick(raw.chars()) {
         IsNormalized::Yes => Cow::Borrowed(raw),
@@ -145,6 +211,8 @@ mod tests {
 
     const RULES: DecodeRules = DecodeRules {
         max_keyword_chars: 200,
+        max_id_chars: 128,
+        max_future_skew_ms: 600_000,
     };
 
     fn record(json: &str) -> Record {
@@ -189,7 +257,7 @@ mod tests {
     #[test]
     fn decodes_search_and_movie_detail() {
         let search = decode(
-            &record(r#"{"@timestamp":"2024-05-01T12:00:00.123456Z","info":"search","user_id":42,"keyword":" Parasite "}"#),
+            &record(r#"{"@timestamp":"2023-11-14T22:13:19.123456Z","info":"search","user_id":42,"keyword":" Parasite "}"#),
             RULES,
         )
         .unwrap();
@@ -199,7 +267,7 @@ mod tests {
                 kind: Kind::Search,
                 member: "parasite".into(),
                 user: Some("42".into()),
-                time_ms: 1_714_564_800_123
+                time_ms: 1_699_999_999_123
             }
         );
         let movie = decode(
@@ -214,6 +282,63 @@ mod tests {
             movie.time_ms, 1_700_000_000_000,
             "Kafka timestamp when @timestamp is absent"
         );
+    }
+
+    #[test]
+    fn hostile_ids_and_times_are_refused() {
+        let long = "m".repeat(129);
+        let cases = [
+            (
+                format!(r#"{{"info":"movie_detail","movie_id":"{long}"}}"#),
+                "id_too_long",
+            ),
+            (
+                format!(r#"{{"info":"search","keyword":"x","user_id":"{long}"}}"#),
+                "id_too_long",
+            ),
+            (
+                r#"{"info":"search","keyword":"x","user_id":"u\r\nx"}"#.to_owned(),
+                "id_control_character",
+            ),
+            (
+                r#"{"info":"movie_detail","movie_id":"tt\u0000"}"#.to_owned(),
+                "id_control_character",
+            ),
+            // 1_700_000_000_000 is 2023-11-14T22:13:20Z; 11 minutes later.
+            (
+                r#"{"@timestamp":"2023-11-14T22:24:20Z","info":"search","keyword":"x"}"#.to_owned(),
+                "time_in_future",
+            ),
+            (
+                format!(
+                    r#"{{"info":"search","keyword":"{}x"}}"#,
+                    " ".repeat(200 * 16)
+                ),
+                "keyword_too_long",
+            ),
+        ];
+        for (json, code) in cases {
+            assert_eq!(
+                decode(&record(&json), RULES).unwrap_err().code,
+                code,
+                "{json}"
+            );
+        }
+        // At the limits: kept.
+        let ok = [
+            format!(
+                r#"{{"info":"movie_detail","movie_id":"{}","user_id":"한국어"}}"#,
+                "m".repeat(128)
+            ),
+            r#"{"@timestamp":"2023-11-14T22:23:20Z","info":"search","keyword":"x"}"#.to_owned(),
+            format!(
+                r#"{{"info":"search","keyword":"{}x"}}"#,
+                " ".repeat(200 * 16 - 1)
+            ),
+        ];
+        for json in ok {
+            assert!(decode(&record(&json), RULES).is_ok(), "{json}");
+        }
     }
 
     #[test]

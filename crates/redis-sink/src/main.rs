@@ -91,6 +91,12 @@ struct RunArgs {
     /// Longest keyword kept, in characters after normalization; longer ones go to the DLQ.
     #[arg(long, env = "MAX_KEYWORD_CHARS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     max_keyword_chars: u64,
+    /// Longest user id or movie id kept, in characters; longer ones go to the DLQ.
+    #[arg(long, env = "MAX_ID_CHARS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_id_chars: u64,
+    /// How far an event's @timestamp may lie ahead of its Kafka timestamp; later ones go to the DLQ.
+    #[arg(long, env = "MAX_FUTURE_SKEW_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    max_future_skew_secs: u64,
     /// Hourly ranking buckets expire this long after their last write.
     #[arg(long, env = "BUCKET_TTL_SECS", default_value_t = 172_800, value_parser = clap::value_parser!(u64).range(3_600..=31_536_000))]
     bucket_ttl_secs: u64,
@@ -176,6 +182,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         rules: DecodeRules {
             max_keyword_chars: usize::try_from(args.max_keyword_chars)
                 .context("--max-keyword-chars")?,
+            max_id_chars: usize::try_from(args.max_id_chars).context("--max-id-chars")?,
+            max_future_skew_ms: i64::try_from(args.max_future_skew_secs)
+                .context("--max-future-skew-secs")?
+                * 1000,
         },
     };
     let connect = async {
