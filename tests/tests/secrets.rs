@@ -59,7 +59,8 @@ type Env<'a> = Vec<(&'a str, String)>;
 /// librdkafka properties that hold secrets, as one KAFKA_OPTIONS value.
 fn secret_kafka_options() -> String {
     format!(
-        "sasl.password={SECRET},ssl.key.password={SECRET},sasl.oauthbearer.client.secret={SECRET}"
+        "sasl.password={SECRET},ssl.key.password={SECRET},sasl.oauthbearer.client.secret={SECRET},\
+         sasl.oauthbearer.assertion.private.key.passphrase={SECRET}"
     )
 }
 
@@ -117,8 +118,17 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
     // A user Redis does not know: it refuses the password. (Not `default`:
     // without requirepass it takes any password.)
     let refused_redis = redis_url_with_secret(&stack, &unique("nobody"));
-    // Services that get as far as consuming read a topic of their own.
+    // Services that get as far as consuming read a topic of their own, and
+    // serve /metrics on a free port (a busy 9090 must not be why they fail).
     let topic = unique("secrets");
+    let own = [
+        "--topic",
+        &topic,
+        "--group-id",
+        &topic,
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
     let bad_redis_url = format!("redis://:{SECRET}@127.0.0.1:notaport");
     let bigquery = [
         "--project",
@@ -133,12 +143,14 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
         &topic,
         "--group-id",
         &topic,
+        "--metrics-addr",
+        "127.0.0.1:0",
     ];
     // (binary, args, env, what the error must name)
     let cases: Vec<(&str, Vec<&str>, Env, &str)> = vec![
         (
             "redis-sink",
-            vec!["--topic", &topic, "--group-id", &topic],
+            own.to_vec(),
             vec![bootstrap.clone(), ("KAFKA_OPTIONS", SECRET.to_owned())],
             "KAFKA_OPTIONS",
         ),
@@ -150,13 +162,13 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
         ),
         (
             "redis-sink",
-            vec!["--topic", &topic, "--redis-url", &bad_redis_url],
+            [&own[..], &["--redis-url", &bad_redis_url]].concat(),
             vec![bootstrap.clone()],
             "--redis-url",
         ),
         (
             "redis-sink",
-            vec!["--topic", &topic, "--group-id", &topic],
+            own.to_vec(),
             vec![bootstrap.clone(), ("REDIS_URL", bad_redis_url.clone())],
             "REDIS_URL",
         ),
@@ -168,7 +180,7 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
         ),
         (
             "redis-sink",
-            vec!["--topic", &topic, "--group-id", &topic],
+            own.to_vec(),
             vec![bootstrap.clone(), ("REDIS_URL", refused_redis.clone())],
             "Redis",
         ),
@@ -191,7 +203,29 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
                 "GOOGLE_APPLICATION_CREDENTIALS",
                 key_file.display().to_string(),
             )],
-            "credentials",
+            "cannot load the credentials",
+        ),
+        // librdkafka refuses options this build lacks (OIDC) or does not
+        // know (a typo): its own message quotes the value.
+        (
+            "redis-sink",
+            own.to_vec(),
+            vec![
+                bootstrap.clone(),
+                ("REDIS_URL", stack.redis_url.clone()),
+                ("KAFKA_OPTIONS", secret_kafka_options()),
+            ],
+            "librdkafka refused",
+        ),
+        (
+            "redis-sink",
+            own.to_vec(),
+            vec![
+                bootstrap.clone(),
+                ("REDIS_URL", stack.redis_url.clone()),
+                ("KAFKA_OPTIONS", format!("sasl.pasword={SECRET}")),
+            ],
+            "librdkafka refused sasl.pasword",
         ),
     ];
     for (binary, args, env, names) in cases {

@@ -74,7 +74,9 @@ impl Cli {
             }
             let Some(flag) = &current else { continue };
             if let Some((_, rest)) = line.split_once("[env: ") {
-                let name = rest.split('=').next().unwrap_or_default().trim();
+                // `[env: NAME=value]`, or `[env: NAME]` where the value is
+                // hidden (secrets).
+                let name = rest.split(['=', ']']).next().unwrap_or_default().trim();
                 cli.env.insert(name.to_owned(), flag.clone());
             }
             if let Some((_, rest)) = line.split_once("[default: ") {
@@ -189,6 +191,10 @@ pub fn help_parser_reads_env_defaults_and_required_flags() -> Result<()> {
     ensure!(cli.env.get("BATCH_MAX_ROWS").map(String::as_str) == Some("--batch-max-rows"));
     let gen = Cli::of("gen-events")?;
     ensure!(gen.flags.contains("--route") && gen.env.contains_key("KAFKA_BOOTSTRAP_SERVERS"));
-    ensure!(!Cli::of("redis-sink")?.accepts_env("REDIS_PASSWORD"));
+    let redis = Cli::of("redis-sink")?;
+    ensure!(!redis.accepts_env("REDIS_PASSWORD"));
+    // Hidden values (`[env: REDIS_URL]`) are read too.
+    ensure!(redis.env.get("REDIS_URL").map(String::as_str) == Some("--redis-url"));
+    ensure!(redis.env.get("KAFKA_OPTIONS").map(String::as_str) == Some("--kafka-option"));
     Ok(())
 }

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use rdkafka::ClientConfig;
 
@@ -421,20 +421,53 @@ fn is_property_name(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// True for librdkafka properties whose values must not be logged.
+/// librdkafka properties whose values are shown in logs and errors:
+/// settings, not credentials. Every other value is masked, whatever its
+/// name (librdkafka adds secret-bearing properties over time, and a comma
+/// inside a secret value starts an option of an unknown name).
+const SHOWN_KAFKA_OPTIONS: &[&str] = &[
+    "security.protocol",
+    "sasl.mechanism",
+    "sasl.mechanisms",
+    "sasl.oauthbearer.method",
+    "sasl.oauthbearer.token.endpoint.url",
+    "ssl.endpoint.identification.algorithm",
+    "ssl.ca.location",
+    "ssl.certificate.location",
+    "ssl.key.location",
+    "client.id",
+    "client.rack",
+    "debug",
+    "enable.idempotence",
+    "partition.assignment.strategy",
+    "statistics.interval.ms",
+    "socket.",
+    "fetch.",
+    "queued.",
+    "max.partition.fetch.bytes",
+    "message.max.bytes",
+    "broker.address.family",
+    "reconnect.backoff",
+    "retry.backoff",
+    "topic.metadata.refresh.interval.ms",
+    "metadata.max.age.ms",
+    "heartbeat.interval.ms",
+    "group.instance.id",
+    "isolation.level",
+    "api.version.request",
+];
+
+/// True for librdkafka properties whose values must not be logged: all but
+/// [`SHOWN_KAFKA_OPTIONS`] (an entry ending in `.` covers its prefix).
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    [
-        "password",
-        "secret",
-        "jaas",
-        "oauthbearer.config",
-        "key.pem",
-        "ssl.key",
-        "keystore",
-    ]
-    .iter()
-    .any(|needle| key.contains(needle))
+    !SHOWN_KAFKA_OPTIONS.iter().any(|shown| {
+        if shown.ends_with('.') {
+            key.starts_with(shown)
+        } else {
+            key == *shown
+        }
+    })
 }
 
 /// Masks the password of a URL (`redis://user:pass@host` -> `redis://user:***@host`).
@@ -504,13 +537,36 @@ fn with_defaults(command: clap::Command, d: &ServiceDefaults) -> clap::Command {
 }
 
 /// Wraps a librdkafka configuration error with the flag that feeds it.
-pub(crate) fn kafka_config_context<T, E>(result: Result<T, E>, what: &str) -> anyhow::Result<T>
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    result.with_context(|| {
-        format!("cannot create the Kafka {what}: check --bootstrap-servers and every --kafka-option (KAFKA_OPTIONS)")
+pub(crate) fn kafka_config_context<T>(
+    result: Result<T, rdkafka::error::KafkaError>,
+    what: &str,
+) -> anyhow::Result<T> {
+    result.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot create the Kafka {what}: {}; check --bootstrap-servers and every \
+             --kafka-option (KAFKA_OPTIONS)",
+            config_error_without_secrets(&err)
+        )
     })
+}
+
+/// librdkafka's refusal of an option, with its value masked unless it is
+/// one of [`SHOWN_KAFKA_OPTIONS`]: rdkafka's own message quotes the value,
+/// and librdkafka's description may repeat it.
+fn config_error_without_secrets(err: &rdkafka::error::KafkaError) -> String {
+    match err {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+            if is_secret_key(key) && !value.is_empty() {
+                format!(
+                    "librdkafka refused {key}=*** (value not shown): {}",
+                    desc.replace(value.as_str(), "***")
+                )
+            } else {
+                format!("librdkafka refused {key}={value}: {desc}")
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -679,6 +735,34 @@ mod tests {
         assert_eq!(
             args.producer_config().get("enable.idempotence"),
             Some("true")
+        );
+    }
+
+    #[test]
+    fn a_refused_option_is_named_without_its_secret() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaConfRes;
+        let refused = |key: &str, value: &str, desc: String| {
+            config_error_without_secrets(&KafkaError::ClientConfig(
+                RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+                desc,
+                key.to_owned(),
+                value.to_owned(),
+            ))
+        };
+        let text = refused(
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "hunter2",
+            "Invalid value \"hunter2\" for configuration property".into(),
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("sasl.oauthbearer.assertion.private.key.passphrase=***"));
+        // A typo in a secret's name hides its value too.
+        assert!(!refused("sasl.pasword", "hunter2", "No such property".into()).contains("hunter2"));
+        // Settings stay readable.
+        assert!(
+            refused("security.protocol", "SASL_SSLL", "Invalid value".into())
+                .contains("security.protocol=SASL_SSLL")
         );
     }
 
