@@ -72,25 +72,6 @@ const RAW_KEYWORD_CHARS_PER_KEPT: usize = 16;
 /// never make it valid.
 pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> {
     let event = Event::parse(&record.payload, record.timestamp_ms).map_err(reject)?;
-    let user = event
-        .user_id()
-        .map_err(reject)?
-        .map(|u| checked_id("user_id", u.into_owned(), rules.max_id_chars))
-        .transpose()?;
-    let time_ms = event.time().timestamp_millis();
-    if let Some(kafka_ms) = record.timestamp_ms {
-        if time_ms > kafka_ms.saturating_add(rules.max_future_skew_ms) {
-            return Err(Rejection::new(
-                "time_in_future",
-                format!(
-                    "@timestamp is {} s after the record's Kafka timestamp, more than \
-                     --max-future-skew-secs {}: the sender's clock is wrong",
-                    (time_ms - kafka_ms) / 1000,
-                    rules.max_future_skew_ms / 1000
-                ),
-            ));
-        }
-    }
     let (kind, member) = match event.info().map_err(reject)?.as_deref() {
         Some("search") => {
             let raw = event
@@ -122,6 +103,13 @@ pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> 
         }
         None => return Err(Rejection::new("missing_field", "event without info")),
     };
+    let user = event
+        .user_id()
+        .map_err(reject)?
+        .map(|u| checked_id("user_id", u.into_owned(), rules.max_id_chars))
+        .transpose()?;
+    let time_ms = event.time().timestamp_millis();
+    check_not_ahead(time_ms, record.timestamp_ms, rules.max_future_skew_ms)?;
     Ok(Action {
         kind,
         member,
@@ -130,9 +118,41 @@ pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> 
     })
 }
 
-/// An id that may become a key or a ranking member: not longer than
-/// `max_chars` characters, no control characters.
+/// Refuses an event time more than `max_skew_ms` ahead of both the
+/// record's Kafka timestamp and this service's clock. Against the Kafka
+/// timestamp first, without reading the clock (nearly every event passes
+/// there); against the clock as well, so that a Logstash or broker clock
+/// running behind the web servers does not refuse every live event, and a
+/// record without a Kafka timestamp is still checked.
+fn check_not_ahead(time_ms: i64, kafka_ms: Option<i64>, max_skew_ms: i64) -> Result<(), Rejection> {
+    if kafka_ms.is_some_and(|k| time_ms <= k.saturating_add(max_skew_ms)) {
+        return Ok(());
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let reference = kafka_ms.map_or(now_ms, |k| k.max(now_ms));
+    if time_ms <= reference.saturating_add(max_skew_ms) {
+        return Ok(());
+    }
+    Err(Rejection::new(
+        "time_in_future",
+        format!(
+            "@timestamp is {} s ahead of the record's Kafka timestamp and of this service's \
+             clock, more than --max-future-skew-secs {}: the sender's clock is wrong",
+            time_ms.saturating_sub(reference) / 1000,
+            max_skew_ms / 1000
+        ),
+    ))
+}
+
+/// An id that may become a key or a ranking member: no control characters,
+/// not longer than `max_chars` characters.
 fn checked_id(field: &str, id: String, max_chars: usize) -> Result<String, Rejection> {
+    if let Some(c) = id.chars().find(|c| c.is_control()) {
+        return Err(Rejection::new(
+            "id_control_character",
+            format!("{field} holds the control character {c:?}"),
+        ));
+    }
     let chars = id.chars().count();
     if chars > max_chars {
         return Err(Rejection::new(
@@ -141,12 +161,6 @@ fn checked_id(field: &str, id: String, max_chars: usize) -> Result<String, Rejec
                 "{field} has {chars} characters, more than --max-id-chars {max_chars}: {}…",
                 truncate(&id, 40)
             ),
-        ));
-    }
-    if let Some(c) = id.chars().find(|c| c.is_control()) {
-        return Err(Rejection::new(
-            "id_control_character",
-            format!("{field} holds the control character {c:?}"),
         ));
     }
     Ok(id)
@@ -183,6 +197,12 @@ pub fn normalize_keyword(raw: &str, max_chars: usize) -> Result<String, Rejectio
             out.push(' ');
         }
         out.extend(word.chars().flat_map(char::to_lowercase));
+    }
+    if let Some(c) = out.chars().find(|c| c.is_control()) {
+        return Err(Rejection::new(
+            "keyword_control_character",
+            format!("keyword holds the control character {c:?}"),
+        ));
     }
     if out.is_empty() {
         return Err(Rejection::new(
@@ -304,10 +324,14 @@ mod tests {
                 r#"{"info":"movie_detail","movie_id":"tt\u0000"}"#.to_owned(),
                 "id_control_character",
             ),
-            // 1_700_000_000_000 is 2023-11-14T22:13:20Z; 11 minutes later.
+            // Ahead of the Kafka timestamp (2023) and of the clock.
             (
-                r#"{"@timestamp":"2023-11-14T22:24:20Z","info":"search","keyword":"x"}"#.to_owned(),
+                r#"{"@timestamp":"2100-01-01T00:00:00Z","info":"search","keyword":"x"}"#.to_owned(),
                 "time_in_future",
+            ),
+            (
+                r#"{"info":"search","keyword":"a\u001b[2Jb"}"#.to_owned(),
+                "keyword_control_character",
             ),
             (
                 format!(
@@ -331,6 +355,12 @@ mod tests {
                 "m".repeat(128)
             ),
             r#"{"@timestamp":"2023-11-14T22:23:20Z","info":"search","keyword":"x"}"#.to_owned(),
+            // Far ahead of its Kafka timestamp, not of the clock: the
+            // producer's clock was behind.
+            format!(
+                r#"{{"@timestamp":"{}","info":"search","keyword":"x"}}"#,
+                chrono::Utc::now().to_rfc3339()
+            ),
             format!(
                 r#"{{"info":"search","keyword":"{}x"}}"#,
                 " ".repeat(200 * 16 - 1)
