@@ -447,8 +447,8 @@ const SHOWN_KAFKA_OPTIONS: &[&str] = &[
     "max.partition.fetch.bytes",
     "message.max.bytes",
     "broker.address.family",
-    "reconnect.backoff",
-    "retry.backoff",
+    "reconnect.backoff.",
+    "retry.backoff.",
     "topic.metadata.refresh.interval.ms",
     "metadata.max.age.ms",
     "heartbeat.interval.ms",
@@ -736,6 +736,23 @@ mod tests {
             args.producer_config().get("enable.idempotence"),
             Some("true")
         );
+    }
+
+    #[test]
+    fn only_known_settings_show_their_values() {
+        for shown in ["security.protocol", "fetch.wait.max.ms", "retry.backoff.ms"] {
+            assert!(!is_secret_key(shown), "{shown}");
+        }
+        // Credentials, names librdkafka may add, a fragment of a value
+        // split at a comma: masked.
+        for masked in [
+            "sasl.password",
+            "sasl.username",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "cd",
+        ] {
+            assert!(is_secret_key(masked), "{masked}");
+        }
     }
 
     #[test]
