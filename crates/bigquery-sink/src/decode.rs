@@ -379,3 +379,32 @@ mod tests {
         assert_eq!(rejection.code, "bad_timestamp");
     }
 }
+
+/// For any bytes: decode never panics, and yields columns or a reason.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_to_columns_or_a_reason(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            timestamp_ms in proptest::option::of(any::<i64>()),
+        ) {
+            let record = Record {
+                topic: "user2".into(),
+                partition: 0,
+                offset: 0,
+                timestamp_ms,
+                key: None,
+                payload: bytes,
+                headers: None,
+            };
+            if let Err(why) = decode(&record) {
+                prop_assert!(!why.code.is_empty() && !why.reason.is_empty());
+            }
+        }
+    }
+}

@@ -396,3 +396,115 @@ mod tests {
         }
     }
 }
+
+/// For any input: decode never panics, and yields either an action Redis
+/// may hold (bounded, no control characters) or a reason.
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const RULES: DecodeRules = DecodeRules {
+        max_keyword_chars: 20,
+        max_id_chars: 16,
+        max_future_skew_ms: 600_000,
+    };
+
+    fn record(payload: Vec<u8>, timestamp_ms: Option<i64>) -> Record {
+        Record {
+            topic: "user3".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms,
+            key: None,
+            payload,
+            headers: None,
+        }
+    }
+
+    fn holds(action: &Action) -> Result<(), TestCaseError> {
+        let limit = match action.kind {
+            Kind::Search => RULES.max_keyword_chars,
+            Kind::Movie => RULES.max_id_chars,
+        };
+        prop_assert!(!action.member.is_empty());
+        prop_assert!(action.member.chars().count() <= limit);
+        prop_assert!(!action.member.chars().any(char::is_control));
+        if let Some(user) = &action.user {
+            prop_assert!(user.chars().count() <= RULES.max_id_chars);
+            prop_assert!(!user.chars().any(char::is_control));
+        }
+        Ok(())
+    }
+
+    /// A JSON object with the fields decode reads, each any string, number
+    /// or absent.
+    fn event() -> impl Strategy<Value = Vec<u8>> {
+        let text = prop_oneof![
+            any::<String>().prop_map(serde_json::Value::from),
+            "[ a-zA-Z\u{3000}ｉ기\t\r\n\u{1b}]{0,30}".prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            Just(serde_json::Value::Null),
+        ];
+        (
+            prop_oneof![Just("search"), Just("movie_detail"), Just("login")],
+            proptest::option::of(text.clone()),
+            proptest::option::of(text.clone()),
+            proptest::option::of(text),
+            // Event times from two hours back to 20 minutes ahead.
+            proptest::option::of(-7_200_000i64..1_200_000),
+        )
+            .prop_map(|(info, keyword, movie_id, user_id, time)| {
+                let mut event = serde_json::json!({ "info": info });
+                for (field, value) in [
+                    ("keyword", keyword),
+                    ("movie_id", movie_id),
+                    ("user_id", user_id),
+                ] {
+                    if let Some(value) = value {
+                        event[field] = value;
+                    }
+                }
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                if let Some(ms) =
+                    time.and_then(|ahead| chrono::DateTime::from_timestamp_millis(now_ms + ahead))
+                {
+                    event["@timestamp"] = ms.to_rfc3339().into();
+                }
+                event.to_string().into_bytes()
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_to_an_action_or_a_reason(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            timestamp_ms in proptest::option::of(any::<i64>()),
+        ) {
+            match decode(&record(bytes, timestamp_ms), RULES) {
+                Ok(action) => holds(&action)?,
+                Err(why) => prop_assert!(!why.code.is_empty() && !why.reason.is_empty()),
+            }
+        }
+
+        #[test]
+        fn any_event_decodes_to_an_action_or_a_reason(
+            payload in event(),
+            kafka_now in any::<bool>(),
+        ) {
+            let timestamp_ms = kafka_now.then(|| chrono::Utc::now().timestamp_millis());
+            match decode(&record(payload, timestamp_ms), RULES) {
+                Ok(action) => holds(&action)?,
+                Err(why) => prop_assert!(!why.code.is_empty() && !why.reason.is_empty()),
+            }
+        }
+
+        #[test]
+        fn normalizing_twice_changes_nothing(raw in any::<String>()) {
+            if let Ok(once) = normalize_keyword(&raw, 200) {
+                prop_assert_eq!(normalize_keyword(&once, 200).ok(), Some(once));
+            }
+        }
+    }
+}
