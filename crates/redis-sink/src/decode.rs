@@ -68,8 +68,9 @@ pub struct DecodeRules {
 /// whitespace runs are all that shrink a keyword much.
 const RAW_KEYWORD_CHARS_PER_KEPT: usize = 16;
 
-/// Decodes one record. Every `Err` is permanent: replaying the record can
-/// never make it valid.
+/// Decodes one record. Every `Err` sends it to the dead-letter topic for
+/// good: replaying it could not make it valid, except a time ahead of the
+/// clock, which is judged once, when the record is read.
 pub fn decode(record: &Record, rules: DecodeRules) -> Result<Action, Rejection> {
     let event = Event::parse(&record.payload, record.timestamp_ms).map_err(reject)?;
     let (kind, member) = match event.info().map_err(reject)?.as_deref() {
