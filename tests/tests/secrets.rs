@@ -307,7 +307,13 @@ async fn running_services_log_and_export_no_secret() -> anyhow::Result<()> {
         .exec_async(&mut redis.connect().await?)
         .await?;
 
-    // bigquery-sink.
+    // bigquery-sink, its secret from a properties file (a comma in it).
+    let properties = stack.dir.join(format!("{}.properties", unique("kafka")));
+    std::fs::write(
+        &properties,
+        format!("# mounted\nsasl.password={SECRET},x=y\n"),
+    )?;
+    let properties_arg = properties.display().to_string();
     let mut p = Pipeline::new(
         &stack,
         Broker::tansu(&stack),
@@ -315,7 +321,12 @@ async fn running_services_log_and_export_no_secret() -> anyhow::Result<()> {
     )
     .await?;
     p.produce_events(events(Mix::All)).await?;
-    let instance = p.start_with(&["--kafka-option", &kafka_option, "--log-format", "json"])?;
+    let instance = p.start_with(&[
+        "--kafka-options-file",
+        &properties_arg,
+        "--log-format",
+        "json",
+    ])?;
     p.wait_committed_by(&p.group.clone(), &instance).await?;
     assert_no_secret("bigquery-sink's /metrics", instance.metrics().await?.text());
     let log = stop_and_read_log(instance).await?;
@@ -324,5 +335,6 @@ async fn running_services_log_and_export_no_secret() -> anyhow::Result<()> {
         log.contains("sasl.password=***"),
         "the options are logged, masked:\n{log}"
     );
+    std::fs::remove_file(&properties)?;
     p.tally().await?.assert_holds()
 }

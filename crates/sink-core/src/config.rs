@@ -72,6 +72,17 @@ pub struct ConsumerArgs {
     )]
     pub kafka_option_lists: Vec<KafkaOptions>,
 
+    /// librdkafka properties file (`key=value` lines, `#` comments, as
+    /// kcat's -F): for secrets from a mounted file. Read at start; any
+    /// --kafka-option overrides it. A value may hold commas here.
+    #[arg(
+        long,
+        env = "KAFKA_OPTIONS_FILE",
+        value_name = "FILE",
+        value_parser = KafkaOptionsFileParser
+    )]
+    pub kafka_options_file: Option<KafkaOptions>,
+
     /// Consumer group session timeout: how long a dead replica keeps its partitions.
     #[arg(
         long,
@@ -176,9 +187,13 @@ pub enum ResetTo {
 pub struct KafkaOptions(pub Vec<(String, String)>);
 
 impl ConsumerArgs {
-    /// Every `--kafka-option` pair, in order (later ones win).
+    /// Every option, in order (later ones win): the properties file's,
+    /// then each `--kafka-option`'s.
     pub fn kafka_options(&self) -> impl Iterator<Item = &(String, String)> {
-        self.kafka_option_lists.iter().flat_map(|list| &list.0)
+        self.kafka_options_file
+            .iter()
+            .chain(&self.kafka_option_lists)
+            .flat_map(|list| &list.0)
     }
 
     /// The dead-letter topic.
@@ -388,6 +403,62 @@ impl clap::builder::TypedValueParser for KafkaOptionsParser {
                 .with_cmd(cmd)
             })
     }
+}
+
+/// Reads `--kafka-options-file`. Errors name the file and the line, never
+/// a line's text: it may hold a secret.
+#[derive(Debug, Clone, Copy)]
+struct KafkaOptionsFileParser;
+
+impl clap::builder::TypedValueParser for KafkaOptionsFileParser {
+    type Value = KafkaOptions;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KafkaOptions, clap::Error> {
+        let path = std::path::Path::new(value);
+        let fail = |why: String| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "--kafka-options-file (KAFKA_OPTIONS_FILE) {}: {why}\n",
+                    path.display()
+                ),
+            )
+            .with_cmd(cmd)
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|err| fail(format!("cannot read it: {err}")))?;
+        parse_properties(&text).map_err(fail)
+    }
+}
+
+/// `key=value` lines; blank lines and lines starting with `#` or `!` are
+/// skipped; a value is taken whole, commas included.
+fn parse_properties(text: &str) -> Result<KafkaOptions, String> {
+    let mut pairs = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((key, value)) if is_property_name(key.trim()) => {
+                pairs.push((key.trim().to_owned(), value.trim().to_owned()));
+            }
+            _ => {
+                return Err(format!(
+                    "line {} is not KEY=VALUE with a librdkafka property name \
+                     (the line is not shown: it may hold a secret)",
+                    number + 1
+                ))
+            }
+        }
+    }
+    Ok(KafkaOptions(pairs))
 }
 
 fn parse_kafka_options(raw: &str) -> Result<KafkaOptions, &'static str> {
@@ -735,6 +806,44 @@ mod tests {
         assert_eq!(
             args.producer_config().get("enable.idempotence"),
             Some("true")
+        );
+    }
+
+    #[test]
+    fn a_properties_file_gives_options_that_flags_override() {
+        let path = std::env::temp_dir().join(format!("kafka-{}.properties", std::process::id()));
+        std::fs::write(
+            &path,
+            "# from a Secret volume\n\nsecurity.protocol = SASL_SSL\nsasl.password=a,b=c\n! old\nclient.id=file\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let args = parse(&[
+            "--bootstrap-servers",
+            "k",
+            "--kafka-options-file",
+            file,
+            "--kafka-option",
+            "client.id=flag",
+        ])
+        .unwrap();
+        let config = args.consumer_config();
+        assert_eq!(config.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(config.get("sasl.password"), Some("a,b=c"), "commas kept");
+        assert_eq!(config.get("client.id"), Some("flag"), "the flag wins");
+
+        std::fs::write(&path, "sasl.password=fine\nhunter2\n").unwrap();
+        let err = parse(&["--bootstrap-servers", "k", "--kafka-options-file", file])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2") && !err.contains("hunter2"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = parse(&["--bootstrap-servers", "k", "--kafka-options-file", file])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot read it") && err.contains(file),
+            "{err}"
         );
     }
 
