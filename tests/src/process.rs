@@ -90,6 +90,7 @@ impl Service {
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("KAFKA_OPTIONS")
+            .env_remove("KAFKA_OPTIONS_FILE")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -31,6 +31,7 @@ fn run(binary: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<(b
     for name in [
         "KAFKA_BOOTSTRAP_SERVERS",
         "KAFKA_OPTIONS",
+        "KAFKA_OPTIONS_FILE",
         "REDIS_URL",
         "GOOGLE_APPLICATION_CREDENTIALS",
         "BIGQUERY_ENDPOINT",
