@@ -59,10 +59,9 @@ pub struct Batcher<T> {
     /// and headers are freed as soon as it is added.
     keep_decoded_payloads: bool,
     open: Work<T>,
-    open_bytes: usize,
-    /// The open batch's bytes per partition, so that a purge takes exactly
-    /// its partition's share off `open_bytes` (a freed payload no longer
-    /// says how large it was).
+    /// The open batch's bytes per partition, kept as records are added: a
+    /// purge takes exactly its partition's share off (a freed payload no
+    /// longer says how large it was).
     open_partition_bytes: Vec<(i32, usize)>,
     open_since: Option<Instant>,
     sealed: VecDeque<Work<T>>,
@@ -76,7 +75,6 @@ impl<T> Batcher<T> {
             limits,
             topic,
             keep_decoded_payloads: true,
-            open_bytes: 0,
             open_partition_bytes: Vec::new(),
             open_since: None,
             sealed: VecDeque::new(),
@@ -105,7 +103,7 @@ impl<T> Batcher<T> {
     ) {
         let size = record.size();
         let record_partition = record.partition;
-        if !self.open.is_empty() && self.open_bytes + size > self.limits.max_bytes {
+        if !self.open.is_empty() && self.open_bytes() + size > self.limits.max_bytes {
             self.seal();
         }
         extend_range(
@@ -132,7 +130,6 @@ impl<T> Batcher<T> {
             }
             Err(rejection) => self.open.dead_letters.push((record, rejection)),
         }
-        self.open_bytes += size;
         match self
             .open_partition_bytes
             .iter_mut()
@@ -142,9 +139,17 @@ impl<T> Batcher<T> {
             None => self.open_partition_bytes.push((record_partition, size)),
         }
         self.open_since.get_or_insert(now);
-        if self.open.len() >= self.limits.max_events || self.open_bytes >= self.limits.max_bytes {
+        if self.open.len() >= self.limits.max_events || self.open_bytes() >= self.limits.max_bytes {
             self.seal();
         }
+    }
+
+    /// Bytes in the open batch.
+    fn open_bytes(&self) -> usize {
+        self.open_partition_bytes
+            .iter()
+            .map(|&(_, bytes)| bytes)
+            .sum()
     }
 
     /// Seals the open batch if it has lingered long enough.
@@ -166,7 +171,6 @@ impl<T> Batcher<T> {
         }
         let work = std::mem::replace(&mut self.open, empty_work(&self.topic));
         self.sealed.push_back(work);
-        self.open_bytes = 0;
         self.open_partition_bytes.clear();
         self.open_since = None;
     }
@@ -195,12 +199,7 @@ impl<T> Batcher<T> {
     /// be fetched again from another offset.
     pub fn purge(&mut self, partition: i32) {
         purge_work(&mut self.open, partition);
-        self.open_partition_bytes.retain(|&(p, bytes)| {
-            if p == partition {
-                self.open_bytes -= bytes;
-            }
-            p != partition
-        });
+        self.open_partition_bytes.retain(|&(p, _)| p != partition);
         if self.open.is_empty() {
             self.open_since = None;
         }
