@@ -176,16 +176,19 @@ fn reject(err: sink_core::EventError) -> Rejection {
 /// whitespace collapsed to one space, lowercased.
 pub fn normalize_keyword(raw: &str, max_chars: usize) -> Result<String, Rejection> {
     let raw_limit = max_chars.saturating_mul(RAW_KEYWORD_CHARS_PER_KEPT);
-    if raw.len() > raw_limit && raw.chars().count() > raw_limit {
-        return Err(Rejection::new(
-            "keyword_too_long",
-            format!(
-                "keyword has {} characters before normalization, more than {RAW_KEYWORD_CHARS_PER_KEPT} \
-                 times --max-keyword-chars {max_chars}: {}…",
-                raw.chars().count(),
-                truncate(raw, 40)
-            ),
-        ));
+    // Bytes first: no character count for the keywords that cannot be over.
+    if raw.len() > raw_limit {
+        let raw_chars = raw.chars().count();
+        if raw_chars > raw_limit {
+            return Err(Rejection::new(
+                "keyword_too_long",
+                format!(
+                    "keyword has {raw_chars} characters before normalization, more than \
+                     {RAW_KEYWORD_CHARS_PER_KEPT} times --max-keyword-chars {max_chars}: {}…",
+                    truncate(raw, 40)
+                ),
+            ));
+        }
     }
     // Most keywords are NFKC already: the quick check spares them a copy.
     let nfkc: Cow<'_, str> = match is_nfkc_quick(raw.chars()) {

@@ -94,7 +94,7 @@ struct RunArgs {
     /// Longest user id or movie id kept, in characters; longer ones go to the DLQ.
     #[arg(long, env = "MAX_ID_CHARS", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     max_id_chars: u64,
-    /// How far an event's @timestamp may lie ahead of its Kafka timestamp; later ones go to the DLQ.
+    /// How far an event's @timestamp may lie ahead of both its Kafka timestamp and this service's clock; later ones go to the DLQ.
     #[arg(long, env = "MAX_FUTURE_SKEW_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     max_future_skew_secs: u64,
     /// Hourly ranking buckets expire this long after their last write.

@@ -396,13 +396,22 @@ impl clap::builder::TypedValueParser for KafkaOptionsParser {
             .ok_or("is not valid UTF-8")
             .and_then(parse_kafka_options)
             .map_err(|why| {
-                clap::Error::raw(
-                    clap::error::ErrorKind::ValueValidation,
-                    format!("--kafka-option (KAFKA_OPTIONS) {why} (the value is not shown: it may hold a secret)\n"),
+                invalid(
+                    cmd,
+                    format!("--kafka-option (KAFKA_OPTIONS) {why} (the value is not shown: it may hold a secret)"),
                 )
-                .with_cmd(cmd)
             })
     }
+}
+
+/// A clap error that says only `message`: clap's own wording for a bad
+/// value quotes it.
+fn invalid(cmd: &clap::Command, message: String) -> clap::Error {
+    clap::Error::raw(
+        clap::error::ErrorKind::ValueValidation,
+        format!("{message}\n"),
+    )
+    .with_cmd(cmd)
 }
 
 /// Reads `--kafka-options-file`. Errors name the file and the line, never
@@ -421,14 +430,13 @@ impl clap::builder::TypedValueParser for KafkaOptionsFileParser {
     ) -> Result<KafkaOptions, clap::Error> {
         let path = std::path::Path::new(value);
         let fail = |why: String| {
-            clap::Error::raw(
-                clap::error::ErrorKind::ValueValidation,
+            invalid(
+                cmd,
                 format!(
-                    "--kafka-options-file (KAFKA_OPTIONS_FILE) {}: {why}\n",
+                    "--kafka-options-file (KAFKA_OPTIONS_FILE) {}: {why}",
                     path.display()
                 ),
             )
-            .with_cmd(cmd)
         };
         let text =
             std::fs::read_to_string(path).map_err(|err| fail(format!("cannot read it: {err}")))?;
