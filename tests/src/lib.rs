@@ -19,6 +19,7 @@ pub mod redis;
 pub mod redis_model;
 pub mod service;
 pub mod tcp_front;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

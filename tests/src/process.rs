@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use redis::aio::MultiplexedConnection;
+use redis_sink::access::RedisAccess;
+
+use crate::tls::TestPki;
 
 /// The path of a workspace binary built next to the test executable.
 /// `make test` builds them first (`cargo build --workspace --bins`).
@@ -194,6 +197,15 @@ pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
     append_only: bool,
+    /// Set for a server reached only over mutual TLS with a password.
+    secured: Option<Secured>,
+}
+
+/// What a secured [`PrivateRedis`] asks of its clients.
+struct Secured {
+    pki: TestPki,
+    /// A file holding the `requirepass` password, as a mounted Secret does.
+    password_file: PathBuf,
 }
 
 impl PrivateRedis {
@@ -208,24 +220,67 @@ impl PrivateRedis {
         Self::start_with(dir, false).await
     }
 
-    async fn start_with(dir: PathBuf, append_only: bool) -> anyhow::Result<Self> {
+    /// One that speaks only TLS, asks every client for a certificate
+    /// signed by `pki`'s CA (mutual TLS) and for `password` (as a managed
+    /// Redis with in-transit encryption and AUTH does).
+    pub async fn start_secured(dir: PathBuf, pki: TestPki, password: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut redis = Self {
-            child: None,
-            port,
-            dir,
-            append_only,
-        };
+        let password_file = dir.join("password");
+        std::fs::write(&password_file, format!("{password}\n"))?;
+        Self::start_secured_with(dir, Some(Secured { pki, password_file })).await
+    }
+
+    async fn start_with(dir: PathBuf, append_only: bool) -> anyhow::Result<Self> {
+        let mut redis = Self::unstarted(dir, append_only, None)?;
         redis.spawn().await?;
         Ok(redis)
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    async fn start_secured_with(dir: PathBuf, secured: Option<Secured>) -> anyhow::Result<Self> {
+        let mut redis = Self::unstarted(dir, false, secured)?;
+        redis.spawn().await?;
+        Ok(redis)
+    }
+
+    fn unstarted(
+        dir: PathBuf,
+        append_only: bool,
+        secured: Option<Secured>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Ok(Self {
+            child: None,
+            port,
+            dir,
+            append_only,
+            secured,
+        })
+    }
+
+    /// `redis://127.0.0.1:PORT`, or `rediss://` for a secured one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.secured.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Everything a client needs to reach it: the URL and, for a secured
+    /// one, the password file, the CA and the client certificate.
+    pub fn access(&self) -> RedisAccess {
+        let mut access = RedisAccess::url(self.url());
+        if let Some(Secured { pki, password_file }) = &self.secured {
+            access.redis_password_file = Some(password_file.clone());
+            access.redis_ca_file = Some(pki.ca.clone());
+            access.redis_cert_file = Some(pki.client_cert.clone());
+            access.redis_key_file = Some(pki.client_key.clone());
+        }
+        access
     }
 
     /// `127.0.0.1:PORT`.
@@ -235,7 +290,7 @@ impl PrivateRedis {
 
     /// A connection to it.
     pub async fn connection(&self) -> anyhow::Result<MultiplexedConnection> {
-        crate::redis::connect(&self.url()).await
+        crate::redis::connect_with(&self.access()).await
     }
 
     /// Makes this server a replica of `primary` and waits until it is in
@@ -265,10 +320,30 @@ impl PrivateRedis {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        let port = self.port.to_string();
+        match &self.secured {
+            None => command.args(["--port", &port]),
+            Some(Secured { pki, password_file }) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "yes",
+                ])
+                .arg("--tls-cert-file")
+                .arg(&pki.server_cert)
+                .arg("--tls-key-file")
+                .arg(&pki.server_key)
+                .arg("--tls-ca-cert-file")
+                .arg(&pki.ca)
+                .arg("--requirepass")
+                .arg(std::fs::read_to_string(password_file)?.trim_end()),
+        };
+        let child = command
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--appendonly",
@@ -285,14 +360,14 @@ impl PrivateRedis {
                 "cannot start redis-server (is it installed? scripts/stack.sh up installs it)",
             )?;
         self.child = Some(child);
-        let url = self.url();
+        let access = self.access();
         crate::wait_for_async(
             Duration::from_secs(20),
             "redis-server to answer PING",
             || {
-                let url = url.clone();
+                let access = access.clone();
                 async move {
-                    let Ok(mut conn) = crate::redis::connect(&url).await else {
+                    let Ok(mut conn) = crate::redis::connect_with(&access).await else {
                         return Ok(false);
                     };
                     Ok(redis::cmd("PING")

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
+use redis_sink::access::RedisAccess;
 
 use crate::generator::{Generated, Mix, Truth};
 use crate::pipeline::{Coordinates, Item, SinkSide, Tally};
@@ -17,9 +18,30 @@ use crate::service::ServiceFlags;
 
 /// A connection to the Redis at `url`.
 pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    Ok(redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?)
+    connect_with(&RedisAccess::url(url)).await
+}
+
+/// A connection to the Redis `access` describes (TLS and password files
+/// as redis-sink reads them).
+pub async fn connect_with(access: &RedisAccess) -> anyhow::Result<MultiplexedConnection> {
+    Ok(access.client()?.get_multiplexed_async_connection().await?)
+}
+
+/// The command-line flags that give a redis-sink command `access`.
+pub fn access_flags(access: &RedisAccess) -> Vec<(&'static str, String)> {
+    let files = [
+        ("--redis-password-file", &access.redis_password_file),
+        ("--redis-ca-file", &access.redis_ca_file),
+        ("--redis-cert-file", &access.redis_cert_file),
+        ("--redis-key-file", &access.redis_key_file),
+    ];
+    std::iter::once(("--redis-url", access.redis_url.clone()))
+        .chain(
+            files
+                .into_iter()
+                .filter_map(|(flag, file)| file.as_ref().map(|f| (flag, f.display().to_string()))),
+        )
+        .collect()
 }
 
 /// The HASH (partition → next offset to apply) in which redis-sink keeps
@@ -63,8 +85,8 @@ pub async fn applied_offsets(
 /// clone: a test keeps a clone to look at Redis itself.
 #[derive(Clone)]
 pub struct RedisSide {
-    /// The Redis URL redis-sink is given.
-    pub url: String,
+    /// How redis-sink (and the test) reach that Redis.
+    pub access: RedisAccess,
     /// `--key-prefix`.
     pub prefix: String,
     /// A connection to that Redis, made once: it does not survive a
@@ -78,10 +100,15 @@ pub const HISTORY_SIZE: usize = 50;
 impl RedisSide {
     /// The Redis at `url`, under a fresh key prefix.
     pub async fn new(url: &str) -> anyhow::Result<Self> {
+        Self::with_access(RedisAccess::url(url)).await
+    }
+
+    /// The Redis `access` leads to, under a fresh key prefix.
+    pub async fn with_access(access: RedisAccess) -> anyhow::Result<Self> {
         Ok(Self {
-            url: url.to_owned(),
+            conn: connect_with(&access).await?,
+            access,
             prefix: format!("{}:", crate::unique("user3")),
-            conn: connect(url).await?,
         })
     }
 
@@ -93,7 +120,7 @@ impl RedisSide {
     /// A new connection: reads that must survive a restart of the Redis (a
     /// connection does not reconnect by itself) make one each.
     pub async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
-        connect(&self.url).await
+        connect_with(&self.access).await
     }
 
     /// Every key of the contract under the prefix, with its members.
@@ -144,7 +171,7 @@ impl SinkSide for RedisSide {
     }
 
     fn flags(&self, bootstrap: &str, topic: &str, group: &str) -> ServiceFlags {
-        ServiceFlags::redis_sink(bootstrap, topic, group, &self.url, &self.prefix)
+        ServiceFlags::redis_sink(bootstrap, topic, group, &self.access, &self.prefix)
     }
 
     fn keeps(&self, event: &Generated) -> bool {

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use redis_sink::access::RedisAccess;
+
 use crate::process::Service;
 
 /// `--session-timeout-ms` of every service the tests start: a killed
@@ -54,17 +56,20 @@ impl ServiceFlags {
         Self::consumer("null-sink", bootstrap, topic, group)
     }
 
-    /// redis-sink writing to `redis_url` under `key_prefix`.
+    /// redis-sink writing to the Redis `access` leads to, under
+    /// `key_prefix`.
     pub fn redis_sink(
         bootstrap: &str,
         topic: &str,
         group: &str,
-        redis_url: &str,
+        access: &RedisAccess,
         key_prefix: &str,
     ) -> Self {
-        let mut flags = Self::consumer("redis-sink", bootstrap, topic, group)
-            .set("--redis-url", redis_url)
-            .set("--key-prefix", key_prefix);
+        let mut flags =
+            Self::consumer("redis-sink", bootstrap, topic, group).set("--key-prefix", key_prefix);
+        for (flag, value) in crate::redis::access_flags(access) {
+            flags = flags.set(flag, value);
+        }
         flags.test_linger_ms = Some(50);
         flags
     }
@@ -165,11 +170,12 @@ mod tests {
 
     #[test]
     fn a_flag_given_again_takes_the_new_value() {
-        let args = ServiceFlags::redis_sink("b:9092", "t", "g", "redis://r", "t:")
-            .for_tests()
-            .metrics_port(9999)
-            .extra(&["--metrics-addr", "127.0.0.1:1", "--kafka-option", "a=b"])
-            .args();
+        let args =
+            ServiceFlags::redis_sink("b:9092", "t", "g", &RedisAccess::url("redis://r"), "t:")
+                .for_tests()
+                .metrics_port(9999)
+                .extra(&["--metrics-addr", "127.0.0.1:1", "--kafka-option", "a=b"])
+                .args();
         assert_eq!(
             args,
             [

@@ -12,10 +12,11 @@ use e2e::metrics::Scrape;
 use e2e::pipeline::{Instance, Pipeline};
 use e2e::process::{fail_over, PrivateRedis, Service};
 use e2e::redis::{group_offsets_key, offsets_key, stored_offsets, RedisSide, HISTORY_SIZE};
-use e2e::service::SHUTDOWN_TIMEOUT;
+use e2e::service::{ServiceFlags, SHUTDOWN_TIMEOUT};
 use e2e::tcp_front::TcpFront;
 use e2e::{kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
 use rand::{Rng, SeedableRng};
+use redis_sink::access::RedisAccess;
 
 /// A redis-sink pipeline on `broker` writing to the Redis at `url` under a
 /// fresh prefix; a clone of its Redis side, for the test to look at Redis
@@ -333,6 +334,87 @@ async fn redis_restart_mid_stream_equals_the_model() -> anyhow::Result<()> {
     assert_model(&p, &redis, since).await
 }
 
+/// A managed Redis with in-transit encryption and AUTH: TLS only, a server
+/// certificate from a private CA, a client certificate required (mutual
+/// TLS), the password in a mounted file. The service and the read-back
+/// commands reach it with the CA, certificate and password files, and count
+/// exactly; without the CA file, or without the client certificate, the
+/// service stops at start with a message that says which is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_mutual_tls_and_a_password_file_reach_redis() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let dir = stack.dir.join(unique("redis-tls"));
+    let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
+    let server = PrivateRedis::start_secured(dir.join("redis"), pki, "from-a-mounted-file").await?;
+    let since = chrono::Utc::now().timestamp_millis();
+    let redis = RedisSide::with_access(server.access()).await?;
+    let mut p = Pipeline::new(&stack, Broker::tansu(&stack), Box::new(redis.clone())).await?;
+    p.produce_events(events(12, 3_000, 0.0)).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await?;
+
+    // The read side takes the same flags.
+    let mut top = std::process::Command::new(e2e::process::binary("redis-sink")?);
+    top.env_remove("KAFKA_BOOTSTRAP_SERVERS").args([
+        "top",
+        "--kind",
+        "search",
+        "--json",
+        "--key-prefix",
+        &redis.prefix,
+    ]);
+    for (flag, value) in e2e::redis::access_flags(&redis.access) {
+        top.args([flag, value.as_str()]);
+    }
+    let output = top.output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(rows.len(), 10, "{rows:?}");
+
+    // Missing the CA (public roots only) or the client certificate, the
+    // service stops at start and says what the server refused.
+    let without_ca = RedisAccess {
+        redis_ca_file: None,
+        ..redis.access.clone()
+    };
+    let without_cert = RedisAccess {
+        redis_cert_file: None,
+        redis_key_file: None,
+        ..redis.access.clone()
+    };
+    for (what, access, says) in [
+        ("without the CA file", without_ca, "--redis-ca-file"),
+        (
+            "without the client certificate",
+            without_cert,
+            "--redis-cert-file",
+        ),
+    ] {
+        let flags = ServiceFlags::redis_sink(
+            &stack.kafka,
+            "redis-tls-refused",
+            "unused",
+            &access,
+            &redis.prefix,
+        )
+        .metrics_port(e2e::free_port()?);
+        let mut service = flags.start(&stack.dir.join("logs"), &unique("redis-tls-refused"))?;
+        let code = service.wait(Duration::from_secs(60)).await?;
+        let log = service.log_tail();
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{what}: still running or exit 0 ({code:?}): {log}"
+        );
+        assert!(log.contains(says), "{what}: the error names {says}: {log}");
+    }
+    Ok(())
+}
+
 /// A managed Redis fails over: the replica is promoted, the old primary
 /// becomes its replica and the service's address (a DNS name; here a TCP
 /// front) moves to the new primary. Connections opened before still reach
@@ -397,7 +479,8 @@ async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
     assert!(!instance.ready().await?, "ready before Redis answered");
 
     let redis_addr = redis
-        .url
+        .access
+        .redis_url
         .trim_start_matches("redis://")
         .parse()
         .context("the stack's REDIS_URL")?;
@@ -435,7 +518,12 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
         command
             .env_remove("KAFKA_BOOTSTRAP_SERVERS")
             .args(args)
-            .args(["--redis-url", &redis.url, "--key-prefix", &redis.prefix]);
+            .args([
+                "--redis-url",
+                &redis.access.redis_url,
+                "--key-prefix",
+                &redis.prefix,
+            ]);
         Ok(command)
     };
     let cli = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
@@ -760,7 +848,10 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
     let stack = Stack::get()?;
     let prefix = format!("{}:", unique("passed"));
     let keys = redis_sink::keys::Keys::new(prefix.as_str());
-    let primary = connect(&stack.redis_url).await?;
+    let primary = connect(&redis_sink::access::RedisAccess::url(
+        stack.redis_url.as_str(),
+    ))
+    .await?;
     let mut conn = primary.get().inner;
     let sink = RedisSink::new(
         primary,

@@ -33,6 +33,10 @@ fn run(binary: &str, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<(b
         "KAFKA_OPTIONS",
         "KAFKA_OPTIONS_FILE",
         "REDIS_URL",
+        "REDIS_PASSWORD_FILE",
+        "REDIS_CA_FILE",
+        "REDIS_CERT_FILE",
+        "REDIS_KEY_FILE",
         "GOOGLE_APPLICATION_CREDENTIALS",
         "BIGQUERY_ENDPOINT",
     ] {
@@ -131,6 +135,15 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
         "127.0.0.1:0",
     ];
     let bad_redis_url = format!("redis://:{SECRET}@127.0.0.1:notaport");
+    // A mounted password (refused: the user is unknown), and a key file
+    // that is no PEM key.
+    let password_file = stack.dir.join(format!("{}.txt", unique("secret-password")));
+    std::fs::write(&password_file, format!("{SECRET}\n"))?;
+    let user_without_password =
+        stack
+            .redis_url
+            .replacen("redis://", &format!("redis://{}@", unique("nobody")), 1);
+    let not_a_key = password_file.display().to_string();
     let bigquery = [
         "--project",
         "p",
@@ -192,6 +205,32 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
             "Redis",
         ),
         (
+            "redis-sink",
+            own.to_vec(),
+            vec![
+                bootstrap.clone(),
+                ("REDIS_URL", user_without_password.clone()),
+                ("REDIS_PASSWORD_FILE", password_file.display().to_string()),
+            ],
+            "Redis",
+        ),
+        (
+            "redis-sink",
+            vec![
+                "top",
+                "--kind",
+                "search",
+                "--redis-url",
+                "rediss://127.0.0.1:1",
+                "--redis-cert-file",
+                &not_a_key,
+                "--redis-key-file",
+                &not_a_key,
+            ],
+            vec![],
+            "--redis-cert-file",
+        ),
+        (
             "bigquery-sink",
             bigquery.to_vec(),
             vec![("KAFKA_OPTIONS", SECRET.to_owned())],
@@ -242,6 +281,7 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
         );
     }
     std::fs::remove_file(&key_file)?;
+    std::fs::remove_file(&password_file)?;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! redis-sink: search and movie_detail events (topic user3) → live rankings
 //! and per-user history in Redis, applied exactly once.
 //!
+//! - [`access`]: where Redis is and the password / TLS files to reach it;
 //! - [`config`]: the service's flags, checked into settings;
 //! - [`client`]: the connection to the primary, checked at start and
 //!   followed through failovers;
@@ -13,6 +14,7 @@
 //! - [`query`]: reading rankings and histories back;
 //! - [`keys`]: the key contract (docs/redis-keys.md).
 
+pub mod access;
 pub mod client;
 pub mod config;
 pub mod decode;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use redis_sink::access::RedisAccess;
 use redis_sink::client::connect;
 use redis_sink::config::RedisSettings;
 use redis_sink::decode::{DecodeRules, Kind};
@@ -69,14 +70,8 @@ enum Command {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Redis")]
 struct RedisArgs {
-    /// Redis URL: redis://[user:password@]host:port[/db], or rediss:// for TLS.
-    #[arg(
-        long,
-        env = "REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    access: RedisAccess,
     /// Prepended to every key (see docs/redis-keys.md).
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "")]
     key_prefix: String,
@@ -189,14 +184,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     };
     let connect = async {
-        let primary = connect(&args.redis.redis_url).await?;
+        let primary = connect(&args.redis.access).await?;
         Ok(RedisSink::new(primary, settings))
     };
     sink_core::run_connecting(&args.consumer, connect, sink_core::shutdown::signal()).await
 }
 
 async fn top(args: TopArgs) -> anyhow::Result<()> {
-    let mut conn = connect(&args.redis.redis_url).await?.get().inner;
+    let mut conn = connect(&args.redis.access).await?.get().inner;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::top(
         &mut conn,
@@ -221,7 +216,7 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
 }
 
 async fn history(args: HistoryArgs) -> anyhow::Result<()> {
-    let mut conn = connect(&args.redis.redis_url).await?.get().inner;
+    let mut conn = connect(&args.redis.access).await?.get().inner;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::history(&mut conn, &keys, args.kind, &args.user, args.limit).await?;
     let body: Vec<Vec<String>> = rows

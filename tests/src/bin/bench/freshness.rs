@@ -170,7 +170,7 @@ pub async fn redis(stack: &Stack, rate: usize, seconds: u64) -> anyhow::Result<F
     let group = unique("bench-fresh");
     let prefix = format!("{group}:");
     let service =
-        ServiceFlags::redis_sink(broker.bootstrap(), &topic, &group, &redis.url(), &prefix)
+        ServiceFlags::redis_sink(broker.bootstrap(), &topic, &group, &redis.access(), &prefix)
             .set("--log-format", "json")
             .start(&stack.dir.join("logs"), &group)?;
     let watch = Watch::Redis {

@@ -470,7 +470,7 @@ async fn run_redis(
         &stack.kafka,
         topic,
         &group,
-        redis_url,
+        &redis_sink::access::RedisAccess::url(redis_url),
         &prefix,
     ));
     let started = Instant::now();

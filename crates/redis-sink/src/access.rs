@@ -1,0 +1,254 @@
+//! How to reach Redis: the URL, plus the password and TLS material that can
+//! come from mounted files (a Kubernetes Secret volume) instead of the URL,
+//! so that no secret has to sit in an environment variable.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates};
+
+/// The flags that say where Redis is and how to prove who we are; shared by
+/// `run`, `top` and `history`.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Redis")]
+pub struct RedisAccess {
+    /// Redis URL: redis://[user[:password]@]host:port[/db], or rediss:// for TLS.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// File holding the Redis password (e.g. a mounted Secret); replaces any password in the URL. A trailing newline is ignored.
+    #[arg(long, env = "REDIS_PASSWORD_FILE", value_name = "PATH")]
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA certificate(s) that sign the server's certificate, trusted instead of the public roots (rediss:// only).
+    #[arg(long, env = "REDIS_CA_FILE", value_name = "PATH")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS (rediss:// only); needs --redis-key-file.
+    #[arg(long, env = "REDIS_CERT_FILE", value_name = "PATH")]
+    pub redis_cert_file: Option<PathBuf>,
+    /// PEM private key of --redis-cert-file.
+    #[arg(long, env = "REDIS_KEY_FILE", value_name = "PATH")]
+    pub redis_key_file: Option<PathBuf>,
+}
+
+impl RedisAccess {
+    /// Access by URL alone (tests, tools).
+    pub fn url(url: impl Into<String>) -> Self {
+        Self {
+            redis_url: url.into(),
+            redis_password_file: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
+        }
+    }
+
+    /// The client these settings describe, with the files read. Every error
+    /// names the flag to fix and never holds a file's contents.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        use_ring_for_tls();
+        let mut info = self
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .context("--redis-url (REDIS_URL) is not a valid redis:// or rediss:// URL")?;
+        if let Some(path) = &self.redis_password_file {
+            let password = read_password(path)?;
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let wants_tls = [
+            &self.redis_ca_file,
+            &self.redis_cert_file,
+            &self.redis_key_file,
+        ]
+        .iter()
+        .any(|file| file.is_some());
+        if !wants_tls {
+            return redis::Client::open(info).context("--redis-url (REDIS_URL)");
+        }
+        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            bail!(
+                "--redis-ca-file, --redis-cert-file and --redis-key-file are for TLS: \
+                 make --redis-url (REDIS_URL) a rediss:// URL, or leave them unset"
+            );
+        }
+        let client_tls = match (&self.redis_cert_file, &self.redis_key_file) {
+            (Some(cert), Some(key)) => Some(ClientTlsConfig {
+                client_cert: read_pem(cert, "--redis-cert-file (REDIS_CERT_FILE)", "CERTIFICATE")?,
+                client_key: read_pem(key, "--redis-key-file (REDIS_KEY_FILE)", "PRIVATE KEY")?,
+            }),
+            (None, None) => None,
+            _ => bail!(
+                "mutual TLS needs both --redis-cert-file (REDIS_CERT_FILE) and \
+                 --redis-key-file (REDIS_KEY_FILE): set both, or neither"
+            ),
+        };
+        let root_cert = self
+            .redis_ca_file
+            .as_deref()
+            .map(|ca| read_pem(ca, "--redis-ca-file (REDIS_CA_FILE)", "CERTIFICATE"))
+            .transpose()?;
+        redis::Client::build_with_tls(
+            info,
+            TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+        .context(
+            "cannot use the Redis TLS files (--redis-ca-file, --redis-cert-file, --redis-key-file)",
+        )
+    }
+}
+
+/// Makes ring the process's TLS crypto provider unless one is set. redis-rs
+/// builds its TLS config with rustls's process default, which rustls picks
+/// by itself only when exactly one provider is compiled in: a build of
+/// redis-sink alone (`cargo build -p redis-sink`) has none, and panicked at
+/// the first rediss:// connection.
+fn use_ring_for_tls() {
+    // An error means a provider is already installed: that one is used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The password in `path`, without the line end most tools write after it.
+fn read_password(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read --redis-password-file (REDIS_PASSWORD_FILE) {}",
+            path.display()
+        )
+    })?;
+    let password = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if password.is_empty() {
+        bail!(
+            "--redis-password-file (REDIS_PASSWORD_FILE) {} is empty: put the password in it, \
+             or leave the flag unset",
+            path.display()
+        );
+    }
+    Ok(password.to_owned())
+}
+
+/// The bytes of the PEM file `path`, checked to hold a `-----BEGIN <label`
+/// block (`PRIVATE KEY` also matches `RSA PRIVATE KEY`, `EC PRIVATE KEY`).
+fn read_pem(path: &Path, flag: &str, label: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))?;
+    let holds_label = String::from_utf8_lossy(&bytes)
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.contains(label));
+    if !holds_label {
+        bail!(
+            "{flag} {} holds no PEM {label} block (-----BEGIN ...{label}-----): \
+             give the PEM file, not DER or a key store",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("redis-access-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn password_of(client: &redis::Client) -> Option<String> {
+        client
+            .get_connection_info()
+            .redis_settings()
+            .password()
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn the_password_file_replaces_the_urls_password_without_its_line_end() {
+        for (name, text) in [
+            ("unix", "s3cret\n"),
+            ("dos", "s3cret\r\n"),
+            ("bare", "s3cret"),
+        ] {
+            let mut access = RedisAccess::url("redis://app:old@127.0.0.1:6379");
+            access.redis_password_file = Some(file(name, text));
+            let client = access.client().unwrap();
+            assert_eq!(password_of(&client).as_deref(), Some("s3cret"), "{name}");
+            assert_eq!(
+                client.get_connection_info().redis_settings().username(),
+                Some("app")
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_or_missing_password_file_is_refused_by_name() {
+        let mut access = RedisAccess::url("redis://127.0.0.1:6379");
+        access.redis_password_file = Some(file("empty", "\n"));
+        let err = format!("{:#}", access.client().unwrap_err());
+        assert!(
+            err.contains("REDIS_PASSWORD_FILE") && err.contains("is empty"),
+            "{err}"
+        );
+        access.redis_password_file = Some(PathBuf::from("/nonexistent/redis-password"));
+        let err = format!("{:#}", access.client().unwrap_err());
+        assert!(err.contains("cannot read --redis-password-file"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_need_a_rediss_url_and_a_key_beside_a_certificate() {
+        let mut access = RedisAccess::url("redis://127.0.0.1:6379");
+        access.redis_ca_file = Some(file("ca.pem", "-----BEGIN CERTIFICATE-----\n"));
+        let err = format!("{:#}", access.client().unwrap_err());
+        assert!(err.contains("rediss://"), "{err}");
+
+        let mut access = RedisAccess::url("rediss://127.0.0.1:6379");
+        access.redis_cert_file = Some(file("cert.pem", "-----BEGIN CERTIFICATE-----\n"));
+        let err = format!("{:#}", access.client().unwrap_err());
+        assert!(err.contains("needs both"), "{err}");
+    }
+
+    /// Without a crypto provider chosen, a build of redis-sink alone
+    /// panicked here (`cargo test -p redis-sink` shows it; a workspace build
+    /// gets one through bigquery-sink's dependencies).
+    #[tokio::test]
+    async fn a_rediss_connection_to_a_server_that_hangs_up_is_an_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        let client = RedisAccess::url(format!("rediss://127.0.0.1:{port}"))
+            .client()
+            .unwrap();
+        assert!(client.get_multiplexed_async_connection().await.is_err());
+    }
+
+    #[test]
+    fn a_file_without_its_pem_block_is_named_and_its_contents_not_shown() {
+        let mut access = RedisAccess::url("rediss://127.0.0.1:6379");
+        access.redis_cert_file = Some(file("cert2.pem", "-----BEGIN CERTIFICATE-----\n"));
+        access.redis_key_file = Some(file("key.der", "Sekr1t-key-bytes"));
+        let err = format!("{:#}", access.client().unwrap_err());
+        assert!(
+            err.contains("--redis-key-file") && err.contains("PRIVATE KEY"),
+            "{err}"
+        );
+        assert!(!err.contains("Sekr1t"), "{err}");
+    }
+}
