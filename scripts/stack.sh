@@ -55,15 +55,16 @@ install_tansu() {
         || die "'cargo install tansu' failed (output above)"
 }
 
-install_apt_packages() {   # redis-server (+ redis-cli) and curl
+install_apt_packages() {   # redis-server (+ redis-cli), curl, and stunnel4 (TLS before tansu in tests)
     local missing=()
     command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
     command -v curl >/dev/null || missing+=(curl)
+    command -v stunnel4 >/dev/null || missing+=(stunnel4)
     [ ${#missing[@]} -eq 0 ] && return 0
     log "installing ${missing[*]} with apt-get"
     local apt=(as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}")
     "${apt[@]}" || { as_root apt-get update && "${apt[@]}"; } \
-        || die "could not install ${missing[*]} with apt-get; install them (redis-server, redis-cli, curl on PATH) and re-run"
+        || die "could not install ${missing[*]} with apt-get; install them (redis-server, redis-cli, curl, stunnel4 on PATH) and re-run"
 }
 
 install_bqemulator() {

@@ -10,6 +10,7 @@ use anyhow::Context;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer};
 
+use crate::secured_kafka::SecuredKafka;
 use crate::{kafka, unique, Stack, PARTITIONS};
 
 /// An in-process mock cluster.
@@ -21,6 +22,8 @@ pub struct Broker {
     /// Set on the mock cluster; dropping the last handle stops the brokers.
     /// (`Rc`: the mock cluster may not move between threads.)
     mock: Option<Rc<Mock>>,
+    /// Set on a SASL_SSL broker; dropping the last handle stops it.
+    secured: Option<Rc<SecuredKafka>>,
 }
 
 impl Broker {
@@ -32,6 +35,7 @@ impl Broker {
         Self {
             bootstrap: stack.kafka.clone(),
             mock: None,
+            secured: None,
         }
     }
 
@@ -44,7 +48,25 @@ impl Broker {
         Ok(Self {
             bootstrap: mock.bootstrap_servers(),
             mock: Some(Rc::new(mock)),
+            secured: None,
         })
+    }
+
+    /// A broker reached only over SASL_SSL ([`SecuredKafka`]): every client
+    /// the harness makes for it, and every service a pipeline starts on it
+    /// (`--kafka-options-file`), uses its TLS and SCRAM settings.
+    pub fn secured(kafka: SecuredKafka) -> Self {
+        kafka::register_security(&kafka.bootstrap, kafka.options.clone());
+        Self {
+            bootstrap: kafka.bootstrap.clone(),
+            mock: None,
+            secured: Some(Rc::new(kafka)),
+        }
+    }
+
+    /// The librdkafka properties file a service needs to reach this broker.
+    pub fn options_file(&self) -> Option<&std::path::Path> {
+        self.secured.as_deref().map(|k| k.options_file.as_path())
     }
 
     /// The bootstrap servers.

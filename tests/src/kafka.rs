@@ -1,6 +1,7 @@
 //! Kafka helpers for tests: topics, producing, reading back, committed offsets.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -13,12 +14,42 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+/// librdkafka security properties per bootstrap address, for brokers that
+/// need them ([`crate::broker::Broker::secured`] registers its own), so that
+/// every client a test makes reaches any broker the same way.
+static SECURITY: Mutex<Vec<(String, Options)>> = Mutex::new(Vec::new());
+
+/// librdkafka properties as key/value pairs.
+pub type Options = Vec<(String, String)>;
+
+/// Makes every client of `bootstrap` use `options` (TLS, SASL).
+pub fn register_security(bootstrap: &str, options: Options) {
+    let mut all = SECURITY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    all.retain(|(b, _)| b != bootstrap);
+    all.push((bootstrap.to_owned(), options));
+}
+
+/// A client configuration for `bootstrap`, with its security properties.
+pub fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    let all = SECURITY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (_, options) in all.iter().filter(|(b, _)| b == bootstrap) {
+        for (key, value) in options {
+            config.set(key, value);
+        }
+    }
+    config
+}
+
 /// Creates a topic (and, if `with_dlq`, its `<topic>.dlq`) with `partitions`.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(bootstrap).create().context("admin client")?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin
         .create_topics(
@@ -53,11 +84,8 @@ pub fn producer_with(
     bootstrap: &str,
     single_message_batches: bool,
 ) -> anyhow::Result<FutureProducer> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .set("acks", "all");
+    let mut config = client_config(bootstrap);
+    config.set("linger.ms", "5").set("acks", "all");
     if single_message_batches {
         config.set("batch.num.messages", "1");
     } else {
@@ -74,8 +102,7 @@ pub fn producer_with(
 /// serve record batches correctly (librdkafka's mock cluster); see
 /// [`producer`] for tansu.
 pub fn logstash_producer(bootstrap: &str, compression: &str) -> anyhow::Result<FutureProducer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    client_config(bootstrap)
         .set("batch.size", "16384")
         .set("linger.ms", "5")
         .set("acks", "all")
@@ -158,8 +185,7 @@ pub fn read_at_least(
     timeout: Duration,
     quiet: Duration,
 ) -> anyhow::Result<Vec<ReadMessage>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = client_config(bootstrap)
         .set("group.id", crate::unique("reader"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -260,8 +286,7 @@ pub struct OffsetReader {
 impl OffsetReader {
     /// A reader for `group`'s offsets of `topic`; it never joins the group.
     pub fn new(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        let consumer: BaseConsumer = client_config(bootstrap)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .create()

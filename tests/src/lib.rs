@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod process;
 pub mod redis;
 pub mod redis_model;
+pub mod secured_kafka;
 pub mod service;
 pub mod tcp_front;
 pub mod tls;

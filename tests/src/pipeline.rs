@@ -251,9 +251,14 @@ impl Pipeline {
 
     /// The flags of the next instance (without its metrics port).
     pub fn flags(&self) -> ServiceFlags {
-        self.sink
+        let flags = self
+            .sink
             .flags(self.broker.bootstrap(), &self.topic, &self.group)
-            .for_tests()
+            .for_tests();
+        match self.broker.options_file() {
+            Some(file) => flags.set("--kafka-options-file", file.display().to_string()),
+            None => flags,
+        }
     }
 
     /// Starts one more instance of the service.

@@ -54,9 +54,19 @@ impl<S: Sink> Loop<S> {
                          old members first, or set --kafka-option \
                          partition.assignment.strategy=range (deploy/README.md)"
                     );
+                } else if matches!(kafka_error_kind(&err), "kafka_authentication" | "kafka_tls") {
+                    tracing::error!(
+                        %err,
+                        "Kafka refused this client's TLS or credentials, and nothing is consumed \
+                         until they are fixed: check security.protocol, sasl.mechanism, \
+                         sasl.username / sasl.password and the ssl.*.location files in \
+                         --kafka-options-file (KAFKA_OPTIONS_FILE) or KAFKA_OPTIONS \
+                         (docs/security.md)"
+                    );
                 } else {
                     tracing::warn!(%err, "Kafka consumer error");
                 }
+                crate::metrics::retry("consume", kafka_error_kind(&err));
                 *lock(&self.shared.last_error) = Some(err.to_string());
                 false
             }
@@ -165,5 +175,23 @@ pub(super) fn detach(topic: &Arc<str>, message: &BorrowedMessage<'_>) -> Record 
         // Copied as bytes: reading keys as strings (Headers::iter) panics
         // on a key that is not UTF-8, which any producer may send.
         headers: message.headers().map(BorrowedHeaders::detach),
+    }
+}
+
+/// The `kind` label of a consumer error librdkafka retries by itself: a
+/// handful of values, so that an alert can tell a refused login from a
+/// broker that is down.
+fn kafka_error_kind(err: &rdkafka::error::KafkaError) -> &'static str {
+    use RDKafkaErrorCode as Code;
+    match err.rdkafka_error_code() {
+        Some(Code::Authentication | Code::SaslAuthenticationFailed) => "kafka_authentication",
+        Some(Code::SSL) => "kafka_tls",
+        Some(
+            Code::TopicAuthorizationFailed
+            | Code::GroupAuthorizationFailed
+            | Code::ClusterAuthorizationFailed,
+        ) => "kafka_authorization",
+        Some(Code::AllBrokersDown | Code::BrokerTransportFailure) => "kafka_unreachable",
+        _ => "kafka_other",
     }
 }

@@ -1,0 +1,169 @@
+//! A Kafka-protocol broker reached as managed Kafka is: over TLS (a server
+//! certificate from a private CA, a client certificate required) with SASL
+//! SCRAM-SHA-512 credentials (`security.protocol=SASL_SSL`).
+//!
+//! tansu 0.6.0 checks SCRAM credentials (`--authentication`) but serves no
+//! TLS (its `--cert`/`--key` are not wired to the listener), and librdkafka's
+//! mock cluster has neither. So tansu keeps a plaintext port on loopback,
+//! advertises a second port in its metadata, and stunnel terminates TLS on
+//! that second port, verifying client certificates against the test's CA.
+//! Clients only ever see the TLS port: what they test is librdkafka's TLS
+//! and SASL against a broker that refuses a wrong password, a missing client
+//! certificate and an untrusted server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::tls::TestPki;
+
+/// The SCRAM user the test's clients log in as.
+pub const USER: &str = "movielog-sink";
+
+/// A SASL_SSL broker of a test's own; dropping it stops its processes.
+pub struct SecuredKafka {
+    /// `127.0.0.1:<TLS port>`.
+    pub bootstrap: String,
+    /// The librdkafka properties that reach it (a `--kafka-options-file`).
+    pub options_file: PathBuf,
+    /// The same as key/value pairs, for the test's own clients.
+    pub options: Vec<(String, String)>,
+    tansu: Child,
+    stunnel: Child,
+}
+
+impl SecuredKafka {
+    /// Starts tansu (SQLite storage in `dir`) with SCRAM-SHA-512 user
+    /// [`USER`] / `password`, and stunnel in front of it with `pki`.
+    pub async fn start(dir: &Path, pki: &TestPki, password: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let plain = crate::free_port()?;
+        let tls = crate::free_port()?;
+        // tansu refuses every request but SASL once --authentication is on,
+        // its user admin included: the user is made before, on the same
+        // storage, by a broker without it.
+        let mut setup = tansu(dir, plain, plain, false)?;
+        wait_for_port(plain).await?;
+        let created = Command::new("tansu")
+            .args(["user", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{plain}"))
+            .args(["--mechanism", "scram512", USER, password])
+            .output()
+            .context("tansu user create")?;
+        let _ = setup.kill();
+        let _ = setup.wait();
+        anyhow::ensure!(
+            created.status.success(),
+            "tansu user create failed: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let tansu = tansu(dir, plain, tls, true)?;
+        let stunnel = stunnel(dir, pki, tls, plain)?;
+        wait_for_port(plain).await?;
+        wait_for_port(tls).await?;
+
+        let options: Vec<(String, String)> = [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", USER),
+            ("sasl.password", password),
+            ("ssl.ca.location", &pki.ca.display().to_string()),
+            (
+                "ssl.certificate.location",
+                &pki.client_cert.display().to_string(),
+            ),
+            ("ssl.key.location", &pki.client_key.display().to_string()),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let options_file = dir.join("kafka.properties");
+        write_properties(&options_file, &options)?;
+        Ok(Self {
+            bootstrap: format!("127.0.0.1:{tls}"),
+            options_file,
+            options,
+            tansu,
+            stunnel,
+        })
+    }
+}
+
+impl Drop for SecuredKafka {
+    fn drop(&mut self) {
+        for child in [&mut self.tansu, &mut self.stunnel] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes `options` as a librdkafka properties file (`key=value` lines).
+pub fn write_properties(path: &Path, options: &[(String, String)]) -> anyhow::Result<()> {
+    let text: String = options.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// tansu listening on `listen`, advertising `advertise`, storing in `dir`.
+fn tansu(dir: &Path, listen: u16, advertise: u16, authentication: bool) -> anyhow::Result<Child> {
+    let mut command = Command::new("tansu");
+    command
+        .current_dir(dir)
+        .args(["broker", "--listener-url"])
+        .arg(format!("tcp://127.0.0.1:{listen}"))
+        .arg("--advertised-listener-url")
+        .arg(format!("tcp://127.0.0.1:{advertise}"))
+        // Relative to the working directory (sqlite:///abs/path does not work).
+        .args(["--storage-engine", "sqlite://tansu.db"]);
+    if authentication {
+        command.arg("--authentication");
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(dir, "tansu.log")?)
+        .spawn()
+        .context("cannot start tansu (scripts/stack.sh up installs it)")
+}
+
+/// stunnel accepting TLS on `accept` (mutual TLS against `pki`'s CA) and
+/// forwarding to `connect`.
+fn stunnel(dir: &Path, pki: &TestPki, accept: u16, connect: u16) -> anyhow::Result<Child> {
+    let conf = dir.join("stunnel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{accept}\n\
+             connect = 127.0.0.1:{connect}\ncert = {}\nkey = {}\nCAfile = {}\nverify = 2\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca.display()
+        ),
+    )?;
+    Command::new("stunnel4")
+        .arg(&conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(dir, "stunnel.log")?)
+        .spawn()
+        .context("cannot start stunnel4 (scripts/stack.sh up installs it)")
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::File::create(dir.join(name))?)
+}
+
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    crate::wait_for_async(
+        Duration::from_secs(20),
+        &format!("a listener on port {port}"),
+        || async move {
+            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok())
+        },
+    )
+    .await
+}
