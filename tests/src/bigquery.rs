@@ -536,6 +536,8 @@ pub struct InsertSeen {
     pub at: Instant,
     /// The body itself, once [`FaultProxy::keep_bodies`] asked for it.
     pub body: Option<Arc<[u8]>>,
+    /// Its Authorization header.
+    pub authorization: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -650,14 +652,23 @@ impl Drop for FaultProxy {
 }
 
 /// A request as read from the client.
-struct HttpRequest {
+pub(crate) struct HttpRequest {
     /// Request line and headers, without the final blank line.
-    head: Vec<String>,
-    body: Vec<u8>,
+    pub(crate) head: Vec<String>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl HttpRequest {
-    fn path(&self) -> &str {
+    /// The value of header `name` (any case), if present.
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.head.iter().skip(1).find_map(|line| {
+            line.split_once(':')
+                .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim())
+        })
+    }
+
+    pub(crate) fn path(&self) -> &str {
         self.head
             .first()
             .and_then(|l| l.split(' ').nth(1))
@@ -695,7 +706,7 @@ impl HttpRequest {
     }
 }
 
-fn read_request(stream: &mut TcpStream) -> anyhow::Result<Option<HttpRequest>> {
+pub(crate) fn read_request(stream: &mut TcpStream) -> anyhow::Result<Option<HttpRequest>> {
     let mut buffer = Vec::new();
     let mut chunk = [0_u8; 64 * 1024];
     let head_end = loop {
@@ -836,6 +847,7 @@ fn serve(
             rows,
             at,
             body,
+            authorization: request.header("authorization").map(str::to_owned),
         });
         Fault::Accept
     } else if is_insert {
@@ -849,6 +861,7 @@ fn serve(
             rows: rows.len(),
             at: Instant::now(),
             body,
+            authorization: request.header("authorization").map(str::to_owned),
         });
         let fault = match s.pattern.len() {
             0 => Fault::Forward,

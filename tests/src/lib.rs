@@ -10,6 +10,7 @@
 
 pub mod bigquery;
 pub mod broker;
+pub mod fake_google;
 pub mod generator;
 pub mod kafka;
 pub mod metrics;

@@ -94,6 +94,10 @@ impl Service {
             .env("RUST_LOG", "info")
             .env_remove("KAFKA_OPTIONS")
             .env_remove("KAFKA_OPTIONS_FILE")
+            // Credentials of the developer's own reach no test service
+            // (a test that wants some passes --credentials).
+            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("GCE_METADATA_HOST")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

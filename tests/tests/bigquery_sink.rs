@@ -643,3 +643,49 @@ async fn start_up_problems_stop_the_sink_with_one_clear_line() -> anyhow::Result
     }
     Ok(())
 }
+
+/// Workload Identity Federation: an `external_account` file whose subject
+/// token is a mounted file (a projected Kubernetes service-account token,
+/// an OIDC token). The sink exchanges it at the Security Token Service,
+/// impersonates the service account with the result, and every insertAll
+/// carries that last token; the rows land exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_identity_federation_tokens_reach_every_insert() -> anyhow::Result<()> {
+    use e2e::fake_google::{FakeGoogle, IMPERSONATED_TOKEN, STS_TOKEN};
+
+    let (mut p, bq, proxy) = through_proxy().await?;
+    let google = FakeGoogle::start()?;
+    let dir = Stack::get()?.dir.join(unique("wif"));
+    std::fs::create_dir_all(&dir)?;
+    let subject = dir.join("token");
+    std::fs::write(&subject, "subject-jwt-from-kubernetes")?;
+    let credentials = dir.join("external-account.json");
+    google.write_external_account(&credentials, &subject)?;
+    p.produce(events(21, 300, 0.0)).await?;
+    let instance = p.start_with(&["--credentials", &credentials.display().to_string()])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+
+    let inserts = proxy.inserts();
+    assert!(!inserts.is_empty());
+    let bearer = format!("Bearer {IMPERSONATED_TOKEN}");
+    for insert in &inserts {
+        assert_eq!(insert.authorization.as_deref(), Some(bearer.as_str()));
+    }
+    let exchanges = google.seen_at("POST /sts");
+    assert!(
+        exchanges
+            .first()
+            .is_some_and(|s| s.body.contains("subject_token=subject-jwt-from-kubernetes")),
+        "{exchanges:?}"
+    );
+    let impersonations = google.seen_at("POST /impersonate/");
+    let sts_bearer = format!("authorization: bearer {}", STS_TOKEN.to_ascii_lowercase());
+    assert!(
+        impersonations.first().is_some_and(|s| s
+            .headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase() == sts_bearer)),
+        "{impersonations:?}"
+    );
+    Ok(())
+}

@@ -35,14 +35,16 @@ pub struct BigQueryArgs {
     pub no_create_table: bool,
 
     /// Base URL of a BigQuery-compatible REST API, such as the emulator
-    /// (`http://127.0.0.1:9050`; `/bigquery/v2` is appended). A static token is
-    /// sent and idle connections are not reused. Without it: Google's endpoint.
+    /// (`http://127.0.0.1:9050`; `/bigquery/v2` is appended) or a private
+    /// endpoint. Without --credentials a static token is sent there; idle
+    /// connections are not reused. Without it: Google's endpoint.
     #[arg(long, env = "BIGQUERY_ENDPOINT", value_name = "URL")]
     pub bigquery_endpoint: Option<String>,
 
-    /// Service-account key file (or an authorized-user file). Without it:
-    /// application default credentials (the metadata server on Google Cloud,
-    /// or `gcloud auth application-default login`).
+    /// Credentials file: a service-account key, an authorized-user file, or
+    /// an external_account file (Workload Identity Federation). Without it:
+    /// gcloud's application default credentials, else the metadata server
+    /// (GKE Workload Identity; GCE_METADATA_HOST if set). docs/security.md.
     #[arg(long, env = "GOOGLE_APPLICATION_CREDENTIALS", value_name = "FILE")]
     pub credentials: Option<PathBuf>,
 

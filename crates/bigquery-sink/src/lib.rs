@@ -3,7 +3,9 @@
 //! at least once, rows BigQuery refuses to the dead-letter topic.
 //!
 //! - [`config`]: the service's flags, checked into settings;
-//! - [`client`]: credentials, endpoint and HTTP settings of the client;
+//! - [`client`]: endpoint and HTTP settings of the client;
+//! - [`credentials`]: where OAuth tokens come from (key files, Workload
+//!   Identity Federation, the metadata server);
 //! - [`decode`]: decode one record and build its row (pure);
 //! - [`plan`]: pack a batch's rows into insertAll requests under the row
 //!   and byte limits, and sort a response's per-row errors (pure);
@@ -16,6 +18,7 @@
 
 pub mod client;
 pub mod config;
+pub mod credentials;
 pub mod decode;
 pub mod error;
 pub mod plan;

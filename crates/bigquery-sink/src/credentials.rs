@@ -1,0 +1,204 @@
+//! Google credentials: where bigquery-sink gets its OAuth tokens.
+//!
+//! In the order Google's client libraries look (Application Default
+//! Credentials):
+//!
+//! 1. `--credentials` / GOOGLE_APPLICATION_CREDENTIALS: a JSON file whose
+//!    `type` says what it is: a service-account key (`service_account`), a
+//!    `gcloud auth application-default login` user (`authorized_user`), or
+//!    Workload Identity Federation (`external_account`: a token from AWS
+//!    IMDSv2 is not supported, a file or URL source is: Kubernetes, Azure,
+//!    GitHub and other OIDC issuers);
+//! 2. gcloud's own file (`$CLOUDSDK_CONFIG` or
+//!    `~/.config/gcloud/application_default_credentials.json`), of the same
+//!    kinds;
+//! 3. the metadata server of the VM or GKE node (GKE Workload Identity), at
+//!    GCE_METADATA_HOST when set (as Google's libraries honour it).
+//!
+//! yup-oauth2 fetches, caches and refreshes every kind of token; a
+//! `--bigquery-endpoint` without credentials gets a static token (the
+//! emulator checks none).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use gcp_bigquery_client::auth::Authenticator;
+use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::yup_oauth2::authenticator::{
+    ApplicationDefaultCredentialsTypes, Authenticator as YupAuthenticator,
+};
+use gcp_bigquery_client::yup_oauth2::{
+    self, ApplicationDefaultCredentialsAuthenticator, ApplicationDefaultCredentialsFlowOpts,
+    AuthorizedUserAuthenticator, DefaultHyperClientBuilder, ExternalAccountAuthenticator,
+    HyperClientBuilder, ServiceAccountAuthenticator,
+};
+
+/// The OAuth scope of BigQuery.
+const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
+
+/// The token sent to a `--bigquery-endpoint` without credentials.
+const STATIC_TOKEN: &str = "bigquery-sink-static-token";
+
+/// The token source for `credentials` (a file) or, without one, what
+/// Application Default Credentials find; a static token when there is an
+/// `endpoint` and no file. Reads files, sends nothing yet: a token is
+/// fetched at the first request, and refreshed before it expires. Token
+/// requests give up after `timeout`.
+pub async fn authenticator(
+    credentials: Option<&Path>,
+    endpoint: bool,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn Authenticator>> {
+    if let Some(path) = credentials {
+        return from_file(
+            path,
+            "--credentials (GOOGLE_APPLICATION_CREDENTIALS)",
+            timeout,
+        )
+        .await;
+    }
+    if endpoint {
+        return Ok(Arc::new(StaticToken));
+    }
+    if let Some(path) = gcloud_file().filter(|p| p.is_file()) {
+        return from_file(&path, "gcloud's application default credentials", timeout).await;
+    }
+    metadata_server(timeout).await
+}
+
+/// A credentials file, by its `type`.
+async fn from_file(
+    path: &Path,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn Authenticator>> {
+    let shown = path.display();
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .with_context(|| format!("cannot read {what} {shown}"))?;
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    let kind = serde_json::from_str::<Kind>(&text)
+        .with_context(|| format!("{what} {shown} is not a JSON credentials file"))?
+        .kind
+        .unwrap_or_default();
+    let cannot_load = || format!("cannot load the credentials in {shown} ({kind})");
+    let token = match kind.as_str() {
+        "service_account" => {
+            let key = yup_oauth2::parse_service_account_key(&text).with_context(cannot_load)?;
+            let builder = ServiceAccountAuthenticator::builder(key).with_timeout(timeout);
+            YupToken(builder.build().await.with_context(cannot_load)?)
+        }
+        "authorized_user" => {
+            let secret = yup_oauth2::read_authorized_user_secret(path)
+                .await
+                .with_context(cannot_load)?;
+            let builder = AuthorizedUserAuthenticator::builder(secret).with_timeout(timeout);
+            YupToken(builder.build().await.with_context(cannot_load)?)
+        }
+        "external_account" => {
+            let secret = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: an external_account file with a file or URL credential_source is \
+                     supported; one that reads AWS's metadata (environment_id aws1) or runs \
+                     an executable is not: use a file source (e.g. a projected service \
+                     account token) or a service-account key",
+                    cannot_load()
+                )
+            })?;
+            let builder = ExternalAccountAuthenticator::builder(secret).with_timeout(timeout);
+            YupToken(builder.build().await.with_context(cannot_load)?)
+        }
+        other => bail!(
+            "{what} {shown} holds {other:?} credentials; use a service-account key \
+             (\"type\": \"service_account\"), an authorized-user file (gcloud auth \
+             application-default login) or an external_account file (Workload Identity \
+             Federation)"
+        ),
+    };
+    Ok(Arc::new(token))
+}
+
+/// `application_default_credentials.json` in gcloud's configuration
+/// directory.
+fn gcloud_file() -> Option<PathBuf> {
+    let dir = match std::env::var_os("CLOUDSDK_CONFIG") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(std::env::var_os("HOME")?).join(".config/gcloud"),
+    };
+    Some(dir.join("application_default_credentials.json"))
+}
+
+/// The metadata server's token of the VM's (or the GKE workload's) service
+/// account.
+async fn metadata_server(timeout: Duration) -> anyhow::Result<Arc<dyn Authenticator>> {
+    let metadata_url = std::env::var("GCE_METADATA_HOST")
+        .ok()
+        .filter(|host| !host.trim().is_empty())
+        .map(|host| {
+            format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
+        });
+    let opts = ApplicationDefaultCredentialsFlowOpts { metadata_url };
+    match ApplicationDefaultCredentialsAuthenticator::builder(opts).await {
+        ApplicationDefaultCredentialsTypes::InstanceMetadata(builder) => Ok(Arc::new(YupToken(
+            builder
+                .with_timeout(timeout)
+                .build()
+                .await
+                .context("cannot set up the metadata server's credentials")?,
+        ))),
+        // yup takes this branch whenever the variable is set, even empty
+        // (an empty --credentials is read as unset).
+        ApplicationDefaultCredentialsTypes::ServiceAccount(_) => bail!(
+            "GOOGLE_APPLICATION_CREDENTIALS is set but empty: unset it to use the metadata \
+             server, or point it at a credentials file"
+        ),
+    }
+}
+
+/// The connector yup-oauth2's default builder makes (HTTPS or HTTP).
+type YupConnector = <DefaultHyperClientBuilder as HyperClientBuilder>::Connector;
+
+/// A yup-oauth2 authenticator as the client crate's [`Authenticator`]:
+/// yup caches the token and refreshes it a minute before it expires.
+#[derive(Clone)]
+struct YupToken(YupAuthenticator<YupConnector>);
+
+impl Authenticator for YupToken {
+    // `Authenticator` is an `async_trait`; this is its desugared signature.
+    fn access_token<'life0, 'async_trait>(
+        &'life0 self,
+    ) -> Pin<Box<dyn Future<Output = Result<String, BQError>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let token = self.0.token(&[SCOPE]).await?;
+            token.token().map(str::to_owned).ok_or(BQError::NoToken)
+        })
+    }
+}
+
+/// Hands out a fixed bearer token.
+#[derive(Clone)]
+struct StaticToken;
+
+impl Authenticator for StaticToken {
+    fn access_token<'life0, 'async_trait>(
+        &'life0 self,
+    ) -> Pin<Box<dyn Future<Output = Result<String, BQError>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async { Ok(STATIC_TOKEN.to_owned()) })
+    }
+}

@@ -1,0 +1,136 @@
+//! Where bigquery-sink's OAuth tokens come from, for each kind of Google
+//! credentials, against Google's token endpoints played on loopback
+//! ([`FakeGoogle`]). Workload Identity Federation is tested end to end in
+//! `bigquery_sink.rs`; an authorized-user file (gcloud's) refreshes at a
+//! fixed Google address, so only its loading is tested here.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use bigquery_sink::credentials::authenticator;
+use e2e::fake_google::{FakeGoogle, METADATA_TOKEN, SERVICE_ACCOUNT_TOKEN};
+use e2e::{unique, Stack};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn dir() -> anyhow::Result<PathBuf> {
+    let dir = Stack::get()?.dir.join(unique("credentials"));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A service-account key file whose `token_uri` is `google`'s; its RSA key
+/// made by openssl (ring, which rcgen uses, cannot make RSA keys; stack.sh
+/// installs stunnel4, which brings openssl).
+fn service_account_key(google: &FakeGoogle) -> anyhow::Result<PathBuf> {
+    let dir = dir()?;
+    let pem = dir.join("key.pem");
+    let made = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .output()?;
+    anyhow::ensure!(
+        made.status.success(),
+        "openssl genpkey: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let key = json!({
+        "type": "service_account",
+        "project_id": "p",
+        "private_key_id": "1",
+        "private_key": std::fs::read_to_string(&pem)?,
+        "client_email": "sink@p.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": format!("{}/token", google.url()),
+    });
+    let path = dir.join("key.json");
+    std::fs::write(&path, key.to_string())?;
+    Ok(path)
+}
+
+#[tokio::test]
+async fn a_service_account_key_gets_its_token_from_its_token_uri() -> anyhow::Result<()> {
+    let google = FakeGoogle::start()?;
+    let key = service_account_key(&google)?;
+    let auth = authenticator(Some(&key), false, TIMEOUT).await?;
+    assert_eq!(auth.access_token().await?, SERVICE_ACCOUNT_TOKEN);
+    // A second call is served from yup's cache.
+    assert_eq!(auth.access_token().await?, SERVICE_ACCOUNT_TOKEN);
+    let grants = google.seen_at("POST /token");
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert!(
+        grants[0].body.contains("grant-type%3Ajwt-bearer"),
+        "{grants:?}"
+    );
+    Ok(())
+}
+
+/// Also the order of Application Default Credentials: a credentials file
+/// and gcloud's file come first, so neither may be there.
+#[tokio::test]
+async fn without_a_file_the_metadata_server_gives_the_token() -> anyhow::Result<()> {
+    let google = FakeGoogle::start()?;
+    let empty_gcloud_dir = dir()?;
+    // This test binary's only test that reads the environment.
+    std::env::remove_var("GOOGLE_APPLICATION_CREDENTIALS");
+    std::env::set_var("CLOUDSDK_CONFIG", &empty_gcloud_dir);
+    std::env::set_var("GCE_METADATA_HOST", google.host());
+    let auth = authenticator(None, false, TIMEOUT).await?;
+    assert_eq!(auth.access_token().await?, METADATA_TOKEN);
+    let asked = google.seen_at("GET /computeMetadata/v1/instance/service-accounts/default/token");
+    assert_eq!(asked.len(), 1, "{:?}", google.seen());
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_authorized_user_file_loads_and_unknown_kinds_are_named() -> anyhow::Result<()> {
+    let dir = dir()?;
+    let user = dir.join("adc.json");
+    std::fs::write(
+        &user,
+        json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"})
+            .to_string(),
+    )?;
+    assert!(authenticator(Some(&user), false, TIMEOUT).await.is_ok());
+
+    let impersonated = dir.join("impersonated.json");
+    std::fs::write(
+        &impersonated,
+        json!({"type": "impersonated_service_account"}).to_string(),
+    )?;
+    let err = authenticator(Some(&impersonated), false, TIMEOUT)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(err.contains("impersonated_service_account"), "{err}");
+
+    let aws = dir.join("aws.json");
+    std::fs::write(
+        &aws,
+        json!({
+            "type": "external_account",
+            "audience": "a",
+            "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "credential_source": {"environment_id": "aws1", "region_url": "http://169.254.169.254/x"},
+        })
+        .to_string(),
+    )?;
+    let err = authenticator(Some(&aws), false, TIMEOUT)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(err.contains("aws1"), "{err}");
+    Ok(())
+}
