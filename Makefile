@@ -24,9 +24,15 @@ test:
 unit:
 	cargo test --workspace --lib --bins
 
+## lint: formatting, clippy, and the supply chain (deny.toml: licenses, bans,
+## sources). cargo-deny is installed once into ~/.cargo/bin (about 2.5 min).
+CARGO_DENY_VERSION := 0.20.2
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	@cargo deny --version 2>/dev/null | grep -qF '$(CARGO_DENY_VERSION)' \
+	  || cargo install --locked cargo-deny@$(CARGO_DENY_VERSION)
+	cargo deny check licenses bans sources
 
 fmt:
 	cargo fmt --all
