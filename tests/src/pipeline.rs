@@ -269,6 +269,12 @@ impl Pipeline {
     /// Starts one more instance with more flags; a flag of the pipeline's
     /// given again in `extra` takes the value given there.
     pub fn start_with(&mut self, extra: &[&str]) -> anyhow::Result<Instance> {
+        self.start_logging(extra, "info")
+    }
+
+    /// Starts one more instance with more flags, logging what `log_filter`
+    /// (RUST_LOG) lets through.
+    pub fn start_logging(&mut self, extra: &[&str], log_filter: &str) -> anyhow::Result<Instance> {
         self.starts += 1;
         let metrics_port = crate::free_port()?;
         let name = format!("{}-{}", self.topic, self.starts);
@@ -276,6 +282,7 @@ impl Pipeline {
             .flags()
             .metrics_port(metrics_port)
             .extra(extra)
+            .log_filter(log_filter)
             .start(&self.log_dir, &name)?;
         Ok(Instance {
             service,

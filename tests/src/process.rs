@@ -59,10 +59,12 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts `binary` with `args`, logging to `<log_dir>/<name>.log`.
+    /// Starts `binary` with `args`, logging what `log_filter` (RUST_LOG)
+    /// lets through to `<log_dir>/<name>.log`.
     pub fn start(
         binary: &str,
         args: &[String],
+        log_filter: &str,
         log_dir: &std::path::Path,
         name: &str,
     ) -> anyhow::Result<Self> {
@@ -72,7 +74,13 @@ impl Service {
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Self::spawn(binary, args, file.try_clone()?.into(), file.into())?;
+        let child = Self::spawn(
+            binary,
+            args,
+            log_filter,
+            file.try_clone()?.into(),
+            file.into(),
+        )?;
         Ok(Self { child, log })
     }
 
@@ -82,22 +90,37 @@ impl Service {
         binary: &str,
         args: &[String],
     ) -> anyhow::Result<(Self, std::process::ChildStderr)> {
-        let mut child = Self::spawn(binary, args, Stdio::null(), Stdio::piped())?;
+        let mut child = Self::spawn(binary, args, "info", Stdio::null(), Stdio::piped())?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
         let log = PathBuf::from("(stderr is a pipe held by the test)");
         Ok((Self { child, log }, stderr))
     }
 
-    fn spawn(binary: &str, args: &[String], stdout: Stdio, stderr: Stdio) -> anyhow::Result<Child> {
-        Command::new(self::binary(binary)?)
+    fn spawn(
+        binary: &str,
+        args: &[String],
+        log_filter: &str,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> anyhow::Result<Child> {
+        let mut command = Command::new(self::binary(binary)?);
+        // Settings and credentials of the developer's own reach no test
+        // service: a test that wants one passes its flag.
+        for name in [
+            "KAFKA_OPTIONS",
+            "KAFKA_OPTIONS_FILE",
+            "REDIS_PASSWORD_FILE",
+            "REDIS_CA_FILE",
+            "REDIS_CERT_FILE",
+            "REDIS_KEY_FILE",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GCE_METADATA_HOST",
+        ] {
+            command.env_remove(name);
+        }
+        command
             .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("KAFKA_OPTIONS")
-            .env_remove("KAFKA_OPTIONS_FILE")
-            // Credentials of the developer's own reach no test service
-            // (a test that wants some passes --credentials).
-            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-            .env_remove("GCE_METADATA_HOST")
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -208,9 +231,13 @@ pub struct PrivateRedis {
 /// What a secured [`PrivateRedis`] asks of its clients.
 struct Secured {
     pki: TestPki,
-    /// A file holding the `requirepass` password, as a mounted Secret does.
+    /// A file holding [`SECURED_USER`]'s password, as a mounted Secret does.
     password_file: PathBuf,
 }
+
+/// The ACL user a secured [`PrivateRedis`] knows (its `default` user is off,
+/// as on a managed Redis with ACLs).
+pub const SECURED_USER: &str = "movielog-sink";
 
 impl PrivateRedis {
     /// Starts redis-server on a free loopback port with its data in `dir`.
@@ -225,23 +252,20 @@ impl PrivateRedis {
     }
 
     /// One that speaks only TLS, asks every client for a certificate
-    /// signed by `pki`'s CA (mutual TLS) and for `password` (as a managed
-    /// Redis with in-transit encryption and AUTH does).
+    /// signed by `pki`'s CA (mutual TLS), and knows one ACL user,
+    /// [`SECURED_USER`] with `password` (as a managed Redis with in-transit
+    /// encryption and ACLs does).
     pub async fn start_secured(dir: PathBuf, pki: TestPki, password: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let password_file = dir.join("password");
         std::fs::write(&password_file, format!("{password}\n"))?;
-        Self::start_secured_with(dir, Some(Secured { pki, password_file })).await
-    }
-
-    async fn start_with(dir: PathBuf, append_only: bool) -> anyhow::Result<Self> {
-        let mut redis = Self::unstarted(dir, append_only, None)?;
+        let mut redis = Self::unstarted(dir, false, Some(Secured { pki, password_file }))?;
         redis.spawn().await?;
         Ok(redis)
     }
 
-    async fn start_secured_with(dir: PathBuf, secured: Option<Secured>) -> anyhow::Result<Self> {
-        let mut redis = Self::unstarted(dir, false, secured)?;
+    async fn start_with(dir: PathBuf, append_only: bool) -> anyhow::Result<Self> {
+        let mut redis = Self::unstarted(dir, append_only, None)?;
         redis.spawn().await?;
         Ok(redis)
     }
@@ -264,14 +288,13 @@ impl PrivateRedis {
         })
     }
 
-    /// `redis://127.0.0.1:PORT`, or `rediss://` for a secured one.
+    /// `redis://127.0.0.1:PORT`, or `rediss://<SECURED_USER>@127.0.0.1:PORT`
+    /// for a secured one (the password comes from a file).
     pub fn url(&self) -> String {
-        let scheme = if self.secured.is_some() {
-            "rediss"
-        } else {
-            "redis"
-        };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        match self.secured {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://{SECURED_USER}@127.0.0.1:{}", self.port),
+        }
     }
 
     /// Everything a client needs to reach it: the URL and, for a secured
@@ -343,8 +366,12 @@ impl PrivateRedis {
                 .arg(&pki.server_key)
                 .arg("--tls-ca-cert-file")
                 .arg(&pki.ca)
-                .arg("--requirepass")
-                .arg(std::fs::read_to_string(password_file)?.trim_end()),
+                .args(["--user", "default", "off"])
+                .args(["--user", SECURED_USER, "on", "~*", "&*", "+@all"])
+                .arg(format!(
+                    ">{}",
+                    std::fs::read_to_string(password_file)?.trim_end()
+                )),
         };
         let child = command
             .args([

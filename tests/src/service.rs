@@ -27,6 +27,8 @@ pub struct ServiceFlags {
     test_linger_ms: Option<u64>,
     /// Appended as they are, after the flags they override were removed.
     extra: Vec<String>,
+    /// RUST_LOG.
+    log_filter: String,
 }
 
 impl ServiceFlags {
@@ -48,6 +50,7 @@ impl ServiceFlags {
                 .collect(),
             test_linger_ms: None,
             extra: Vec::new(),
+            log_filter: "info".to_owned(),
         }
     }
 
@@ -158,9 +161,15 @@ impl ServiceFlags {
         args
     }
 
+    /// Logs what `filter` (RUST_LOG) lets through instead of `info`.
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        filter.clone_into(&mut self.log_filter);
+        self
+    }
+
     /// Starts the service, logging to `<log_dir>/<name>.log`.
     pub fn start(&self, log_dir: &Path, name: &str) -> anyhow::Result<Service> {
-        Service::start(self.binary, &self.args(), log_dir, name)
+        Service::start(self.binary, &self.args(), &self.log_filter, log_dir, name)
     }
 }
 

@@ -379,3 +379,45 @@ async fn running_services_log_and_export_no_secret() -> anyhow::Result<()> {
     std::fs::remove_file(&properties)?;
     p.tally().await?.assert_holds()
 }
+
+/// At debug level, the token libraries log every request and response:
+/// the subject token of Workload Identity Federation, the tokens STS and
+/// impersonation return. None of it may reach the log, whatever RUST_LOG
+/// asks for.
+#[tokio::test(flavor = "multi_thread")]
+async fn debug_logs_show_no_token() -> anyhow::Result<()> {
+    use e2e::fake_google::{FakeGoogle, IMPERSONATED_TOKEN, STS_TOKEN};
+
+    let stack = Stack::get()?;
+    let google = FakeGoogle::start()?;
+    let dir = stack.dir.join(unique("debug-tokens"));
+    std::fs::create_dir_all(&dir)?;
+    let subject = dir.join("token");
+    std::fs::write(&subject, SECRET)?;
+    let credentials = dir.join("external-account.json");
+    google.write_external_account(&credentials, &subject)?;
+    let mut p = Pipeline::new(
+        &stack,
+        Broker::tansu(&stack),
+        Box::new(BigQuerySide::on_stack(&stack)?),
+    )
+    .await?;
+    let mut generator = Generator::new(12, Mix::All, chrono::Utc::now().timestamp_millis());
+    p.produce_events((0..50).map(|_| generator.next_event()).collect())
+        .await?;
+    let instance = p.start_logging(
+        &["--credentials", &credentials.display().to_string()],
+        "debug,yup_oauth2=trace",
+    )?;
+    p.wait_committed_by(&p.group.clone(), &instance).await?;
+    assert!(
+        !google.seen_at("POST /sts").is_empty(),
+        "the token came from the federation"
+    );
+    let log = stop_and_read_log(instance).await?;
+    for token in [SECRET, STS_TOKEN, IMPERSONATED_TOKEN] {
+        assert!(!log.contains(token), "the debug log holds {token}");
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -23,10 +23,21 @@ pub enum LogFormat {
 /// The format [`init`] installed.
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
+/// Log targets held at `warn` whatever `RUST_LOG` says: at debug they print
+/// secrets (yup-oauth2 logs every token request and response: service
+/// account assertions, federated subject tokens, access tokens).
+const SECRET_LOGGING_TARGETS: &[&str] = &["yup_oauth2"];
+
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default
-/// level (`info`).
+/// level (`info`), except for [`SECRET_LOGGING_TARGETS`].
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in SECRET_LOGGING_TARGETS {
+        // Added last, so it replaces a directive for the same target.
+        if let Ok(directive) = format!("{target}=warn").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
