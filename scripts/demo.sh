@@ -51,6 +51,8 @@ REDIS_METRICS=${ports[0]} BQ_METRICS=${ports[1]}
 "$BIN/redis-sink" --metrics-addr "127.0.0.1:$REDIS_METRICS" --log-format json \
     >"$RUN/redis-sink.log" 2>&1 &
 pids+=($!)
+# The emulator takes any token: a developer's own Google credentials stay home.
+env -u GOOGLE_APPLICATION_CREDENTIALS \
 "$BIN/bigquery-sink" --bigquery-endpoint "$BIGQUERY_ENDPOINT" --project "$BIGQUERY_PROJECT" \
     --dataset "$BIGQUERY_DATASET" --metrics-addr "127.0.0.1:$BQ_METRICS" --log-format json \
     >"$RUN/bigquery-sink.log" 2>&1 &

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use bigquery_sink::credentials::authenticator;
+use bigquery_sink::credentials::{authenticator, AdcPlaces};
 use e2e::fake_google::{FakeGoogle, METADATA_TOKEN, SERVICE_ACCOUNT_TOKEN};
 use e2e::{unique, Stack};
 use serde_json::json;
@@ -61,7 +61,7 @@ fn service_account_key(google: &FakeGoogle) -> anyhow::Result<PathBuf> {
 async fn a_service_account_key_gets_its_token_from_its_token_uri() -> anyhow::Result<()> {
     let google = FakeGoogle::start()?;
     let key = service_account_key(&google)?;
-    let auth = authenticator(Some(&key), false, TIMEOUT).await?;
+    let auth = authenticator(Some(&key), None, &AdcPlaces::default(), TIMEOUT).await?;
     assert_eq!(auth.access_token().await?, SERVICE_ACCOUNT_TOKEN);
     // A second call is served from yup's cache.
     assert_eq!(auth.access_token().await?, SERVICE_ACCOUNT_TOKEN);
@@ -74,20 +74,35 @@ async fn a_service_account_key_gets_its_token_from_its_token_uri() -> anyhow::Re
     Ok(())
 }
 
-/// Also the order of Application Default Credentials: a credentials file
-/// and gcloud's file come first, so neither may be there.
+/// Without a credentials file, and no gcloud file either: the metadata
+/// server (at GCE_METADATA_HOST), for Google's endpoint and for a private
+/// `https://` endpoint alike; a plaintext `http://` endpoint (the emulator)
+/// gets a static token and the metadata server is not asked.
 #[tokio::test]
 async fn without_a_file_the_metadata_server_gives_the_token() -> anyhow::Result<()> {
     let google = FakeGoogle::start()?;
-    let empty_gcloud_dir = dir()?;
-    // This test binary's only test that reads the environment.
-    std::env::remove_var("GOOGLE_APPLICATION_CREDENTIALS");
-    std::env::set_var("CLOUDSDK_CONFIG", &empty_gcloud_dir);
-    std::env::set_var("GCE_METADATA_HOST", google.host());
-    let auth = authenticator(None, false, TIMEOUT).await?;
-    assert_eq!(auth.access_token().await?, METADATA_TOKEN);
-    let asked = google.seen_at("GET /computeMetadata/v1/instance/service-accounts/default/token");
-    assert_eq!(asked.len(), 1, "{:?}", google.seen());
+    let adc = AdcPlaces {
+        gcloud_file: Some(dir()?.join("application_default_credentials.json")),
+        metadata_host: Some(google.host()),
+    };
+    // yup-oauth2 takes the metadata server only while this is unset.
+    if std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_some() {
+        std::env::remove_var("GOOGLE_APPLICATION_CREDENTIALS");
+    }
+    for endpoint in [None, Some("https://bigquery.private.example")] {
+        let auth = authenticator(None, endpoint, &adc, TIMEOUT).await?;
+        assert_eq!(auth.access_token().await?, METADATA_TOKEN, "{endpoint:?}");
+    }
+    let path = "GET /computeMetadata/v1/instance/service-accounts/default/token";
+    assert_eq!(google.seen_at(path).len(), 2, "{:?}", google.seen());
+
+    let auth = authenticator(None, Some("http://127.0.0.1:9050"), &adc, TIMEOUT).await?;
+    assert_ne!(auth.access_token().await?, METADATA_TOKEN);
+    assert_eq!(
+        google.seen_at(path).len(),
+        2,
+        "the emulator got no real token"
+    );
     Ok(())
 }
 
@@ -100,19 +115,47 @@ async fn an_authorized_user_file_loads_and_unknown_kinds_are_named() -> anyhow::
         json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"})
             .to_string(),
     )?;
-    assert!(authenticator(Some(&user), false, TIMEOUT).await.is_ok());
+    assert!(
+        authenticator(Some(&user), None, &AdcPlaces::default(), TIMEOUT)
+            .await
+            .is_ok()
+    );
 
     let impersonated = dir.join("impersonated.json");
     std::fs::write(
         &impersonated,
         json!({"type": "impersonated_service_account"}).to_string(),
     )?;
-    let err = authenticator(Some(&impersonated), false, TIMEOUT)
+    let err = authenticator(Some(&impersonated), None, &AdcPlaces::default(), TIMEOUT)
         .await
         .err()
         .map(|e| format!("{e:#}"))
         .unwrap_or_default();
     assert!(err.contains("impersonated_service_account"), "{err}");
+
+    let json_file_source = dir.join("json-source.json");
+    std::fs::write(
+        &json_file_source,
+        json!({
+            "type": "external_account",
+            "audience": "a",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "credential_source": {"file": "/var/run/token.json", "format": {"type": "json", "subject_token_field_name": "t"}},
+        })
+        .to_string(),
+    )?;
+    let err = authenticator(
+        Some(&json_file_source),
+        None,
+        &AdcPlaces::default(),
+        TIMEOUT,
+    )
+    .await
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap_or_default();
+    assert!(err.contains("format json"), "{err}");
 
     let aws = dir.join("aws.json");
     std::fs::write(
@@ -126,7 +169,7 @@ async fn an_authorized_user_file_loads_and_unknown_kinds_are_named() -> anyhow::
         })
         .to_string(),
     )?;
-    let err = authenticator(Some(&aws), false, TIMEOUT)
+    let err = authenticator(Some(&aws), None, &AdcPlaces::default(), TIMEOUT)
         .await
         .err()
         .map(|e| format!("{e:#}"))

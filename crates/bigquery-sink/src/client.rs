@@ -39,7 +39,8 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Client> {
     }
     let auth = credentials::authenticator(
         settings.credentials.as_deref(),
-        settings.endpoint.is_some(),
+        settings.endpoint.as_deref(),
+        &credentials::AdcPlaces::from_env(),
         settings.request_timeout,
     )
     .await?;

@@ -15,9 +15,12 @@
 //! 3. the metadata server of the VM or GKE node (GKE Workload Identity), at
 //!    GCE_METADATA_HOST when set (as Google's libraries honour it).
 //!
-//! yup-oauth2 fetches, caches and refreshes every kind of token; a
-//! `--bigquery-endpoint` without credentials gets a static token (the
-//! emulator checks none).
+//! yup-oauth2 fetches, caches and refreshes every kind of token. A
+//! `--bigquery-endpoint` gets the credentials file if one is given; without
+//! one, an `https://` endpoint (a private endpoint) gets what Application
+//! Default Credentials find, and an `http://` one (the emulator, which
+//! checks none) a static token: no real token is sent in clear unless a
+//! file was named for it.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -44,30 +47,87 @@ const SCOPE: &str = "https://www.googleapis.com/auth/bigquery";
 const STATIC_TOKEN: &str = "bigquery-sink-static-token";
 
 /// The token source for `credentials` (a file) or, without one, what
-/// Application Default Credentials find; a static token when there is an
-/// `endpoint` and no file. Reads files, sends nothing yet: a token is
-/// fetched at the first request, and refreshed before it expires. Token
-/// requests give up after `timeout`.
+/// Application Default Credentials find in `adc`; a static token for a
+/// plaintext `endpoint` without a file. Reads files, sends nothing yet: a
+/// token is fetched at the first request, and refreshed before it expires.
+/// Token requests give up after `timeout`.
 pub async fn authenticator(
     credentials: Option<&Path>,
-    endpoint: bool,
+    endpoint: Option<&str>,
+    adc: &AdcPlaces,
     timeout: Duration,
 ) -> anyhow::Result<Arc<dyn Authenticator>> {
+    let plaintext = endpoint.is_some_and(|url| url.starts_with("http://"));
     if let Some(path) = credentials {
-        return from_file(
-            path,
-            "--credentials (GOOGLE_APPLICATION_CREDENTIALS)",
-            timeout,
-        )
-        .await;
+        if plaintext {
+            tracing::warn!(
+                credentials = %path.display(),
+                "--bigquery-endpoint is plain http://: the credentials' tokens are sent in clear"
+            );
+        }
+        let what = "--credentials (GOOGLE_APPLICATION_CREDENTIALS)";
+        return from_file(path, what, timeout).await;
     }
-    if endpoint {
+    if plaintext {
+        tracing::info!("--bigquery-endpoint is plain http:// and no --credentials: a static token");
         return Ok(Arc::new(StaticToken));
     }
-    if let Some(path) = gcloud_file().filter(|p| p.is_file()) {
-        return from_file(&path, "gcloud's application default credentials", timeout).await;
+    if let Some(path) = adc.gcloud_file.as_deref().filter(|p| p.is_file()) {
+        tracing::info!(file = %path.display(), "using gcloud's application default credentials");
+        return from_file(path, "gcloud's application default credentials", timeout).await;
     }
-    metadata_server(timeout).await
+    tracing::info!("no credentials file: tokens from the metadata server");
+    metadata_server(adc.metadata_host.as_deref(), timeout).await
+}
+
+/// What yup-oauth2 cannot do with an `external_account` file, said at
+/// start: it would refuse to parse AWS and executable sources, and send a
+/// whole JSON file as the subject token.
+fn unsupported_source(text: &str) -> Option<&'static str> {
+    let file: serde_json::Value = serde_json::from_str(text).ok()?;
+    let source = &file["credential_source"];
+    if source.get("environment_id").is_some() {
+        Some(
+            "its credential_source reads AWS's metadata (environment_id aws1), which is not \
+             supported: on EKS, use the web identity token file (AWS_WEB_IDENTITY_TOKEN_FILE) \
+             as a file source",
+        )
+    } else if source.get("executable").is_some() {
+        Some("its credential_source runs an executable, which is not supported: use a file or URL source")
+    } else if source.get("file").is_some() && source["format"]["type"] == "json" {
+        Some(
+            "its file credential_source has format json, which is not supported: use a file \
+             holding only the token (format text)",
+        )
+    } else {
+        None
+    }
+}
+
+/// Where Application Default Credentials look after the credentials file,
+/// read from the environment once ([`AdcPlaces::from_env`]).
+#[derive(Debug, Clone, Default)]
+pub struct AdcPlaces {
+    /// gcloud's `application_default_credentials.json`.
+    pub gcloud_file: Option<PathBuf>,
+    /// GCE_METADATA_HOST: the metadata server's `host:port`, when not the
+    /// usual one.
+    pub metadata_host: Option<String>,
+}
+
+impl AdcPlaces {
+    /// gcloud's file in `$CLOUDSDK_CONFIG` or `~/.config/gcloud`, and
+    /// GCE_METADATA_HOST.
+    pub fn from_env() -> Self {
+        let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let gcloud_dir = non_empty("CLOUDSDK_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| non_empty("HOME").map(|home| PathBuf::from(home).join(".config/gcloud")));
+        Self {
+            gcloud_file: gcloud_dir.map(|dir| dir.join("application_default_credentials.json")),
+            metadata_host: non_empty("GCE_METADATA_HOST").and_then(|host| host.into_string().ok()),
+        }
+    }
 }
 
 /// A credentials file, by its `type`.
@@ -104,15 +164,10 @@ async fn from_file(
             YupToken(builder.build().await.with_context(cannot_load)?)
         }
         "external_account" => {
-            let secret = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{}: an external_account file with a file or URL credential_source is \
-                     supported; one that reads AWS's metadata (environment_id aws1) or runs \
-                     an executable is not: use a file source (e.g. a projected service \
-                     account token) or a service-account key",
-                    cannot_load()
-                )
-            })?;
+            if let Some(why) = unsupported_source(&text) {
+                bail!("{}: {why}", cannot_load());
+            }
+            let secret = serde_json::from_str(&text).with_context(cannot_load)?;
             let builder = ExternalAccountAuthenticator::builder(secret).with_timeout(timeout);
             YupToken(builder.build().await.with_context(cannot_load)?)
         }
@@ -126,25 +181,15 @@ async fn from_file(
     Ok(Arc::new(token))
 }
 
-/// `application_default_credentials.json` in gcloud's configuration
-/// directory.
-fn gcloud_file() -> Option<PathBuf> {
-    let dir = match std::env::var_os("CLOUDSDK_CONFIG") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME")?).join(".config/gcloud"),
-    };
-    Some(dir.join("application_default_credentials.json"))
-}
-
 /// The metadata server's token of the VM's (or the GKE workload's) service
 /// account.
-async fn metadata_server(timeout: Duration) -> anyhow::Result<Arc<dyn Authenticator>> {
-    let metadata_url = std::env::var("GCE_METADATA_HOST")
-        .ok()
-        .filter(|host| !host.trim().is_empty())
-        .map(|host| {
-            format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
-        });
+async fn metadata_server(
+    host: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn Authenticator>> {
+    let metadata_url = host.map(|host| {
+        format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/token")
+    });
     let opts = ApplicationDefaultCredentialsFlowOpts { metadata_url };
     match ApplicationDefaultCredentialsAuthenticator::builder(opts).await {
         ApplicationDefaultCredentialsTypes::InstanceMetadata(builder) => Ok(Arc::new(YupToken(
