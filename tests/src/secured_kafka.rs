@@ -7,9 +7,9 @@
 //! mock cluster has neither. So tansu keeps a plaintext port on loopback,
 //! advertises a second port in its metadata, and stunnel terminates TLS on
 //! that second port, verifying client certificates against the test's CA.
-//! Clients only ever see the TLS port: what they test is librdkafka's TLS
-//! and SASL against a broker that refuses a wrong password, a missing client
-//! certificate and an untrusted server.
+//! Clients only ever see the TLS port: librdkafka's TLS (server verified
+//! against the test's CA, client certificate required by stunnel) and SCRAM
+//! (tansu checks the password) are what a test exercises.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates};
+use sink_core::config::redact_url;
 
 /// The flags that say where Redis is and how to prove who we are; shared by
 /// `run`, `top` and `history`.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 #[command(next_help_heading = "Redis")]
 pub struct RedisAccess {
     /// Redis URL: redis://[user[:password]@]host:port[/db], or rediss:// for TLS.
@@ -33,6 +34,19 @@ pub struct RedisAccess {
     /// PEM private key of --redis-cert-file.
     #[arg(long, env = "REDIS_KEY_FILE", value_name = "PATH")]
     pub redis_key_file: Option<PathBuf>,
+}
+
+/// The URL's password masked: these settings may end up in a log.
+impl std::fmt::Debug for RedisAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisAccess")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_password_file", &self.redis_password_file)
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("redis_cert_file", &self.redis_cert_file)
+            .field("redis_key_file", &self.redis_key_file)
+            .finish()
+    }
 }
 
 impl RedisAccess {
@@ -109,8 +123,9 @@ impl RedisAccess {
 /// Makes ring the process's TLS crypto provider unless one is set. redis-rs
 /// builds its TLS config with rustls's process default, which rustls picks
 /// by itself only when exactly one provider is compiled in: a build of
-/// redis-sink alone (`cargo build -p redis-sink`) has none, and panicked at
-/// the first rediss:// connection.
+/// redis-sink alone once had none and panicked at the first rediss://
+/// connection, and a dependency enabling aws-lc-rs beside ring would do the
+/// same.
 fn use_ring_for_tls() {
     // An error means a provider is already installed: that one is used.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -222,8 +237,8 @@ mod tests {
     }
 
     /// Without a crypto provider chosen, a build of redis-sink alone
-    /// panicked here (`cargo test -p redis-sink` shows it; a workspace build
-    /// gets one through bigquery-sink's dependencies).
+    /// panicked here (`cargo test -p redis-sink` showed it; a workspace
+    /// build got one through bigquery-sink's dependencies).
     #[tokio::test]
     async fn a_rediss_connection_to_a_server_that_hangs_up_is_an_error() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -237,6 +252,15 @@ mod tests {
             .client()
             .unwrap();
         assert!(client.get_multiplexed_async_connection().await.is_err());
+    }
+
+    #[test]
+    fn debug_output_masks_the_urls_password() {
+        let shown = format!("{:?}", RedisAccess::url("rediss://app:Sekr1t@redis:6380"));
+        assert!(
+            !shown.contains("Sekr1t") && shown.contains("app:***@redis"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use redis::RedisError;
 use sink_core::config::redact_url;
 
 use crate::access::RedisAccess;
+use crate::error::tls_refusal;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sink_core::SinkError;
@@ -115,31 +116,6 @@ impl Primary {
     }
 }
 
-/// What is wrong when `err` is a TLS handshake that failed: no retry fixes
-/// that, the operator must (the message says with which flag), so the
-/// service stops instead of waiting for Redis forever.
-fn tls_refusal(err: &RedisError) -> Option<String> {
-    // redis-rs keeps the io::Error from the handshake behind an Arc; the
-    // io::Error holds rustls's own error.
-    let source = std::error::Error::source(err)?;
-    let inner = source.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()?;
-    let io = inner.downcast_ref::<std::io::Error>()?;
-    let tls = io.get_ref()?.downcast_ref::<rustls::Error>()?;
-    Some(match tls {
-        rustls::Error::InvalidCertificate(why) => format!(
-            "its TLS certificate is not trusted ({why:?}): give the CA that signs it with \
-             --redis-ca-file (REDIS_CA_FILE), or check that the URL's host is a name the \
-             certificate holds"
-        ),
-        rustls::Error::AlertReceived(alert) => format!(
-            "Redis ended the TLS handshake ({alert:?}): if it asks for client certificates \
-             (tls-auth-clients), give one its CA trusts with --redis-cert-file (REDIS_CERT_FILE) \
-             and --redis-key-file (REDIS_KEY_FILE)"
-        ),
-        other => format!("the TLS handshake failed: {other}"),
-    })
-}
-
 /// Opens a connection that reconnects by itself, waiting (with backoff) for
 /// Redis to come up, and checks the server can keep our guarantees. Bad
 /// URLs or files, Redis Cluster and too old servers fail at once.
@@ -152,19 +128,22 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         .set_number_of_retries(1);
     let mut delay = Duration::from_millis(200);
     let mut conn = loop {
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        let err = match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
             Ok(conn) => break conn,
-            Err(err) if tls_refusal(&err).is_some() => {
-                let why = tls_refusal(&err).unwrap_or_default();
-                bail!("cannot connect to Redis at {}: {why}", redact_url(url))
-            }
-            Err(err) if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
+            Err(err) => err,
+        };
+        // No retry fixes a refused certificate: stop, saying which flag to fix.
+        if let Some(why) = tls_refusal(&err) {
+            bail!("cannot connect to Redis at {}: {why}", redact_url(url));
+        }
+        match err {
+            err if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
                 sink_core::metrics::retry("connect", "redis_unreachable");
                 tracing::warn!(url = %redact_url(url), error = %err, retry_in = ?delay, "Redis is not reachable yet");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Err(err) => {
+            err => {
                 return Err(err)
                     .with_context(|| format!("cannot connect to Redis at {}", redact_url(url)))
             }

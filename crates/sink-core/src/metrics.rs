@@ -229,8 +229,8 @@ fn describe() {
     }
 }
 
-/// Counts a failed attempt of `what` (`write`, `dead_letter`, `connect`)
-/// that is retried.
+/// Counts a failed attempt of `what` (`write`, `dead_letter`, `connect`,
+/// `consume`) that is retried.
 pub fn retry(what: &'static str, kind: &'static str) {
     metrics::counter!(RETRIES, "operation" => what, "kind" => kind).increment(1);
 }

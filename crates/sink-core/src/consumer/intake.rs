@@ -45,6 +45,7 @@ impl<S: Sink> Loop<S> {
                 true
             }
             Err(err) => {
+                let kind = kafka_error_kind(&err);
                 if err.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
                     tracing::error!(
                         %err,
@@ -54,7 +55,7 @@ impl<S: Sink> Loop<S> {
                          old members first, or set --kafka-option \
                          partition.assignment.strategy=range (deploy/README.md)"
                     );
-                } else if matches!(kafka_error_kind(&err), "kafka_authentication" | "kafka_tls") {
+                } else if matches!(kind, "kafka_authentication" | "kafka_tls") {
                     tracing::error!(
                         %err,
                         "Kafka refused this client's TLS or credentials, and nothing is consumed \
@@ -63,10 +64,17 @@ impl<S: Sink> Loop<S> {
                          --kafka-options-file (KAFKA_OPTIONS_FILE) or KAFKA_OPTIONS \
                          (docs/security.md)"
                     );
+                } else if kind == "kafka_authorization" {
+                    tracing::error!(
+                        %err,
+                        "Kafka's ACLs refuse this client: its principal needs Read and Describe \
+                         on the topic, Read on the consumer group, and Write and Describe on the \
+                         dead-letter topic"
+                    );
                 } else {
                     tracing::warn!(%err, "Kafka consumer error");
                 }
-                crate::metrics::retry("consume", kafka_error_kind(&err));
+                crate::metrics::retry("consume", kind);
                 *lock(&self.shared.last_error) = Some(err.to_string());
                 false
             }
