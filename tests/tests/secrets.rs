@@ -245,17 +245,25 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
             )],
             "cannot load the credentials",
         ),
-        // librdkafka refuses options this build lacks (OIDC) or does not
-        // know (a typo): its own message quotes the value.
+        // librdkafka refuses a setting it does not know (a typo), whose own
+        // message quotes the value, and an incomplete OIDC setup beside a
+        // client secret.
         (
             "redis-sink",
             own.to_vec(),
             vec![
                 bootstrap.clone(),
                 ("REDIS_URL", stack.redis_url.clone()),
-                ("KAFKA_OPTIONS", secret_kafka_options()),
+                (
+                    "KAFKA_OPTIONS",
+                    format!(
+                        "{},security.protocol=SASL_SSL,sasl.mechanism=OAUTHBEARER,\
+                         sasl.oauthbearer.method=oidc,sasl.oauthbearer.client.id=sink",
+                        secret_kafka_options()
+                    ),
+                ),
             ],
-            "librdkafka refused",
+            "sasl.oauthbearer.token.endpoint.url",
         ),
         (
             "redis-sink",

@@ -100,7 +100,7 @@ pub fn dockerfile_builds_small_non_root_images_with_healthchecks() -> Result<()>
     if !runtime_base.contains("-slim") {
         problems.push(format!("runtime: base {runtime_base} is not a slim image"));
     }
-    for pkg in ["ca-certificates", "libssl3", "curl"] {
+    for pkg in ["ca-certificates", "libssl3", "curl", "krb5-user"] {
         if !has("runtime", "RUN", pkg) {
             problems.push(format!("runtime: does not install {pkg}"));
         }

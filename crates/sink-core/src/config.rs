@@ -653,6 +653,30 @@ fn config_error_without_secrets(err: &rdkafka::error::KafkaError) -> String {
 mod tests {
     use super::*;
 
+    /// What users of managed Kafka need is built in: TLS, SASL PLAIN and
+    /// SCRAM, Kerberos (GSSAPI), OAUTHBEARER with OIDC, zstd batches.
+    #[test]
+    fn librdkafka_is_built_with_what_managed_kafka_needs() {
+        let native = rdkafka::ClientConfig::new().create_native_config();
+        let features = native
+            .and_then(|config| config.get("builtin.features"))
+            .unwrap_or_default();
+        for needed in [
+            "ssl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_gssapi",
+            "sasl_oauthbearer",
+            "oidc",
+            "zstd",
+        ] {
+            assert!(
+                features.split(',').any(|f| f == needed),
+                "{needed} not in {features}"
+            );
+        }
+    }
+
     #[derive(Debug, clap::Parser)]
     struct Cli {
         #[command(flatten)]
