@@ -22,6 +22,35 @@ use crate::tls::TestPki;
 /// The SCRAM user the test's clients log in as.
 pub const USER: &str = "movielog-sink";
 
+/// The SCRAM mechanism of a [`SecuredKafka`]'s user. One per broker: tansu
+/// 0.6.0 refused SCRAM-SHA-256 logins ("unsupported mechanism", naming
+/// SCRAM-SHA-256 as supported) once SCRAM-SHA-512 clients had logged in.
+#[derive(Debug, Clone, Copy)]
+pub enum Scram {
+    /// SCRAM-SHA-256.
+    Sha256,
+    /// SCRAM-SHA-512.
+    Sha512,
+}
+
+impl Scram {
+    /// librdkafka's `sasl.mechanism`.
+    fn mechanism(self) -> &'static str {
+        match self {
+            Self::Sha256 => "SCRAM-SHA-256",
+            Self::Sha512 => "SCRAM-SHA-512",
+        }
+    }
+
+    /// `tansu user create --mechanism`.
+    fn tansu_name(self) -> &'static str {
+        match self {
+            Self::Sha256 => "scram256",
+            Self::Sha512 => "scram512",
+        }
+    }
+}
+
 /// A SASL_SSL broker of a test's own; dropping it stops its processes.
 pub struct SecuredKafka {
     /// `127.0.0.1:<TLS port>`.
@@ -35,9 +64,14 @@ pub struct SecuredKafka {
 }
 
 impl SecuredKafka {
-    /// Starts tansu (SQLite storage in `dir`) with SCRAM-SHA-512 user
-    /// [`USER`] / `password`, and stunnel in front of it with `pki`.
-    pub async fn start(dir: &Path, pki: &TestPki, password: &str) -> anyhow::Result<Self> {
+    /// Starts tansu (SQLite storage in `dir`) with user [`USER`] /
+    /// `password` on `scram`, and stunnel in front of it with `pki`.
+    pub async fn start(
+        dir: &Path,
+        pki: &TestPki,
+        scram: Scram,
+        password: &str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let plain = crate::free_port()?;
         let tls = crate::free_port()?;
@@ -49,7 +83,7 @@ impl SecuredKafka {
         let created = Command::new("tansu")
             .args(["user", "create", "--broker"])
             .arg(format!("tcp://127.0.0.1:{plain}"))
-            .args(["--mechanism", "scram512", USER, password])
+            .args(["--mechanism", scram.tansu_name(), USER, password])
             .output()
             .context("tansu user create")?;
         let _ = setup.kill();
@@ -66,7 +100,7 @@ impl SecuredKafka {
 
         let options: Vec<(String, String)> = [
             ("security.protocol", "SASL_SSL"),
-            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.mechanism", scram.mechanism()),
             ("sasl.username", USER),
             ("sasl.password", password),
             ("ssl.ca.location", &pki.ca.display().to_string()),
@@ -98,6 +132,22 @@ impl Drop for SecuredKafka {
             let _ = child.wait();
         }
     }
+}
+
+/// Writes to `out` the properties file `base` with `changes` made.
+pub fn properties_with(base: &Path, out: &Path, changes: &[(&str, &str)]) -> anyhow::Result<()> {
+    let options: Vec<(String, String)> = std::fs::read_to_string(base)?
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| {
+            let value = changes
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or(value, |(_, v)| *v);
+            (key.to_owned(), value.to_owned())
+        })
+        .collect();
+    write_properties(out, &options)
 }
 
 /// Writes `options` as a librdkafka properties file (`key=value` lines).

@@ -3,6 +3,7 @@
 //! generator's ground truth.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,7 +13,7 @@ use e2e::metrics::Scrape;
 use e2e::pipeline::{Instance, Pipeline};
 use e2e::process::{fail_over, PrivateRedis, Service};
 use e2e::redis::{group_offsets_key, offsets_key, stored_offsets, RedisSide, HISTORY_SIZE};
-use e2e::secured_kafka::SecuredKafka;
+use e2e::secured_kafka::{Scram, SecuredKafka};
 use e2e::service::{ServiceFlags, SHUTDOWN_TIMEOUT};
 use e2e::tcp_front::TcpFront;
 use e2e::{kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
@@ -428,7 +429,8 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
     let stack = Stack::get()?;
     let dir = stack.dir.join(unique("kafka-sasl-ssl"));
     let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
-    let kafka = SecuredKafka::start(&dir.join("kafka"), &pki, "scram-password").await?;
+    let kafka =
+        SecuredKafka::start(&dir.join("kafka"), &pki, Scram::Sha512, "scram-password").await?;
     let (mut p, redis, since) = pipeline(&stack, Broker::secured(kafka), &stack.redis_url).await?;
     p.produce_events(events(13, 2_000, 0.02)).await?;
     let instance = p.start()?;
@@ -439,27 +441,20 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
         "malformed events were dead-lettered"
     );
 
+    let options_file = p
+        .flags()
+        .args()
+        .windows(2)
+        .find(|w| w[0] == "--kafka-options-file")
+        .map(|w| PathBuf::from(&w[1]))
+        .context("the pipeline's --kafka-options-file")?;
+
     let wrong = dir.join("wrong.properties");
-    let options: Vec<(String, String)> = std::fs::read_to_string(
-        p.flags()
-            .args()
-            .windows(2)
-            .find(|w| w[0] == "--kafka-options-file")
-            .map(|w| w[1].clone())
-            .context("the pipeline's --kafka-options-file")?,
-    )?
-    .lines()
-    .filter_map(|l| l.split_once('='))
-    .map(|(k, v)| {
-        let v = if k == "sasl.password" {
-            "not-the-password"
-        } else {
-            v
-        };
-        (k.to_owned(), v.to_owned())
-    })
-    .collect();
-    e2e::secured_kafka::write_properties(&wrong, &options)?;
+    e2e::secured_kafka::properties_with(
+        &options_file,
+        &wrong,
+        &[("sasl.password", "not-the-password")],
+    )?;
     p.rename_group();
     let refused = p.start_with(&["--kafka-options-file", &wrong.display().to_string()])?;
     let log = wait_for_log(&refused, "Kafka refused this client's TLS or credentials").await?;
@@ -474,6 +469,21 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
         "ready without being able to log in"
     );
     Ok(())
+}
+
+/// SCRAM-SHA-256 over TLS, on a broker of its own (see [`Scram`]).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scram_sha_256_login_is_consumed_exactly() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let dir = stack.dir.join(unique("kafka-sha256"));
+    let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
+    let kafka =
+        SecuredKafka::start(&dir.join("kafka"), &pki, Scram::Sha256, "scram-password").await?;
+    let (mut p, redis, since) = pipeline(&stack, Broker::secured(kafka), &stack.redis_url).await?;
+    p.produce_events(events(14, 1_000, 0.0)).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
 }
 
 /// Waits until `instance`'s log holds `text`; returns the log.
