@@ -413,18 +413,32 @@ async fn debug_logs_show_no_token() -> anyhow::Result<()> {
     let mut generator = Generator::new(12, Mix::All, chrono::Utc::now().timestamp_millis());
     p.produce_events((0..50).map(|_| generator.next_event()).collect())
         .await?;
-    let instance = p.start_logging(
-        &["--credentials", &credentials.display().to_string()],
+    // Each a new process (yup's token cache is per process) in a new group
+    // (so it consumes, and fetches a token); more specific directives win
+    // over less specific ones in RUST_LOG, so each shape is tried.
+    for filter in [
         "debug,yup_oauth2=trace",
-    )?;
-    p.wait_committed_by(&p.group.clone(), &instance).await?;
-    assert!(
-        !google.seen_at("POST /sts").is_empty(),
-        "the token came from the federation"
-    );
-    let log = stop_and_read_log(instance).await?;
-    for token in [SECRET, STS_TOKEN, IMPERSONATED_TOKEN] {
-        assert!(!log.contains(token), "the debug log holds {token}");
+        "yup_oauth2::authenticator=debug,yup_oauth2::external_account=trace",
+        "yup_oauth2[message]=trace",
+    ] {
+        p.rename_group();
+        let exchanges = google.seen_at("POST /sts").len();
+        let instance = p.start_logging(
+            &["--credentials", &credentials.display().to_string()],
+            filter,
+        )?;
+        p.wait_committed_by(&p.group.clone(), &instance).await?;
+        assert!(
+            google.seen_at("POST /sts").len() > exchanges,
+            "{filter}: the token came from the federation"
+        );
+        let log = stop_and_read_log(instance).await?;
+        for token in [SECRET, STS_TOKEN, IMPERSONATED_TOKEN] {
+            assert!(
+                !log.contains(token),
+                "RUST_LOG={filter}: the log holds {token}"
+            );
+        }
     }
     std::fs::remove_dir_all(&dir)?;
     Ok(())

@@ -23,23 +23,33 @@ pub enum LogFormat {
 /// The format [`init`] installed.
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
-/// Log targets held at `warn` whatever `RUST_LOG` says: at debug they print
-/// secrets (yup-oauth2 logs every token request and response: service
-/// account assertions, federated subject tokens, access tokens).
+/// Log targets (and their modules) let through at `warn` and above only,
+/// whatever `RUST_LOG` says: at debug they print secrets (yup-oauth2 logs
+/// every token request and response: service account assertions, federated
+/// subject tokens, access tokens). A filter of its own, not a directive: a
+/// more specific `RUST_LOG` directive (`yup_oauth2::authenticator=debug`)
+/// would win over one.
 const SECRET_LOGGING_TARGETS: &[&str] = &["yup_oauth2"];
+
+/// Whether an event or span of `meta` may be logged at all.
+fn may_log(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() <= Level::WARN
+        || !SECRET_LOGGING_TARGETS.iter().any(|target| {
+            meta.target()
+                .strip_prefix(target)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+}
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default
 /// level (`info`), except for [`SECRET_LOGGING_TARGETS`].
 pub fn init(format: LogFormat) {
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    for target in SECRET_LOGGING_TARGETS {
-        // Added last, so it replaces a directive for the same target.
-        if let Ok(directive) = format!("{target}=warn").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // When whatever reads stderr goes away (`| head`, a dead log
         // shipper), a line that cannot be written is dropped. By default the
@@ -47,11 +57,18 @@ pub fn init(format: LogFormat) {
         // broken pipe: the service then panicked on its next log line, and
         // on SIGTERM hung while leaving the consumer group.
         .log_internal_errors(false);
-    // A second init (tests) keeps the first subscriber; that is fine.
-    let _ = match format {
-        LogFormat::Json => builder.event_format(JsonLine).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+    let layer = match format {
+        LogFormat::Json => layer.event_format(JsonLine).boxed(),
+        LogFormat::Pretty => layer.compact().boxed(),
     };
+    // A second init (tests) keeps the first subscriber; that is fine.
+    let _ = tracing_subscriber::registry()
+        .with(
+            layer
+                .with_filter(filter)
+                .with_filter(tracing_subscriber::filter::filter_fn(may_log)),
+        )
+        .try_init();
     let _ = FORMAT.set(format);
 }
 
