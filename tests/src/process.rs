@@ -233,6 +233,8 @@ struct Secured {
     pki: TestPki,
     /// A file holding [`SECURED_USER`]'s password, as a mounted Secret does.
     password_file: PathBuf,
+    /// `tls-protocols`.
+    protocols: &'static str,
 }
 
 /// The ACL user a secured [`PrivateRedis`] knows (its `default` user is off,
@@ -255,11 +257,22 @@ impl PrivateRedis {
     /// signed by `pki`'s CA (mutual TLS), and knows one ACL user,
     /// [`SECURED_USER`] with `password` (as a managed Redis with in-transit
     /// encryption and ACLs does).
-    pub async fn start_secured(dir: PathBuf, pki: TestPki, password: &str) -> anyhow::Result<Self> {
+    /// `protocols` is its `tls-protocols` ("TLSv1.2 TLSv1.3", "TLSv1.2").
+    pub async fn start_secured(
+        dir: PathBuf,
+        pki: TestPki,
+        password: &str,
+        protocols: &'static str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let password_file = dir.join("password");
         std::fs::write(&password_file, format!("{password}\n"))?;
-        let mut redis = Self::unstarted(dir, false, Some(Secured { pki, password_file }))?;
+        let secured = Secured {
+            pki,
+            password_file,
+            protocols,
+        };
+        let mut redis = Self::unstarted(dir, false, Some(secured))?;
         redis.spawn().await?;
         Ok(redis)
     }
@@ -301,7 +314,10 @@ impl PrivateRedis {
     /// one, the password file, the CA and the client certificate.
     pub fn access(&self) -> RedisAccess {
         let mut access = RedisAccess::url(self.url());
-        if let Some(Secured { pki, password_file }) = &self.secured {
+        if let Some(Secured {
+            pki, password_file, ..
+        }) = &self.secured
+        {
             access.redis_password_file = Some(password_file.clone());
             access.redis_ca_file = Some(pki.ca.clone());
             access.redis_cert_file = Some(pki.client_cert.clone());
@@ -351,7 +367,11 @@ impl PrivateRedis {
         let port = self.port.to_string();
         match &self.secured {
             None => command.args(["--port", &port]),
-            Some(Secured { pki, password_file }) => command
+            Some(Secured {
+                pki,
+                password_file,
+                protocols,
+            }) => command
                 .args([
                     "--port",
                     "0",
@@ -359,6 +379,8 @@ impl PrivateRedis {
                     &port,
                     "--tls-auth-clients",
                     "yes",
+                    "--tls-protocols",
+                    protocols,
                 ])
                 .arg("--tls-cert-file")
                 .arg(&pki.server_cert)

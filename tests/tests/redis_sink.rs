@@ -347,7 +347,13 @@ async fn a_private_ca_mutual_tls_and_a_password_file_reach_redis() -> anyhow::Re
     let stack = Stack::get()?;
     let dir = stack.dir.join(unique("redis-tls"));
     let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
-    let server = PrivateRedis::start_secured(dir.join("redis"), pki, "from-a-mounted-file").await?;
+    let server = PrivateRedis::start_secured(
+        dir.join("redis"),
+        pki,
+        "from-a-mounted-file",
+        "TLSv1.2 TLSv1.3",
+    )
+    .await?;
     let since = chrono::Utc::now().timestamp_millis();
     let redis = RedisSide::with_access(server.access()).await?;
     let mut p = Pipeline::new(&stack, Broker::tansu(&stack), Box::new(redis.clone())).await?;
@@ -468,6 +474,40 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
         !refused.ready().await?,
         "ready without being able to log in"
     );
+    Ok(())
+}
+
+/// Managed Redis offerings that stop at TLS 1.2: the read side reaches one
+/// (a build of redis-sink alone spoke TLS 1.3 only), and without the client
+/// certificate the refusal, which TLS 1.2 words as a plain handshake
+/// failure, still stops the command with the flag to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_speaks_only_tls_1_2_is_reached() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let dir = stack.dir.join(unique("redis-tls12"));
+    let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
+    let server = PrivateRedis::start_secured(dir.join("redis"), pki, "pw", "TLSv1.2").await?;
+    let top = |access: &RedisAccess| -> anyhow::Result<std::process::Output> {
+        let mut top = std::process::Command::new(e2e::process::binary("redis-sink")?);
+        top.env_remove("KAFKA_BOOTSTRAP_SERVERS")
+            .args(["top", "--kind", "search", "--json"]);
+        for (flag, value) in e2e::redis::access_flags(access) {
+            top.args([flag, value.as_str()]);
+        }
+        Ok(top.output()?)
+    };
+    let output = top(&server.access())?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let without_cert = RedisAccess {
+        redis_cert_file: None,
+        redis_key_file: None,
+        ..server.access()
+    };
+    let output = top(&without_cert)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("--redis-cert-file"), "{stderr}");
     Ok(())
 }
 

@@ -57,6 +57,22 @@ pub fn tls_refusal(err: &RedisError) -> Option<String> {
             "Redis asks for a client certificate ({alert:?}): give one its CA trusts with \
              --redis-cert-file (REDIS_CERT_FILE) and --redis-key-file (REDIS_KEY_FILE)"
         )),
+        // What a TLS 1.2 server (OpenSSL) answers a missing client
+        // certificate with, and what it answers no common version or cipher.
+        rustls::Error::AlertReceived(alert @ Alert::HandshakeFailure) => Some(format!(
+            "Redis refused the TLS handshake ({alert:?}): if it asks for client certificates \
+             (tls-auth-clients), give one its CA trusts with --redis-cert-file (REDIS_CERT_FILE) \
+             and --redis-key-file (REDIS_KEY_FILE); else its tls-protocols / tls-ciphers allow \
+             nothing this client speaks (TLS 1.2 or 1.3)"
+        )),
+        rustls::Error::AlertReceived(alert @ Alert::ProtocolVersion) => Some(format!(
+            "Redis speaks no TLS version this client does ({alert:?}): allow TLS 1.2 or 1.3 \
+             in its tls-protocols"
+        )),
+        rustls::Error::PeerIncompatible(why) => Some(format!(
+            "Redis speaks no TLS version or cipher this client does ({why:?}): allow TLS 1.2 \
+             or 1.3 in its tls-protocols"
+        )),
         rustls::Error::AlertReceived(
             alert @ (Alert::BadCertificate
             | Alert::UnknownCA
@@ -95,6 +111,11 @@ mod tests {
             rustls::AlertDescription::CertificateRequired,
         ));
         assert!(tls_refusal(&required).is_some_and(|why| why.contains("--redis-cert-file")));
+        // TLS 1.2: a missing client certificate is a plain handshake failure.
+        let tls12 = handshake_error(rustls::Error::AlertReceived(
+            rustls::AlertDescription::HandshakeFailure,
+        ));
+        assert!(tls_refusal(&tls12).is_some_and(|why| why.contains("--redis-cert-file")));
         let sorted = classify(required);
         assert_eq!(sorted.kind(), "redis_tls");
         assert!(matches!(sorted, SinkError::Unavailable { .. }));
