@@ -3,16 +3,20 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 STACK := scripts/stack.sh
+# System packages the build needs (libcurl's headers, for OIDC): installed if missing.
+BUILD_DEPS := scripts/build-deps.sh
 # Where cargo puts binaries: CARGO_TARGET_DIR or build.target-dir may move it.
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 
 .PHONY: build test unit lint fmt stack-up stack-down clean bench faults demo
 
 build:
+	@$(BUILD_DEPS)
 	cargo build --workspace --release
 
 ## test: start the local stack, run every test, stop the stack even on failure.
 test:
+	@$(BUILD_DEPS)
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
 	  cargo build --workspace --bins || { $(STACK) down; exit 1; }; \
@@ -22,12 +26,14 @@ test:
 
 ## unit: tests that need no stack.
 unit:
+	@$(BUILD_DEPS)
 	cargo test --workspace --lib --bins
 
 ## lint: formatting, clippy, and the supply chain (deny.toml: licenses, bans,
 ## sources). cargo-deny is installed once into ~/.cargo/bin (about 2.5 min).
 CARGO_DENY_VERSION := 0.20.2
 lint:
+	@$(BUILD_DEPS)
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	@cargo deny --version 2>/dev/null | grep -qF '$(CARGO_DENY_VERSION)' \
@@ -48,6 +54,7 @@ clean: stack-down
 
 ## bench: release builds against the local stack; prints the figures.
 bench:
+	@$(BUILD_DEPS)
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
@@ -60,6 +67,7 @@ bench:
 ## one table and fails on any loss or double count. FAULTS="--only sigkill"
 ## runs a subset.
 faults:
+	@$(BUILD_DEPS)
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \

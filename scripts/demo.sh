@@ -22,6 +22,7 @@ say() { echo "demo: $*" >&2; }
 
 if [ "$PROFILE" = release ]; then
     say "building release binaries"
+    scripts/build-deps.sh
     cargo build --release --workspace --bins --quiet
 fi
 for bin in redis-sink bigquery-sink gen-events kafka-lag; do

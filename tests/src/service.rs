@@ -68,11 +68,11 @@ impl ServiceFlags {
         access: &RedisAccess,
         key_prefix: &str,
     ) -> Self {
-        let mut flags =
-            Self::consumer("redis-sink", bootstrap, topic, group).set("--key-prefix", key_prefix);
+        let mut flags = Self::consumer("redis-sink", bootstrap, topic, group);
         for (flag, value) in crate::redis::access_flags(access) {
             flags = flags.set(flag, value);
         }
+        flags = flags.set("--key-prefix", key_prefix);
         flags.test_linger_ms = Some(50);
         flags
     }
