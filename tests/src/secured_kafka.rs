@@ -136,7 +136,16 @@ impl Drop for SecuredKafka {
 
 /// Writes to `out` the properties file `base` with `changes` made.
 pub fn properties_with(base: &Path, out: &Path, changes: &[(&str, &str)]) -> anyhow::Result<()> {
-    let options: Vec<(String, String)> = std::fs::read_to_string(base)?
+    let text = std::fs::read_to_string(base)?;
+    for (key, _) in changes {
+        anyhow::ensure!(
+            text.lines()
+                .any(|line| line.starts_with(&format!("{key}="))),
+            "{} sets no {key} to change",
+            base.display()
+        );
+    }
+    let options: Vec<(String, String)> = text
         .lines()
         .filter_map(|line| line.split_once('='))
         .map(|(key, value)| {

@@ -36,8 +36,8 @@ pub struct BigQueryArgs {
 
     /// Base URL of a BigQuery-compatible REST API, such as the emulator
     /// (`http://127.0.0.1:9050`; `/bigquery/v2` is appended) or a private
-    /// endpoint. Without --credentials a static token is sent there; idle
-    /// connections are not reused. Without it: Google's endpoint.
+    /// endpoint. An http:// one without --credentials gets a static token;
+    /// idle connections are not reused. Without it: Google's endpoint.
     #[arg(long, env = "BIGQUERY_ENDPOINT", value_name = "URL")]
     pub bigquery_endpoint: Option<String>,
 
