@@ -106,74 +106,54 @@ async fn without_a_file_the_metadata_server_gives_the_token() -> anyhow::Result<
     Ok(())
 }
 
+/// What `authenticator` makes of the credentials file holding `file`: Ok,
+/// or the error's text.
+async fn load(file: serde_json::Value) -> anyhow::Result<Result<(), String>> {
+    let path = dir()?.join("credentials.json");
+    std::fs::write(&path, file.to_string())?;
+    Ok(
+        authenticator(Some(&path), None, &AdcPlaces::default(), TIMEOUT)
+            .await
+            .map(drop)
+            .map_err(|e| format!("{e:#}")),
+    )
+}
+
 #[tokio::test]
 async fn an_authorized_user_file_loads_and_unknown_kinds_are_named() -> anyhow::Result<()> {
-    let dir = dir()?;
-    let user = dir.join("adc.json");
-    std::fs::write(
-        &user,
-        json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"})
-            .to_string(),
-    )?;
-    assert!(
-        authenticator(Some(&user), None, &AdcPlaces::default(), TIMEOUT)
-            .await
-            .is_ok()
-    );
+    let user = json!({"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"});
+    assert_eq!(load(user).await?, Ok(()));
 
-    let impersonated = dir.join("impersonated.json");
-    std::fs::write(
-        &impersonated,
-        json!({"type": "impersonated_service_account"}).to_string(),
-    )?;
-    let err = authenticator(Some(&impersonated), None, &AdcPlaces::default(), TIMEOUT)
-        .await
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
-    assert!(err.contains("impersonated_service_account"), "{err}");
-
-    let json_file_source = dir.join("json-source.json");
-    std::fs::write(
-        &json_file_source,
+    let federation = |source: serde_json::Value| {
         json!({
             "type": "external_account",
             "audience": "a",
             "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
             "token_url": "https://sts.googleapis.com/v1/token",
-            "credential_source": {"file": "/var/run/token.json", "format": {"type": "json", "subject_token_field_name": "t"}},
+            "credential_source": source,
         })
-        .to_string(),
-    )?;
-    let err = authenticator(
-        Some(&json_file_source),
-        None,
-        &AdcPlaces::default(),
-        TIMEOUT,
-    )
-    .await
-    .err()
-    .map(|e| format!("{e:#}"))
-    .unwrap_or_default();
-    assert!(err.contains("format json"), "{err}");
-
-    let aws = dir.join("aws.json");
-    std::fs::write(
-        &aws,
-        json!({
-            "type": "external_account",
-            "audience": "a",
-            "subject_token_type": "urn:ietf:params:aws:token-type:aws4_request",
-            "token_url": "https://sts.googleapis.com/v1/token",
-            "credential_source": {"environment_id": "aws1", "region_url": "http://169.254.169.254/x"},
-        })
-        .to_string(),
-    )?;
-    let err = authenticator(Some(&aws), None, &AdcPlaces::default(), TIMEOUT)
-        .await
-        .err()
-        .map(|e| format!("{e:#}"))
-        .unwrap_or_default();
-    assert!(err.contains("aws1"), "{err}");
+    };
+    for (file, says) in [
+        (
+            json!({"type": "impersonated_service_account"}),
+            "impersonated_service_account",
+        ),
+        (
+            federation(
+                json!({"file": "/var/run/token.json", "format": {"type": "json", "subject_token_field_name": "t"}}),
+            ),
+            "format json",
+        ),
+        (
+            federation(json!({"environment_id": "aws1", "region_url": "http://169.254.169.254/x"})),
+            "aws1",
+        ),
+    ] {
+        let refused = load(file).await?;
+        assert!(
+            refused.as_ref().is_err_and(|err| err.contains(says)),
+            "{refused:?}"
+        );
+    }
     Ok(())
 }

@@ -363,19 +363,18 @@ async fn a_private_ca_mutual_tls_and_a_password_file_reach_redis() -> anyhow::Re
     assert_model(&p, &redis, since).await?;
 
     // The read side takes the same flags.
-    let mut top = std::process::Command::new(e2e::process::binary("redis-sink")?);
-    top.env_remove("KAFKA_BOOTSTRAP_SERVERS").args([
-        "top",
-        "--kind",
-        "search",
-        "--json",
-        "--key-prefix",
-        &redis.prefix,
-    ]);
-    for (flag, value) in e2e::redis::access_flags(&redis.access) {
-        top.args([flag, value.as_str()]);
-    }
-    let output = top.output()?;
+    let output = read_back(
+        &[
+            "top",
+            "--kind",
+            "search",
+            "--json",
+            "--key-prefix",
+            &redis.prefix,
+        ],
+        &redis.access,
+    )?
+    .output()?;
     anyhow::ensure!(
         output.status.success(),
         "{}",
@@ -423,6 +422,29 @@ async fn a_private_ca_mutual_tls_and_a_password_file_reach_redis() -> anyhow::Re
     Ok(())
 }
 
+/// A pipeline, as [`pipeline`] makes it, on a [`SecuredKafka`] of its own
+/// whose user logs in with `scram`; and the directory of its files.
+async fn on_secured_kafka(
+    scram: Scram,
+) -> anyhow::Result<(Pipeline, RedisSide, i64, std::path::PathBuf)> {
+    let stack = Stack::get()?;
+    let dir = stack.dir.join(unique("kafka-secured"));
+    let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
+    let kafka = SecuredKafka::start(&dir.join("kafka"), &pki, scram, "scram-password").await?;
+    let (p, redis, since) = pipeline(&stack, Broker::secured(kafka), &stack.redis_url).await?;
+    Ok((p, redis, since, dir))
+}
+
+/// A read-back command (`top`, `history`) reaching Redis with `access`.
+fn read_back(args: &[&str], access: &RedisAccess) -> anyhow::Result<std::process::Command> {
+    let mut command = std::process::Command::new(e2e::process::binary("redis-sink")?);
+    command.env_remove("KAFKA_BOOTSTRAP_SERVERS").args(args);
+    for (flag, value) in e2e::redis::access_flags(access) {
+        command.args([flag, value.as_str()]);
+    }
+    Ok(command)
+}
+
 /// Managed Kafka (Confluent Cloud, MSK, a self-hosted SASL cluster): the
 /// broker is reached only over TLS, from a private CA, with a client
 /// certificate and SCRAM-SHA-512 credentials, all in a
@@ -432,12 +454,7 @@ async fn a_private_ca_mutual_tls_and_a_password_file_reach_redis() -> anyhow::Re
 /// start consuming and is not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let dir = stack.dir.join(unique("kafka-sasl-ssl"));
-    let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
-    let kafka =
-        SecuredKafka::start(&dir.join("kafka"), &pki, Scram::Sha512, "scram-password").await?;
-    let (mut p, redis, since) = pipeline(&stack, Broker::secured(kafka), &stack.redis_url).await?;
+    let (mut p, redis, since, dir) = on_secured_kafka(Scram::Sha512).await?;
     p.produce_events(events(13, 2_000, 0.02)).await?;
     let instance = p.start()?;
     caught_up(&p, &instance).await?;
@@ -488,13 +505,7 @@ async fn a_redis_that_speaks_only_tls_1_2_is_reached() -> anyhow::Result<()> {
     let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
     let server = PrivateRedis::start_secured(dir.join("redis"), pki, "pw", "TLSv1.2").await?;
     let top = |access: &RedisAccess| -> anyhow::Result<std::process::Output> {
-        let mut top = std::process::Command::new(e2e::process::binary("redis-sink")?);
-        top.env_remove("KAFKA_BOOTSTRAP_SERVERS")
-            .args(["top", "--kind", "search", "--json"]);
-        for (flag, value) in e2e::redis::access_flags(access) {
-            top.args([flag, value.as_str()]);
-        }
-        Ok(top.output()?)
+        Ok(read_back(&["top", "--kind", "search", "--json"], access)?.output()?)
     };
     let output = top(&server.access())?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -514,12 +525,7 @@ async fn a_redis_that_speaks_only_tls_1_2_is_reached() -> anyhow::Result<()> {
 /// SCRAM-SHA-256 over TLS, on a broker of its own (see [`Scram`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scram_sha_256_login_is_consumed_exactly() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let dir = stack.dir.join(unique("kafka-sha256"));
-    let pki = e2e::tls::TestPki::generate(&dir.join("pki"))?;
-    let kafka =
-        SecuredKafka::start(&dir.join("kafka"), &pki, Scram::Sha256, "scram-password").await?;
-    let (mut p, redis, since) = pipeline(&stack, Broker::secured(kafka), &stack.redis_url).await?;
+    let (mut p, redis, since, _) = on_secured_kafka(Scram::Sha256).await?;
     p.produce_events(events(14, 1_000, 0.0)).await?;
     let instance = p.start()?;
     caught_up(&p, &instance).await?;
