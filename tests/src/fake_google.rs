@@ -2,9 +2,10 @@
 //! service-account key names (`token_uri`), the Security Token Service and
 //! the IAM Credentials impersonation endpoint an `external_account` file
 //! names (Workload Identity Federation), and the metadata server
-//! (GCE_METADATA_HOST). Each answers with a token of its own and records
-//! what it was sent, so a test can tell which path gave the token that
-//! reached BigQuery.
+//! (GCE_METADATA_HOST); and an OIDC identity provider's token endpoint, as
+//! librdkafka's OAUTHBEARER/OIDC asks it (`/oidc`). Each answers with a token
+//! of its own and records what it was sent, so a test can tell which path
+//! gave the token.
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -23,6 +24,9 @@ pub const STS_TOKEN: &str = "token-from-sts";
 pub const IMPERSONATED_TOKEN: &str = "token-from-impersonation";
 /// The metadata server's token.
 pub const METADATA_TOKEN: &str = "token-from-the-metadata-server";
+/// The identity provider's token: a JWT (unsigned), whose `exp` and `sub`
+/// librdkafka reads.
+pub const OIDC_TOKEN: &str = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJtb3ZpZWxvZy1zaW5rIiwiaWF0IjoxNzAwMDAwMDAwLCJleHAiOjQxMDI0NDQ4MDB9.c2ln";
 
 /// One request received: method and path, the headers, the body.
 #[derive(Debug, Clone)]
@@ -132,7 +136,12 @@ fn answer(mut stream: TcpStream, seen: &Mutex<Vec<Seen>>) -> anyhow::Result<()> 
             headers: request.head.iter().skip(1).cloned().collect(),
             body: String::from_utf8_lossy(&request.body).into_owned(),
         });
-    let (status, body) = if path.starts_with("/token") {
+    let (status, body) = if path.starts_with("/oidc") {
+        (
+            200,
+            json!({"access_token": OIDC_TOKEN, "token_type": "Bearer", "expires_in": 3600}),
+        )
+    } else if path.starts_with("/token") {
         (
             200,
             json!({"access_token": SERVICE_ACCOUNT_TOKEN, "token_type": "Bearer", "expires_in": 3600}),

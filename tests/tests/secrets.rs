@@ -443,3 +443,62 @@ async fn debug_logs_show_no_token() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+/// OAUTHBEARER with OIDC is not only built in but works: librdkafka fetches
+/// its token from the identity provider's endpoint over HTTP (the system's
+/// libcurl) with the client's id and secret, and neither the secret nor the
+/// token reaches the log. (The stack's tansu speaks no OAUTHBEARER, so the
+/// login itself goes no further.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oidc_token_is_fetched_and_not_logged() -> anyhow::Result<()> {
+    use e2e::fake_google::{FakeGoogle, OIDC_TOKEN};
+
+    let stack = Stack::get()?;
+    let google = FakeGoogle::start()?;
+    let properties = stack.dir.join(format!("{}.properties", unique("oidc")));
+    std::fs::write(
+        &properties,
+        format!(
+            "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=OAUTHBEARER\n\
+             sasl.oauthbearer.method=oidc\nsasl.oauthbearer.client.id=movielog-sink\n\
+             sasl.oauthbearer.client.secret={SECRET}\n\
+             sasl.oauthbearer.token.endpoint.url={}/oidc\n",
+            google.url()
+        ),
+    )?;
+    let mut p = Pipeline::new(
+        &stack,
+        Broker::tansu(&stack),
+        Box::new(RedisSide::on_stack(&stack).await?),
+    )
+    .await?;
+    let instance = p.start_logging(
+        &["--kafka-options-file", &properties.display().to_string()],
+        "debug",
+    )?;
+    let fetched = e2e::wait_for_async(
+        std::time::Duration::from_secs(30),
+        "a token request at the identity provider",
+        || std::future::ready(Ok(!google.seen_at("POST /oidc").is_empty())),
+    )
+    .await;
+    let log = stop_and_read_log(instance).await?;
+    fetched.map_err(|err| anyhow::anyhow!("{err:#}; log:\n{log}"))?;
+    let request = &google.seen_at("POST /oidc")[0];
+    assert!(
+        request.body.contains("grant_type=client_credentials"),
+        "{request:?}"
+    );
+    assert!(
+        request
+            .headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase().starts_with("authorization: basic ")),
+        "the client's id and secret as HTTP basic auth: {request:?}"
+    );
+    for secret in [SECRET, OIDC_TOKEN] {
+        assert!(!log.contains(secret), "the log holds {secret}");
+    }
+    std::fs::remove_file(&properties)?;
+    Ok(())
+}
