@@ -184,6 +184,21 @@ impl Service {
         self.with_log(exited)
     }
 
+    /// Waits up to `timeout` until its log satisfies `holds` (`what` names
+    /// that in the error, which ends with the log's last lines); returns
+    /// the log.
+    pub async fn wait_for_log(
+        &self,
+        timeout: Duration,
+        what: &str,
+        holds: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let read = || std::fs::read_to_string(&self.log).unwrap_or_default();
+        let found = crate::wait_for(timeout, what, || holds(&read())).await;
+        self.with_log(found)?;
+        Ok(read())
+    }
+
     /// `result`, an error of which is followed by where the log is and its
     /// last lines.
     pub fn with_log<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {

@@ -480,7 +480,13 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
     )?;
     p.rename_group();
     let refused = p.start_with(&["--kafka-options-file", &wrong.display().to_string()])?;
-    let log = wait_for_log(&refused, "Kafka refused this client's TLS or credentials").await?;
+    let refusal = "Kafka refused this client's TLS or credentials";
+    let log = refused
+        .service
+        .wait_for_log(Duration::from_secs(60), refusal, |log| {
+            log.contains(refusal)
+        })
+        .await?;
     assert!(!log.contains("not-the-password"), "{log}");
     let refusals = refused.metrics().await?.sum_of(
         "sink_retries_total",
@@ -530,18 +536,6 @@ async fn a_scram_sha_256_login_is_consumed_exactly() -> anyhow::Result<()> {
     let instance = p.start()?;
     caught_up(&p, &instance).await?;
     assert_model(&p, &redis, since).await
-}
-
-/// Waits until `instance`'s log holds `text`; returns the log.
-async fn wait_for_log(instance: &Instance, text: &str) -> anyhow::Result<String> {
-    let mut log = String::new();
-    let found = wait_for_async(Duration::from_secs(60), text, || {
-        log = std::fs::read_to_string(&instance.service.log).unwrap_or_default();
-        std::future::ready(Ok(log.contains(text)))
-    })
-    .await;
-    instance.service.with_log(found)?;
-    Ok(log)
 }
 
 /// A managed Redis fails over: the replica is promoted, the old primary
@@ -793,14 +787,14 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         let instance = p.start_with(&["--batch-max-events", "300"])?;
         // Three failed attempts: at least one retry after a backoff, long
         // enough for the second batch to have been counted if it could be.
-        let failed = wait_for(Duration::from_secs(60), "three WRONGTYPE errors", || {
-            std::fs::read_to_string(&instance.service.log)
-                .is_ok_and(|log| log.matches("WRONGTYPE").count() >= 3)
-        })
-        .await;
         instance
             .service
-            .with_log(failed.with_context(|| format!("a bad {bad} key")))?;
+            .wait_for_log(
+                Duration::from_secs(60),
+                &format!("three WRONGTYPE errors for a bad {bad} key"),
+                |log| log.matches("WRONGTYPE").count() >= 3,
+            )
+            .await?;
         assert_eq!(
             p.applied().await?[0],
             0,
@@ -942,15 +936,14 @@ async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::R
     .await?;
     let applied = p.applied().await?;
     p.produce_events(events(15, 2_000, 0.0)).await?;
-    wait_for(
-        Duration::from_secs(60),
-        "writes refused for the policy",
-        || {
-            std::fs::read_to_string(&instance.service.log)
-                .is_ok_and(|log| log.matches("maxmemory-policy is allkeys-lru").count() >= 2)
-        },
-    )
-    .await?;
+    instance
+        .service
+        .wait_for_log(
+            Duration::from_secs(60),
+            "writes refused for the policy",
+            |log| log.matches("maxmemory-policy is allkeys-lru").count() >= 2,
+        )
+        .await?;
     assert_eq!(p.applied().await?, applied, "applied under allkeys-lru");
 
     set_policy("noeviction").await?;

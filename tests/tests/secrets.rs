@@ -69,11 +69,16 @@ fn secret_kafka_options() -> String {
     )
 }
 
-/// `redis://<user>:SECRET@<the stack's Redis>`.
-fn redis_url_with_secret(stack: &Stack, user: &str) -> String {
+/// `redis://<userinfo>@<the stack's Redis>`.
+fn redis_url_as(stack: &Stack, userinfo: &str) -> String {
     stack
         .redis_url
-        .replacen("redis://", &format!("redis://{user}:{SECRET}@"), 1)
+        .replacen("redis://", &format!("redis://{userinfo}@"), 1)
+}
+
+/// `redis://<user>:SECRET@<the stack's Redis>`.
+fn redis_url_with_secret(stack: &Stack, user: &str) -> String {
+    redis_url_as(stack, &format!("{user}:{SECRET}"))
 }
 
 #[test]
@@ -139,27 +144,22 @@ fn errors_for_bad_values_show_no_secret() -> anyhow::Result<()> {
     // that is no PEM key.
     let password_file = stack.dir.join(format!("{}.txt", unique("secret-password")));
     std::fs::write(&password_file, format!("{SECRET}\n"))?;
-    let user_without_password =
-        stack
-            .redis_url
-            .replacen("redis://", &format!("redis://{}@", unique("nobody")), 1);
+    let user_without_password = redis_url_as(&stack, &unique("nobody"));
     let not_a_key = password_file.display().to_string();
     let bigquery = [
-        "--project",
-        "p",
-        "--dataset",
-        "d",
-        "--table",
-        "t",
-        "--bootstrap-servers",
-        &stack.kafka,
-        "--topic",
-        &topic,
-        "--group-id",
-        &topic,
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ];
+        &[
+            "--project",
+            "p",
+            "--dataset",
+            "d",
+            "--table",
+            "t",
+            "--bootstrap-servers",
+            &stack.kafka,
+        ][..],
+        &own,
+    ]
+    .concat();
     // (binary, args, env, what the error must name)
     let cases: Vec<(&str, Vec<&str>, Env, &str)> = vec![
         (

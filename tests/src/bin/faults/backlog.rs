@@ -39,11 +39,12 @@ pub async fn run(stack: &Stack) -> anyhow::Result<Outcome> {
     let cpu = instance.service.cpu_seconds()?;
     let outage_started = Instant::now();
     p.produce(before_pause).await?;
-    e2e::wait_for(Duration::from_secs(60), "the consumer to pause", || {
-        std::fs::read_to_string(&instance.service.log)
-            .is_ok_and(|log| log.contains("fetching paused"))
-    })
-    .await?;
+    instance
+        .service
+        .wait_for_log(Duration::from_secs(60), "the consumer to pause", |log| {
+            log.contains("fetching paused")
+        })
+        .await?;
     p.batch_production()?;
     p.produce(backlog).await?;
     let waited = outage_started.elapsed().as_secs_f64();
