@@ -14,10 +14,12 @@ build:
 	@$(BUILD_DEPS)
 	cargo build --workspace --release
 
-## test: start the local stack, run every test, stop the stack even on failure.
+## test: start the local stack (with a Redis Cluster beside the standalone Redis:
+## redis-sink's end-to-end tests run on both), run every test, stop the stack even
+## on failure.
 test:
 	@$(BUILD_DEPS)
-	@$(STACK) up > /dev/null
+	@STACK_REDIS=both $(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
 	  cargo build --workspace --bins || { $(STACK) down; exit 1; }; \
 	  cargo nextest --version >/dev/null 2>&1 && runner="cargo nextest run --workspace --no-fail-fast" || runner="cargo test --workspace --no-fail-fast"; \
@@ -69,7 +71,7 @@ bench:
 faults:
 	@$(BUILD_DEPS)
 	cargo build --release --workspace --bins
-	@$(STACK) up > /dev/null
+	@STACK_REDIS=both $(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
 	  $(TARGET_DIR)/release/faults $(FAULTS); status=$$?; \
 	  $(STACK) down; exit $$status

@@ -13,7 +13,10 @@
 #
 # Settings: STACK_DIR (run dir, default <repo>/.stack), STACK_KAFKA_STORAGE=memory|sqlite
 # (sqlite: durable broker storage; Kafka and Redis data then also survive down/up),
-# STACK_READY_TIMEOUT (seconds per component, default 60), XDG_CACHE_HOME.
+# STACK_REDIS=standalone|cluster|both (cluster: also a Redis Cluster of 3 primaries and 3
+# replicas, scripts/redis-cluster.sh, exported as REDIS_CLUSTER_URL; cluster makes it
+# REDIS_URL too, both keeps REDIS_URL the standalone Redis), STACK_READY_TIMEOUT
+# (seconds per component, default 60), XDG_CACHE_HOME.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +28,7 @@ BQ_HOME="$CACHE_DIR/bq-home"
 BQ_PACKAGES=(bqemulator==1.4.0 numpy duckdb-extension-spatial==1.5.5)
 TANSU_VERSION=0.6.0
 KAFKA_STORAGE="${STACK_KAFKA_STORAGE:-memory}"
+REDIS_MODE="${STACK_REDIS:-standalone}"
 READY_TIMEOUT="${STACK_READY_TIMEOUT:-60}"
 BQ_PROJECT=test-project
 BQ_DATASET=movielog
@@ -143,7 +147,21 @@ stop_component() {
     if [ "$name" = bqemulator ]; then rm -rf "$STACK_DIR/.tmp"; fi
 }
 
-stop_all() { local c; for c in "${COMPONENTS[@]}"; do stop_component "$c"; done; }
+stop_cluster() {
+    [ -f "$STACK_DIR/redis-cluster/ports" ] || return 0
+    "$REPO/scripts/redis-cluster.sh" down "$STACK_DIR/redis-cluster"
+    rm -rf "$STACK_DIR/redis-cluster"
+    log "stopped the Redis Cluster"
+}
+
+stop_all() { local c; for c in "${COMPONENTS[@]}"; do stop_component "$c"; done; stop_cluster; }
+
+# Every node of the cluster is alive (when the stack has one).
+cluster_is_up() {
+    local port
+    [ -f "$STACK_DIR/redis-cluster/ports" ] || return 1
+    while read -r port; do redis_ping "$port" || return 1; done <"$STACK_DIR/redis-cluster/ports"
+}
 
 port_open() { (exec 4<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 redis_ping() { [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; }
@@ -234,14 +252,18 @@ stack_is_up() {
     local c
     for c in "${COMPONENTS[@]}"; do is_running "$c" || return 1; done
     [ -f "$STACK_DIR/env" ] && port_open "$(port_of tansu)" && redis_ping "$(port_of redis)" \
-        && bq_ready "$(port_of bqemulator)" "$(port_of bqemulator.grpc)"
+        && bq_ready "$(port_of bqemulator)" "$(port_of bqemulator.grpc)" \
+        && { [ "$(cat "$STACK_DIR/redis.mode" 2>/dev/null)" = standalone ] || cluster_is_up; }
 }
 
-write_env() {
+write_env() {   # write_env KAFKA REDIS BQ BQ_GRPC [CLUSTER_URLS]
+    local redis_url="redis://127.0.0.1:$2"
+    [ "$REDIS_MODE" = cluster ] && redis_url=$5
     {
-        printf 'export %s=%q\n' KAFKA_BOOTSTRAP_SERVERS "127.0.0.1:$1" REDIS_URL "redis://127.0.0.1:$2" \
+        printf 'export %s=%q\n' KAFKA_BOOTSTRAP_SERVERS "127.0.0.1:$1" REDIS_URL "$redis_url" \
             BIGQUERY_ENDPOINT "http://127.0.0.1:$3" BIGQUERY_GRPC_ENDPOINT "http://127.0.0.1:$4" \
             BIGQUERY_PROJECT "$BQ_PROJECT" BIGQUERY_DATASET "$BQ_DATASET" STACK_DIR "$STACK_DIR"
+        [ -z "${5:-}" ] || printf 'export %s=%q\n' REDIS_CLUSTER_URL "$5"
     } >"$STACK_DIR/env.tmp"
     mv "$STACK_DIR/env.tmp" "$STACK_DIR/env"
 }
@@ -254,9 +276,11 @@ lock_stack() {   # one mutating stack.sh per run dir at a time
 
 cmd_up() {
     case $KAFKA_STORAGE in memory | sqlite) ;; *) die "STACK_KAFKA_STORAGE must be memory or sqlite, not '$KAFKA_STORAGE'" ;; esac
+    case $REDIS_MODE in standalone | cluster | both) ;; *) die "STACK_REDIS must be standalone, cluster or both, not '$REDIS_MODE'" ;; esac
     install_all
     lock_stack
-    if stack_is_up && [ "$(cat "$STACK_DIR/tansu.storage" 2>/dev/null)" = "$KAFKA_STORAGE" ]; then
+    if stack_is_up && [ "$(cat "$STACK_DIR/tansu.storage" 2>/dev/null)" = "$KAFKA_STORAGE" ] \
+        && [ "$(cat "$STACK_DIR/redis.mode" 2>/dev/null)" = "$REDIS_MODE" ]; then
         log "stack already up in $STACK_DIR"
         cat "$STACK_DIR/env" >&3
         return 0
@@ -279,9 +303,14 @@ cmd_up() {
     wait_ready tansu port_open "${ports[0]}"
     wait_ready redis redis_ping "${ports[1]}"
     wait_ready bqemulator bq_ready "${ports[2]}" "${ports[3]}"
+    local cluster_urls=""
+    if [ "$REDIS_MODE" != standalone ]; then
+        cluster_urls=$("$REPO/scripts/redis-cluster.sh" up "$STACK_DIR/redis-cluster")
+    fi
+    echo "$REDIS_MODE" >"$STACK_DIR/redis.mode"
     create_topics "${ports[0]}"
     create_dataset "${ports[2]}"
-    write_env "${ports[@]}"
+    write_env "${ports[@]}" $cluster_urls
     trap - EXIT
     cat "$STACK_DIR/env" >&3
 }

@@ -39,6 +39,9 @@ pub struct Stack {
     pub kafka: String,
     /// `redis://host:port` of redis-server.
     pub redis_url: String,
+    /// The seed nodes of the stack's Redis Cluster, comma-separated
+    /// (`STACK_REDIS=both` or `cluster`).
+    pub redis_cluster_url: Option<String>,
     /// Base URL of the BigQuery REST emulator.
     pub bigquery_endpoint: String,
     /// BigQuery project of the emulator.
@@ -59,6 +62,7 @@ impl Stack {
         for key in [
             "KAFKA_BOOTSTRAP_SERVERS",
             "REDIS_URL",
+            "REDIS_CLUSTER_URL",
             "BIGQUERY_ENDPOINT",
             "BIGQUERY_PROJECT",
             "BIGQUERY_DATASET",
@@ -81,6 +85,7 @@ impl Stack {
         Ok(Self {
             kafka: get("KAFKA_BOOTSTRAP_SERVERS")?,
             redis_url: get("REDIS_URL")?,
+            redis_cluster_url: get("REDIS_CLUSTER_URL").ok(),
             bigquery_endpoint: get("BIGQUERY_ENDPOINT")?,
             bigquery_project: get("BIGQUERY_PROJECT")?,
             bigquery_dataset: get("BIGQUERY_DATASET")?,
@@ -89,15 +94,30 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// The seed nodes of the stack's Redis Cluster, or an error saying how
+    /// to start one.
+    pub fn redis_cluster_url(&self) -> anyhow::Result<&str> {
+        self.redis_cluster_url.as_deref().context(
+            "the stack has no Redis Cluster: start it with `STACK_REDIS=both scripts/stack.sh up` \
+             (`make test` does)",
+        )
+    }
+}
+
+/// The `export KEY=value` lines stack.sh writes (values quoted by
+/// `printf %q`: a backslash escapes the next character).
 fn parse_env_file(text: &str) -> HashMap<String, String> {
     text.lines()
         .filter_map(|line| line.trim().strip_prefix("export ").or(Some(line.trim())))
         .filter_map(|line| line.split_once('='))
         .map(|(k, v)| {
-            (
-                k.trim().to_owned(),
-                v.trim().trim_matches(['"', '\'']).to_owned(),
-            )
+            let mut value = String::new();
+            let mut chars = v.trim().trim_matches(['"', '\'']).chars();
+            while let Some(c) = chars.next() {
+                value.extend(if c == '\\' { chars.next() } else { Some(c) });
+            }
+            (k.trim().to_owned(), value)
         })
         .collect()
 }
@@ -219,4 +239,16 @@ where
         async move { Ok(holds.await?.then_some(()).into()) }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_stack_env_file_is_read_as_the_shell_reads_it() {
+        let vars = super::parse_env_file(
+            "export REDIS_URL=redis://127.0.0.1:1\nexport REDIS_CLUSTER_URL=redis://a:1\\,redis://b:2\n",
+        );
+        assert_eq!(vars["REDIS_URL"], "redis://127.0.0.1:1");
+        assert_eq!(vars["REDIS_CLUSTER_URL"], "redis://a:1,redis://b:2");
+    }
 }

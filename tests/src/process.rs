@@ -348,7 +348,7 @@ impl PrivateRedis {
 
     /// A connection to it.
     pub async fn connection(&self) -> anyhow::Result<MultiplexedConnection> {
-        crate::redis::connect_with(&self.access()).await
+        crate::redis::connect_to_node(&self.access()).await
     }
 
     /// Makes this server a replica of `primary` and waits until it is in
@@ -435,7 +435,7 @@ impl PrivateRedis {
             || {
                 let access = access.clone();
                 async move {
-                    let Ok(mut conn) = crate::redis::connect_with(&access).await else {
+                    let Ok(mut conn) = crate::redis::connect_to_node(&access).await else {
                         return Ok(false);
                     };
                     Ok(redis::cmd("PING")

@@ -7,24 +7,108 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use anyhow::Context;
 use futures::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis_sink::access::RedisAccess;
+pub use redis_sink::client::RedisConn;
+
+use redis_sink::decode::Kind;
+use redis_sink::keys::Keys;
 
 use crate::generator::{Generated, Mix, Truth};
 use crate::pipeline::{Coordinates, Item, SinkSide, Tally};
 use crate::redis_model;
 use crate::service::ServiceFlags;
 
-/// A connection to the Redis at `url`.
-pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
+/// A connection to the Redis at `url` (a standalone server, or a cluster
+/// given by one or more of its nodes, comma-separated).
+pub async fn connect(url: &str) -> anyhow::Result<RedisConn> {
     connect_with(&RedisAccess::url(url)).await
 }
 
 /// A connection to the Redis `access` describes (TLS and password files
-/// as redis-sink reads them).
-pub async fn connect_with(access: &RedisAccess) -> anyhow::Result<MultiplexedConnection> {
+/// as redis-sink reads them), standalone or cluster as redis-sink finds it.
+pub async fn connect_with(access: &RedisAccess) -> anyhow::Result<RedisConn> {
+    redis_sink::client::open(access).await
+}
+
+/// A connection to the one server `access` leads to (a cluster node
+/// itself, not the cluster).
+pub async fn connect_to_node(access: &RedisAccess) -> anyhow::Result<MultiplexedConnection> {
     Ok(access.client()?.get_multiplexed_async_connection().await?)
+}
+
+/// Every key matching `pattern`: SCAN on a standalone server, on every
+/// primary of a cluster.
+pub async fn scan_keys(conn: &mut RedisConn, pattern: &str) -> anyhow::Result<Vec<String>> {
+    let nodes: Vec<Option<(String, u16)>> = match conn {
+        RedisConn::Standalone(_) => vec![None],
+        RedisConn::Cluster(_) => primaries(conn)
+            .await?
+            .into_iter()
+            .map(|(host, port)| Some((host, port)))
+            .collect(),
+    };
+    let mut keys = Vec::new();
+    for node in nodes {
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) = match (&node, &mut *conn) {
+                (Some((host, port)), RedisConn::Cluster(cluster)) => redis::from_redis_value(
+                    cluster
+                        .route_command(
+                            scan,
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                host: host.clone(),
+                                port: *port,
+                            }),
+                        )
+                        .await
+                        .context("SCAN")?,
+                )?,
+                _ => scan.query_async(conn).await.context("SCAN")?,
+            };
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// The (host, port) of each primary of the cluster, from `CLUSTER NODES`.
+pub async fn primaries(conn: &mut RedisConn) -> anyhow::Result<Vec<(String, u16)>> {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(conn)
+        .await
+        .context("CLUSTER NODES")?;
+    nodes
+        .lines()
+        // <id> <host:port@bus> <flags> ...
+        .filter(|line| {
+            let flags = line.split(' ').nth(2).unwrap_or_default();
+            flags.split(',').any(|f| f == "master") && !flags.contains("fail")
+        })
+        .map(|line| {
+            let addr = line.split(' ').nth(1).unwrap_or_default();
+            let addr = addr.split('@').next().unwrap_or_default();
+            let (host, port) = addr
+                .rsplit_once(':')
+                .with_context(|| format!("CLUSTER NODES line without host:port: {line}"))?;
+            Ok((host.to_owned(), port.parse()?))
+        })
+        .collect()
 }
 
 /// The command-line flags that give a redis-sink command `access`.
@@ -50,16 +134,10 @@ pub fn offsets_key(prefix: &str, topic: &str) -> String {
     redis_sink::keys::Keys::new(prefix).offsets(topic)
 }
 
-/// Where versions before the per-topic fence kept `group`'s offsets of
-/// `topic` (still written in step with [`offsets_key`]).
-pub fn group_offsets_key(prefix: &str, group: &str, topic: &str) -> String {
-    redis_sink::keys::Keys::new(prefix).group_offsets(group, topic)
-}
-
 /// The next offset per partition `0..partitions` stored in the offsets
 /// HASH `key` (0 where none is stored).
 pub async fn stored_offsets(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     key: &str,
     partitions: i32,
 ) -> anyhow::Result<Vec<i64>> {
@@ -72,7 +150,7 @@ pub async fn stored_offsets(
 /// The next offset per partition redis-sink has applied of `topic` under
 /// `prefix` (0 where none).
 pub async fn applied_offsets(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     prefix: &str,
     topic: &str,
     partitions: i32,
@@ -89,9 +167,8 @@ pub struct RedisSide {
     pub access: RedisAccess,
     /// `--key-prefix`.
     pub prefix: String,
-    /// A connection to that Redis, made once: it does not survive a
-    /// restart of that Redis ([`RedisSide::connect`] makes a new one).
-    pub conn: MultiplexedConnection,
+    /// A connection to that Redis, made once.
+    pub conn: RedisConn,
 }
 
 /// `--history-size` of redis-sink (its default).
@@ -117,9 +194,13 @@ impl RedisSide {
         Self::new(&stack.redis_url).await
     }
 
-    /// A new connection: reads that must survive a restart of the Redis (a
-    /// connection does not reconnect by itself) make one each.
-    pub async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+    /// The stack's Redis Cluster.
+    pub async fn on_stack_cluster(stack: &crate::Stack) -> anyhow::Result<Self> {
+        Self::new(stack.redis_cluster_url()?).await
+    }
+
+    /// A new connection.
+    pub async fn connect(&self) -> anyhow::Result<RedisConn> {
         connect_with(&self.access).await
     }
 
@@ -185,7 +266,7 @@ impl SinkSide for RedisSide {
         Box::pin(async move { Ok(Some(self.applied(topic).await?)) })
     }
 
-    /// Each valid event adds exactly 1 to one `rank:*:total` member, so the
+    /// Each valid event adds exactly 1 to one `{rank}:*:total` member, so the
     /// totals are compared member by member with the model (short = lost,
     /// over = double-counted), and every key of the contract must equal the
     /// model.
@@ -198,8 +279,8 @@ impl SinkSide for RedisSide {
         Box::pin(async move {
             let want = self.expected(produced.values().filter_map(|i| i.truth.as_ref()));
             let got = self.dump().await?;
-            for kind in ["search", "movie"] {
-                let key = format!("{}rank:{kind}:total", self.prefix);
+            for kind in [Kind::Search, Kind::Movie] {
+                let key = Keys::new(&self.prefix).total(kind);
                 let empty = BTreeMap::new();
                 let (want_total, got_total) = (
                     want.get(&key).unwrap_or(&empty),

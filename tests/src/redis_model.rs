@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use redis::aio::MultiplexedConnection;
+use redis_sink::keys::RANK_TAG;
+
+use crate::redis::RedisConn;
 
 use crate::generator::Truth;
 
@@ -32,8 +34,8 @@ pub fn expected<'a>(
             .format("%Y%m%d%H")
             .to_string();
         for key in [
-            format!("{prefix}rank:{kind}:total"),
-            format!("{prefix}rank:{kind}:h:{hour}"),
+            format!("{prefix}{RANK_TAG}:{kind}:total"),
+            format!("{prefix}{RANK_TAG}:{kind}:h:{hour}"),
         ] {
             *state
                 .entry(key)
@@ -60,29 +62,17 @@ pub fn expected<'a>(
     state
 }
 
-/// Every `rank:*` and `history:*` key under `prefix`, with members and
-/// scores (cache and offset keys are not part of the compared contract).
-pub async fn dump(conn: &mut MultiplexedConnection, prefix: &str) -> anyhow::Result<State> {
+/// Every ranking (`{rank}:search:*`, `{rank}:movie:*`) and `history:*`
+/// key under `prefix`, with members and scores (cache and offset keys are
+/// not part of the compared contract).
+pub async fn dump(conn: &mut RedisConn, prefix: &str) -> anyhow::Result<State> {
     let mut state = State::new();
-    for pattern in [format!("{prefix}rank:*"), format!("{prefix}history:*")] {
-        let mut keys: Vec<String> = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await
-                .context("SCAN")?;
-            keys.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+    for pattern in [
+        format!("{prefix}{RANK_TAG}:search:*"),
+        format!("{prefix}{RANK_TAG}:movie:*"),
+        format!("{prefix}history:*"),
+    ] {
+        let keys = crate::redis::scan_keys(conn, &pattern).await?;
         for key in keys {
             let members: Vec<(String, f64)> = redis::cmd("ZRANGE")
                 .arg(&key)

@@ -12,11 +12,11 @@ use e2e::generator::{Generated, Generator, Mix, Truth};
 use e2e::metrics::Scrape;
 use e2e::pipeline::{Instance, Pipeline};
 use e2e::process::{fail_over, PrivateRedis, Service};
-use e2e::redis::{group_offsets_key, offsets_key, stored_offsets, RedisSide, HISTORY_SIZE};
+use e2e::redis::{offsets_key, RedisSide, HISTORY_SIZE};
 use e2e::secured_kafka::{Scram, SecuredKafka};
 use e2e::service::{ServiceFlags, SHUTDOWN_TIMEOUT};
 use e2e::tcp_front::TcpFront;
-use e2e::{kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
+use e2e::{kafka, unique, wait_for, wait_for_async, Stack};
 use rand::{Rng, SeedableRng};
 use redis_sink::access::RedisAccess;
 
@@ -34,10 +34,48 @@ async fn pipeline(
     Ok((p, redis, since))
 }
 
-/// A pipeline on the stack's tansu and Redis, as [`pipeline`] makes it.
-async fn on_stack() -> anyhow::Result<(Pipeline, RedisSide, i64)> {
+/// Which of the stack's Redis deployments a test runs against.
+#[derive(Debug, Clone, Copy)]
+enum Topology {
+    /// One redis-server.
+    Standalone,
+    /// A Redis Cluster of 3 primaries, each with a replica.
+    Cluster,
+}
+
+impl Topology {
+    /// The seed URL(s) of that Redis on `stack`.
+    fn url(self, stack: &Stack) -> anyhow::Result<&str> {
+        match self {
+            Self::Standalone => Ok(&stack.redis_url),
+            Self::Cluster => stack.redis_cluster_url(),
+        }
+    }
+}
+
+/// Runs the scenario `$name(topology)` as two tests, `$name::standalone`
+/// and `$name::cluster`: every promise holds on both.
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn standalone() -> anyhow::Result<()> {
+                super::$name(super::Topology::Standalone).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() -> anyhow::Result<()> {
+                super::$name(super::Topology::Cluster).await
+            }
+        }
+    };
+}
+
+/// A pipeline on the stack's tansu and its `topology` Redis, as
+/// [`pipeline`] makes it.
+async fn on_stack(topology: Topology) -> anyhow::Result<(Pipeline, RedisSide, i64)> {
     let stack = Stack::get()?;
-    pipeline(&stack, Broker::tansu(&stack), &stack.redis_url).await
+    pipeline(&stack, Broker::tansu(&stack), topology.url(&stack)?).await
 }
 
 /// Waits until `instance` has applied everything produced: the offsets
@@ -72,12 +110,19 @@ async fn assert_expiries<'k>(
     const BUCKET_TTL_MS: i64 = 172_800_000;
     const HISTORY_TTL_MS: i64 = 2_592_000_000;
     let keys: Vec<&String> = keys.collect();
-    let mut pipe = redis::pipe();
-    for key in &keys {
-        pipe.cmd("PTTL").arg(*key);
-    }
     // A new connection: the key check may follow a restart of that Redis.
-    let ttls: Vec<i64> = pipe.query_async(&mut redis.connect().await?).await?;
+    // One command per key: a cluster pipeline must stay within one slot.
+    let conn = redis.connect().await?;
+    let ttls: Vec<i64> = futures::future::try_join_all(keys.iter().map(|key| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(*key)
+                .query_async::<i64>(&mut conn)
+                .await
+        }
+    }))
+    .await?;
     let now = chrono::Utc::now().timestamp_millis();
     for (key, ttl) in keys.into_iter().zip(ttls) {
         let rest = key.strip_prefix(&redis.prefix).unwrap_or(key);
@@ -110,18 +155,20 @@ fn events(seed: u64, n: usize, bad_fraction: f64) -> Vec<Generated> {
     (0..n).map(|_| generator.next_event()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_thousand_events_equal_the_model() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+on_both!(fifty_thousand_events_equal_the_model);
+async fn fifty_thousand_events_equal_the_model(topology: Topology) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     p.produce_events(events(1, 50_000, 0.0)).await?;
     let instance = p.start()?;
     caught_up(&p, &instance).await?;
     assert_model(&p, &redis, since).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_three_times_neither_loses_nor_double_counts() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+on_both!(sigkill_three_times_neither_loses_nor_double_counts);
+async fn sigkill_three_times_neither_loses_nor_double_counts(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     p.produce_events(events(2, 100_000, 0.0)).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let mut instance = p.start()?;
@@ -135,15 +182,21 @@ async fn sigkill_three_times_neither_loses_nor_double_counts() -> anyhow::Result
     assert_model(&p, &redis, since).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_joining_and_leaving_mid_stream_equal_the_model() -> anyhow::Result<()> {
-    scale_one_three_one(&[]).await
+on_both!(replicas_joining_and_leaving_mid_stream_equal_the_model);
+async fn replicas_joining_and_leaving_mid_stream_equal_the_model(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    scale_one_three_one(topology, &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_joining_and_leaving_with_eager_rebalances_equal_the_model() -> anyhow::Result<()>
 {
-    scale_one_three_one(&["--kafka-option", "partition.assignment.strategy=range"]).await
+    scale_one_three_one(
+        Topology::Standalone,
+        &["--kafka-option", "partition.assignment.strategy=range"],
+    )
+    .await
 }
 
 /// Scales 1 -> 3 -> 2 while events arrive, with the default (cooperative)
@@ -151,8 +204,8 @@ async fn replicas_joining_and_leaving_with_eager_rebalances_equal_the_model() ->
 /// fault suite's scale row: with two members leaving in turn, tansu 0.6
 /// sometimes keeps partitions with a member that left, see
 /// `Pipeline::restart_alone`.)
-async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+async fn scale_one_three_one(topology: Topology, strategy: &[&str]) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     let all = events(3, 60_000, 0.0);
     let mut chunks = all.chunks(15_000).map(<[Generated]>::to_vec);
     p.produce_events(chunks.next().unwrap_or_default()).await?;
@@ -174,13 +227,15 @@ async fn scale_one_three_one(strategy: &[&str]) -> anyhow::Result<()> {
     assert_model(&p, &redis, since).await
 }
 
+on_both!(a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit);
 /// Whoever reads the log may go away (`redis-sink | head`, a log shipper
 /// that died): lines that cannot be written are dropped, and the service
 /// goes on and stops cleanly, instead of panicking on its next log line
 /// and then hanging on SIGTERM while leaving the consumer group.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     let metrics_port = e2e::free_port()?;
     let args = p.flags().metrics_port(metrics_port).args();
     let (service, log) = Service::start_logging_to_pipe(p.binary(), &args)?;
@@ -210,9 +265,11 @@ async fn a_closed_log_pipe_stops_neither_the_work_nor_a_clean_exit() -> anyhow::
     assert_model(&p, &redis, since).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+on_both!(malformed_and_off_topic_events_go_to_the_dlq_with_a_reason);
+async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     let mut batch = events(4, 5_000, 0.1);
     let now = chrono::Utc::now().to_rfc3339();
     for i in 0..50 {
@@ -259,13 +316,15 @@ async fn malformed_and_off_topic_events_go_to_the_dlq_with_a_reason() -> anyhow:
     Ok(())
 }
 
+on_both!(hostile_ids_and_times_go_to_the_dlq_and_the_rest_applies);
 /// What input from the internet could do to Redis (a 200,000-character
 /// movie id in the all-time ranking, a 200,000-character or `\r\n` user id
 /// as a key, an event time that pins an item atop a history for good) is
 /// dead-lettered with its reason; everything else is applied as usual.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_ids_and_times_go_to_the_dlq_and_the_rest_applies() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+async fn hostile_ids_and_times_go_to_the_dlq_and_the_rest_applies(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     let mut batch = events(5, 2_000, 0.0);
     let now = chrono::Utc::now();
     let stamp = now.to_rfc3339();
@@ -572,7 +631,7 @@ async fn a_failover_to_the_replica_loses_and_double_counts_nothing() -> anyhow::
 /// attempts counted. Once Redis answers, it starts as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+    let (mut p, redis, since) = on_stack(Topology::Standalone).await?;
     let nothing = std::net::SocketAddr::from(([127, 0, 0, 1], e2e::free_port()?));
     let front = TcpFront::start(nothing).await?;
     let url = format!("redis://{}", front.addr());
@@ -615,9 +674,9 @@ async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
-    let (mut p, redis, _) = on_stack().await?;
+on_both!(top_and_history_print_what_the_model_says);
+async fn top_and_history_print_what_the_model_says(topology: Topology) -> anyhow::Result<()> {
+    let (mut p, redis, _) = on_stack(topology).await?;
     p.produce_events(events(6, 5_000, 0.0)).await?;
     let instance = p.start()?;
     caught_up(&p, &instance).await?;
@@ -676,7 +735,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     let top_search = as_rows(cli(&["top", "--kind", "search", "--limit", "5"])?, "count");
     assert_eq!(
         top_search,
-        ranked(&format!("{}rank:search:total", redis.prefix), 5)
+        ranked(&format!("{}{{rank}}:search:total", redis.prefix), 5)
     );
     // Every generated event is from the last two hours: three hours = all time.
     let top_movies_3h = as_rows(
@@ -685,7 +744,7 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     );
     assert_eq!(
         top_movies_3h,
-        ranked(&format!("{}rank:movie:total", redis.prefix), 7)
+        ranked(&format!("{}{{rank}}:movie:total", redis.prefix), 7)
     );
 
     let user = p
@@ -736,16 +795,17 @@ async fn top_and_history_print_what_the_model_says() -> anyhow::Result<()> {
     Ok(())
 }
 
+on_both!(a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice);
 /// A key holding something else than a ZSET stops its partition (nothing
 /// applied, nothing committed past it) until an operator removes it; then
 /// every event counts exactly once. A bad history key fails the script
 /// among its (idempotent) history writes, a bad ranking key before the first
 /// increment: the retries after either must not count anything twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
+    topology: Topology,
 ) -> anyhow::Result<()> {
     for bad in ["history", "rank"] {
-        let (mut p, redis, since) = on_stack().await?;
+        let (mut p, redis, since) = on_stack(topology).await?;
         // Offset 0 of partition 0, and its user's only event: only the first
         // batch writes that user's history.
         let now = chrono::Utc::now();
@@ -773,7 +833,7 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         let key = if bad == "history" {
             format!("{}history:search:only-once", redis.prefix)
         } else {
-            format!("{}rank:search:total", redis.prefix)
+            format!("{}{{rank}}:search:total", redis.prefix)
         };
         let mut conn = redis.conn.clone();
         redis::cmd("SET")
@@ -810,12 +870,14 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
     Ok(())
 }
 
+on_both!(a_renamed_group_and_two_groups_at_once_count_every_event_once);
 /// The stored offsets fence the rankings, not a consumer group: a group
 /// renamed (a blue/green deploy) continues where the old one stopped, and
 /// two groups running at once count every event once between them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_renamed_group_and_two_groups_at_once_count_every_event_once() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+async fn a_renamed_group_and_two_groups_at_once_count_every_event_once(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
     let all = events(11, 9_000, 0.0);
     let mut chunks = all.chunks(3_000).map(<[Generated]>::to_vec);
     p.produce_events(chunks.next().unwrap_or_default()).await?;
@@ -841,48 +903,77 @@ async fn a_renamed_group_and_two_groups_at_once_count_every_event_once() -> anyh
     assert_model(&p, &redis, since).await
 }
 
-/// Versions before the per-topic fence kept a group's offsets under
-/// `offsets:{group}:{topic}`, and during a rolling upgrade or a rollback old
-/// and new versions run side by side: the fence is the larger of the two
-/// hashes, and both are written, so each version sees what the other
-/// applied and nothing counts twice.
+/// A Redis written by versions before the `{rank}` hash tag (`rank:*`,
+/// `offsets:{topic}`, and before that `offsets:{group}:{topic}`) is moved
+/// to the present layout at start: the counts carry over, the old fences
+/// (the larger per partition) still fence, and the old offsets keys then
+/// refuse an older version's writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offsets_an_older_version_stored_under_the_group_still_fence() -> anyhow::Result<()> {
-    let (mut p, redis, since) = on_stack().await?;
+async fn the_layout_before_the_rank_tag_is_moved_once_and_still_fences() -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(Topology::Standalone).await?;
     p.produce_events(events(12, 3_000, 0.0)).await?;
     let mut before = p.start()?;
     caught_up(&p, &before).await?;
     before.service.signal("TERM")?;
     assert_eq!(before.service.wait(Duration::from_secs(30)).await?, Some(0));
-    // An older version of a group with no Kafka offsets (so that it reads
-    // the topic from the start) applied everything and kept it in its own
-    // hash; the per-topic one is behind (partition 1 stands at 1).
+    // Turn what it wrote into the old layout: rankings under rank:*, the
+    // per-topic fence behind on partition 1, and (older still) a group's
+    // hash holding all of it, for a group with no Kafka offsets, which
+    // therefore reads the topic from the start.
     p.rename_group();
-    let by_topic = offsets_key(&redis.prefix, &p.topic);
-    let by_group = group_offsets_key(&redis.prefix, &p.group, &p.topic);
-    let mut conn = redis.conn.clone();
-    redis::cmd("COPY")
-        .arg(&by_topic)
-        .arg(&by_group)
-        .query_async::<()>(&mut conn)
-        .await?;
-    redis::cmd("HSET")
-        .arg(&by_topic)
+    let mut conn = redis.connect().await?;
+    let old_fence = format!("{}offsets:{}", redis.prefix, p.topic);
+    let old_group_fence = format!("{}offsets:{}:{}", redis.prefix, p.group, p.topic);
+    let new_fence = offsets_key(&redis.prefix, &p.topic);
+    let mut old_layout = redis::pipe();
+    old_layout
+        .cmd("COPY")
+        .arg(&new_fence)
+        .arg(&old_group_fence)
+        .cmd("RENAME")
+        .arg(&new_fence)
+        .arg(&old_fence)
+        .cmd("HSET")
+        .arg(&old_fence)
         .arg(1)
-        .arg(1)
-        .query_async::<()>(&mut conn)
-        .await?;
+        .arg(1);
+    let mut rankings = Vec::new();
+    for kind in ["search", "movie"] {
+        let pattern = format!("{}{{rank}}:{kind}:*", redis.prefix);
+        rankings.extend(e2e::redis::scan_keys(&mut conn, &pattern).await?);
+    }
+    assert!(rankings.len() >= 4, "{rankings:?}");
+    for key in &rankings {
+        let old = key.replacen("{rank}:", "rank:", 1);
+        old_layout.cmd("RENAME").arg(key).arg(old);
+    }
+    old_layout.query_async::<()>(&mut conn).await?;
+
     let upgraded = p.start()?;
     p.produce_events(events(13, 3_000, 0.0)).await?;
     p.wait_committed_by(&p.group, &upgraded).await?;
     caught_up(&p, &upgraded).await?;
     assert_model(&p, &redis, since).await?;
-    // What an older version (rolled back to) reads.
-    let by_group = stored_offsets(&mut conn, &by_group, PARTITIONS).await?;
+    // What an older version still running reads first: its fence, now a
+    // note saying where it went.
+    for old in [&old_fence, &old_group_fence] {
+        let note: String = redis::cmd("GET").arg(old).query_async(&mut conn).await?;
+        assert!(note.starts_with("moved by redis-sink"), "{old}: {note}");
+        let read = redis::cmd("HGET")
+            .arg(old)
+            .arg(0)
+            .query_async::<Option<i64>>(&mut conn)
+            .await;
+        assert!(
+            read.as_ref().is_err_and(|e| e.code() == Some("WRONGTYPE")),
+            "{read:?}"
+        );
+    }
+    let left = e2e::redis::scan_keys(&mut conn, &format!("{}rank:*", redis.prefix)).await?;
     assert_eq!(
-        by_group,
-        p.produced_ends(),
-        "the group's own hash kept in step"
+        left,
+        Vec::<String>::new(),
+        "no ranking left under the old names"
     );
     Ok(())
 }
@@ -1042,7 +1133,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
         );
     }
     let counted: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(format!("{prefix}rank:search:total"))
+        .arg(format!("{prefix}{{rank}}:search:total"))
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")
@@ -1055,10 +1146,13 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
 /// What Logstash sends with each `compression_type`: batched, compressed
 /// record batches, on a broker that serves them as Kafka does. Every event
 /// counts once.
-async fn compressed_batches_equal_the_model(compression: &str) -> anyhow::Result<()> {
+async fn compressed_batches_equal_the_model(
+    topology: Topology,
+    compression: &str,
+) -> anyhow::Result<()> {
     let stack = Stack::get()?;
     let broker = Broker::mock_cluster(3)?;
-    let (mut p, redis, since) = pipeline(&stack, broker, &stack.redis_url).await?;
+    let (mut p, redis, since) = pipeline(&stack, broker, topology.url(&stack)?).await?;
     p.logstash_production(compression)?;
     p.produce_events(events(16, 6_000, 0.01)).await?;
     let instance = p.start()?;
@@ -1068,30 +1162,30 @@ async fn compressed_batches_equal_the_model(compression: &str) -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model("gzip").await
+    compressed_batches_equal_the_model(Topology::Standalone, "gzip").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snappy_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model("snappy").await
+    compressed_batches_equal_the_model(Topology::Standalone, "snappy").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lz4_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model("lz4").await
+on_both!(lz4_batches_equal_the_model);
+async fn lz4_batches_equal_the_model(topology: Topology) -> anyhow::Result<()> {
+    compressed_batches_equal_the_model(topology, "lz4").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zstd_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model("zstd").await
+    compressed_batches_equal_the_model(Topology::Standalone, "zstd").await
 }
 
+on_both!(metrics_show_only_the_partitions_a_replica_owns);
 /// After a rebalance, a replica shows per-partition lag and offsets only for
 /// the partitions it still owns: the last lag of a partition that moved to
 /// another replica would stay on dashboards forever beside the new owner's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_only_the_partitions_a_replica_owns() -> anyhow::Result<()> {
-    let (mut p, _, _) = on_stack().await?;
+async fn metrics_show_only_the_partitions_a_replica_owns(topology: Topology) -> anyhow::Result<()> {
+    let (mut p, _, _) = on_stack(topology).await?;
     p.produce_events(events(17, 3_000, 0.0)).await?;
     let first = p.start()?;
     caught_up(&p, &first).await?;

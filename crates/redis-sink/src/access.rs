@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use redis::{ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, TlsCertificates};
+use redis::cluster::ClusterClient;
+use redis::{ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 use sink_core::config::redact_url;
 
 /// The flags that say where Redis is and how to prove who we are; shared by
@@ -14,7 +15,7 @@ use sink_core::config::redact_url;
 #[derive(Clone, Args)]
 #[command(next_help_heading = "Redis")]
 pub struct RedisAccess {
-    /// Redis URL: redis://[user[:password]@]host:port[/db], or rediss:// for TLS.
+    /// Redis URL: redis://[user[:password]@]host:port[/db], or rediss:// for TLS. For a Redis Cluster (detected by itself), one or more of its nodes, comma-separated.
     #[arg(
         long,
         env = "REDIS_URL",
@@ -40,7 +41,10 @@ pub struct RedisAccess {
 impl std::fmt::Debug for RedisAccess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisAccess")
-            .field("redis_url", &redact_url(&self.redis_url))
+            .field(
+                "redis_url",
+                &self.urls().map(redact_url).collect::<Vec<_>>(),
+            )
             .field("redis_password_file", &self.redis_password_file)
             .field("redis_ca_file", &self.redis_ca_file)
             .field("redis_cert_file", &self.redis_cert_file)
@@ -61,36 +65,97 @@ impl RedisAccess {
         }
     }
 
-    /// The client these settings describe, with the files read. Every error
-    /// names the flag to fix and never holds a file's contents.
+    /// The URLs in `--redis-url`: one, or a cluster's seed nodes.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+    }
+
+    /// The client of the first URL, with the files read. Every error names
+    /// the flag to fix and never holds a file's contents.
     pub fn client(&self) -> anyhow::Result<redis::Client> {
+        self.clients()?
+            .into_iter()
+            .next()
+            .context("--redis-url (REDIS_URL) is empty: give the URL of Redis")
+    }
+
+    /// A client per URL, with the files read.
+    pub fn clients(&self) -> anyhow::Result<Vec<redis::Client>> {
+        let tls = self.tls()?;
+        let clients = self
+            .infos()?
+            .into_iter()
+            .map(|info| match &tls {
+                None => redis::Client::open(info).context("--redis-url (REDIS_URL)"),
+                Some(tls) => redis::Client::build_with_tls(info, tls.clone()).context(
+                    "cannot use the Redis TLS files (--redis-ca-file, --redis-cert-file, --redis-key-file)",
+                ),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(
+            !clients.is_empty(),
+            "--redis-url (REDIS_URL) is empty: give the URL of Redis"
+        );
+        Ok(clients)
+    }
+
+    /// A cluster client seeded with every URL, with the files read.
+    pub fn cluster_client(&self) -> anyhow::Result<ClusterClient> {
+        let mut builder = ClusterClient::builder(self.infos()?)
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .response_timeout(std::time::Duration::from_secs(30));
+        if let Some(tls) = self.tls()? {
+            builder = builder.certs(tls);
+        }
+        builder.build().context(
+            "--redis-url (REDIS_URL): the cluster's seed nodes must share the scheme \
+             (redis:// or rediss://), user and password",
+        )
+    }
+
+    /// Each URL's connection info, with the password file applied.
+    fn infos(&self) -> anyhow::Result<Vec<ConnectionInfo>> {
         use_ring_for_tls();
-        let mut info = self
-            .redis_url
-            .as_str()
-            .into_connection_info()
-            .context("--redis-url (REDIS_URL) is not a valid redis:// or rediss:// URL")?;
-        if let Some(path) = &self.redis_password_file {
-            let password = read_password(path)?;
-            let settings = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(settings);
-        }
-        let wants_tls = [
-            &self.redis_ca_file,
-            &self.redis_cert_file,
-            &self.redis_key_file,
-        ]
-        .iter()
-        .any(|file| file.is_some());
-        if !wants_tls {
-            return redis::Client::open(info).context("--redis-url (REDIS_URL)");
-        }
-        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
-            bail!(
-                "--redis-ca-file, --redis-cert-file and --redis-key-file are for TLS: \
-                 make --redis-url (REDIS_URL) a rediss:// URL, or leave them unset"
-            );
-        }
+        let password = self
+            .redis_password_file
+            .as_deref()
+            .map(read_password)
+            .transpose()?;
+        self.urls()
+            .map(|url| {
+                let mut info = url.into_connection_info().with_context(|| {
+                    format!(
+                        "--redis-url (REDIS_URL) {} is not a valid redis:// or rediss:// URL",
+                        redact_url(url)
+                    )
+                })?;
+                if let Some(password) = &password {
+                    let settings = info.redis_settings().clone().set_password(password.clone());
+                    info = info.set_redis_settings(settings);
+                }
+                let wants_tls = [
+                    &self.redis_ca_file,
+                    &self.redis_cert_file,
+                    &self.redis_key_file,
+                ]
+                .iter()
+                .any(|file| file.is_some());
+                if wants_tls && !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+                    bail!(
+                        "--redis-ca-file, --redis-cert-file and --redis-key-file are for TLS: \
+                         make --redis-url (REDIS_URL) a rediss:// URL, or leave them unset"
+                    );
+                }
+                Ok(info)
+            })
+            .collect()
+    }
+
+    /// The TLS material from the files, if any is given.
+    fn tls(&self) -> anyhow::Result<Option<TlsCertificates>> {
         let client_tls = match (&self.redis_cert_file, &self.redis_key_file) {
             (Some(cert), Some(key)) => Some(ClientTlsConfig {
                 client_cert: read_pem(cert, "--redis-cert-file (REDIS_CERT_FILE)", "CERTIFICATE")?,
@@ -107,15 +172,11 @@ impl RedisAccess {
             .as_deref()
             .map(|ca| read_pem(ca, "--redis-ca-file (REDIS_CA_FILE)", "CERTIFICATE"))
             .transpose()?;
-        redis::Client::build_with_tls(
-            info,
-            TlsCertificates {
+        Ok(
+            (client_tls.is_some() || root_cert.is_some()).then_some(TlsCertificates {
                 client_tls,
                 root_cert,
-            },
-        )
-        .context(
-            "cannot use the Redis TLS files (--redis-ca-file, --redis-cert-file, --redis-key-file)",
+            }),
         )
     }
 }

@@ -1,38 +1,87 @@
-//! The connection to the Redis primary: opened and checked at start (the
-//! server must keep our guarantees), then followed through failovers.
+//! The connection to Redis: a standalone primary or a Redis Cluster, found
+//! out from the server itself, checked at start (it must keep our
+//! guarantees), then followed through failovers.
 //!
 //! Managed Redis (ElastiCache, Memorystore, Azure, Sentinel behind a DNS
 //! name) fails over by promoting a replica and moving the address to it. A
 //! connection opened before keeps talking to the old primary, now a replica
 //! answering `READONLY`, or to a node answering `LOADING` / `MASTERDOWN`.
 //! redis-rs's [`ConnectionManager`] only reconnects on I/O errors, so
-//! without this every retry would go to the same replica forever.
+//! without [`Primary::follow`] every retry would go to the same replica
+//! forever. A cluster connection follows failovers and resharding itself
+//! (`MOVED` / `ASK` redirect it and refresh its slot map).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use redis::RedisError;
-use sink_core::config::redact_url;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+use sink_core::SinkError;
 
 use crate::access::RedisAccess;
 use crate::error::tls_refusal;
-
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sink_core::SinkError;
 
 /// Error kinds (see `sink::classify`) that mean the server behind the
 /// connection is not a writable primary (any more, or yet): the next
 /// attempt goes over a new connection, which resolves the address again.
 pub const NOT_PRIMARY: &[&str] = &["redis_read_only", "redis_loading", "redis_master_down"];
 
+/// A connection to a standalone primary or to a cluster: the sink sends the
+/// same commands over both, and a handle is cheap to clone.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One server (a primary, or whatever a failover put behind its address).
+    Standalone(ConnectionManager),
+    /// A Redis Cluster: each command goes to the node owning its key's slot.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    /// Whether this is a cluster connection (commands of one pipeline must
+    /// then share a hash slot).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Standalone(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Standalone(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Standalone(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
 /// A connection to whatever the URL leads to now.
 pub struct Primary {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
+    /// How to reach a standalone primary again after a failover; `None` on
+    /// a cluster, whose connection follows failovers itself.
+    standalone: Option<(redis::Client, ConnectionManagerConfig)>,
     /// The connection in use and its generation (bumped on each reconnect).
-    current: Mutex<(u64, ConnectionManager)>,
+    current: Mutex<(u64, RedisConn)>,
     /// One reconnect at a time: batches in flight fail together.
     reconnecting: tokio::sync::Mutex<()>,
     reconnects: AtomicU64,
@@ -43,19 +92,23 @@ pub struct Primary {
 pub struct Conn {
     generation: u64,
     /// The connection itself (cheap to clone: a handle).
-    pub inner: ConnectionManager,
+    pub inner: RedisConn,
 }
 
 impl Primary {
-    /// Wraps an open connection made from `client` with `config`.
+    /// Wraps an open connection to a standalone server made from `client`
+    /// with `config`.
     pub fn new(
         client: redis::Client,
         config: ConnectionManagerConfig,
         conn: ConnectionManager,
     ) -> Self {
+        Self::over(Some((client, config)), RedisConn::Standalone(conn))
+    }
+
+    fn over(standalone: Option<(redis::Client, ConnectionManagerConfig)>, conn: RedisConn) -> Self {
         Self {
-            client,
-            config,
+            standalone,
             current: Mutex::new((0, conn)),
             reconnecting: tokio::sync::Mutex::new(()),
             reconnects: AtomicU64::new(0),
@@ -69,6 +122,11 @@ impl Primary {
             generation: current.0,
             inner: current.1.clone(),
         }
+    }
+
+    /// Whether Redis is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.standalone.is_none()
     }
 
     /// Passes `result` through; when its error says the server `used` talks
@@ -88,14 +146,17 @@ impl Primary {
     }
 
     async fn reconnect(&self, failed: u64, why: &str) {
+        let Some((client, config)) = &self.standalone else {
+            return; // a cluster connection follows failovers itself
+        };
         let _one_at_a_time = self.reconnecting.lock().await;
         if self.lock().0 != failed {
             return; // another write already replaced it
         }
-        match ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await {
+        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
             Ok(conn) => {
                 let mut current = self.lock();
-                *current = (failed + 1, conn);
+                *current = (failed + 1, RedisConn::Standalone(conn));
                 let reconnects = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
                     reply = why,
@@ -109,53 +170,29 @@ impl Primary {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, ConnectionManager)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, RedisConn)> {
         self.current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
+/// How long a connection attempt and a reply may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Opens a connection that reconnects by itself, waiting (with backoff) for
-/// Redis to come up, and checks the server can keep our guarantees. Bad
-/// URLs or files, Redis Cluster and too old servers fail at once.
+/// Redis to come up, and checks the server can keep our guarantees. The
+/// first seed node that answers says whether Redis is a cluster; then a
+/// cluster connection is made from all of them. Bad URLs or files, replicas
+/// and too old servers fail at once.
 pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
-    let client = access.client()?;
-    let url = access.redis_url.as_str();
+    let seeds = access.clients()?;
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
         .set_number_of_retries(1);
-    let mut delay = Duration::from_millis(200);
-    let mut conn = loop {
-        let err = match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-            Ok(conn) => break conn,
-            Err(err) => err,
-        };
-        // No retry fixes a refused certificate: stop, saying which flag to fix.
-        if let Some(why) = tls_refusal(&err) {
-            bail!("cannot connect to Redis at {}: {why}", redact_url(url));
-        }
-        match err {
-            err if err.is_connection_refusal() || err.is_timeout() || err.is_io_error() => {
-                sink_core::metrics::retry("connect", "redis_unreachable");
-                tracing::warn!(url = %redact_url(url), error = %err, retry_in = ?delay, "Redis is not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            err => {
-                return Err(err)
-                    .with_context(|| format!("cannot connect to Redis at {}", redact_url(url)))
-            }
-        }
-    };
-    check_eviction_policy(&info_memory(&mut conn).await?).map_err(|refusal| {
-        anyhow::anyhow!(
-            "{refusal}. Set maxmemory-policy to noeviction in the managed service's parameter \
-             group or configuration (ElastiCache, Memorystore and Azure default to volatile-lru), \
-             or with `CONFIG SET maxmemory-policy noeviction` and in redis.conf, then restart"
-        )
-    })?;
+    let (client, mut conn) = first_answering(&seeds, &config).await?;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .arg("cluster")
@@ -164,6 +201,33 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         .await
         .context("INFO")?;
     check_server(&info)?;
+    let primary = if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        let cluster = access
+            .cluster_client()?
+            .get_async_connection()
+            .await
+            .with_context(|| {
+                format!(
+                    "{} is a Redis Cluster node, but the cluster's slot map cannot be read                      through it (is the cluster created, all slots assigned?)",
+                    client.get_connection_info().addr()
+                )
+            })?;
+        tracing::info!("Redis is a cluster: histories go to the nodes owning their slots");
+        Primary::over(None, RedisConn::Cluster(cluster))
+    } else {
+        Primary::new(client, config, conn)
+    };
+    let mut conn = primary.get().inner;
+    for (node, info) in info_memory(&mut conn).await? {
+        check_eviction_policy(&info).map_err(|refusal| {
+            anyhow::anyhow!(
+                "{refusal} (node {node}). Set maxmemory-policy to noeviction in the managed \
+                 service's parameter group or configuration (ElastiCache, Memorystore and Azure \
+                 default to volatile-lru), or with `CONFIG SET maxmemory-policy noeviction` and \
+                 in redis.conf, then restart"
+            )
+        })?;
+    }
     // History deadlines are computed from this host's clock (see
     // write_histories): it has to agree with Redis's.
     let (secs, micros): (i64, i64) = redis::cmd("TIME")
@@ -174,7 +238,74 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         secs.saturating_mul(1000).saturating_add(micros / 1000),
         chrono::Utc::now().timestamp_millis(),
     )?;
-    Ok(Primary::new(client, config, conn))
+    Ok(primary)
+}
+
+/// A connection to Redis as `access` describes it, standalone or cluster as
+/// the first answering node says, without the checks of [`connect`] and
+/// without waiting: for readers and tools.
+pub async fn open(access: &RedisAccess) -> anyhow::Result<RedisConn> {
+    let mut last = None;
+    for client in access.clients()? {
+        let mut conn = match ConnectionManager::new_with_config(
+            client.clone(),
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT)),
+        )
+        .await
+        {
+            Ok(conn) => conn,
+            Err(err) => {
+                last = Some(err);
+                continue;
+            }
+        };
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut conn)
+            .await
+            .context("INFO cluster")?;
+        if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+            return Ok(RedisConn::Standalone(conn));
+        }
+        let cluster = access.cluster_client()?.get_async_connection().await?;
+        return Ok(RedisConn::Cluster(cluster));
+    }
+    Err(last.map_or_else(
+        || anyhow::anyhow!("--redis-url (REDIS_URL) names no Redis"),
+        |err| anyhow::Error::new(err).context("cannot connect to Redis"),
+    ))
+}
+
+/// A connection to the first of `seeds` that answers, trying them all in
+/// turn (with backoff) until one does.
+async fn first_answering(
+    seeds: &[redis::Client],
+    config: &ConnectionManagerConfig,
+) -> anyhow::Result<(redis::Client, ConnectionManager)> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        for client in seeds {
+            let url = client.get_connection_info().addr().to_string();
+            let err = match ConnectionManager::new_with_config(client.clone(), config.clone()).await
+            {
+                Ok(conn) => return Ok((client.clone(), conn)),
+                Err(err) => err,
+            };
+            // No retry fixes a refused certificate: stop, saying which flag to fix.
+            if let Some(why) = tls_refusal(&err) {
+                bail!("cannot connect to Redis at {url}: {why}");
+            }
+            if !(err.is_connection_refusal() || err.is_timeout() || err.is_io_error()) {
+                return Err(err).with_context(|| format!("cannot connect to Redis at {url}"));
+            }
+            sink_core::metrics::retry("connect", "redis_unreachable");
+            tracing::warn!(%url, error = %err, retry_in = ?delay, "Redis is not reachable yet");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// How far this host's clock may be from Redis's.
@@ -194,10 +325,23 @@ fn check_clock(redis_ms: i64, local_ms: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Redis's `INFO memory` section. Read instead of `CONFIG GET`, which
-/// managed Redis services often disable.
-pub(crate) async fn info_memory(conn: &mut ConnectionManager) -> Result<String, RedisError> {
-    redis::cmd("INFO").arg("memory").query_async(conn).await
+/// Redis's `INFO memory` section, per node (every node of a cluster). Read
+/// instead of `CONFIG GET`, which managed Redis services often disable.
+pub(crate) async fn info_memory(conn: &mut RedisConn) -> Result<Vec<(String, String)>, RedisError> {
+    let cmd = redis::cmd("INFO").arg("memory").clone();
+    match conn {
+        RedisConn::Standalone(conn) => {
+            Ok(vec![("primary".to_owned(), cmd.query_async(conn).await?)])
+        }
+        // Sent to every node, answered as a map node → reply.
+        RedisConn::Cluster(conn) => {
+            let replies: Vec<(String, Value)> = cmd.query_async(conn).await?;
+            replies
+                .into_iter()
+                .map(|(node, reply)| Ok((node, redis::from_redis_value(reply)?)))
+                .collect()
+        }
+    }
 }
 
 /// Refuses any eviction policy but `noeviction`: `allkeys-*` may evict the
@@ -225,17 +369,14 @@ pub(crate) fn check_eviction_policy(info_memory: &str) -> Result<(), String> {
     }
 }
 
+/// Refuses a standalone replica (a cluster's replica is only a seed: the
+/// cluster connection finds the primaries) and servers too old.
 fn check_server(info: &str) -> anyhow::Result<()> {
-    if info.lines().any(|l| l.trim() == "role:slave") {
+    let cluster = info.lines().any(|l| l.trim() == "cluster_enabled:1");
+    if !cluster && info.lines().any(|l| l.trim() == "role:slave") {
         bail!(
             "--redis-url (REDIS_URL) leads to a replica, which refuses writes: point it at the \
              primary (the managed service's primary endpoint, not a reader endpoint)"
-        );
-    }
-    if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-        bail!(
-            "Redis Cluster is not supported: a batch's rankings, histories and offset must change in one atomic script, \
-             which Cluster only allows within one hash slot. Point --redis-url at a standalone or Sentinel-managed primary."
         );
     }
     if let Some(version) = info.lines().find_map(|l| l.strip_prefix("redis_version:")) {

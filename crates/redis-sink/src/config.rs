@@ -10,8 +10,8 @@ use crate::plan::Retention;
 pub struct RedisSettings {
     /// Key names.
     pub keys: Keys,
-    /// The consumer group: its own offsets hash is kept in step with the
-    /// per-topic fence (see [`crate::plan::OffsetFence`]).
+    /// The consumer group (names an offsets hash of the layout before the
+    /// `{rank}` hash tag: see [`crate::legacy`]).
     pub group: String,
     /// Retention of buckets and histories.
     pub retention: Retention,

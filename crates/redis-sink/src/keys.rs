@@ -1,9 +1,20 @@
 //! The Redis key contract (docs/redis-keys.md): the web service and the
 //! `top` / `history` commands read exactly these names.
+//!
+//! One layout on a standalone Redis and on a Redis Cluster: every key the
+//! ranking script touches (the rankings, the offsets fence) and the
+//! readers' cache carry the hash tag [`RANK_TAG`], so that on a cluster
+//! they share one hash slot and stay in one atomic script; histories carry
+//! no tag and spread over the cluster's nodes.
 
 use chrono::{DateTime, Utc};
 
 use crate::decode::Kind;
+
+/// The hash tag of the ranking side: Redis Cluster places a key by the part
+/// between its first `{` and the next `}`, so every key holding it lands in
+/// one slot.
+pub const RANK_TAG: &str = "{rank}";
 
 /// Builds key names under an optional prefix.
 #[derive(Debug, Clone, Default)]
@@ -21,12 +32,12 @@ impl Keys {
 
     /// All-time ranking: ZSET member → count.
     pub fn total(&self, kind: Kind) -> String {
-        format!("{}rank:{}:total", self.prefix, kind.as_str())
+        format!("{}{RANK_TAG}:{}:total", self.prefix, kind.as_str())
     }
 
     /// Ranking of one UTC hour (`YYYYMMDDHH`): ZSET member → count.
     pub fn hour(&self, kind: Kind, hour: &str) -> String {
-        format!("{}rank:{}:h:{hour}", self.prefix, kind.as_str())
+        format!("{}{RANK_TAG}:{}:h:{hour}", self.prefix, kind.as_str())
     }
 
     /// A user's recent items: ZSET member → event time in ms.
@@ -40,19 +51,16 @@ impl Keys {
     /// them, so a renamed group (a blue/green deploy) continues where the
     /// old one stopped, and two groups running at once fence each other.
     pub fn offsets(&self, topic: &str) -> String {
-        format!("{}offsets:{topic}", self.prefix)
-    }
-
-    /// Where versions before the fence moved to [`Keys::offsets`] kept it:
-    /// per consumer group. Still read and written in step with it (see
-    /// [`crate::plan::OffsetFence`]).
-    pub fn group_offsets(&self, group: &str, topic: &str) -> String {
-        format!("{}offsets:{group}:{topic}", self.prefix)
+        format!("{}{RANK_TAG}:offsets:{topic}", self.prefix)
     }
 
     /// Short-lived union of recent hourly rankings, shared by readers.
     pub fn top_cache(&self, kind: Kind, hours: u32, hour: &str) -> String {
-        format!("{}cache:top:{}:{hours}h:{hour}", self.prefix, kind.as_str())
+        format!(
+            "{}{RANK_TAG}:cache:top:{}:{hours}h:{hour}",
+            self.prefix,
+            kind.as_str()
+        )
     }
 }
 
@@ -71,16 +79,16 @@ mod tests {
     #[test]
     fn names_follow_the_contract() {
         let keys = Keys::new("");
-        assert_eq!(keys.total(Kind::Search), "rank:search:total");
+        assert_eq!(keys.total(Kind::Search), "{rank}:search:total");
         assert_eq!(
             keys.hour(Kind::Movie, "2024050112"),
-            "rank:movie:h:2024050112"
+            "{rank}:movie:h:2024050112"
         );
         assert_eq!(keys.history(Kind::Search, "u1"), "history:search:u1");
-        assert_eq!(keys.offsets("user3"), "offsets:user3");
+        assert_eq!(keys.offsets("user3"), "{rank}:offsets:user3");
         assert_eq!(
             Keys::new("prod:").total(Kind::Movie),
-            "prod:rank:movie:total"
+            "prod:{rank}:movie:total"
         );
     }
 

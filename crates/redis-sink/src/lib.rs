@@ -3,8 +3,9 @@
 //!
 //! - [`access`]: where Redis is and the password / TLS files to reach it;
 //! - [`config`]: the service's flags, checked into settings;
-//! - [`client`]: the connection to the primary, checked at start and
-//!   followed through failovers;
+//! - [`client`]: the connection to the primary or the cluster, checked at
+//!   start and followed through failovers;
+//! - [`legacy`]: moving the layout before the `{rank}` hash tag, once;
 //! - [`decode`]: decode and normalize one event (pure);
 //! - [`plan`]: one partition's batch → history writes and one script call,
 //!   pre-aggregated (pure);
@@ -20,6 +21,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod keys;
+pub mod legacy;
 pub mod plan;
 pub mod query;
 pub mod script;

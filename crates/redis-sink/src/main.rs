@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use redis_sink::access::RedisAccess;
-use redis_sink::client::connect;
+use redis_sink::client::{connect, open};
 use redis_sink::config::RedisSettings;
 use redis_sink::decode::{DecodeRules, Kind};
 use redis_sink::keys::Keys;
+use redis_sink::legacy::{move_old_layout, RecentHours};
 use redis_sink::plan::Retention;
 use redis_sink::query;
 use redis_sink::sink::RedisSink;
@@ -72,8 +73,8 @@ enum Command {
 struct RedisArgs {
     #[command(flatten)]
     access: RedisAccess,
-    /// Prepended to every key (see docs/redis-keys.md).
-    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "")]
+    /// Prepended to every key (see docs/redis-keys.md); no braces.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "", value_parser = key_prefix)]
     key_prefix: String,
 }
 
@@ -139,6 +140,19 @@ struct HistoryArgs {
     json: bool,
 }
 
+/// A prefix with braces would take the place of the `{rank}` hash tag and
+/// could split the ranking keys over a cluster's slots.
+fn key_prefix(prefix: &str) -> Result<String, String> {
+    if prefix.contains(['{', '}']) {
+        return Err(
+            "a key prefix must not contain { or }: Redis Cluster places keys by the text in \
+             braces, and redis-sink's {rank} tag must be the first"
+                .to_owned(),
+        );
+    }
+    Ok(prefix.to_owned())
+}
+
 fn main() -> ExitCode {
     let cli: Cli = sink_core::parse_args(&DEFAULTS);
     let command = match (cli.command, cli.run) {
@@ -167,7 +181,7 @@ fn main() -> ExitCode {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     args.consumer.validate()?;
     let settings = RedisSettings {
-        keys: Keys::new(args.redis.key_prefix),
+        keys: Keys::new(args.redis.key_prefix.clone()),
         group: args.consumer.group_id.clone(),
         retention: Retention {
             bucket_ttl_secs: args.bucket_ttl_secs,
@@ -183,15 +197,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 * 1000,
         },
     };
+    let recent = RecentHours {
+        from_ms: now_ms()
+            - i64::try_from(args.bucket_ttl_secs).context("--bucket-ttl-secs")? * 1000
+            - 2 * 3_600_000,
+        to_ms: now_ms() + settings.rules.max_future_skew_ms + 2 * 3_600_000,
+    };
     let connect = async {
         let primary = connect(&args.redis.access).await?;
+        move_old_layout(
+            &mut primary.get().inner,
+            &args.redis.key_prefix,
+            &args.consumer.topic,
+            &args.consumer.group_id,
+            recent,
+        )
+        .await?;
         Ok(RedisSink::new(primary, settings))
     };
     sink_core::run_connecting(&args.consumer, connect, sink_core::shutdown::signal()).await
 }
 
 async fn top(args: TopArgs) -> anyhow::Result<()> {
-    let mut conn = connect(&args.redis.access).await?.get().inner;
+    let mut conn = open(&args.redis.access).await?;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::top(
         &mut conn,
@@ -216,7 +244,7 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
 }
 
 async fn history(args: HistoryArgs) -> anyhow::Result<()> {
-    let mut conn = connect(&args.redis.access).await?.get().inner;
+    let mut conn = open(&args.redis.access).await?;
     let keys = Keys::new(args.redis.key_prefix);
     let rows = query::history(&mut conn, &keys, args.kind, &args.user, args.limit).await?;
     let body: Vec<Vec<String>> = rows
@@ -236,6 +264,10 @@ async fn history(args: HistoryArgs) -> anyhow::Result<()> {
         &["time (UTC)", args.kind.member_label()],
         &body,
     )
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
 }
 
 /// Prints query results as JSON, or as an aligned table of `body`.

@@ -36,11 +36,6 @@ pub struct Retention {
 pub struct OffsetFence {
     /// The offsets hash ([`Keys::offsets`]).
     pub key: String,
-    /// The consumer group's own offsets hash ([`Keys::group_offsets`]),
-    /// where versions before the per-topic fence kept it: read and written
-    /// in step with `key`, so that old and new versions running side by
-    /// side (a rolling upgrade, a rollback) fence each other.
-    pub group_key: String,
     /// The hash field: the partition.
     pub field: String,
     /// The batch's first offset: applied only if Redis is not past it.
@@ -134,7 +129,7 @@ pub fn build<'a>(
         .collect();
     let mut plan = Plan {
         histories,
-        keys: vec![fence.key, fence.group_key],
+        keys: vec![fence.key],
         args: vec![fence.field, fence.first.to_string(), fence.next.to_string()],
     };
     for ((kind, hour), members) in counts {
@@ -180,8 +175,7 @@ mod tests {
 
     fn fence() -> OffsetFence {
         OffsetFence {
-            key: "offsets:user3".into(),
-            group_key: "offsets:g:user3".into(),
+            key: "{rank}:offsets:user3".into(),
             field: "1".into(),
             first: 10,
             next: 15,
@@ -219,12 +213,11 @@ mod tests {
         assert_eq!(
             plan.keys,
             strings(&[
-                "offsets:user3",
-                "offsets:g:user3",
-                "rank:search:total",
-                "rank:search:h:2024050111",
-                "rank:movie:total",
-                "rank:movie:h:2024050111",
+                "{rank}:offsets:user3",
+                "{rank}:search:total",
+                "{rank}:search:h:2024050111",
+                "{rank}:movie:total",
+                "{rank}:movie:h:2024050111",
             ])
         );
         assert_eq!(
@@ -273,10 +266,9 @@ mod tests {
         assert_eq!(
             plan.keys,
             strings(&[
-                "offsets:user3",
-                "offsets:g:user3",
-                "p:rank:search:total",
-                "p:rank:search:h:2024050112"
+                "{rank}:offsets:user3",
+                "p:{rank}:search:total",
+                "p:{rank}:search:h:2024050112"
             ])
         );
     }
@@ -285,7 +277,7 @@ mod tests {
     fn an_empty_partition_only_moves_the_offset() {
         let plan = build(&Keys::default(), RETENTION, fence(), &[], NOW);
         assert!(plan.histories.is_empty());
-        assert_eq!(plan.keys, strings(&["offsets:user3", "offsets:g:user3"]));
+        assert_eq!(plan.keys, strings(&["{rank}:offsets:user3"]));
         assert_eq!(plan.args, strings(&["1", "10", "15"]));
     }
 }

@@ -26,9 +26,8 @@
 //! the same command costs sent directly (measured: docs/benchmarks.md), and
 //! histories are most of the commands.
 
-/// KEYS[1] offsets hash, KEYS[2] the consumer group's own offsets hash
-/// (read and written in step, see [`crate::plan::OffsetFence`]); KEYS[3..]
-/// ranking keys.
+/// KEYS[1] offsets hash; KEYS[2..] ranking keys: all in the
+/// [`crate::keys::RANK_TAG`] slot, so the script runs on a cluster too.
 /// ARGV: field, first, next, then per ranking key: ttl (0 = none), n, then
 /// n pairs `member count`.
 ///
@@ -37,21 +36,17 @@
 /// `ZINCRBY`, so a script that increments anything runs to the end.
 pub const APPLY_BATCH: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
-local by_group = tonumber(redis.call('HGET', KEYS[2], ARGV[1]))
-if by_group and (not stored or by_group > stored) then
-  stored = by_group
-end
 if stored and stored ~= tonumber(ARGV[2]) then
   return stored
 end
-for k = 3, #KEYS do
+for k = 2, #KEYS do
   local t = redis.call('TYPE', KEYS[k])['ok']
   if t ~= 'zset' and t ~= 'none' then
     return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a sorted set: remove or rename it')
   end
 end
 local a = 4
-for k = 3, #KEYS do
+for k = 2, #KEYS do
   local key, ttl, n = KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
   for i = 0, n - 1 do
@@ -63,30 +58,22 @@ for k = 3, #KEYS do
   a = a + 2 * n
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return -1
 ";
 
 /// Moves the fence of partitions an operator reset
-/// (`--reset-offsets-beyond-log-end`). `KEYS`: the per-topic fence and this
-/// group's offsets hash; `ARGV`: triples (partition, from, to). A partition
-/// moves (both hashes) only if it still stands at `from`, read as the apply
-/// script reads it (the larger of the two), or has no fence yet (its start
-/// came from Kafka): a reset arriving late must not move back a partition
-/// another owner has written since. Returns the partitions that did not
-/// stand at `from`.
+/// (`--reset-offsets-beyond-log-end`). `KEYS[1]`: the fence; `ARGV`:
+/// triples (partition, from, to). A partition moves only if it still stands
+/// at `from`, or has no fence yet (its start came from Kafka): a reset
+/// arriving late must not move back a partition another owner has written
+/// since. Returns the partitions that did not stand at `from`.
 pub const RESET_FENCE: &str = r"
 local moved_on = {}
 for i = 1, #ARGV, 3 do
   local field, from, to = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local stored = tonumber(redis.call('HGET', KEYS[1], field))
-  local by_group = tonumber(redis.call('HGET', KEYS[2], field))
-  if by_group and (not stored or by_group > stored) then
-    stored = by_group
-  end
   if stored == nil or stored == from then
     redis.call('HSET', KEYS[1], field, to)
-    redis.call('HSET', KEYS[2], field, to)
   else
     moved_on[#moved_on + 1] = tonumber(field)
   end

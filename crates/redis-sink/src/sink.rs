@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::cluster_routing::Slot;
 use redis::Script;
 use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
-use crate::client::{check_eviction_policy, info_memory, Conn, Primary};
+use crate::client::{check_eviction_policy, info_memory, Conn, Primary, RedisConn};
 use crate::config::RedisSettings;
 use crate::decode::{decode, Action};
 use crate::error::classify;
@@ -62,19 +62,21 @@ impl RedisSink {
         if lock().is_some_and(|at| at.elapsed() < POLICY_CHECK_INTERVAL) {
             return Ok(());
         }
-        let info = info_memory(&mut conn.inner.clone())
+        let nodes = info_memory(&mut conn.inner.clone())
             .await
             .map_err(classify)?;
-        check_eviction_policy(&info).map_err(|refusal| {
-            *lock() = None;
-            SinkError::unavailable(
-                "redis_eviction_policy",
-                anyhow::anyhow!(
-                    "{refusal}; nothing is written until it is noeviction again \
-                     (the managed service's parameter group, or CONFIG SET maxmemory-policy noeviction)"
-                ),
-            )
-        })?;
+        for (node, info) in nodes {
+            check_eviction_policy(&info).map_err(|refusal| {
+                *lock() = None;
+                SinkError::unavailable(
+                    "redis_eviction_policy",
+                    anyhow::anyhow!(
+                        "{refusal} (node {node}); nothing is written until it is noeviction again \
+                         (the managed service's parameter group, or CONFIG SET maxmemory-policy noeviction)"
+                    ),
+                )
+            })?;
+        }
         *lock() = Some(std::time::Instant::now());
         Ok(())
     }
@@ -86,7 +88,7 @@ impl RedisSink {
         conn: &Conn,
         batch: &Batch<Action>,
         range: &PartitionRange,
-        offsets_keys: &(String, String),
+        offsets_key: &str,
         now_ms: i64,
     ) -> Result<Option<(i32, i64)>, SinkError> {
         let actions = batch
@@ -95,8 +97,7 @@ impl RedisSink {
             .filter(|e| e.record.partition == range.partition)
             .map(|e| &e.item);
         let fence = OffsetFence {
-            key: offsets_keys.0.clone(),
-            group_key: offsets_keys.1.clone(),
+            key: offsets_key.to_owned(),
             field: range.partition.to_string(),
             first: range.first,
             next: range.next,
@@ -108,10 +109,16 @@ impl RedisSink {
             actions,
             now_ms,
         );
-        let mut conn = conn.inner.clone();
         // Histories first, and the script only once they are all in: see
         // crate::script for why this order makes both exactly-once.
-        write_histories(&mut conn, &plan.histories, self.settings.retention, now_ms).await?;
+        write_histories(
+            &conn.inner,
+            &plan.histories,
+            self.settings.retention,
+            now_ms,
+        )
+        .await?;
+        let mut conn = conn.inner.clone();
         self.scripts.turn(range).await;
         let mut invocation = self.script.prepare_invoke();
         for key in &plan.keys {
@@ -167,12 +174,8 @@ impl Sink for RedisSink {
         topic: &str,
         resets: &[(i32, i64, i64)],
     ) -> Result<(), SinkError> {
-        let keys = &self.settings.keys;
         let mut invocation = self.reset_script.prepare_invoke();
-        // Both hashes the apply script reads the fence from.
-        invocation
-            .key(keys.offsets(topic))
-            .key(keys.group_offsets(&self.settings.group, topic));
+        invocation.key(self.settings.keys.offsets(topic));
         for (partition, from, to) in resets {
             invocation.arg(partition).arg(from).arg(to);
         }
@@ -228,18 +231,14 @@ impl RedisSink {
     ) -> Result<WriteOutcome, SinkError> {
         self.ensure_no_eviction(conn).await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let keys = &self.settings.keys;
-        let offsets_keys = (
-            keys.offsets(&batch.topic),
-            keys.group_offsets(&self.settings.group, &batch.topic),
-        );
+        let offsets_key = self.settings.keys.offsets(&batch.topic);
         // Partitions are independent (own offset, fenced separately), so
         // they go concurrently over the one connection: Redis runs one
         // partition's commands while the next partition's are being built.
         let writes = batch
             .ranges
             .iter()
-            .map(|range| self.write_partition(conn, batch, range, &offsets_keys, now_ms));
+            .map(|range| self.write_partition(conn, batch, range, &offsets_key, now_ms));
         let mut outcome = WriteOutcome::default();
         // Every partition finishes before an error is returned: a retry of
         // the batch finds those that got through already applied.
@@ -257,25 +256,12 @@ impl RedisSink {
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
-        let keys = &self.settings.keys;
-        let fields: Vec<String> = partitions.iter().map(ToString::to_string).collect();
-        let mut conn = conn.inner.clone();
-        // As the script reads the fence: the larger of the two hashes.
-        let (fence, by_group): (Vec<Option<i64>>, Vec<Option<i64>>) = redis::pipe()
-            .cmd("HMGET")
-            .arg(keys.offsets(topic))
-            .arg(&fields)
-            .cmd("HMGET")
-            .arg(keys.group_offsets(&self.settings.group, topic))
-            .arg(&fields)
-            .query_async(&mut conn)
+        redis::cmd("HMGET")
+            .arg(self.settings.keys.offsets(topic))
+            .arg(partitions)
+            .query_async(&mut conn.inner.clone())
             .await
-            .map_err(classify)?;
-        Ok(fence
-            .into_iter()
-            .zip(by_group)
-            .map(|(fence, by_group)| fence.max(by_group))
-            .collect())
+            .map_err(classify)
     }
 
     async fn check_over(&self, conn: &Conn) -> Result<(), SinkError> {
@@ -350,17 +336,22 @@ const COMMANDS_PER_HISTORY: usize = 3;
 /// Bytes of the longest decimal i64 or u64.
 const MAX_INT_DIGITS: usize = 20;
 
-/// Writes the histories in one pipeline. Succeeds only if every command did:
-/// a key of another type fails the write (naming the key), and the retry
-/// writes them all again, which changes nothing for those already written.
+/// Writes the histories: in one pipeline on a standalone Redis, in one
+/// pipeline per hash slot on a cluster (a cluster pipeline must stay within
+/// one slot), all sent at once, each to the node owning its slot. Succeeds
+/// only if every command did: a key of another type fails the write (naming
+/// the key), and the retry writes them all again, which changes nothing for
+/// those already written.
 ///
 /// Each key expires `history_ttl_secs` after `now_ms`, set by `PEXPIREAT`
 /// rather than `EXPIRE`: Redis logs an `EXPIRE` in the append-only file as a
 /// `PEXPIREAT`, rewriting the command first, and sparing it that cut
 /// Redis's CPU by about 6 % with AOF on (docs/benchmarks.md). [`connect`]
 /// checks that the clocks agree.
+///
+/// [`connect`]: crate::client::connect
 async fn write_histories(
-    conn: &mut ConnectionManager,
+    conn: &RedisConn,
     histories: &[History<'_>],
     retention: Retention,
     now_ms: i64,
@@ -368,37 +359,87 @@ async fn write_histories(
     if histories.is_empty() {
         return Ok(());
     }
-    let ttl_ms = i64::try_from(retention.history_ttl_secs)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1000);
-    let expire_at = now_ms.saturating_add(ttl_ms);
-    // Ranks 0 ..= -(size + 1): all but the newest `history_size`.
-    let size = i64::try_from(retention.history_size).unwrap_or(i64::MAX - 1);
-    let last_dropped = -(size + 1);
-    let mut pipe = redis::Pipeline::with_capacity(histories.len() * COMMANDS_PER_HISTORY);
-    for history in histories {
-        // Sized up front: growing each command's buffers argument by
-        // argument was a tenth of the sink's CPU (perf).
-        let key = history.key.as_str();
-        let members: usize = history.items.iter().map(|(_, m)| m.len()).sum();
-        let mut zadd = redis::Cmd::with_capacity(
-            3 + 2 * history.items.len(),
-            6 + key.len() + members + MAX_INT_DIGITS * history.items.len(),
-        );
-        zadd.arg("ZADD").arg(key).arg("GT");
-        for (time, member) in &history.items {
-            zadd.arg(time).arg(member);
-        }
-        let mut trim = redis::Cmd::with_capacity(4, 16 + key.len() + MAX_INT_DIGITS);
-        trim.arg("ZREMRANGEBYRANK")
-            .arg(key)
-            .arg(0)
-            .arg(last_dropped);
-        let mut expire = redis::Cmd::with_capacity(3, 9 + key.len() + MAX_INT_DIGITS);
-        expire.arg("PEXPIREAT").arg(key).arg(expire_at);
-        pipe.add_command(zadd).add_command(trim).add_command(expire);
+    let commands = HistoryCommands::new(retention, now_ms);
+    if !conn.is_cluster() {
+        let all: Vec<&History<'_>> = histories.iter().collect();
+        return send_histories(conn.clone(), commands.pipeline(&all), &all).await;
     }
-    pipe.query_async::<()>(conn).await.map_err(|err| {
+    let mut by_slot: std::collections::HashMap<Slot, Vec<&History<'_>>> =
+        std::collections::HashMap::new();
+    for history in histories {
+        by_slot
+            .entry(Slot::for_key(&history.key))
+            .or_default()
+            .push(history);
+    }
+    let writes = by_slot
+        .values()
+        .map(|slot| send_histories(conn.clone(), commands.pipeline(slot), slot));
+    // Every pipeline finishes before an error is returned (as partitions do
+    // in `write_over`).
+    futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// How each history is written: the same expiry and trim for all of a batch.
+struct HistoryCommands {
+    /// `PEXPIREAT` deadline.
+    expire_at: i64,
+    /// Ranks 0 ..= `last_dropped`: all but the newest `history_size`.
+    last_dropped: i64,
+}
+
+impl HistoryCommands {
+    fn new(retention: Retention, now_ms: i64) -> Self {
+        let ttl_ms = i64::try_from(retention.history_ttl_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let size = i64::try_from(retention.history_size).unwrap_or(i64::MAX - 1);
+        Self {
+            expire_at: now_ms.saturating_add(ttl_ms),
+            last_dropped: -(size + 1),
+        }
+    }
+
+    /// [`COMMANDS_PER_HISTORY`] commands for each of `histories`, in order.
+    fn pipeline(&self, histories: &[&History<'_>]) -> redis::Pipeline {
+        let mut pipe = redis::Pipeline::with_capacity(histories.len() * COMMANDS_PER_HISTORY);
+        for history in histories {
+            // Sized up front: growing each command's buffers argument by
+            // argument was a tenth of the sink's CPU (perf).
+            let key = history.key.as_str();
+            let members: usize = history.items.iter().map(|(_, m)| m.len()).sum();
+            let mut zadd = redis::Cmd::with_capacity(
+                3 + 2 * history.items.len(),
+                6 + key.len() + members + MAX_INT_DIGITS * history.items.len(),
+            );
+            zadd.arg("ZADD").arg(key).arg("GT");
+            for (time, member) in &history.items {
+                zadd.arg(time).arg(member);
+            }
+            let mut trim = redis::Cmd::with_capacity(4, 16 + key.len() + MAX_INT_DIGITS);
+            trim.arg("ZREMRANGEBYRANK")
+                .arg(key)
+                .arg(0)
+                .arg(self.last_dropped);
+            let mut expire = redis::Cmd::with_capacity(3, 9 + key.len() + MAX_INT_DIGITS);
+            expire.arg("PEXPIREAT").arg(key).arg(self.expire_at);
+            pipe.add_command(zadd).add_command(trim).add_command(expire);
+        }
+        pipe
+    }
+}
+
+/// Sends `pipe`, the commands of `histories`; a `WRONGTYPE` reply names
+/// the history's key.
+async fn send_histories(
+    mut conn: RedisConn,
+    pipe: redis::Pipeline,
+    histories: &[&History<'_>],
+) -> Result<(), SinkError> {
+    pipe.query_async::<()>(&mut conn).await.map_err(|err| {
         let wrong_type = err.clone().into_server_errors().and_then(|errors| {
             let (index, _) = errors.iter().find(|(_, e)| e.code() == "WRONGTYPE")?;
             histories.get(index / COMMANDS_PER_HISTORY)

@@ -174,8 +174,8 @@ pub async fn redis(stack: &Stack, rate: usize, seconds: u64) -> anyhow::Result<F
             .set("--log-format", "json")
             .start(&stack.dir.join("logs"), &group)?;
     let watch = Watch::Redis {
-        conn: e2e::redis::connect(&redis.url()).await?,
-        ranking: format!("{prefix}rank:search:total"),
+        conn: e2e::redis::connect_to_node(&redis.access()).await?,
+        ranking: redis_sink::keys::Keys::new(&prefix).total(redis_sink::decode::Kind::Search),
     };
     let figures = load(&broker, &topic, Mix::User3, watch, &service, rate, seconds).await;
     drop(service);

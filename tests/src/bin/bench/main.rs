@@ -459,7 +459,8 @@ async fn run_redis(
 ) -> anyhow::Result<Figures> {
     let group = unique("bench-redis");
     let prefix = format!("{group}:");
-    let mut conn = e2e::redis::connect(redis_url).await?;
+    let mut conn =
+        e2e::redis::connect_to_node(&redis_sink::access::RedisAccess::url(redis_url)).await?;
     // Redis may not answer within the client's default 500 ms while it runs
     // a batch's script or forks for an AOF rewrite: that is not a failure of
     // the run being measured.
