@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 pub mod redis_model;
 pub mod secured_kafka;
 pub mod service;

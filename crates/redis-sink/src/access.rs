@@ -104,9 +104,17 @@ impl RedisAccess {
 
     /// A cluster client seeded with every URL, with the files read.
     pub fn cluster_client(&self) -> anyhow::Result<ClusterClient> {
+        // A few quick retries inside redis-rs (redirects after a slot
+        // moved, a refreshed slot map after a failover), then the error
+        // reaches sink-core, which retries it with backoff where it shows
+        // (`sink_retries_total`, readiness): redis-rs's defaults (16 tries,
+        // waits growing to 655 s) hid a failing write for minutes.
         let mut builder = ClusterClient::builder(self.infos()?)
             .connection_timeout(std::time::Duration::from_secs(5))
-            .response_timeout(std::time::Duration::from_secs(30));
+            .response_timeout(std::time::Duration::from_secs(30))
+            .retries(5)
+            .min_retry_wait(50)
+            .max_retry_wait(1_000);
         if let Some(tls) = self.tls()? {
             builder = builder.certs(tls);
         }

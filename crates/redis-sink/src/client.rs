@@ -75,11 +75,23 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+/// How to open the connection again.
+enum Reopen {
+    /// A standalone primary: the URL may lead elsewhere after a failover.
+    Standalone(redis::Client, ConnectionManagerConfig),
+    /// A cluster: its connection follows failovers and moved slots itself,
+    /// but after a failover under load redis-rs 1.8's connection was seen
+    /// to stop answering for good (every request timing out after a slot
+    /// refresh began); a new one from the seeds recovers.
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// Error kinds after which a cluster connection is opened anew.
+const CLUSTER_STUCK: &[&str] = &["redis_unreachable", "redis_cluster_down", "redis_moved"];
+
 /// A connection to whatever the URL leads to now.
 pub struct Primary {
-    /// How to reach a standalone primary again after a failover; `None` on
-    /// a cluster, whose connection follows failovers itself.
-    standalone: Option<(redis::Client, ConnectionManagerConfig)>,
+    reopen: Reopen,
     /// The connection in use and its generation (bumped on each reconnect).
     current: Mutex<(u64, RedisConn)>,
     /// One reconnect at a time: batches in flight fail together.
@@ -103,12 +115,15 @@ impl Primary {
         config: ConnectionManagerConfig,
         conn: ConnectionManager,
     ) -> Self {
-        Self::over(Some((client, config)), RedisConn::Standalone(conn))
+        Self::over(
+            Reopen::Standalone(client, config),
+            RedisConn::Standalone(conn),
+        )
     }
 
-    fn over(standalone: Option<(redis::Client, ConnectionManagerConfig)>, conn: RedisConn) -> Self {
+    fn over(reopen: Reopen, conn: RedisConn) -> Self {
         Self {
-            standalone,
+            reopen,
             current: Mutex::new((0, conn)),
             reconnecting: tokio::sync::Mutex::new(()),
             reconnects: AtomicU64::new(0),
@@ -126,7 +141,7 @@ impl Primary {
 
     /// Whether Redis is a cluster.
     pub fn is_cluster(&self) -> bool {
-        self.standalone.is_none()
+        matches!(self.reopen, Reopen::Cluster(_))
     }
 
     /// Passes `result` through; when its error says the server `used` talks
@@ -138,7 +153,11 @@ impl Primary {
         result: Result<T, SinkError>,
     ) -> Result<T, SinkError> {
         if let Err(err) = &result {
-            if NOT_PRIMARY.contains(&err.kind()) {
+            let reopen = match self.reopen {
+                Reopen::Standalone(..) => NOT_PRIMARY,
+                Reopen::Cluster(_) => CLUSTER_STUCK,
+            };
+            if reopen.contains(&err.kind()) {
                 self.reconnect(used.generation, err.kind()).await;
             }
         }
@@ -146,23 +165,28 @@ impl Primary {
     }
 
     async fn reconnect(&self, failed: u64, why: &str) {
-        let Some((client, config)) = &self.standalone else {
-            return; // a cluster connection follows failovers itself
-        };
         let _one_at_a_time = self.reconnecting.lock().await;
         if self.lock().0 != failed {
             return; // another write already replaced it
         }
-        match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+        let opened = match &self.reopen {
+            Reopen::Standalone(client, config) => {
+                ConnectionManager::new_with_config(client.clone(), config.clone())
+                    .await
+                    .map(RedisConn::Standalone)
+            }
+            Reopen::Cluster(client) => client.get_async_connection().await.map(RedisConn::Cluster),
+        };
+        match opened {
             Ok(conn) => {
                 let mut current = self.lock();
-                *current = (failed + 1, RedisConn::Standalone(conn));
+                *current = (failed + 1, conn);
                 let reconnects = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
                     reply = why,
                     reconnects,
-                    "Redis answered as a server that is not the writable primary (a failover?): \
-                     reconnected, the next attempt goes wherever the address leads now"
+                    "reconnected to Redis after a failover reply (or, on a cluster, a failed \
+                     write): the next attempt goes wherever the addresses lead now"
                 );
             }
             // The retry fails again and comes back here.
@@ -202,18 +226,19 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         .context("INFO")?;
     check_server(&info)?;
     let primary = if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-        let cluster = access
-            .cluster_client()?
+        let cluster_client = access.cluster_client()?;
+        let cluster = cluster_client
             .get_async_connection()
             .await
             .with_context(|| {
                 format!(
-                    "{} is a Redis Cluster node, but the cluster's slot map cannot be read                      through it (is the cluster created, all slots assigned?)",
+                    "{} is a Redis Cluster node, but the cluster's slot map cannot be read \
+                     through it (is the cluster created, all slots assigned?)",
                     client.get_connection_info().addr()
                 )
             })?;
         tracing::info!("Redis is a cluster: histories go to the nodes owning their slots");
-        Primary::over(None, RedisConn::Cluster(cluster))
+        Primary::over(Reopen::Cluster(cluster_client), RedisConn::Cluster(cluster))
     } else {
         Primary::new(client, config, conn)
     };

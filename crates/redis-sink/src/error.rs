@@ -31,6 +31,13 @@ pub fn classify(err: RedisError) -> SinkError {
         (_, Some("LOADING")) => return SinkError::transient("redis_loading", err),
         (_, Some("MASTERDOWN")) => return SinkError::transient("redis_master_down", err),
         (_, Some("WRONGTYPE")) => "redis_wrong_type",
+        // Cluster events that pass by themselves: a failover under way, a
+        // slot moving (redis-rs follows the redirects a few times first).
+        (_, Some("CLUSTERDOWN")) => return SinkError::transient("redis_cluster_down", err),
+        (_, Some("TRYAGAIN")) => return SinkError::transient("redis_try_again", err),
+        (_, Some("MOVED" | "ASK")) => return SinkError::transient("redis_moved", err),
+        // Keys of one command in different slots: a bug, no retry helps.
+        (_, Some("CROSSSLOT")) => "redis_cross_slot",
         (_, Some("MISCONF")) => "redis_misconf",
         _ => return SinkError::transient("redis_unreachable", err),
     };

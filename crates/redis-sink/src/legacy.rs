@@ -11,8 +11,13 @@
 //! counting into keys nobody reads or counting twice. Its partitions move
 //! to upgraded replicas, which resume at the moved fence.
 //!
-//! A cluster never held the old layout: redis-sink refused clusters before
-//! it.
+//! Only keys of the old contract's shape move (`rank:{search,movie}:total`,
+//! `rank:{search,movie}:h:{10 digits}`, offsets hashes of integers): with
+//! the default empty prefix other applications' keys share the keyspace.
+//!
+//! A cluster never held the old layout (redis-sink refused clusters before
+//! it): one loaded from an old dump is refused at start rather than started
+//! with empty rankings.
 
 use anyhow::Context;
 use redis::Script;
@@ -87,33 +92,50 @@ pub async fn move_old_layout(
     group: &str,
     recent: RecentHours,
 ) -> anyhow::Result<u64> {
-    if conn.is_cluster() {
-        return Ok(0);
-    }
-    let own = [
+    let markers = [
         format!("{prefix}offsets:{topic}"),
         format!("{prefix}offsets:{group}:{topic}"),
+        format!("{prefix}rank:search:total"),
+        format!("{prefix}rank:movie:total"),
     ];
-    let mut types = redis::pipe();
-    for key in &own {
-        types.cmd("TYPE").arg(key);
+    let mut types = Vec::with_capacity(markers.len());
+    for key in &markers {
+        let t: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .context("TYPE")?;
+        types.push(t);
     }
-    let types: Vec<String> = types.query_async(conn).await.context("TYPE")?;
-    if !types.iter().any(|t| t == "hash") {
+    let old_layout =
+        types[..2].iter().any(|t| t == "hash") || types[2..].iter().any(|t| t == "zset");
+    if !old_layout {
         return Ok(0);
     }
+    if conn.is_cluster() {
+        anyhow::bail!(
+            "this Redis Cluster holds keys of the layout before the {{rank}} hash tag ({}...): \
+             they were copied from a standalone Redis. Start this version against that Redis \
+             first (it moves them), or load the moved keys (docs/redis-keys.md, Upgrading)",
+            markers
+                .iter()
+                .zip(&types)
+                .find(|(_, t)| *t != "none")
+                .map_or("", |(k, _)| k.as_str())
+        );
+    }
     let keys = Keys::new(prefix);
-    let fences: Vec<(String, String)> = scan(conn, &format!("{}offsets:*", glob_escape(prefix)))
-        .await?
-        .into_iter()
-        // A Kafka topic name holds no ':': offsets:{topic} or
-        // offsets:{group}:{topic}.
-        .filter_map(|old| {
-            let topic = old.rsplit(':').next()?.to_owned();
-            Some((old, keys.offsets(&topic)))
-        })
-        .collect();
-    let mut rankings: Vec<String> = scan(conn, &format!("{}rank:*", glob_escape(prefix))).await?;
+    let mut fences: Vec<(String, String)> = Vec::new();
+    for old in scan(conn, &format!("{}offsets:*", glob_escape(prefix))).await? {
+        if is_offsets_hash(conn, &old).await? {
+            // A Kafka topic name holds no ':': offsets:{topic} or
+            // offsets:{group}:{topic}.
+            let topic = old.rsplit(':').next().unwrap_or_default().to_owned();
+            let new = keys.offsets(&topic);
+            fences.push((old, new));
+        }
+    }
+    let mut rankings = old_rankings(conn, prefix).await?;
     for kind in [Kind::Search, Kind::Movie] {
         rankings.push(format!("{prefix}rank:{}:total", kind.as_str()));
         let mut hour = recent.from_ms.div_euclid(MS_PER_HOUR);
@@ -141,10 +163,22 @@ pub async fn move_old_layout(
             .key(format!("{prefix}{RANK_TAG}:{rest}"));
     }
     invocation.arg(fences.len()).arg(MOVED);
-    let moved: u64 = invocation
+    let mut moved: u64 = invocation
         .invoke_async(conn)
         .await
         .context("moving the keys of the layout before the {rank} hash tag")?;
+    // Old writers are fenced off now: a bucket one created between the
+    // scan and the move (an hour outside the window) is final; merge it.
+    for old in old_rankings(conn, prefix).await? {
+        let new = new_name(prefix, &old);
+        let _: () = Script::new(MERGE_LEFTOVER)
+            .key(&old)
+            .key(&new)
+            .invoke_async(conn)
+            .await
+            .with_context(|| format!("merging {old} into {new}"))?;
+        moved += 1;
+    }
     if moved > 0 {
         tracing::warn!(
             moved,
@@ -158,6 +192,69 @@ pub async fn move_old_layout(
 }
 
 const MS_PER_HOUR: i64 = 3_600_000;
+
+/// Adds a leftover old ranking into its new key (keeping the new key's
+/// expiry, or taking the old one's), then deletes it.
+const MERGE_LEFTOVER: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  return
+end
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl < 0 then ttl = redis.call('PTTL', KEYS[1]) end
+redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+redis.call('DEL', KEYS[1])
+";
+
+/// The present name of the old ranking key `old`.
+fn new_name(prefix: &str, old: &str) -> String {
+    let rest = old.strip_prefix(prefix).unwrap_or(old);
+    let rest = rest.strip_prefix("rank:").unwrap_or(rest);
+    format!("{prefix}{RANK_TAG}:{rest}")
+}
+
+/// The old layout's ranking keys under `prefix`: only names of the old
+/// contract's shape, sorted sets.
+async fn old_rankings(conn: &mut RedisConn, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for key in scan(conn, &format!("{}rank:*", glob_escape(prefix))).await? {
+        let rest = key.strip_prefix(prefix).unwrap_or(&key);
+        if is_old_ranking_name(rest) {
+            let t: String = redis::cmd("TYPE").arg(&key).query_async(conn).await?;
+            if t == "zset" {
+                found.push(key);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `rank:{search,movie}:total` or `rank:{search,movie}:h:{YYYYMMDDHH}`.
+fn is_old_ranking_name(name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("rank:search:")
+        .or_else(|| name.strip_prefix("rank:movie:"))
+    else {
+        return false;
+    };
+    rest == "total"
+        || rest
+            .strip_prefix("h:")
+            .is_some_and(|hour| hour.len() == 10 && hour.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `key` is a hash of partition numbers to offsets.
+async fn is_offsets_hash(conn: &mut RedisConn, key: &str) -> anyhow::Result<bool> {
+    let t: String = redis::cmd("TYPE").arg(key).query_async(conn).await?;
+    if t != "hash" {
+        return Ok(false);
+    }
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query_async(conn).await?;
+    Ok(fields
+        .iter()
+        .all(|(k, v)| k.parse::<i32>().is_ok() && v.parse::<i64>().is_ok()))
+}
 
 /// Every key matching `pattern` (SCAN: Redis keeps serving meanwhile).
 async fn scan(conn: &mut RedisConn, pattern: &str) -> anyhow::Result<Vec<String>> {
@@ -196,6 +293,21 @@ fn glob_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_names_of_the_old_contract_move() {
+        assert!(is_old_ranking_name("rank:search:total"));
+        assert!(is_old_ranking_name("rank:movie:h:2024050112"));
+        for other in [
+            "rank:search:h:20240501",
+            "rank:users:total",
+            "rank:movie:h:2024050112x",
+            "rank:search:total:2",
+        ] {
+            assert!(!is_old_ranking_name(other), "{other}");
+        }
+        assert_eq!(new_name("p:", "p:rank:movie:total"), "p:{rank}:movie:total");
+    }
 
     #[test]
     fn a_prefix_is_matched_literally() {

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use redis::cluster_routing::Slot;
 use redis::Script;
 use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
@@ -336,9 +335,8 @@ const COMMANDS_PER_HISTORY: usize = 3;
 /// Bytes of the longest decimal i64 or u64.
 const MAX_INT_DIGITS: usize = 20;
 
-/// Writes the histories: in one pipeline on a standalone Redis, in one
-/// pipeline per hash slot on a cluster (a cluster pipeline must stay within
-/// one slot), all sent at once, each to the node owning its slot. Succeeds
+/// Writes the histories: in one pipeline on a standalone Redis, command by
+/// command on a cluster (each to the node owning its key's slot). Succeeds
 /// only if every command did: a key of another type fails the write (naming
 /// the key), and the retry writes them all again, which changes nothing for
 /// those already written.
@@ -364,18 +362,26 @@ async fn write_histories(
         let all: Vec<&History<'_>> = histories.iter().collect();
         return send_histories(conn.clone(), commands.pipeline(&all), &all).await;
     }
-    let mut by_slot: std::collections::HashMap<Slot, Vec<&History<'_>>> =
-        std::collections::HashMap::new();
-    for history in histories {
-        by_slot
-            .entry(Slot::for_key(&history.key))
-            .or_default()
-            .push(history);
-    }
-    let writes = by_slot
-        .values()
-        .map(|slot| send_histories(conn.clone(), commands.pipeline(slot), slot));
-    // Every pipeline finishes before an error is returned (as partitions do
+    // On a cluster, each history's commands one after the other (in order:
+    // an expiry set before the key exists would be lost), all histories at
+    // once; redis-rs still batches them per node on the wire. Not as a
+    // pipeline: redis-rs sends a pipeline whole again when any reply is a
+    // redirect, and while a slot moves that split one history over two
+    // nodes and blocked the move (MIGRATE: BUSYKEY).
+    let writes = histories.iter().map(|history| {
+        let mut conn = conn.clone();
+        let commands = &commands;
+        async move {
+            for command in commands.of(history) {
+                command
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|err| history_error(err, history))?;
+            }
+            Ok::<(), SinkError>(())
+        }
+    });
+    // Every history finishes before an error is returned (as partitions do
     // in `write_over`).
     futures::future::join_all(writes)
         .await
@@ -407,28 +413,35 @@ impl HistoryCommands {
     fn pipeline(&self, histories: &[&History<'_>]) -> redis::Pipeline {
         let mut pipe = redis::Pipeline::with_capacity(histories.len() * COMMANDS_PER_HISTORY);
         for history in histories {
-            // Sized up front: growing each command's buffers argument by
-            // argument was a tenth of the sink's CPU (perf).
-            let key = history.key.as_str();
-            let members: usize = history.items.iter().map(|(_, m)| m.len()).sum();
-            let mut zadd = redis::Cmd::with_capacity(
-                3 + 2 * history.items.len(),
-                6 + key.len() + members + MAX_INT_DIGITS * history.items.len(),
-            );
-            zadd.arg("ZADD").arg(key).arg("GT");
-            for (time, member) in &history.items {
-                zadd.arg(time).arg(member);
+            for command in self.of(history) {
+                pipe.add_command(command);
             }
-            let mut trim = redis::Cmd::with_capacity(4, 16 + key.len() + MAX_INT_DIGITS);
-            trim.arg("ZREMRANGEBYRANK")
-                .arg(key)
-                .arg(0)
-                .arg(self.last_dropped);
-            let mut expire = redis::Cmd::with_capacity(3, 9 + key.len() + MAX_INT_DIGITS);
-            expire.arg("PEXPIREAT").arg(key).arg(self.expire_at);
-            pipe.add_command(zadd).add_command(trim).add_command(expire);
         }
         pipe
+    }
+
+    /// The commands of one history: `ZADD`, the trim, `PEXPIREAT`.
+    fn of(&self, history: &History<'_>) -> [redis::Cmd; COMMANDS_PER_HISTORY] {
+        // Sized up front: growing each command's buffers argument by
+        // argument was a tenth of the sink's CPU (perf).
+        let key = history.key.as_str();
+        let members: usize = history.items.iter().map(|(_, m)| m.len()).sum();
+        let mut zadd = redis::Cmd::with_capacity(
+            3 + 2 * history.items.len(),
+            6 + key.len() + members + MAX_INT_DIGITS * history.items.len(),
+        );
+        zadd.arg("ZADD").arg(key).arg("GT");
+        for (time, member) in &history.items {
+            zadd.arg(time).arg(member);
+        }
+        let mut trim = redis::Cmd::with_capacity(4, 16 + key.len() + MAX_INT_DIGITS);
+        trim.arg("ZREMRANGEBYRANK")
+            .arg(key)
+            .arg(0)
+            .arg(self.last_dropped);
+        let mut expire = redis::Cmd::with_capacity(3, 9 + key.len() + MAX_INT_DIGITS);
+        expire.arg("PEXPIREAT").arg(key).arg(self.expire_at);
+        [zadd, trim, expire]
     }
 }
 
@@ -440,21 +453,34 @@ async fn send_histories(
     histories: &[&History<'_>],
 ) -> Result<(), SinkError> {
     pipe.query_async::<()>(&mut conn).await.map_err(|err| {
-        let wrong_type = err.clone().into_server_errors().and_then(|errors| {
+        let failed = err.clone().into_server_errors().and_then(|errors| {
             let (index, _) = errors.iter().find(|(_, e)| e.code() == "WRONGTYPE")?;
             histories.get(index / COMMANDS_PER_HISTORY)
         });
-        match wrong_type {
-            Some(history) => SinkError::unavailable(
-                "redis_wrong_type",
-                anyhow::anyhow!(
-                    "WRONGTYPE key {} holds another type than a sorted set: remove or rename it",
-                    history.key
-                ),
-            ),
+        match failed {
+            Some(history) => history_error(err, history),
             None => classify(err),
         }
     })
+}
+
+/// `err` from writing `history`: a `WRONGTYPE` names its key.
+fn history_error(err: redis::RedisError, history: &History<'_>) -> SinkError {
+    let wrong_type = err.code() == Some("WRONGTYPE")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "WRONGTYPE"));
+    if !wrong_type {
+        return classify(err);
+    }
+    SinkError::unavailable(
+        "redis_wrong_type",
+        anyhow::anyhow!(
+            "WRONGTYPE key {} holds another type than a sorted set: remove or rename it",
+            history.key
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,261 @@
+//! A Redis Cluster of a test's own (3 primaries, a replica each, started by
+//! scripts/redis-cluster.sh as the stack's is), for tests that fail nodes
+//! over, restart them or move slots without disturbing the shared stack.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use redis::aio::MultiplexedConnection;
+use redis_sink::access::RedisAccess;
+
+use crate::redis::connect_to_node;
+
+/// A running cluster; stopped when dropped.
+pub struct PrivateCluster {
+    dir: PathBuf,
+    /// The seed URLs, comma-separated.
+    url: String,
+}
+
+impl PrivateCluster {
+    /// Starts 6 nodes under `dir` and creates the cluster.
+    pub async fn start(dir: PathBuf) -> anyhow::Result<Self> {
+        let output = Command::new(script())
+            .arg("up")
+            .arg(&dir)
+            .output()
+            .context("cannot run scripts/redis-cluster.sh")?;
+        if !output.status.success() {
+            bail!(
+                "scripts/redis-cluster.sh up failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let url = String::from_utf8(output.stdout)?.trim().to_owned();
+        Ok(Self { dir, url })
+    }
+
+    /// The primaries' URLs, comma-separated (`--redis-url`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A connection to the node on `port` itself.
+    pub async fn node(&self, port: u16) -> anyhow::Result<MultiplexedConnection> {
+        connect_to_node(&RedisAccess::url(format!("redis://127.0.0.1:{port}"))).await
+    }
+
+    /// The port of the primary serving `key`'s slot now.
+    pub async fn primary_of(&self, key: &str) -> anyhow::Result<u16> {
+        let slot = slot_of(key);
+        let mut conn = self.node(self.seed_port()?).await?;
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await?;
+        for range in slots {
+            // [start, end, [host, port, id, ...], replicas...]
+            let (start, end, primary): (u16, u16, Vec<redis::Value>) = match range {
+                redis::Value::Array(mut parts) if parts.len() >= 3 => {
+                    parts.truncate(3);
+                    redis::from_redis_value(redis::Value::Array(parts))?
+                }
+                other => bail!("unexpected CLUSTER SLOTS entry {other:?}"),
+            };
+            if (start..=end).contains(&slot) {
+                let port = primary
+                    .get(1)
+                    .context("CLUSTER SLOTS primary without a port")?;
+                return Ok(redis::from_redis_value(port.clone())?);
+            }
+        }
+        bail!("no node serves slot {slot}")
+    }
+
+    /// A managed failover of the primary on `primary_port` to its replica
+    /// (`CLUSTER FAILOVER` on the replica: writes paused until it has
+    /// everything, then promoted), waiting until every node sees it.
+    pub async fn fail_over(&self, primary_port: u16) -> anyhow::Result<u16> {
+        let replica = self.replica_of(primary_port).await?;
+        let mut conn = self.node(replica).await?;
+        redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .exec_async(&mut conn)
+            .await?;
+        crate::wait_for_async(
+            Duration::from_secs(30),
+            "the replica to become primary",
+            || {
+                let mut conn = conn.clone();
+                async move {
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(info.lines().any(|l| l.trim() == "role:master"))
+                }
+            },
+        )
+        .await?;
+        Ok(replica)
+    }
+
+    /// Moves `key`'s slot from the primary serving it to `to_port`, key by
+    /// key as `redis-cli --cluster reshard` does (the slot MIGRATING on the
+    /// source, IMPORTING on the target: clients meet `ASK` while it moves,
+    /// `MOVED` after).
+    pub async fn move_slot_of(&self, key: &str, to_port: u16) -> anyhow::Result<()> {
+        let slot = slot_of(key);
+        let from_port = self.primary_of(key).await?;
+        let (mut from, mut to) = (self.node(from_port).await?, self.node(to_port).await?);
+        let id = |conn: &mut MultiplexedConnection| {
+            let mut conn = conn.clone();
+            async move {
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query_async::<String>(&mut conn)
+                    .await
+            }
+        };
+        let (from_id, to_id) = (id(&mut from).await?, id(&mut to).await?);
+        redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &slot.to_string(), "IMPORTING", &from_id][..])
+            .exec_async(&mut to)
+            .await?;
+        redis::cmd("CLUSTER")
+            .arg(&["SETSLOT", &slot.to_string(), "MIGRATING", &to_id][..])
+            .exec_async(&mut from)
+            .await?;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query_async(&mut from)
+                .await?;
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg(&["127.0.0.1", &to_port.to_string(), "", "0", "5000", "KEYS"][..])
+                .arg(&keys)
+                .exec_async(&mut from)
+                .await?;
+        }
+        for port in self.ports()? {
+            let mut conn = self.node(port).await?;
+            let set = redis::cmd("CLUSTER")
+                .arg(&["SETSLOT", &slot.to_string(), "NODE", &to_id][..])
+                .exec_async(&mut conn)
+                .await;
+            // Replicas learn it from their primary.
+            if let Err(err) = set {
+                anyhow::ensure!(err.to_string().contains("only with masters"), err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the node on `port` with SIGKILL (nothing flushed).
+    pub fn kill(&self, port: u16) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.dir.join(port.to_string()).join("pid"))?;
+        let status = Command::new("kill").args(["-KILL", pid.trim()]).status()?;
+        anyhow::ensure!(status.success(), "kill -KILL {} failed", pid.trim());
+        Ok(())
+    }
+
+    /// Starts a stopped node again on its port and data.
+    pub fn start_again(&self, port: u16) -> anyhow::Result<()> {
+        let status = Command::new(script())
+            .arg("start")
+            .arg(&self.dir)
+            .arg(port.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "redis-cluster.sh start failed");
+        Ok(())
+    }
+
+    /// Every node's port, primaries first as created.
+    pub fn ports(&self) -> anyhow::Result<Vec<u16>> {
+        std::fs::read_to_string(self.dir.join("ports"))?
+            .lines()
+            .map(|l| Ok(l.trim().parse()?))
+            .collect()
+    }
+
+    fn seed_port(&self) -> anyhow::Result<u16> {
+        self.ports()?
+            .first()
+            .copied()
+            .context("the cluster has no nodes")
+    }
+
+    /// The port of the replica of the primary on `primary_port`.
+    async fn replica_of(&self, primary_port: u16) -> anyhow::Result<u16> {
+        let mut primary = self.node(primary_port).await?;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut primary)
+            .await?;
+        // slave0:ip=127.0.0.1,port=PORT,state=online,...
+        info.lines()
+            .find_map(|l| l.strip_prefix("slave0:"))
+            .and_then(|l| l.split(',').find_map(|kv| kv.strip_prefix("port=")))
+            .context("the primary has no replica")?
+            .parse()
+            .context("replica port")
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("down").arg(&self.dir).status();
+    }
+}
+
+fn script() -> PathBuf {
+    crate::workspace_root().join("scripts/redis-cluster.sh")
+}
+
+/// The hash slot of `key`, as Redis computes it.
+pub fn slot_of(key: &str) -> u16 {
+    let tagged = key
+        .find('{')
+        .and_then(|open| {
+            let close = key[open + 1..].find('}')?;
+            (close > 0).then(|| &key[open + 1..open + 1 + close])
+        })
+        .unwrap_or(key);
+    crc16_xmodem(tagged.as_bytes()) % 16_384
+}
+
+fn crc16_xmodem(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // Values from `redis-cli CLUSTER KEYSLOT`.
+        assert_eq!(super::slot_of("foo"), 12_182);
+        assert_eq!(
+            super::slot_of("{rank}:search:total"),
+            super::slot_of("rank")
+        );
+        assert_eq!(super::slot_of("a{}b"), super::slot_of("a{}b"));
+    }
+}
