@@ -154,7 +154,21 @@ stop_cluster() {
     log "stopped the Redis Cluster"
 }
 
-stop_all() { local c; for c in "${COMPONENTS[@]}"; do stop_component "$c"; done; stop_cluster; }
+# Clusters the tests started under the run dir (PrivateCluster) outlive a test
+# killed on a timeout: stop them with the stack.
+stop_test_clusters() {
+    local dir
+    for dir in "$STACK_DIR"/cluster-*/; do
+        [ -f "$dir/ports" ] && "$REPO/scripts/redis-cluster.sh" down "$dir"
+    done
+    return 0
+}
+
+stop_all() {
+    local c
+    for c in "${COMPONENTS[@]}"; do stop_component "$c"; done
+    stop_cluster; stop_test_clusters
+}
 
 # Every node of the cluster is alive (when the stack has one).
 cluster_is_up() {

@@ -108,10 +108,14 @@ impl RedisAccess {
         // moved, a refreshed slot map after a failover), then the error
         // reaches sink-core, which retries it with backoff where it shows
         // (`sink_retries_total`, readiness): redis-rs's defaults (16 tries,
-        // waits growing to 655 s) hid a failing write for minutes.
+        // waits growing to 655 s) hid a failing write for minutes. The
+        // overall bound also ends a request stuck in redis-rs 1.8's
+        // connection, which after a failover under load stops answering
+        // for good (see `client::Reopen`).
         let mut builder = ClusterClient::builder(self.infos()?)
             .connection_timeout(std::time::Duration::from_secs(5))
-            .response_timeout(std::time::Duration::from_secs(30))
+            .response_timeout(std::time::Duration::from_secs(5))
+            .overall_response_timeout(Some(std::time::Duration::from_secs(10)))
             .retries(5)
             .min_retry_wait(50)
             .max_retry_wait(1_000);

@@ -240,6 +240,13 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         tracing::info!("Redis is a cluster: histories go to the nodes owning their slots");
         Primary::over(Reopen::Cluster(cluster_client), RedisConn::Cluster(cluster))
     } else {
+        if access.urls().count() > 1 {
+            bail!(
+                "--redis-url (REDIS_URL) lists several URLs, which are for a Redis Cluster's \
+                 seed nodes, but {} is a standalone Redis: give only its URL",
+                client.get_connection_info().addr()
+            );
+        }
         Primary::new(client, config, conn)
     };
     let mut conn = primary.get().inner;
@@ -272,35 +279,39 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
 pub async fn open(access: &RedisAccess) -> anyhow::Result<RedisConn> {
     let mut last = None;
     for client in access.clients()? {
-        let mut conn = match ConnectionManager::new_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECTION_TIMEOUT))
-                .set_response_timeout(Some(RESPONSE_TIMEOUT)),
-        )
-        .await
-        {
-            Ok(conn) => conn,
-            Err(err) => {
-                last = Some(err);
-                continue;
-            }
+        let url = client.get_connection_info().addr().to_string();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let info = match ConnectionManager::new_with_config(client, config).await {
+            Ok(mut conn) => redis::cmd("INFO")
+                .arg("cluster")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(|info| (conn, info)),
+            Err(err) => Err(err),
         };
-        let info: String = redis::cmd("INFO")
-            .arg("cluster")
-            .query_async(&mut conn)
-            .await
-            .context("INFO cluster")?;
+        let (conn, info) = match info {
+            Ok(answer) => answer,
+            // No other seed fixes a refused certificate: say which flag does.
+            Err(err) => match tls_refusal(&err) {
+                Some(why) => bail!("cannot connect to Redis at {url}: {why}"),
+                None => {
+                    last = Some(
+                        anyhow::Error::new(err)
+                            .context(format!("cannot connect to Redis at {url}")),
+                    );
+                    continue;
+                }
+            },
+        };
         if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
             return Ok(RedisConn::Standalone(conn));
         }
         let cluster = access.cluster_client()?.get_async_connection().await?;
         return Ok(RedisConn::Cluster(cluster));
     }
-    Err(last.map_or_else(
-        || anyhow::anyhow!("--redis-url (REDIS_URL) names no Redis"),
-        |err| anyhow::Error::new(err).context("cannot connect to Redis"),
-    ))
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("--redis-url (REDIS_URL) names no Redis")))
 }
 
 /// A connection to the first of `seeds` that answers, trying them all in
