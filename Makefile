@@ -60,7 +60,8 @@ bench:
 	cargo build --release --workspace --bins
 	@$(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
-	  $(TARGET_DIR)/release/bench redis && $(TARGET_DIR)/release/bench bigquery && \
+	  $(TARGET_DIR)/release/bench redis && $(TARGET_DIR)/release/bench cluster && \
+	  $(TARGET_DIR)/release/bench bigquery && \
 	  $(TARGET_DIR)/release/bench bigquery --skip-emulator --malformed 0.01 && \
 	  $(TARGET_DIR)/release/bench freshness; status=$$?; \
 	  $(STACK) down; exit $$status

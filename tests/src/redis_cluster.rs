@@ -166,6 +166,43 @@ impl PrivateCluster {
         Ok(())
     }
 
+    /// Waits until the slots of the lost primary on `lost_port` are served
+    /// by its replica, as every running node sees it.
+    pub async fn wait_taken_over(&self, lost_port: u16) -> anyhow::Result<()> {
+        let ports = self.ports()?;
+        crate::wait_for_async(Duration::from_secs(60), "the replica to take over", || {
+            let ports = ports.clone();
+            async move {
+                for port in ports.into_iter().filter(|p| *p != lost_port) {
+                    let mut conn = self.node(port).await?;
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await?;
+                    let nodes: String = redis::cmd("CLUSTER")
+                        .arg("NODES")
+                        .query_async(&mut conn)
+                        .await?;
+                    // The lost node, still listed (`master,fail`), serves
+                    // no slot any more: `<id> <addr> <flags> <primary>
+                    // <ping> <pong> <epoch> <link> <slot>...`.
+                    let lost_serves = nodes.lines().any(|l| {
+                        let fields: Vec<&str> = l.split(' ').collect();
+                        fields
+                            .get(1)
+                            .is_some_and(|a| a.starts_with(&format!("127.0.0.1:{lost_port}@")))
+                            && fields.len() > 8
+                    });
+                    if lost_serves || !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            }
+        })
+        .await
+    }
+
     /// Starts a stopped node again on its port and data.
     pub fn start_again(&self, port: u16) -> anyhow::Result<()> {
         let status = Command::new(script())
@@ -193,7 +230,7 @@ impl PrivateCluster {
     }
 
     /// The port of the replica of the primary on `primary_port`.
-    async fn replica_of(&self, primary_port: u16) -> anyhow::Result<u16> {
+    pub async fn replica_of(&self, primary_port: u16) -> anyhow::Result<u16> {
         let mut primary = self.node(primary_port).await?;
         let info: String = redis::cmd("INFO")
             .arg("replication")
@@ -221,41 +258,5 @@ fn script() -> PathBuf {
 
 /// The hash slot of `key`, as Redis computes it.
 pub fn slot_of(key: &str) -> u16 {
-    let tagged = key
-        .find('{')
-        .and_then(|open| {
-            let close = key[open + 1..].find('}')?;
-            (close > 0).then(|| &key[open + 1..open + 1 + close])
-        })
-        .unwrap_or(key);
-    crc16_xmodem(tagged.as_bytes()) % 16_384
-}
-
-fn crc16_xmodem(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn slots_are_computed_as_redis_does() {
-        // Values from `redis-cli CLUSTER KEYSLOT`.
-        assert_eq!(super::slot_of("foo"), 12_182);
-        assert_eq!(
-            super::slot_of("{rank}:search:total"),
-            super::slot_of("rank")
-        );
-        assert_eq!(super::slot_of("a{}b"), super::slot_of("a{}b"));
-    }
+    redis_sink::slots::slot_of(key.as_bytes())
 }

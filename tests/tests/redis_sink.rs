@@ -560,6 +560,63 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
     Ok(())
 }
 
+/// `--redis-wait-replicas 1`: while a primary's replica is down, no batch's
+/// counts or offset move (its histories may be on that primary, and a
+/// failover would lose them behind the fence); the sink says why and is
+/// not ready. Once the replica is back, every event counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_replicas_holds_the_counts_until_a_replica_is_back() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let cluster = PrivateCluster::start(stack.dir.join(unique("cluster"))).await?;
+    let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), cluster.url()).await?;
+    let all = events(24, 12_000, 0.0);
+    let (before, after) = all.split_at(6_000);
+    p.produce_events(before.to_vec()).await?;
+    let instance = p.start_with(&[
+        "--redis-wait-replicas",
+        "1",
+        "--redis-wait-timeout-ms",
+        "100",
+    ])?;
+    caught_up(&p, &instance).await?;
+    let applied = p.applied().await?;
+
+    let mut conn = redis.connect().await?;
+    let (_, primary) = e2e::redis::primaries(&mut conn)
+        .await?
+        .into_iter()
+        .next()
+        .context("a primary")?;
+    let replica = cluster.replica_of(primary).await?;
+    cluster.kill(replica)?;
+    p.produce_events(after.to_vec()).await?;
+    wait_for_async(
+        Duration::from_secs(60),
+        "a write held back for the replica",
+        || async {
+            let behind = instance.metrics().await?.sum_of(
+                "sink_retries_total",
+                &[("operation", "write"), ("kind", "redis_replicas_behind")],
+            );
+            Ok(behind >= 1.0)
+        },
+    )
+    .await?;
+    assert_eq!(
+        p.applied().await?,
+        applied,
+        "offsets moved without the replica"
+    );
+    assert!(
+        !instance.ready().await?,
+        "ready while writes wait for a replica"
+    );
+
+    cluster.start_again(replica)?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
+}
+
 /// Managed Redis offerings that stop at TLS 1.2: the read side reaches one
 /// (a build of redis-sink alone spoke TLS 1.3 only), and without the client
 /// certificate the refusal, which TLS 1.2 words as a plain handshake
@@ -1082,6 +1139,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
                 max_id_chars: 128,
                 max_future_skew_ms: 600_000,
             },
+            replica_acks: None,
         },
     );
     let record = |offset| Record {
@@ -1288,9 +1346,6 @@ async fn sigterm_exits_in_time_when_the_broker_stops_answering() -> anyhow::Resu
 /// once: a batch's fence lives with its counts, and its histories were
 /// acknowledged before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet passing (issue 17): after a failover or a moved slot under load, redis-rs 1.8's \
-            cluster connection stalls writes until the 30 s response timeout, and reading the \
-            fence with a primary down fails"]
 async fn cluster_failovers_and_moved_slots_mid_stream_count_every_event_once() -> anyhow::Result<()>
 {
     let stack = Stack::get()?;
@@ -1322,18 +1377,21 @@ async fn cluster_failovers_and_moved_slots_mid_stream_count_every_event_once() -
         .into_iter()
         .next()
         .context("a history key")?;
+    let history_from = cluster.primary_of(&history).await?;
     let history_to = e2e::redis::primaries(&mut conn)
         .await?
         .into_iter()
         .map(|(_, port)| port)
-        .find(|port| *port != other)
-        .context("a third primary")?;
+        .find(|port| *port != history_from)
+        .context("another primary")?;
     cluster.move_slot_of(&history, history_to).await?;
     p.produce_events(chunks.next().unwrap_or_default()).await?;
     p.wait_progress(27_000, &instance).await?;
 
     cluster.kill(other)?;
     p.produce_events(chunks.next().unwrap_or_default()).await?;
+    // The test reads the fence on the `{rank}` node: once its replica took over.
+    cluster.wait_taken_over(other).await?;
     p.wait_progress(39_000, &instance).await?;
     cluster.start_again(other)?;
     p.produce_events(chunks.next().unwrap_or_default()).await?;

@@ -17,4 +17,17 @@ pub struct RedisSettings {
     pub retention: Retention,
     /// Decoding limits.
     pub rules: DecodeRules,
+    /// Replicas that must hold a partition's histories before its counts
+    /// and offset move; `None` to not wait.
+    pub replica_acks: Option<ReplicaAcks>,
+}
+
+/// `WAIT replicas timeout_ms` between a partition's histories and its
+/// ranking script (see `RedisSink::write_partition`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaAcks {
+    /// Replicas of every primary that must acknowledge.
+    pub replicas: u32,
+    /// How long to wait for them before the write fails and is retried.
+    pub timeout_ms: u64,
 }

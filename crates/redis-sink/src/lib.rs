@@ -11,6 +11,7 @@
 //!   pre-aggregated (pure);
 //! - [`script`]: the Lua script applying counts and offset atomically;
 //! - [`error`]: sorting Redis errors into transient and needs-an-operator;
+//! - [`slots`]: which cluster node owns which key, for one pipeline per node;
 //! - [`sink`]: the [`sink_core::Sink`] tying them together;
 //! - [`query`]: reading rankings and histories back;
 //! - [`keys`]: the key contract (docs/redis-keys.md).
@@ -26,3 +27,4 @@ pub mod plan;
 pub mod query;
 pub mod script;
 pub mod sink;
+pub mod slots;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use redis_sink::access::RedisAccess;
 use redis_sink::client::{connect, open};
-use redis_sink::config::RedisSettings;
+use redis_sink::config::{RedisSettings, ReplicaAcks};
 use redis_sink::decode::{DecodeRules, Kind};
 use redis_sink::keys::Keys;
 use redis_sink::legacy::{move_old_layout, RecentHours};
@@ -102,6 +102,12 @@ struct RunArgs {
     /// User histories expire this long after their last write.
     #[arg(long, env = "HISTORY_TTL_SECS", default_value_t = 2_592_000, value_parser = clap::value_parser!(u64).range(60..=315_360_000))]
     history_ttl_secs: u64,
+    /// Replicas of each Redis primary that must hold a batch's histories before its counts and offset move (WAIT); 0 does not wait. Worth it on a cluster: docs/redis-keys.md.
+    #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
+    redis_wait_replicas: u32,
+    /// How long a write waits for those replicas before it fails and is retried.
+    #[arg(long, env = "REDIS_WAIT_TIMEOUT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    redis_wait_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -196,6 +202,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("--max-future-skew-secs")?
                 * 1000,
         },
+        replica_acks: (args.redis_wait_replicas > 0).then_some(ReplicaAcks {
+            replicas: args.redis_wait_replicas,
+            timeout_ms: args.redis_wait_timeout_ms,
+        }),
     };
     let recent = RecentHours {
         from_ms: now_ms()

@@ -7,11 +7,17 @@ use redis::Script;
 use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
 use crate::client::{check_eviction_policy, info_memory, Conn, Primary, RedisConn};
-use crate::config::RedisSettings;
+use std::collections::HashMap;
+
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::SingleNodeRoutingInfo;
+
+use crate::config::{RedisSettings, ReplicaAcks};
 use crate::decode::{decode, Action};
 use crate::error::classify;
 use crate::plan::{build, History, OffsetFence, Retention};
 use crate::script::{APPLY_BATCH, RESET_FENCE};
+use crate::slots::{slot_of, Node, SlotCache};
 
 /// Batches written at once. More than one, so that Redis runs one batch's
 /// commands while the next ones are being built and encoded: with one,
@@ -32,6 +38,8 @@ pub struct RedisSink {
     /// Moves the fence, compare-and-set (see `reset_stored_offsets`).
     reset_script: Script,
     scripts: ScriptOrder,
+    /// Which cluster node owns which history (unused on a standalone Redis).
+    slots: SlotCache,
     /// When `maxmemory-policy` was last seen to be `noeviction`.
     policy_ok_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -45,6 +53,7 @@ impl RedisSink {
             script: Script::new(APPLY_BATCH),
             reset_script: Script::new(RESET_FENCE),
             scripts: ScriptOrder::default(),
+            slots: SlotCache::default(),
             policy_ok_at: std::sync::Mutex::new(None),
         }
     }
@@ -115,8 +124,19 @@ impl RedisSink {
             &plan.histories,
             self.settings.retention,
             now_ms,
+            &self.slots,
         )
         .await?;
+        // On a cluster the histories may live on other primaries than the
+        // `{rank}` node: one failing over before its replica has them
+        // loses them, while the fence moved past them would keep them from
+        // being written again. Waiting here closes that (docs/redis-keys.md).
+        // The script needs no wait of its own: if its node loses it, it
+        // loses the fence with the counts, which the next batch finds
+        // behind and replays.
+        if let Some(acks) = self.settings.replica_acks {
+            wait_for_replicas(&conn.inner, acks).await?;
+        }
         let mut conn = conn.inner.clone();
         self.scripts.turn(range).await;
         let mut invocation = self.script.prepare_invoke();
@@ -335,11 +355,10 @@ const COMMANDS_PER_HISTORY: usize = 3;
 /// Bytes of the longest decimal i64 or u64.
 const MAX_INT_DIGITS: usize = 20;
 
-/// Writes the histories: in one pipeline on a standalone Redis, command by
-/// command on a cluster (each to the node owning its key's slot). Succeeds
-/// only if every command did: a key of another type fails the write (naming
-/// the key), and the retry writes them all again, which changes nothing for
-/// those already written.
+/// Writes the histories: in one pipeline on a standalone Redis, in one
+/// pipeline per primary on a cluster. Succeeds only if every command did:
+/// a key of another type fails the write (naming the key), and the retry
+/// writes them all again, which changes nothing for those already written.
 ///
 /// Each key expires `history_ttl_secs` after `now_ms`, set by `PEXPIREAT`
 /// rather than `EXPIRE`: Redis logs an `EXPIRE` in the append-only file as a
@@ -353,22 +372,36 @@ async fn write_histories(
     histories: &[History<'_>],
     retention: Retention,
     now_ms: i64,
+    slots: &SlotCache,
 ) -> Result<(), SinkError> {
     if histories.is_empty() {
         return Ok(());
     }
     let commands = HistoryCommands::new(retention, now_ms);
-    if !conn.is_cluster() {
+    let RedisConn::Cluster(cluster) = conn else {
         let all: Vec<&History<'_>> = histories.iter().collect();
         return send_histories(conn.clone(), commands.pipeline(&all), &all).await;
+    };
+    let written = write_per_node(cluster, histories, &commands, slots).await;
+    let redirected = match written {
+        Ok(redirected) => redirected,
+        Err(err) => {
+            slots.forget();
+            return Err(err);
+        }
+    };
+    if redirected.is_empty() {
+        return Ok(());
     }
-    // On a cluster, each history's commands one after the other (in order:
-    // an expiry set before the key exists would be lost), all histories at
-    // once; redis-rs still batches them per node on the wire. Not as a
-    // pipeline: redis-rs sends a pipeline whole again when any reply is a
-    // redirect, and while a slot moves that split one history over two
-    // nodes and blocked the move (MIGRATE: BUSYKEY).
-    let writes = histories.iter().map(|history| {
+    // A slot moved or failed over since the map was read: those histories
+    // go through redis-rs's routing, which follows MOVED and ASK, each
+    // history's commands one after the other (in order: an expiry set
+    // before the key exists would be lost). Not as a pipeline: redis-rs
+    // sends a redirected pipeline whole to the new node, which while a slot
+    // moves split one history over two nodes and blocked the move
+    // (MIGRATE: BUSYKEY).
+    slots.forget();
+    let writes = redirected.into_iter().map(|history| {
         let mut conn = conn.clone();
         let commands = &commands;
         async move {
@@ -387,6 +420,109 @@ async fn write_histories(
         .await
         .into_iter()
         .collect()
+}
+
+/// Sends each primary the histories of its slots (by `slots`), one pipeline
+/// per primary, all at once. The histories a node answered MOVED or ASK
+/// for (or whose node the connection does not know) are returned, to be
+/// written through redis-rs's routing: a pipeline sent to one address is
+/// not redirected.
+async fn write_per_node<'a, 'h>(
+    cluster: &ClusterConnection,
+    histories: &'a [History<'h>],
+    commands: &HistoryCommands,
+    slots: &SlotCache,
+) -> Result<Vec<&'a History<'h>>, SinkError> {
+    let map = slots.get(&mut cluster.clone()).await.map_err(classify)?;
+    let mut by_node: HashMap<&Node, Vec<&History<'_>>> = HashMap::new();
+    let mut redirected = Vec::new();
+    for history in histories {
+        match map.node_of(slot_of(history.key.as_bytes())) {
+            Some(node) => by_node.entry(node).or_default().push(history),
+            None => redirected.push(history),
+        }
+    }
+    let sends = by_node.into_iter().map(|(node, histories)| {
+        let mut cluster = cluster.clone();
+        let route = SingleNodeRoutingInfo::ByAddress {
+            host: node.host.clone(),
+            port: node.port,
+        };
+        let pipe = commands.pipeline(&histories);
+        async move {
+            let count = histories.len() * COMMANDS_PER_HISTORY;
+            match cluster.route_pipeline(pipe, 0, count, route).await {
+                Ok(replies) => not_written_here(&replies, &histories),
+                Err(err) if err.kind() == redis::ErrorKind::ClusterConnectionNotFound => {
+                    Ok(histories)
+                }
+                Err(err) => Err(classify(err)),
+            }
+        }
+    });
+    for sent in futures::future::join_all(sends).await {
+        redirected.extend(sent?);
+    }
+    Ok(redirected)
+}
+
+/// The histories among `histories` whose commands a node redirected
+/// (`MOVED`, `ASK`); any other error reply fails the write.
+fn not_written_here<'a, 'h>(
+    replies: &[redis::Value],
+    histories: &[&'a History<'h>],
+) -> Result<Vec<&'a History<'h>>, SinkError> {
+    let mut redirected: Vec<&History<'_>> = Vec::new();
+    for (index, reply) in replies.iter().enumerate() {
+        let redis::Value::ServerError(error) = reply else {
+            continue;
+        };
+        let Some(&history) = histories.get(index / COMMANDS_PER_HISTORY) else {
+            continue;
+        };
+        if matches!(error.code(), "MOVED" | "ASK") {
+            if !redirected
+                .last()
+                .is_some_and(|last| std::ptr::eq(*last, history))
+            {
+                redirected.push(history);
+            }
+        } else {
+            return Err(history_error(
+                redis::RedisError::from(error.clone()),
+                history,
+            ));
+        }
+    }
+    Ok(redirected)
+}
+
+/// Waits until `acks.replicas` replicas of every primary hold what this
+/// connection wrote to it (`WAIT`: per connection, hence the same one the
+/// histories went over; on a cluster redis-rs asks every primary and keeps
+/// the lowest count). Too few in time fails the write, which is retried:
+/// its histories are written again first, so a history a failover lost in
+/// between is back before the fence moves.
+async fn wait_for_replicas(conn: &RedisConn, acks: ReplicaAcks) -> Result<(), SinkError> {
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(acks.replicas)
+        .arg(acks.timeout_ms)
+        .query_async(&mut conn.clone())
+        .await
+        .map_err(classify)?;
+    if acked < i64::from(acks.replicas) {
+        return Err(SinkError::transient(
+            "redis_replicas_behind",
+            anyhow::anyhow!(
+                "only {acked} replica(s) of a Redis primary acknowledged the histories within \
+                 {} ms, {} wanted (--redis-wait-replicas): a replica is down, lagging or was \
+                 never attached; counts and offsets wait until it catches up",
+                acks.timeout_ms,
+                acks.replicas
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// How each history is written: the same expiry and trim for all of a batch.
@@ -495,6 +631,49 @@ mod tests {
             first,
             next,
         }
+    }
+
+    fn reply(resp: &[u8]) -> redis::Value {
+        redis::parse_redis_value(resp).unwrap_or(redis::Value::Nil)
+    }
+
+    #[test]
+    fn redirected_histories_are_sent_again_and_other_errors_fail_naming_the_key() {
+        let history = |user: &str| History {
+            key: format!("history:search:{user}"),
+            items: vec![(1, "k")],
+        };
+        let (a, b, c) = (history("a"), history("b"), history("c"));
+        let sent = [&a, &b, &c];
+        let ok = || reply(b":1\r\n");
+        let moved = || reply(b"-MOVED 3999 127.0.0.1:6381\r\n");
+        // b's slot moved after its ZADD went through; c's before any.
+        let replies = [
+            ok(),
+            ok(),
+            ok(),
+            ok(),
+            moved(),
+            moved(),
+            reply(b"-ASK 7000 127.0.0.1:6382\r\n"),
+            moved(),
+            moved(),
+        ];
+        let again = not_written_here(&replies, &sent).unwrap_or_default();
+        assert_eq!(
+            again.iter().map(|h| h.key.as_str()).collect::<Vec<_>>(),
+            ["history:search:b", "history:search:c"]
+        );
+
+        let mut replies = vec![ok(); 9];
+        replies[3] =
+            reply(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
+        let refused = not_written_here(&replies, &sent).err();
+        assert_eq!(
+            refused.as_ref().map(SinkError::kind),
+            Some("redis_wrong_type")
+        );
+        assert!(refused.is_some_and(|e| e.to_string().contains("history:search:b")));
     }
 
     #[tokio::test]

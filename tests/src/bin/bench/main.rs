@@ -22,9 +22,13 @@
 //! rate (first insertAll to last, start-up excluded) and the CPU the bench
 //! process itself (the proxy) used meanwhile. `--skip-emulator` runs (a) only.
 //!
+//! `bench cluster`: redis-sink on a Redis Cluster against one Redis, with
+//! each node's CPU and what it implies for more nodes (see `cluster`).
+//!
 //! Run through `make bench`, which builds release binaries and starts the
 //! stack.
 
+mod cluster;
 mod freshness;
 
 use std::time::{Duration, Instant};
@@ -74,6 +78,15 @@ enum Command {
         /// Seconds of load.
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+    },
+    /// redis-sink on a Redis Cluster (3 primaries, a replica each) against one Redis, on the production-shaped input: events/s, each node's CPU and commands, peak RSS.
+    Cluster {
+        /// Events in the topic before the consumer starts.
+        #[arg(long, default_value_t = 300_000)]
+        events: usize,
+        /// Share of malformed lines.
+        #[arg(long, default_value_t = 0.01)]
+        malformed: f64,
     },
     /// redis-sink: events/s, Redis commands per event, peak RSS.
     Redis {
@@ -168,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
             }
             print_figures(&figures);
         }
+        Command::Cluster { events, malformed } => cluster::run(&stack, events, malformed).await?,
         Command::Freshness { rate, seconds } => {
             freshness::print(&freshness::redis(&stack, rate, seconds).await?);
             freshness::print(&freshness::bigquery(&stack, rate, seconds).await?);

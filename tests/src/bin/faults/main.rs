@@ -135,12 +135,25 @@ const PLAN: &[(Scenario, SinkKind)] = &[
     (Scenario::GroupRename, SinkKind::Redis),
     (Scenario::RedisFailover, SinkKind::Redis),
     (Scenario::EvictionPolicy, SinkKind::Redis),
+    // The rows that fault the service or the broker, again on the stack's
+    // Redis Cluster (3 primaries, a replica each). Cluster events themselves
+    // (failovers, moved slots) are `make test`'s
+    // cluster_failovers_and_moved_slots_mid_stream_count_every_event_once.
+    (Scenario::Sigkill, SinkKind::RedisCluster),
+    (Scenario::Scale, SinkKind::RedisCluster),
+    (Scenario::BrokerFaults, SinkKind::RedisCluster),
+    (Scenario::Poison, SinkKind::RedisCluster),
+    (Scenario::Sigterm, SinkKind::RedisCluster),
+    (Scenario::ZstdInput, SinkKind::RedisCluster),
 ];
 
 /// Which service a row of the plan runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SinkKind {
+    /// redis-sink on the stack's standalone Redis.
     Redis,
+    /// redis-sink on the stack's Redis Cluster.
+    RedisCluster,
     BigQuery,
 }
 
@@ -150,8 +163,14 @@ impl SinkKind {
     fn binary(self) -> &'static str {
         match self {
             Self::Redis => "redis-sink",
+            Self::RedisCluster => "redis-sink (cluster)",
             Self::BigQuery => "bigquery-sink",
         }
+    }
+
+    /// Whether the row runs redis-sink.
+    fn is_redis(self) -> bool {
+        matches!(self, Self::Redis | Self::RedisCluster)
     }
 
     /// The service's sink on the stack: the one place a scenario's sink
@@ -159,6 +178,7 @@ impl SinkKind {
     async fn side(self, stack: &Stack) -> anyhow::Result<Box<dyn SinkSide>> {
         Ok(match self {
             Self::Redis => Box::new(RedisSide::on_stack(stack).await?),
+            Self::RedisCluster => Box::new(RedisSide::on_stack_cluster(stack).await?),
             Self::BigQuery => Box::new(BigQuerySide::on_stack(stack)?),
         })
     }
@@ -293,7 +313,7 @@ fn table(rows: &[Row]) -> String {
                 // (its at-least-once window); Redis has nothing to count there.
                 let raw = match row.kind {
                     SinkKind::BigQuery => t.raw_duplicates.to_string(),
-                    SinkKind::Redis => "-".into(),
+                    SinkKind::Redis | SinkKind::RedisCluster => "-".into(),
                 };
                 let recovery = o
                     .recovery

@@ -45,7 +45,7 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
 fn poison_items(kind: SinkKind) -> Vec<(&'static str, Item)> {
     let now = chrono::Utc::now();
     let ts = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let redis = kind == SinkKind::Redis;
+    let redis = kind.is_redis();
     let item = |payload: Vec<u8>, kept: bool, truth: Option<Truth>| Item {
         payload,
         kept,

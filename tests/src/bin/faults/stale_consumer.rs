@@ -26,6 +26,9 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     let mut redis = match kind {
         SinkKind::Redis => Some(PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?),
         SinkKind::BigQuery => None,
+        SinkKind::RedisCluster => {
+            anyhow::bail!("the stale-consumer scenario stops a standalone Redis of its own")
+        }
     };
     let mut p = match &redis {
         Some(redis) => on_redis(stack, redis.url()).await?,
