@@ -107,47 +107,71 @@ impl PrivateCluster {
     /// source, IMPORTING on the target: clients meet `ASK` while it moves,
     /// `MOVED` after).
     pub async fn move_slot_of(&self, key: &str, to_port: u16) -> anyhow::Result<()> {
+        let moving = self.begin_moving(key, to_port).await?;
+        self.finish_moving(&moving).await
+    }
+
+    /// Starts moving `key`'s slot to `to_port`: MIGRATING on its primary,
+    /// IMPORTING on the target, no key moved yet.
+    pub async fn begin_moving(&self, key: &str, to_port: u16) -> anyhow::Result<SlotMove> {
         let slot = slot_of(key);
         let from_port = self.primary_of(key).await?;
-        let (mut from, mut to) = (self.node(from_port).await?, self.node(to_port).await?);
-        let id = |conn: &mut MultiplexedConnection| {
-            let mut conn = conn.clone();
-            async move {
-                redis::cmd("CLUSTER")
-                    .arg("MYID")
-                    .query_async::<String>(&mut conn)
-                    .await
-            }
+        let moving = SlotMove {
+            slot,
+            from_port,
+            to_port,
+            from_id: self.id_of(from_port).await?,
+            to_id: self.id_of(to_port).await?,
         };
-        let (from_id, to_id) = (id(&mut from).await?, id(&mut to).await?);
+        let (mut from, mut to) = (self.node(from_port).await?, self.node(to_port).await?);
         redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &slot.to_string(), "IMPORTING", &from_id][..])
+            .arg(&["SETSLOT", &slot.to_string(), "IMPORTING", &moving.from_id][..])
             .exec_async(&mut to)
             .await?;
         redis::cmd("CLUSTER")
-            .arg(&["SETSLOT", &slot.to_string(), "MIGRATING", &to_id][..])
+            .arg(&["SETSLOT", &slot.to_string(), "MIGRATING", &moving.to_id][..])
             .exec_async(&mut from)
             .await?;
-        loop {
-            let keys: Vec<String> = redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(100)
-                .query_async(&mut from)
-                .await?;
-            if keys.is_empty() {
-                break;
-            }
+        Ok(moving)
+    }
+
+    /// Moves up to `count` keys of the slot (`MIGRATE`); how many moved.
+    pub async fn move_keys(&self, moving: &SlotMove, count: usize) -> anyhow::Result<usize> {
+        let mut from = self.node(moving.from_port).await?;
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(moving.slot)
+            .arg(count)
+            .query_async(&mut from)
+            .await?;
+        if !keys.is_empty() {
             redis::cmd("MIGRATE")
-                .arg(&["127.0.0.1", &to_port.to_string(), "", "0", "5000", "KEYS"][..])
+                .arg(
+                    &[
+                        "127.0.0.1",
+                        &moving.to_port.to_string(),
+                        "",
+                        "0",
+                        "5000",
+                        "KEYS",
+                    ][..],
+                )
                 .arg(&keys)
                 .exec_async(&mut from)
                 .await?;
         }
+        Ok(keys.len())
+    }
+
+    /// Moves the slot's remaining keys and gives the slot to the target.
+    /// Fails (`BUSYKEY`) if a key still on the source exists on the target
+    /// too.
+    pub async fn finish_moving(&self, moving: &SlotMove) -> anyhow::Result<()> {
+        while self.move_keys(moving, 100).await? > 0 {}
         for port in self.ports()? {
             let mut conn = self.node(port).await?;
             let set = redis::cmd("CLUSTER")
-                .arg(&["SETSLOT", &slot.to_string(), "NODE", &to_id][..])
+                .arg(&["SETSLOT", &moving.slot.to_string(), "NODE", &moving.to_id][..])
                 .exec_async(&mut conn)
                 .await;
             // Replicas learn it from their primary.
@@ -156,6 +180,13 @@ impl PrivateCluster {
             }
         }
         Ok(())
+    }
+
+    async fn id_of(&self, port: u16) -> anyhow::Result<String> {
+        Ok(redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut self.node(port).await?)
+            .await?)
     }
 
     /// Stops the node on `port` with SIGKILL (nothing flushed).
@@ -244,6 +275,15 @@ impl PrivateCluster {
             .parse()
             .context("replica port")
     }
+}
+
+/// A slot being moved (see [`PrivateCluster::begin_moving`]).
+pub struct SlotMove {
+    slot: u16,
+    from_port: u16,
+    to_port: u16,
+    from_id: String,
+    to_id: String,
 }
 
 impl Drop for PrivateCluster {

@@ -560,6 +560,69 @@ async fn a_sasl_ssl_broker_with_client_certificates_is_consumed_exactly() -> any
     Ok(())
 }
 
+/// A slot half moved while the sink writes: MIGRATING on its primary,
+/// IMPORTING on another, some of its history keys moved already. The sink
+/// must not write a copy on the new node of a key still on the old one,
+/// which would block the move (MIGRATE: BUSYKEY): it waits for the move to
+/// end (`redis_slot_moving`), then every event counts once. Every user's id
+/// carries the hash tag `{t}`, so all histories share that slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn histories_in_a_slot_being_moved_land_where_their_keys_are() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let cluster = PrivateCluster::start(stack.dir.join(unique("cluster"))).await?;
+    let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), cluster.url()).await?;
+    let tagged: Vec<Generated> = events(26, 8_000, 0.0).into_iter().map(tag_user).collect();
+    let (before, after) = tagged.split_at(4_000);
+    p.produce_events(before.to_vec()).await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+
+    let key = format!("{}history:search:{{t}}", redis.prefix);
+    let from = cluster.primary_of(&key).await?;
+    let mut conn = redis.connect().await?;
+    let to = e2e::redis::primaries(&mut conn)
+        .await?
+        .into_iter()
+        .map(|(_, port)| port)
+        .find(|port| *port != from)
+        .context("another primary")?;
+    let moving = cluster.begin_moving(&key, to).await?;
+    let moved = cluster.move_keys(&moving, 40).await?;
+    assert_eq!(moved, 40, "keys of the slot moved before the writes");
+    p.produce_events(after.to_vec()).await?;
+    wait_for_async(
+        Duration::from_secs(60),
+        "a write that met the moving slot",
+        || async {
+            let moving = instance.metrics().await?.sum_of(
+                "sink_retries_total",
+                &[("operation", "write"), ("kind", "redis_slot_moving")],
+            );
+            Ok(moving >= 1.0)
+        },
+    )
+    .await?;
+    cluster.finish_moving(&moving).await?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await
+}
+
+/// `event` with its user id (if any) given the hash tag `{t}`.
+fn tag_user(mut event: Generated) -> Generated {
+    let Some(truth) = event.truth.as_mut() else {
+        return event;
+    };
+    let Some(user) = truth.user.as_mut() else {
+        return event;
+    };
+    *user = format!("{{t}}{user}");
+    if let Ok(mut json) = serde_json::from_slice::<serde_json::Value>(&event.payload) {
+        json["user_id"] = serde_json::Value::String(user.clone());
+        event.payload = serde_json::to_vec(&json).unwrap_or_default();
+    }
+    event
+}
+
 /// `--redis-wait-replicas 1`: while a primary's replica is down, no batch's
 /// counts or offset move (its histories may be on that primary, and a
 /// failover would lose them behind the fence); the sink says why and is

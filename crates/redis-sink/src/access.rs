@@ -3,6 +3,7 @@
 //! so that no secret has to sit in an environment variable.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -112,11 +113,33 @@ impl RedisAccess {
         // overall bound also ends a request stuck in redis-rs 1.8's
         // connection, which after a failover under load stops answering
         // for good (see `client::Reopen`).
+        self.cluster_client_with(5, Duration::from_secs(5), Duration::from_secs(10))
+    }
+
+    /// The cluster client for the sink's history pipelines (one per
+    /// primary, holding keys of many slots): redis-rs retries nothing. On a
+    /// redirect it would send the whole pipeline again to the new node,
+    /// after `ASKING` for the first command only, and while a slot moves
+    /// that writes a key that is still on the old node onto the new one,
+    /// which blocks the move (MIGRATE: BUSYKEY). The sink writes such
+    /// histories one by one instead. Each pipeline may end in `WAIT` (up to
+    /// [`MAX_WAIT_MS`], after those of the batches before it on the node's
+    /// connection), hence the longer bounds.
+    pub fn pipeline_cluster_client(&self) -> anyhow::Result<ClusterClient> {
+        self.cluster_client_with(0, Duration::from_secs(20), Duration::from_secs(25))
+    }
+
+    fn cluster_client_with(
+        &self,
+        retries: u32,
+        response_timeout: Duration,
+        overall_timeout: Duration,
+    ) -> anyhow::Result<ClusterClient> {
         let mut builder = ClusterClient::builder(self.infos()?)
-            .connection_timeout(std::time::Duration::from_secs(5))
-            .response_timeout(std::time::Duration::from_secs(5))
-            .overall_response_timeout(Some(std::time::Duration::from_secs(10)))
-            .retries(5)
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(response_timeout)
+            .overall_response_timeout(Some(overall_timeout))
+            .retries(retries)
             .min_retry_wait(50)
             .max_retry_wait(1_000);
         if let Some(tls) = self.tls()? {
@@ -192,6 +215,11 @@ impl RedisAccess {
         )
     }
 }
+
+/// The longest `--redis-wait-timeout-ms`: three batches' `WAIT`s queued on
+/// one node's connection stay within [`RedisAccess::pipeline_cluster_client`]'s
+/// response timeout.
+pub const MAX_WAIT_MS: u64 = 5_000;
 
 /// Makes ring the process's TLS crypto provider unless one is set. redis-rs
 /// builds its TLS config with rustls's process default, which rustls picks

@@ -75,7 +75,8 @@ impl ConnectionLike for RedisConn {
     }
 }
 
-/// How to open the connection again.
+/// How to open the connection again (one per process: its size is no matter).
+#[allow(clippy::large_enum_variant)]
 enum Reopen {
     /// A standalone primary: the URL may lead elsewhere after a failover.
     Standalone(redis::Client, ConnectionManagerConfig),
@@ -83,7 +84,9 @@ enum Reopen {
     /// but after a failover under load redis-rs 1.8's connection was seen
     /// to stop answering for good (every request timing out after a slot
     /// refresh began); a new one from the seeds recovers.
-    Cluster(redis::cluster::ClusterClient),
+    /// With the client of the history pipelines
+    /// ([`RedisAccess::pipeline_cluster_client`]).
+    Cluster(redis::cluster::ClusterClient, redis::cluster::ClusterClient),
 }
 
 /// Error kinds after which a cluster connection is opened anew.
@@ -93,10 +96,18 @@ const CLUSTER_STUCK: &[&str] = &["redis_unreachable", "redis_cluster_down", "red
 pub struct Primary {
     reopen: Reopen,
     /// The connection in use and its generation (bumped on each reconnect).
-    current: Mutex<(u64, RedisConn)>,
+    current: Mutex<(u64, Connections)>,
     /// One reconnect at a time: batches in flight fail together.
     reconnecting: tokio::sync::Mutex<()>,
     reconnects: AtomicU64,
+}
+
+/// What [`Primary`] holds: the connection, and on a cluster the one for
+/// history pipelines.
+#[derive(Clone)]
+struct Connections {
+    inner: RedisConn,
+    pipelines: Option<ClusterConnection>,
 }
 
 /// A connection handed out by [`Primary::get`], with its generation.
@@ -105,6 +116,9 @@ pub struct Conn {
     generation: u64,
     /// The connection itself (cheap to clone: a handle).
     pub inner: RedisConn,
+    /// On a cluster, the connection for one pipeline per primary, which
+    /// redis-rs does not retry (see [`RedisAccess::pipeline_cluster_client`]).
+    pub pipelines: Option<ClusterConnection>,
 }
 
 impl Primary {
@@ -117,14 +131,17 @@ impl Primary {
     ) -> Self {
         Self::over(
             Reopen::Standalone(client, config),
-            RedisConn::Standalone(conn),
+            Connections {
+                inner: RedisConn::Standalone(conn),
+                pipelines: None,
+            },
         )
     }
 
-    fn over(reopen: Reopen, conn: RedisConn) -> Self {
+    fn over(reopen: Reopen, conns: Connections) -> Self {
         Self {
             reopen,
-            current: Mutex::new((0, conn)),
+            current: Mutex::new((0, conns)),
             reconnecting: tokio::sync::Mutex::new(()),
             reconnects: AtomicU64::new(0),
         }
@@ -135,13 +152,14 @@ impl Primary {
         let current = self.lock();
         Conn {
             generation: current.0,
-            inner: current.1.clone(),
+            inner: current.1.inner.clone(),
+            pipelines: current.1.pipelines.clone(),
         }
     }
 
     /// Whether Redis is a cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.reopen, Reopen::Cluster(_))
+        matches!(self.reopen, Reopen::Cluster(..))
     }
 
     /// Passes `result` through; when its error says the server `used` talks
@@ -155,7 +173,7 @@ impl Primary {
         if let Err(err) = &result {
             let reopen = match self.reopen {
                 Reopen::Standalone(..) => NOT_PRIMARY,
-                Reopen::Cluster(_) => CLUSTER_STUCK,
+                Reopen::Cluster(..) => CLUSTER_STUCK,
             };
             if reopen.contains(&err.kind()) {
                 self.reconnect(used.generation, err.kind()).await;
@@ -173,9 +191,12 @@ impl Primary {
             Reopen::Standalone(client, config) => {
                 ConnectionManager::new_with_config(client.clone(), config.clone())
                     .await
-                    .map(RedisConn::Standalone)
+                    .map(|conn| Connections {
+                        inner: RedisConn::Standalone(conn),
+                        pipelines: None,
+                    })
             }
-            Reopen::Cluster(client) => client.get_async_connection().await.map(RedisConn::Cluster),
+            Reopen::Cluster(client, pipelines) => open_cluster(client, pipelines).await,
         };
         match opened {
             Ok(conn) => {
@@ -194,11 +215,22 @@ impl Primary {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, RedisConn)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Connections)> {
         self.current
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Both cluster connections (see [`Reopen::Cluster`]).
+async fn open_cluster(
+    client: &redis::cluster::ClusterClient,
+    pipelines: &redis::cluster::ClusterClient,
+) -> redis::RedisResult<Connections> {
+    Ok(Connections {
+        inner: RedisConn::Cluster(client.get_async_connection().await?),
+        pipelines: Some(pipelines.get_async_connection().await?),
+    })
 }
 
 /// How long a connection attempt and a reply may take.
@@ -226,9 +258,9 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         .context("INFO")?;
     check_server(&info)?;
     let primary = if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
-        let cluster_client = access.cluster_client()?;
-        let cluster = cluster_client
-            .get_async_connection()
+        let (cluster_client, pipeline_client) =
+            (access.cluster_client()?, access.pipeline_cluster_client()?);
+        let conns = open_cluster(&cluster_client, &pipeline_client)
             .await
             .with_context(|| {
                 format!(
@@ -238,7 +270,7 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
                 )
             })?;
         tracing::info!("Redis is a cluster: histories go to the nodes owning their slots");
-        Primary::over(Reopen::Cluster(cluster_client), RedisConn::Cluster(cluster))
+        Primary::over(Reopen::Cluster(cluster_client, pipeline_client), conns)
     } else {
         if access.urls().count() > 1 {
             bail!(
@@ -364,7 +396,16 @@ fn check_clock(redis_ms: i64, local_ms: i64) -> anyhow::Result<()> {
 /// Redis's `INFO memory` section, per node (every node of a cluster). Read
 /// instead of `CONFIG GET`, which managed Redis services often disable.
 pub(crate) async fn info_memory(conn: &mut RedisConn) -> Result<Vec<(String, String)>, RedisError> {
-    let cmd = redis::cmd("INFO").arg("memory").clone();
+    info_of_each_node(conn, "memory").await
+}
+
+/// `INFO section` of the server, or of every node of a cluster (node →
+/// reply).
+async fn info_of_each_node(
+    conn: &mut RedisConn,
+    section: &str,
+) -> Result<Vec<(String, String)>, RedisError> {
+    let cmd = redis::cmd("INFO").arg(section).clone();
     match conn {
         RedisConn::Standalone(conn) => {
             Ok(vec![("primary".to_owned(), cmd.query_async(conn).await?)])
@@ -378,6 +419,35 @@ pub(crate) async fn info_memory(conn: &mut RedisConn) -> Result<Vec<(String, Str
                 .collect()
         }
     }
+}
+
+/// Warns about every primary with fewer than `replicas` replicas attached:
+/// with `--redis-wait-replicas` its writes wait until enough are.
+pub async fn warn_if_fewer_replicas(conn: &mut RedisConn, replicas: u32) -> anyhow::Result<()> {
+    for (node, info) in info_of_each_node(conn, "replication").await? {
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .map(str::to_owned)
+        };
+        if field("role:").as_deref() != Some("master") {
+            continue;
+        }
+        let attached: u32 = field("connected_slaves:")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if attached < replicas {
+            tracing::warn!(
+                %node,
+                attached,
+                wanted = replicas,
+                "a Redis primary has fewer replicas than --redis-wait-replicas (REDIS_WAIT_REPLICAS): \
+                 no batch is counted until enough are attached"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses any eviction policy but `noeviction`: `allkeys-*` may evict the

@@ -22,12 +22,21 @@ pub struct RedisSettings {
     pub replica_acks: Option<ReplicaAcks>,
 }
 
-/// `WAIT replicas timeout_ms` between a partition's histories and its
-/// ranking script (see `RedisSink::write_partition`).
+/// `WAIT replicas timeout_ms` after a batch's histories, before its
+/// ranking scripts (see `sink::HistoryWrites`).
 #[derive(Debug, Clone, Copy)]
 pub struct ReplicaAcks {
     /// Replicas of every primary that must acknowledge.
     pub replicas: u32,
     /// How long to wait for them before the write fails and is retried.
     pub timeout_ms: u64,
+}
+
+impl ReplicaAcks {
+    /// `WAIT replicas timeout_ms`.
+    pub fn command(&self) -> redis::Cmd {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.replicas).arg(self.timeout_ms);
+        wait
+    }
 }

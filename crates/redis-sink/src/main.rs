@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use redis_sink::access::RedisAccess;
-use redis_sink::client::{connect, open};
+use redis_sink::client::{connect, open, warn_if_fewer_replicas};
 use redis_sink::config::{RedisSettings, ReplicaAcks};
 use redis_sink::decode::{DecodeRules, Kind};
 use redis_sink::keys::Keys;
@@ -105,8 +105,8 @@ struct RunArgs {
     /// Replicas of each Redis primary that must hold a batch's histories before its counts and offset move (WAIT); 0 does not wait. Worth it on a cluster: docs/redis-keys.md.
     #[arg(long, env = "REDIS_WAIT_REPLICAS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=16))]
     redis_wait_replicas: u32,
-    /// How long a write waits for those replicas before it fails and is retried.
-    #[arg(long, env = "REDIS_WAIT_TIMEOUT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    /// How long a write waits for those replicas before it fails and is retried (at most 5000).
+    #[arg(long, env = "REDIS_WAIT_TIMEOUT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=redis_sink::access::MAX_WAIT_MS))]
     redis_wait_timeout_ms: u64,
 }
 
@@ -215,6 +215,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let connect = async {
         let primary = connect(&args.redis.access).await?;
+        if args.redis_wait_replicas > 0 {
+            warn_if_fewer_replicas(&mut primary.get().inner, args.redis_wait_replicas).await?;
+        }
         move_old_layout(
             &mut primary.get().inner,
             &args.redis.key_prefix,

@@ -10,14 +10,14 @@ use crate::client::{check_eviction_policy, info_memory, Conn, Primary, RedisConn
 use std::collections::HashMap;
 
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::SingleNodeRoutingInfo;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 
 use crate::config::{RedisSettings, ReplicaAcks};
 use crate::decode::{decode, Action};
 use crate::error::classify;
-use crate::plan::{build, History, OffsetFence, Retention};
+use crate::plan::{build, History, OffsetFence, Plan, Retention};
 use crate::script::{APPLY_BATCH, RESET_FENCE};
-use crate::slots::{slot_of, Node, SlotCache};
+use crate::slots::{slot_of, SlotCache};
 
 /// Batches written at once. More than one, so that Redis runs one batch's
 /// commands while the next ones are being built and encoded: with one,
@@ -89,16 +89,14 @@ impl RedisSink {
         Ok(())
     }
 
-    /// Applies one partition's part of a batch. `Some((partition, stored))`
-    /// when Redis says the partition stands elsewhere (nothing counted).
-    async fn write_partition(
+    /// What one partition's part of a batch writes.
+    fn plan<'b>(
         &self,
-        conn: &Conn,
-        batch: &Batch<Action>,
+        batch: &'b Batch<Action>,
         range: &PartitionRange,
         offsets_key: &str,
         now_ms: i64,
-    ) -> Result<Option<(i32, i64)>, SinkError> {
+    ) -> Plan<'b> {
         let actions = batch
             .entries
             .iter()
@@ -110,33 +108,25 @@ impl RedisSink {
             first: range.first,
             next: range.next,
         };
-        let plan = build(
+        build(
             &self.settings.keys,
             self.settings.retention,
             fence,
             actions,
             now_ms,
-        );
-        // Histories first, and the script only once they are all in: see
-        // crate::script for why this order makes both exactly-once.
-        write_histories(
-            &conn.inner,
-            &plan.histories,
-            self.settings.retention,
-            now_ms,
-            &self.slots,
         )
-        .await?;
-        // On a cluster the histories may live on other primaries than the
-        // `{rank}` node: one failing over before its replica has them
-        // loses them, while the fence moved past them would keep them from
-        // being written again. Waiting here closes that (docs/redis-keys.md).
-        // The script needs no wait of its own: if its node loses it, it
-        // loses the fence with the counts, which the next batch finds
-        // behind and replays.
-        if let Some(acks) = self.settings.replica_acks {
-            wait_for_replicas(&conn.inner, acks).await?;
-        }
+    }
+
+    /// Runs one partition's ranking script, once its histories are in.
+    /// `Some((partition, stored))` when Redis says the partition stands
+    /// elsewhere (nothing counted).
+    async fn write_partition(
+        &self,
+        conn: &Conn,
+        range: &PartitionRange,
+        plan: &Plan<'_>,
+        topic: &str,
+    ) -> Result<Option<(i32, i64)>, SinkError> {
         let mut conn = conn.inner.clone();
         self.scripts.turn(range).await;
         let mut invocation = self.script.prepare_invoke();
@@ -152,7 +142,7 @@ impl RedisSink {
             // Another writer applied this range (a stale consumer, another
             // group) or a later batch followed a lost reply: counted as
             // sink-core counts the refusals it is told about.
-            metrics::counter!(sink_core::metrics::ALREADY_APPLIED, "topic" => batch.topic.to_string())
+            metrics::counter!(sink_core::metrics::ALREADY_APPLIED, "topic" => topic.to_owned())
                 .increment(1);
         }
         // At or past `next`: Redis holds every record of this range, counted
@@ -251,13 +241,26 @@ impl RedisSink {
         self.ensure_no_eviction(conn).await?;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let offsets_key = self.settings.keys.offsets(&batch.topic);
-        // Partitions are independent (own offset, fenced separately), so
-        // they go concurrently over the one connection: Redis runs one
-        // partition's commands while the next partition's are being built.
-        let writes = batch
+        let plans: Vec<(&PartitionRange, Plan<'_>)> = batch
             .ranges
             .iter()
-            .map(|range| self.write_partition(conn, batch, range, &offsets_key, now_ms));
+            .map(|range| (range, self.plan(batch, range, &offsets_key, now_ms)))
+            .collect();
+        // Every history of the batch first, and the scripts only once they
+        // are all in (and, if asked, on replicas): see crate::script for why
+        // this order makes both exactly-once.
+        let histories: Vec<&History<'_>> =
+            plans.iter().flat_map(|(_, plan)| &plan.histories).collect();
+        let history_writes = HistoryWrites {
+            commands: HistoryCommands::new(self.settings.retention, now_ms),
+            replica_acks: self.settings.replica_acks,
+        };
+        history_writes.write(conn, &histories, &self.slots).await?;
+        // Partitions are independent (own offset, fenced separately), so
+        // their scripts go concurrently.
+        let writes = plans
+            .iter()
+            .map(|(range, plan)| self.write_partition(conn, range, plan, &batch.topic));
         let mut outcome = WriteOutcome::default();
         // Every partition finishes before an error is returned: a retry of
         // the batch finds those that got through already applied.
@@ -355,163 +358,179 @@ const COMMANDS_PER_HISTORY: usize = 3;
 /// Bytes of the longest decimal i64 or u64.
 const MAX_INT_DIGITS: usize = 20;
 
-/// Writes the histories: in one pipeline on a standalone Redis, in one
-/// pipeline per primary on a cluster. Succeeds only if every command did:
-/// a key of another type fails the write (naming the key), and the retry
-/// writes them all again, which changes nothing for those already written.
-///
-/// Each key expires `history_ttl_secs` after `now_ms`, set by `PEXPIREAT`
-/// rather than `EXPIRE`: Redis logs an `EXPIRE` in the append-only file as a
-/// `PEXPIREAT`, rewriting the command first, and sparing it that cut
-/// Redis's CPU by about 6 % with AOF on (docs/benchmarks.md). [`connect`]
-/// checks that the clocks agree.
-///
-/// [`connect`]: crate::client::connect
-async fn write_histories(
-    conn: &RedisConn,
-    histories: &[History<'_>],
-    retention: Retention,
-    now_ms: i64,
-    slots: &SlotCache,
-) -> Result<(), SinkError> {
-    if histories.is_empty() {
-        return Ok(());
-    }
-    let commands = HistoryCommands::new(retention, now_ms);
-    let RedisConn::Cluster(cluster) = conn else {
-        let all: Vec<&History<'_>> = histories.iter().collect();
-        return send_histories(conn.clone(), commands.pipeline(&all), &all).await;
-    };
-    let written = write_per_node(cluster, histories, &commands, slots).await;
-    let redirected = match written {
-        Ok(redirected) => redirected,
-        Err(err) => {
-            slots.forget();
-            return Err(err);
+/// How a batch's histories are written: the commands, and whether to wait
+/// for replicas before the scripts.
+struct HistoryWrites {
+    commands: HistoryCommands,
+    replica_acks: Option<ReplicaAcks>,
+}
+
+impl HistoryWrites {
+    /// Writes `histories`: one pipeline on a standalone Redis, one per
+    /// primary on a cluster, each ending in `WAIT` when replicas must
+    /// acknowledge (`WAIT` counts the writes of its own connection, so it
+    /// goes on the one the histories went over). Succeeds only if every
+    /// command did: a key of another type fails the write (naming the key),
+    /// and the retry writes them all again, which changes nothing for those
+    /// already written.
+    async fn write(
+        &self,
+        conn: &Conn,
+        histories: &[&History<'_>],
+        slots: &SlotCache,
+    ) -> Result<(), SinkError> {
+        if histories.is_empty() {
+            return Ok(());
         }
-    };
-    if redirected.is_empty() {
-        return Ok(());
-    }
-    // A slot moved or failed over since the map was read: those histories
-    // go through redis-rs's routing, which follows MOVED and ASK, each
-    // history's commands one after the other (in order: an expiry set
-    // before the key exists would be lost). Not as a pipeline: redis-rs
-    // sends a redirected pipeline whole to the new node, which while a slot
-    // moves split one history over two nodes and blocked the move
-    // (MIGRATE: BUSYKEY).
-    slots.forget();
-    let writes = redirected.into_iter().map(|history| {
-        let mut conn = conn.clone();
-        let commands = &commands;
-        async move {
-            for command in commands.of(history) {
-                command
-                    .query_async::<()>(&mut conn)
+        let pipelines = match (&conn.inner, &conn.pipelines) {
+            (RedisConn::Cluster(_), Some(pipelines)) => pipelines,
+            _ => {
+                let replies = self
+                    .pipeline(histories)
+                    .query_async::<Vec<redis::Value>>(&mut conn.inner.clone())
                     .await
-                    .map_err(|err| history_error(err, history))?;
+                    .map_err(|err| pipeline_error(err, histories))?;
+                return self.check_replicas(&replies);
             }
-            Ok::<(), SinkError>(())
-        }
-    });
-    // Every history finishes before an error is returned (as partitions do
-    // in `write_over`).
-    futures::future::join_all(writes)
-        .await
-        .into_iter()
-        .collect()
-}
-
-/// Sends each primary the histories of its slots (by `slots`), one pipeline
-/// per primary, all at once. The histories a node answered MOVED or ASK
-/// for (or whose node the connection does not know) are returned, to be
-/// written through redis-rs's routing: a pipeline sent to one address is
-/// not redirected.
-async fn write_per_node<'a, 'h>(
-    cluster: &ClusterConnection,
-    histories: &'a [History<'h>],
-    commands: &HistoryCommands,
-    slots: &SlotCache,
-) -> Result<Vec<&'a History<'h>>, SinkError> {
-    let map = slots.get(&mut cluster.clone()).await.map_err(classify)?;
-    let mut by_node: HashMap<&Node, Vec<&History<'_>>> = HashMap::new();
-    let mut redirected = Vec::new();
-    for history in histories {
-        match map.node_of(slot_of(history.key.as_bytes())) {
-            Some(node) => by_node.entry(node).or_default().push(history),
-            None => redirected.push(history),
-        }
-    }
-    let sends = by_node.into_iter().map(|(node, histories)| {
-        let mut cluster = cluster.clone();
-        let route = SingleNodeRoutingInfo::ByAddress {
-            host: node.host.clone(),
-            port: node.port,
         };
-        let pipe = commands.pipeline(&histories);
-        async move {
-            let count = histories.len() * COMMANDS_PER_HISTORY;
-            match cluster.route_pipeline(pipe, 0, count, route).await {
-                Ok(replies) => not_written_here(&replies, &histories),
-                Err(err) if err.kind() == redis::ErrorKind::ClusterConnectionNotFound => {
-                    Ok(histories)
+        let map = slots.get(&mut conn.inner.clone()).await.map_err(classify)?;
+        let mut by_node: HashMap<Option<&str>, Vec<&History<'_>>> = HashMap::new();
+        for &history in histories {
+            let node = map.node_of(slot_of(history.key.as_bytes()));
+            by_node.entry(node).or_default().push(history);
+        }
+        let sends = by_node
+            .into_values()
+            .map(|group| self.write_on_node(conn, pipelines.clone(), group, slots));
+        // Every group finishes before an error is returned (as partitions
+        // do in `write_over`).
+        futures::future::join_all(sends).await.into_iter().collect()
+    }
+
+    /// Writes `histories` (all of one primary, by the slot map) as one
+    /// pipeline routed by the slot of the first. A redirect makes redis-rs
+    /// give up at once (`pipeline_cluster_client`: no retries). After
+    /// `MOVED` (the map is stale: a slot moved or failed over) the group is
+    /// written again through redis-rs's routing, command by command.
+    async fn write_on_node(
+        &self,
+        conn: &Conn,
+        mut pipelines: ClusterConnection,
+        histories: Vec<&History<'_>>,
+        slots: &SlotCache,
+    ) -> Result<(), SinkError> {
+        let Some(first) = histories.first() else {
+            return Ok(());
+        };
+        let pipe = self.pipeline(&histories);
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
+            slot_of(first.key.as_bytes()),
+            SlotAddr::Master,
+        ));
+        let count = pipe.len();
+        match pipelines.route_pipeline(pipe, 0, count, route).await {
+            Ok(replies) => {
+                if let Some((index, error)) =
+                    replies.iter().enumerate().find_map(|(i, r)| match r {
+                        redis::Value::ServerError(e) => Some((i, e.clone())),
+                        _ => None,
+                    })
+                {
+                    slots.forget();
+                    let err = redis::RedisError::from(error);
+                    return Err(match histories.get(index / COMMANDS_PER_HISTORY) {
+                        Some(history) => history_error(err, history),
+                        None => classify(err),
+                    });
                 }
-                Err(err) => Err(classify(err)),
+                self.check_replicas(&replies)
+            }
+            // The slot is moving, some of its keys on the new node already:
+            // retried with backoff until the move ends. Not through
+            // redis-rs's routing: it follows ASK with `ASKING` as a request
+            // of its own on the shared connection, which another command
+            // can take first; the `MOVED` that follows starts a slot
+            // refresh that did not end while the slot was moving (tested).
+            Err(err) if matches!(err.code(), Some("ASK" | "TRYAGAIN")) => {
+                slots.forget();
+                Err(SinkError::transient(
+                    "redis_slot_moving",
+                    anyhow::anyhow!(
+                        "a slot of these histories is moving between nodes ({err}): the \
+                         write is retried once the move has ended"
+                    ),
+                ))
+            }
+            Err(err) if is_moved(&err) => {
+                slots.forget();
+                self.write_one_by_one(&conn.inner, &histories).await
+            }
+            Err(err) => {
+                slots.forget();
+                Err(classify(err))
             }
         }
-    });
-    for sent in futures::future::join_all(sends).await {
-        redirected.extend(sent?);
     }
-    Ok(redirected)
-}
 
-/// The histories among `histories` whose commands a node redirected
-/// (`MOVED`, `ASK`); any other error reply fails the write.
-fn not_written_here<'a, 'h>(
-    replies: &[redis::Value],
-    histories: &[&'a History<'h>],
-) -> Result<Vec<&'a History<'h>>, SinkError> {
-    let mut redirected: Vec<&History<'_>> = Vec::new();
-    for (index, reply) in replies.iter().enumerate() {
-        let redis::Value::ServerError(error) = reply else {
-            continue;
-        };
-        let Some(&history) = histories.get(index / COMMANDS_PER_HISTORY) else {
-            continue;
-        };
-        if matches!(error.code(), "MOVED" | "ASK") {
-            if !redirected
-                .last()
-                .is_some_and(|last| std::ptr::eq(*last, history))
-            {
-                redirected.push(history);
+    /// Writes `histories` through redis-rs's routing, which follows `MOVED`
+    /// and `ASK` command by command: each history's commands one after the
+    /// other (in order: an expiry set before the key exists would be lost),
+    /// all histories at once; then `WAIT` on every primary, if asked.
+    async fn write_one_by_one(
+        &self,
+        conn: &RedisConn,
+        histories: &[&History<'_>],
+    ) -> Result<(), SinkError> {
+        let writes = histories.iter().map(|history| {
+            let mut conn = conn.clone();
+            async move {
+                for command in self.commands.of(history) {
+                    command
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(|err| history_error(err, history))?;
+                }
+                Ok::<(), SinkError>(())
             }
-        } else {
-            return Err(history_error(
-                redis::RedisError::from(error.clone()),
-                history,
-            ));
-        }
+        });
+        futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .collect::<Result<(), SinkError>>()?;
+        let Some(acks) = self.replica_acks else {
+            return Ok(());
+        };
+        let acked: redis::Value = acks
+            .command()
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(classify)?;
+        self.check_replicas(&[acked])
     }
-    Ok(redirected)
-}
 
-/// Waits until `acks.replicas` replicas of every primary hold what this
-/// connection wrote to it (`WAIT`: per connection, hence the same one the
-/// histories went over; on a cluster redis-rs asks every primary and keeps
-/// the lowest count). Too few in time fails the write, which is retried:
-/// its histories are written again first, so a history a failover lost in
-/// between is back before the fence moves.
-async fn wait_for_replicas(conn: &RedisConn, acks: ReplicaAcks) -> Result<(), SinkError> {
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(acks.replicas)
-        .arg(acks.timeout_ms)
-        .query_async(&mut conn.clone())
-        .await
-        .map_err(classify)?;
-    if acked < i64::from(acks.replicas) {
-        return Err(SinkError::transient(
+    /// The pipeline of `histories`, ending in `WAIT` if replicas must
+    /// acknowledge.
+    fn pipeline(&self, histories: &[&History<'_>]) -> redis::Pipeline {
+        let mut pipe = self.commands.pipeline(histories);
+        if let Some(acks) = self.replica_acks {
+            pipe.add_command(acks.command());
+        }
+        pipe
+    }
+
+    /// Fails unless the `WAIT` that ends `replies` counted enough replicas.
+    fn check_replicas(&self, replies: &[redis::Value]) -> Result<(), SinkError> {
+        let Some(acks) = self.replica_acks else {
+            return Ok(());
+        };
+        let acked = match replies.last() {
+            Some(redis::Value::Int(n)) => *n,
+            _ => 0,
+        };
+        if acked >= i64::from(acks.replicas) {
+            return Ok(());
+        }
+        Err(SinkError::transient(
             "redis_replicas_behind",
             anyhow::anyhow!(
                 "only {acked} replica(s) of a Redis primary acknowledged the histories within \
@@ -520,9 +539,13 @@ async fn wait_for_replicas(conn: &RedisConn, acks: ReplicaAcks) -> Result<(), Si
                 acks.timeout_ms,
                 acks.replicas
             ),
-        ));
+        ))
     }
-    Ok(())
+}
+
+/// A reply that says the slot lives on another node now.
+fn is_moved(err: &redis::RedisError) -> bool {
+    err.code() == Some("MOVED") || err.kind() == redis::ErrorKind::ClusterConnectionNotFound
 }
 
 /// How each history is written: the same expiry and trim for all of a batch.
@@ -581,23 +604,17 @@ impl HistoryCommands {
     }
 }
 
-/// Sends `pipe`, the commands of `histories`; a `WRONGTYPE` reply names
-/// the history's key.
-async fn send_histories(
-    mut conn: RedisConn,
-    pipe: redis::Pipeline,
-    histories: &[&History<'_>],
-) -> Result<(), SinkError> {
-    pipe.query_async::<()>(&mut conn).await.map_err(|err| {
-        let failed = err.clone().into_server_errors().and_then(|errors| {
-            let (index, _) = errors.iter().find(|(_, e)| e.code() == "WRONGTYPE")?;
-            histories.get(index / COMMANDS_PER_HISTORY)
-        });
-        match failed {
-            Some(history) => history_error(err, history),
-            None => classify(err),
-        }
-    })
+/// `err` from the pipeline of `histories`: a `WRONGTYPE` reply names the
+/// history's key.
+fn pipeline_error(err: redis::RedisError, histories: &[&History<'_>]) -> SinkError {
+    let failed = err.clone().into_server_errors().and_then(|errors| {
+        let (index, _) = errors.iter().find(|(_, e)| e.code() == "WRONGTYPE")?;
+        histories.get(index / COMMANDS_PER_HISTORY)
+    });
+    match failed {
+        Some(history) => history_error(err, history),
+        None => classify(err),
+    }
 }
 
 /// `err` from writing `history`: a `WRONGTYPE` names its key.
@@ -631,49 +648,6 @@ mod tests {
             first,
             next,
         }
-    }
-
-    fn reply(resp: &[u8]) -> redis::Value {
-        redis::parse_redis_value(resp).unwrap_or(redis::Value::Nil)
-    }
-
-    #[test]
-    fn redirected_histories_are_sent_again_and_other_errors_fail_naming_the_key() {
-        let history = |user: &str| History {
-            key: format!("history:search:{user}"),
-            items: vec![(1, "k")],
-        };
-        let (a, b, c) = (history("a"), history("b"), history("c"));
-        let sent = [&a, &b, &c];
-        let ok = || reply(b":1\r\n");
-        let moved = || reply(b"-MOVED 3999 127.0.0.1:6381\r\n");
-        // b's slot moved after its ZADD went through; c's before any.
-        let replies = [
-            ok(),
-            ok(),
-            ok(),
-            ok(),
-            moved(),
-            moved(),
-            reply(b"-ASK 7000 127.0.0.1:6382\r\n"),
-            moved(),
-            moved(),
-        ];
-        let again = not_written_here(&replies, &sent).unwrap_or_default();
-        assert_eq!(
-            again.iter().map(|h| h.key.as_str()).collect::<Vec<_>>(),
-            ["history:search:b", "history:search:c"]
-        );
-
-        let mut replies = vec![ok(); 9];
-        replies[3] =
-            reply(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n");
-        let refused = not_written_here(&replies, &sent).err();
-        assert_eq!(
-            refused.as_ref().map(SinkError::kind),
-            Some("redis_wrong_type")
-        );
-        assert!(refused.is_some_and(|e| e.to_string().contains("history:search:b")));
     }
 
     #[tokio::test]

@@ -3,10 +3,12 @@
 //!
 //! redis-rs routes each command by its key on its own, but one request per
 //! command cost the sink 14 times the CPU of a standalone run (perf: its
-//! per-request machinery). With this map the sink sends one pipeline per
-//! primary instead (see `sink::write_histories`); a map gone stale only
-//! sends some commands to the wrong node, which answers MOVED or ASK, and
-//! those go through redis-rs's routing one by one.
+//! per-request machinery). With this map the sink groups a batch's
+//! histories by primary and sends each group as one pipeline, routed by the
+//! slot of its first key (see `sink::write_histories`). A map gone stale
+//! only puts keys of another node in a group: that node answers MOVED or
+//! ASK, and the group is written again through redis-rs's routing, command
+//! by command.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -45,20 +47,12 @@ fn crc16_xmodem(bytes: &[u8]) -> u16 {
     crc
 }
 
-/// A primary's address as the cluster announces it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Node {
-    /// Host or IP.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
 /// The primary serving each slot, as one node saw it.
 #[derive(Debug, Default)]
 pub struct SlotMap {
-    /// (first slot, last slot, primary), in `CLUSTER SLOTS` order.
-    ranges: Vec<(u16, u16, Node)>,
+    /// (first slot, last slot, the primary's node id), in `CLUSTER SLOTS`
+    /// order. The id, not the address: nodes may announce no host.
+    ranges: Vec<(u16, u16, String)>,
 }
 
 impl SlotMap {
@@ -74,24 +68,19 @@ impl SlotMap {
             parts.truncate(3);
             let (start, end, primary): (u16, u16, Vec<redis::Value>) =
                 redis::from_redis_value(redis::Value::Array(parts))?;
-            let (host, port): (String, u16) = match primary.as_slice() {
-                [host, port, ..] => (
-                    redis::from_redis_value(host.clone())?,
-                    redis::from_redis_value(port.clone())?,
-                ),
-                _ => continue,
-            };
-            ranges.push((start, end, Node { host, port }));
+            if let Some(id) = primary.get(2) {
+                ranges.push((start, end, redis::from_redis_value(id.clone())?));
+            }
         }
         Ok(Self { ranges })
     }
 
-    /// The primary serving `slot`, if the map knows one.
-    pub fn node_of(&self, slot: u16) -> Option<&Node> {
+    /// The id of the primary serving `slot`, if the map knows one.
+    pub fn node_of(&self, slot: u16) -> Option<&str> {
         self.ranges
             .iter()
             .find(|(start, end, _)| (*start..=*end).contains(&slot))
-            .map(|(_, _, node)| node)
+            .map(|(_, _, node)| node.as_str())
     }
 }
 
@@ -139,20 +128,16 @@ mod tests {
 
     #[test]
     fn a_slot_maps_to_the_range_that_holds_it() {
-        let node = |port| Node {
-            host: "10.0.0.1".into(),
-            port,
-        };
         let map = SlotMap {
             ranges: vec![
-                (0, 5460, node(1)),
-                (5461, 10922, node(2)),
-                (10923, 16383, node(3)),
+                (0, 5460, "a".into()),
+                (5461, 10922, "b".into()),
+                (10923, 16383, "c".into()),
             ],
         };
-        assert_eq!(map.node_of(0), Some(&node(1)));
-        assert_eq!(map.node_of(5461), Some(&node(2)));
-        assert_eq!(map.node_of(16383), Some(&node(3)));
+        assert_eq!(map.node_of(0), Some("a"));
+        assert_eq!(map.node_of(5461), Some("b"));
+        assert_eq!(map.node_of(16383), Some("c"));
         assert_eq!(SlotMap::default().node_of(7), None);
     }
 }
