@@ -216,7 +216,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let connect = async {
         let primary = connect(&args.redis.access).await?;
         if args.redis_wait_replicas > 0 {
-            warn_if_fewer_replicas(&mut primary.get().inner, args.redis_wait_replicas).await?;
+            // Advice only: a node not answering now must not stop the start.
+            if let Err(err) =
+                warn_if_fewer_replicas(&mut primary.get().inner, args.redis_wait_replicas).await
+            {
+                tracing::warn!(error = %err, "cannot count the Redis primaries' replicas");
+            }
         }
         move_old_layout(
             &mut primary.get().inner,

@@ -401,7 +401,7 @@ impl HistoryWrites {
         }
         let sends = by_node
             .into_values()
-            .map(|group| self.write_on_node(conn, pipelines.clone(), group, slots));
+            .map(|group| self.write_on_node(pipelines.clone(), group, slots));
         // Every group finishes before an error is returned (as partitions
         // do in `write_over`).
         futures::future::join_all(sends).await.into_iter().collect()
@@ -409,12 +409,11 @@ impl HistoryWrites {
 
     /// Writes `histories` (all of one primary, by the slot map) as one
     /// pipeline routed by the slot of the first. A redirect makes redis-rs
-    /// give up at once (`pipeline_cluster_client`: no retries). After
-    /// `MOVED` (the map is stale: a slot moved or failed over) the group is
-    /// written again through redis-rs's routing, command by command.
+    /// give up at once (`pipeline_cluster_client`: no retries) and fails
+    /// the write, which is retried; histories already written are written
+    /// again, which changes nothing.
     async fn write_on_node(
         &self,
-        conn: &Conn,
         mut pipelines: ClusterConnection,
         histories: Vec<&History<'_>>,
         slots: &SlotCache,
@@ -449,63 +448,36 @@ impl HistoryWrites {
             // retried with backoff until the move ends. Not through
             // redis-rs's routing: it follows ASK with `ASKING` as a request
             // of its own on the shared connection, which another command
-            // can take first; the `MOVED` that follows starts a slot
+            // can take first; the `MOVED` that follows started a slot
             // refresh that did not end while the slot was moving (tested).
             Err(err) if matches!(err.code(), Some("ASK" | "TRYAGAIN")) => {
                 slots.forget();
                 Err(SinkError::transient(
                     "redis_slot_moving",
                     anyhow::anyhow!(
-                        "a slot of these histories is moving between nodes ({err}): the \
-                         write is retried once the move has ended"
+                        "a slot of these histories is being moved between nodes ({err}): the \
+                         write is retried until the move has ended (a slot left MIGRATING by \
+                         an interrupted resharding needs `redis-cli --cluster fix`)"
                     ),
                 ))
             }
-            Err(err) if is_moved(&err) => {
+            // The slot map was stale (a slot moved, a failover): the retry
+            // reads it again and sends each group where it belongs now.
+            Err(err)
+                if err.code() == Some("MOVED")
+                    || err.kind() == redis::ErrorKind::ClusterConnectionNotFound =>
+            {
                 slots.forget();
-                self.write_one_by_one(&conn.inner, &histories).await
+                Err(SinkError::transient(
+                    "redis_slot_map_changed",
+                    anyhow::anyhow!("the cluster's slot map changed ({err}): the write is retried"),
+                ))
             }
             Err(err) => {
                 slots.forget();
                 Err(classify(err))
             }
         }
-    }
-
-    /// Writes `histories` through redis-rs's routing, which follows `MOVED`
-    /// and `ASK` command by command: each history's commands one after the
-    /// other (in order: an expiry set before the key exists would be lost),
-    /// all histories at once; then `WAIT` on every primary, if asked.
-    async fn write_one_by_one(
-        &self,
-        conn: &RedisConn,
-        histories: &[&History<'_>],
-    ) -> Result<(), SinkError> {
-        let writes = histories.iter().map(|history| {
-            let mut conn = conn.clone();
-            async move {
-                for command in self.commands.of(history) {
-                    command
-                        .query_async::<()>(&mut conn)
-                        .await
-                        .map_err(|err| history_error(err, history))?;
-                }
-                Ok::<(), SinkError>(())
-            }
-        });
-        futures::future::join_all(writes)
-            .await
-            .into_iter()
-            .collect::<Result<(), SinkError>>()?;
-        let Some(acks) = self.replica_acks else {
-            return Ok(());
-        };
-        let acked: redis::Value = acks
-            .command()
-            .query_async(&mut conn.clone())
-            .await
-            .map_err(classify)?;
-        self.check_replicas(&[acked])
     }
 
     /// The pipeline of `histories`, ending in `WAIT` if replicas must
@@ -541,11 +513,6 @@ impl HistoryWrites {
             ),
         ))
     }
-}
-
-/// A reply that says the slot lives on another node now.
-fn is_moved(err: &redis::RedisError) -> bool {
-    err.code() == Some("MOVED") || err.kind() == redis::ErrorKind::ClusterConnectionNotFound
 }
 
 /// How each history is written: the same expiry and trim for all of a batch.
@@ -598,6 +565,10 @@ impl HistoryCommands {
             .arg(key)
             .arg(0)
             .arg(self.last_dropped);
+        // Always changes the key, so Redis always replicates it: a retry
+        // over a new connection then moves that connection's replication
+        // offset past everything before, and its `WAIT` covers the rewrite
+        // even where `ZADD GT` and the trim changed nothing (no NX/GT here).
         let mut expire = redis::Cmd::with_capacity(3, 9 + key.len() + MAX_INT_DIGITS);
         expire.arg("PEXPIREAT").arg(key).arg(self.expire_at);
         [zadd, trim, expire]
