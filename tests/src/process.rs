@@ -360,21 +360,8 @@ impl PrivateRedis {
             .arg(&["127.0.0.1", port.as_str()][..])
             .exec_async(&mut conn)
             .await?;
-        crate::wait_for_async(
-            Duration::from_secs(60),
-            "the replica's link to its primary",
-            || {
-                let mut conn = conn.clone();
-                async move {
-                    let info: String = redis::cmd("INFO")
-                        .arg("replication")
-                        .query_async(&mut conn)
-                        .await?;
-                    Ok(info.lines().any(|l| l.trim() == "master_link_status:up"))
-                }
-            },
-        )
-        .await
+        crate::redis::wait_for_replication(&conn, "master_link_status:up", Duration::from_secs(60))
+            .await
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {

@@ -86,6 +86,26 @@ pub async fn scan_keys(conn: &mut RedisConn, pattern: &str) -> anyhow::Result<Ve
     Ok(keys)
 }
 
+/// Waits until the server behind `conn` shows `line` in `INFO replication`
+/// (`role:master`, `master_link_status:up`).
+pub async fn wait_for_replication(
+    conn: &MultiplexedConnection,
+    line: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    crate::wait_for_async(timeout, &format!("INFO replication to show {line}"), || {
+        let mut conn = conn.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await?;
+            Ok(info.lines().any(|l| l.trim() == line))
+        }
+    })
+    .await
+}
+
 /// The (host, port) of each primary of the cluster, from `CLUSTER NODES`.
 pub async fn primaries(conn: &mut RedisConn) -> anyhow::Result<Vec<(String, u16)>> {
     let nodes: String = redis::cmd("CLUSTER")

@@ -84,21 +84,7 @@ impl PrivateCluster {
             .arg("FAILOVER")
             .exec_async(&mut conn)
             .await?;
-        crate::wait_for_async(
-            Duration::from_secs(30),
-            "the replica to become primary",
-            || {
-                let mut conn = conn.clone();
-                async move {
-                    let info: String = redis::cmd("INFO")
-                        .arg("replication")
-                        .query_async(&mut conn)
-                        .await?;
-                    Ok(info.lines().any(|l| l.trim() == "role:master"))
-                }
-            },
-        )
-        .await?;
+        crate::redis::wait_for_replication(&conn, "role:master", Duration::from_secs(30)).await?;
         Ok(replica)
     }
 

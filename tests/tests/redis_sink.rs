@@ -590,21 +590,26 @@ async fn histories_in_a_slot_being_moved_land_where_their_keys_are() -> anyhow::
     let moved = cluster.move_keys(&moving, 40).await?;
     assert_eq!(moved, 40, "keys of the slot moved before the writes");
     p.produce_events(after.to_vec()).await?;
-    wait_for_async(
-        Duration::from_secs(60),
-        "a write that met the moving slot",
-        || async {
-            let moving = instance.metrics().await?.sum_of(
-                "sink_retries_total",
-                &[("operation", "write"), ("kind", "redis_slot_moving")],
-            );
-            Ok(moving >= 1.0)
-        },
-    )
-    .await?;
+    write_retried(&instance, "redis_slot_moving").await?;
     cluster.finish_moving(&moving).await?;
     caught_up(&p, &instance).await?;
     assert_model(&p, &redis, since).await
+}
+
+/// Waits until `instance` has retried a write for an error of `kind`.
+async fn write_retried(instance: &Instance, kind: &str) -> anyhow::Result<()> {
+    wait_for_async(
+        Duration::from_secs(60),
+        &format!("a write retried after {kind}"),
+        || async {
+            let retries = instance.metrics().await?.sum_of(
+                "sink_retries_total",
+                &[("operation", "write"), ("kind", kind)],
+            );
+            Ok(retries >= 1.0)
+        },
+    )
+    .await
 }
 
 /// `event` with its user id (if any) given the hash tag `{t}`.
@@ -653,18 +658,7 @@ async fn waiting_for_replicas_holds_the_counts_until_a_replica_is_back() -> anyh
     let replica = cluster.replica_of(primary).await?;
     cluster.kill(replica)?;
     p.produce_events(after.to_vec()).await?;
-    wait_for_async(
-        Duration::from_secs(60),
-        "a write held back for the replica",
-        || async {
-            let behind = instance.metrics().await?.sum_of(
-                "sink_retries_total",
-                &[("operation", "write"), ("kind", "redis_replicas_behind")],
-            );
-            Ok(behind >= 1.0)
-        },
-    )
-    .await?;
+    write_retried(&instance, "redis_replicas_behind").await?;
     assert_eq!(
         p.applied().await?,
         applied,
