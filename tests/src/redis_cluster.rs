@@ -74,6 +74,17 @@ impl PrivateCluster {
         bail!("no node serves slot {slot}")
     }
 
+    /// The port of a primary other than the one on `port`.
+    pub async fn primary_other_than(&self, port: u16) -> anyhow::Result<u16> {
+        let mut conn = crate::redis::connect(&self.url).await?;
+        crate::redis::primaries(&mut conn)
+            .await?
+            .into_iter()
+            .map(|(_, p)| p)
+            .find(|p| *p != port)
+            .context("the cluster has a single primary")
+    }
+
     /// A managed failover of the primary on `primary_port` to its replica
     /// (`CLUSTER FAILOVER` on the replica: writes paused until it has
     /// everything, then promoted), waiting until every node sees it.

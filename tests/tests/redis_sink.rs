@@ -578,14 +578,9 @@ async fn histories_in_a_slot_being_moved_land_where_their_keys_are() -> anyhow::
     caught_up(&p, &instance).await?;
 
     let key = format!("{}history:search:{{t}}", redis.prefix);
-    let from = cluster.primary_of(&key).await?;
-    let mut conn = redis.connect().await?;
-    let to = e2e::redis::primaries(&mut conn)
-        .await?
-        .into_iter()
-        .map(|(_, port)| port)
-        .find(|port| *port != from)
-        .context("another primary")?;
+    let to = cluster
+        .primary_other_than(cluster.primary_of(&key).await?)
+        .await?;
     let moving = cluster.begin_moving(&key, to).await?;
     let moved = cluster.move_keys(&moving, 40).await?;
     assert_eq!(moved, 40, "keys of the slot moved before the writes");
@@ -1421,13 +1416,8 @@ async fn cluster_failovers_and_moved_slots_mid_stream_count_every_event_once() -
     p.produce_events(chunks.next().unwrap_or_default()).await?;
     p.wait_progress(15_000, &instance).await?;
 
+    let other = cluster.primary_other_than(rank_primary).await?;
     let mut conn = redis.connect().await?;
-    let other = e2e::redis::primaries(&mut conn)
-        .await?
-        .into_iter()
-        .map(|(_, port)| port)
-        .find(|port| *port != rank_primary)
-        .context("a second primary")?;
     cluster.move_slot_of(&rank_key, other).await?;
     let history = e2e::redis::scan_keys(&mut conn, &format!("{}history:*", redis.prefix))
         .await?
@@ -1435,12 +1425,7 @@ async fn cluster_failovers_and_moved_slots_mid_stream_count_every_event_once() -
         .next()
         .context("a history key")?;
     let history_from = cluster.primary_of(&history).await?;
-    let history_to = e2e::redis::primaries(&mut conn)
-        .await?
-        .into_iter()
-        .map(|(_, port)| port)
-        .find(|port| *port != history_from)
-        .context("another primary")?;
+    let history_to = cluster.primary_other_than(history_from).await?;
     cluster.move_slot_of(&history, history_to).await?;
     p.produce_events(chunks.next().unwrap_or_default()).await?;
     p.wait_progress(27_000, &instance).await?;

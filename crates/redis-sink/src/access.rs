@@ -121,8 +121,8 @@ impl RedisAccess {
     /// redirect it would send the whole pipeline again to the new node,
     /// after `ASKING` for the first command only, and while a slot moves
     /// that writes a key that is still on the old node onto the new one,
-    /// which blocks the move (MIGRATE: BUSYKEY). The sink writes such
-    /// histories one by one instead. Each pipeline may end in `WAIT` (up to
+    /// which blocks the move (MIGRATE: BUSYKEY). The sink retries such a
+    /// write itself instead. Each pipeline may end in `WAIT` (up to
     /// [`MAX_WAIT_MS`], after those of the batches before it on the node's
     /// connection), hence the longer bounds.
     pub fn pipeline_cluster_client(&self) -> anyhow::Result<ClusterClient> {

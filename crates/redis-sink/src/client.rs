@@ -157,11 +157,6 @@ impl Primary {
         }
     }
 
-    /// Whether Redis is a cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self.reopen, Reopen::Cluster(..))
-    }
-
     /// Passes `result` through; when its error says the server `used` talks
     /// to is not a writable primary, first replaces that connection (once,
     /// however many writes failed on it), so the retry reaches the new one.
@@ -293,7 +288,7 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
         })?;
     }
     // History deadlines are computed from this host's clock (see
-    // write_histories): it has to agree with Redis's.
+    // sink::HistoryCommands): it has to agree with Redis's.
     let (secs, micros): (i64, i64) = redis::cmd("TIME")
         .query_async(&mut conn)
         .await

@@ -17,8 +17,8 @@ pub struct RedisSettings {
     pub retention: Retention,
     /// Decoding limits.
     pub rules: DecodeRules,
-    /// Replicas that must hold a partition's histories before its counts
-    /// and offset move; `None` to not wait.
+    /// Replicas that must hold a batch's histories before its counts and
+    /// offsets move; `None` to not wait.
     pub replica_acks: Option<ReplicaAcks>,
 }
 

@@ -1,17 +1,15 @@
 //! The [`Sink`] over Redis: a batch becomes history writes, then one
 //! ranking script per partition.
 
-use std::time::Duration;
-
-use redis::Script;
-use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
-
-use crate::client::{check_eviction_policy, info_memory, Conn, Primary, RedisConn};
 use std::collections::HashMap;
+use std::time::Duration;
 
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+use redis::Script;
+use sink_core::{Batch, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
 
+use crate::client::{check_eviction_policy, info_memory, Conn, Primary};
 use crate::config::{RedisSettings, ReplicaAcks};
 use crate::decode::{decode, Action};
 use crate::error::classify;
@@ -352,7 +350,7 @@ impl ScriptOrder {
     }
 }
 
-/// Commands per history in [`write_histories`]: `ZADD`, the trim, `PEXPIREAT`.
+/// Commands per history ([`HistoryCommands::of`]): `ZADD`, the trim, `PEXPIREAT`.
 const COMMANDS_PER_HISTORY: usize = 3;
 
 /// Bytes of the longest decimal i64 or u64.
@@ -382,16 +380,13 @@ impl HistoryWrites {
         if histories.is_empty() {
             return Ok(());
         }
-        let pipelines = match (&conn.inner, &conn.pipelines) {
-            (RedisConn::Cluster(_), Some(pipelines)) => pipelines,
-            _ => {
-                let replies = self
-                    .pipeline(histories)
-                    .query_async::<Vec<redis::Value>>(&mut conn.inner.clone())
-                    .await
-                    .map_err(|err| pipeline_error(err, histories))?;
-                return self.check_replicas(&replies);
-            }
+        let Some(pipelines) = &conn.pipelines else {
+            let replies = self
+                .pipeline(histories)
+                .query_async::<Vec<redis::Value>>(&mut conn.inner.clone())
+                .await
+                .map_err(|err| pipeline_error(err, histories))?;
+            return self.check_replicas(&replies);
         };
         let map = slots.get(&mut conn.inner.clone()).await.map_err(classify)?;
         let mut by_node: HashMap<Option<&str>, Vec<&History<'_>>> = HashMap::new();
@@ -435,7 +430,6 @@ impl HistoryWrites {
                         _ => None,
                     })
                 {
-                    slots.forget();
                     let err = redis::RedisError::from(error);
                     return Err(match histories.get(index / COMMANDS_PER_HISTORY) {
                         Some(history) => history_error(err, history),
@@ -516,6 +510,14 @@ impl HistoryWrites {
 }
 
 /// How each history is written: the same expiry and trim for all of a batch.
+///
+/// Each key expires `history_ttl_secs` after `now_ms`, set by `PEXPIREAT`
+/// rather than `EXPIRE`: Redis logs an `EXPIRE` in the append-only file as a
+/// `PEXPIREAT`, rewriting the command first, and sparing it that cut
+/// Redis's CPU by about 6 % with AOF on (docs/benchmarks.md). [`connect`]
+/// checks that the clocks agree.
+///
+/// [`connect`]: crate::client::connect
 struct HistoryCommands {
     /// `PEXPIREAT` deadline.
     expire_at: i64,

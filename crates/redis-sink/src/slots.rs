@@ -5,7 +5,7 @@
 //! command cost the sink 14 times the CPU of a standalone run (perf: its
 //! per-request machinery). With this map the sink groups a batch's
 //! histories by primary and sends each group as one pipeline, routed by the
-//! slot of its first key (see `sink::write_histories`). A map gone stale
+//! slot of its first key (see `sink::HistoryWrites`). A map gone stale
 //! only puts keys of another node in a group: that node answers MOVED or
 //! ASK, and the group is written again through redis-rs's routing, command
 //! by command.

@@ -24,10 +24,12 @@
 use anyhow::Context;
 use e2e::redis_cluster::PrivateCluster;
 use e2e::service::ServiceFlags;
-use e2e::{unique, Stack, PARTITIONS};
+use e2e::{unique, Stack};
 use redis_sink::access::RedisAccess;
 
-use super::{bench_flags, fill_topic, info, measure, redis_cpu, total_calls, Figures, Input};
+use super::{
+    bench_flags, fill_topic, info, redis_cpu, run_until_applied, total_calls, Figures, Input,
+};
 
 /// One node's share of a cluster run.
 struct NodeFigures {
@@ -95,22 +97,8 @@ async fn run_cluster(
         &prefix,
     ))
     .set("--redis-wait-replicas", wait_replicas.to_string());
-    let started = std::time::Instant::now();
-    let service = flags.start(&stack.dir.join("logs"), &group)?;
-    let total = events as i64;
-    let mut polls = 0u64;
-    let figures = measure(started, &service, events, || {
-        polls += 1;
-        let mut reader = reader.clone();
-        let prefix = prefix.clone();
-        async move {
-            let applied =
-                e2e::redis::applied_offsets(&mut reader, &prefix, topic, PARTITIONS).await?;
-            Ok(applied.iter().sum::<i64>() >= total)
-        }
-    })
-    .await?;
-    drop(service);
+    let (figures, polls) =
+        run_until_applied(stack, &flags, &group, &prefix, &reader, topic, events).await?;
     let mut per_node = Vec::new();
     for (port, mut conn, (calls_before, cpu_before)) in conns {
         let replication = info(&mut conn, "replication").await?;

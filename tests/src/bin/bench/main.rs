@@ -488,20 +488,8 @@ async fn run_redis(
         &redis_sink::access::RedisAccess::url(redis_url),
         &prefix,
     ));
-    let started = Instant::now();
-    let service = flags.start(&stack.dir.join("logs"), &group)?;
-    let total = events as i64;
-    let mut polls = 0u64;
-    let figures = measure(started, &service, events, || {
-        polls += 1;
-        let mut conn = conn.clone();
-        let prefix = prefix.clone();
-        async move {
-            let applied = applied_offsets(&mut conn, &prefix, topic, PARTITIONS).await?;
-            Ok(applied.iter().sum::<i64>() >= total)
-        }
-    })
-    .await?;
+    let (figures, polls) =
+        run_until_applied(stack, &flags, &group, &prefix, &conn, topic, events).await?;
     // Our own commands are not the sink's: every HGETALL, and the first INFO
     // (counted once it completed).
     let calls_after = total_calls(&mut conn).await?;
@@ -516,6 +504,38 @@ async fn run_redis(
         redis_cpu_seconds: Some(redis_cpu_seconds),
         ..figures
     })
+}
+
+/// Runs redis-sink with `flags` (its group `group`, key prefix `prefix`)
+/// until the offsets it stores (read over `reader`) cover `events`: its
+/// figures, and how many times the bench read those offsets (commands that
+/// are not the sink's).
+async fn run_until_applied<C>(
+    stack: &Stack,
+    flags: &ServiceFlags,
+    group: &str,
+    prefix: &str,
+    reader: &C,
+    topic: &str,
+    events: usize,
+) -> anyhow::Result<(Figures, u64)>
+where
+    C: redis::aio::ConnectionLike + Clone + Send,
+{
+    let started = Instant::now();
+    let service = flags.start(&stack.dir.join("logs"), group)?;
+    let total = events as i64;
+    let mut polls = 0u64;
+    let figures = measure(started, &service, events, || {
+        polls += 1;
+        let mut reader = reader.clone();
+        async move {
+            let applied = applied_offsets(&mut reader, prefix, topic, PARTITIONS).await?;
+            Ok(applied.iter().sum::<i64>() >= total)
+        }
+    })
+    .await?;
+    Ok((figures, polls))
 }
 
 /// The text of redis-server's INFO `section`.
