@@ -13,14 +13,11 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/process.sh
+source "$REPO/scripts/process.sh"
 READY_TIMEOUT="${STACK_READY_TIMEOUT:-60}"
 log() { echo "redis-cluster: $*" >&2; }
 die() { echo "redis-cluster: ERROR: $*" >&2; exit 1; }
-
-is_ours() {   # is_ours PID: alive and a redis-server (a stale PID may be reused)
-    [ -n "$1" ] && kill -0 "$1" 2>/dev/null \
-        && [[ "$(tr "\0" " " 2>/dev/null <"/proc/$1/cmdline")" == *redis-server* ]]
-}
 
 start_node() {   # start_node DIR PORT: the node's bus port is in DIR/PORT/bus
     local dir=$1/$2
@@ -35,7 +32,7 @@ start_node() {   # start_node DIR PORT: the node's bus port is in DIR/PORT/bus
     echo $! >"$dir/pid"
     local deadline=$((SECONDS + READY_TIMEOUT))
     until [ "$(redis-cli -p "$2" ping 2>/dev/null)" = PONG ]; do
-        is_ours "$(cat "$dir/pid" 2>/dev/null)" || { tail -n 20 "$dir/redis.log" >&2; die "node :$2 exited during start-up"; }
+        still_starting "$(cat "$dir/pid" 2>/dev/null)" || { tail -n 20 "$dir/redis.log" >&2; die "node :$2 exited during start-up"; }
         ((SECONDS < deadline)) || die "node :$2 not answering after ${READY_TIMEOUT} s"
         sleep 0.05
     done
@@ -81,9 +78,9 @@ cmd_down() {
     [ -f "$dir/ports" ] || return 0
     while read -r port; do
         pid=$(cat "$dir/$port/pid" 2>/dev/null || true)
-        if is_ours "$pid"; then
+        if is_program "$pid" redis-server; then
             kill -TERM "$pid" 2>/dev/null || true
-            while is_ours "$pid"; do sleep 0.05; done
+            while is_program "$pid" redis-server; do sleep 0.05; done
         fi
         rm -f "$dir/$port/pid"
     done <"$dir/ports"

@@ -20,6 +20,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/process.sh
+source "$REPO/scripts/process.sh"
 STACK_DIR="${STACK_DIR:-$REPO/.stack}"
 # Cached outside the repo so that fresh clones and worktrees reuse one install.
 CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/movielog-stack"
@@ -105,14 +107,10 @@ install_all() {
 pid_of() { cat "$STACK_DIR/$1.pid" 2>/dev/null || true; }
 port_of() { cat "$STACK_DIR/$1.port" 2>/dev/null || true; }
 
-# Alive AND still our program: a stale pid file (e.g. after a reboot) must never make
-# us signal an unrelated process that reused the PID. Zombies have an empty cmdline.
-is_running() {
-    local pid marker
-    pid=$(pid_of "$1")
+is_running() {   # is_running NAME: the component's PID is alive and still its program
+    local marker
     case $1 in tansu) marker="tansu broker" ;; redis) marker="redis-server" ;; *) marker="bqemulator" ;; esac
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
-        && [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"$marker"* ]]
+    is_program "$(pid_of "$1")" "$marker"
 }
 
 # spawn NAME CMD...: start CMD in the background in its own session (it outlives this
@@ -189,7 +187,7 @@ bq_ready() {
 wait_ready() {
     local name=$1 deadline=$((SECONDS + READY_TIMEOUT)) why=""; shift
     until "$@"; do
-        is_running "$name" || why="exited during start-up"
+        still_starting "$(pid_of "$name")" || why="exited during start-up"
         ((SECONDS < deadline)) || why="not ready after ${READY_TIMEOUT} s"
         if [ -n "$why" ]; then
             log "$name $why; last lines of $STACK_DIR/$name.log:"
