@@ -86,13 +86,20 @@ pub fn compose_file_matches_the_compose_specification() -> Result<()> {
     Ok(())
 }
 
-/// The image a compose service runs, as a binary name (its Dockerfile target).
-fn compose_binary(svc: &Map<String, Value>) -> Option<&str> {
-    let target = svc
+/// The binary a compose service runs: the Dockerfile target it builds, or the
+/// `movielog/<binary>` image another service built.
+fn compose_binary(svc: &Map<String, Value>) -> Option<&'static str> {
+    let built = svc
         .get("build")
         .and_then(|b| b.get("target"))
-        .and_then(Value::as_str)?;
-    BINARIES.contains(&target).then_some(target)
+        .and_then(Value::as_str);
+    let run = svc
+        .get("image")
+        .and_then(Value::as_str)
+        .and_then(|i| i.strip_prefix("movielog/"))
+        .and_then(|i| i.split(':').next());
+    let name = built.or(run)?;
+    BINARIES.iter().copied().find(|b| *b == name)
 }
 
 /// Compose gives each binary only env vars and flags its `--help` lists, and
@@ -297,14 +304,25 @@ pub fn compose_stack_is_wired_as_designed() -> Result<()> {
 
     // The sinks.
     let bootstrap_expected: BTreeSet<String> = internal.clone();
-    for (name, topic, sink_dep) in [
-        ("redis-sink", "user3", "redis"),
-        ("bigquery-sink", "user2", "bigquery-dataset"),
+    for (name, binary, topic, sink_dep) in [
+        ("redis-sink", "redis-sink", "user3", "redis"),
+        (
+            "redis-sink-cluster",
+            "redis-sink",
+            "user3",
+            "redis-cluster-create",
+        ),
+        (
+            "bigquery-sink",
+            "bigquery-sink",
+            "user2",
+            "bigquery-dataset",
+        ),
     ] {
         let svc = service(name)?;
         let v = Value::Object(svc.clone());
         let env = environment(svc)?;
-        let cli = Cli::of(name)?;
+        let cli = Cli::of(binary)?;
         let replicas = at(&v, &["deploy", "replicas"]).and_then(Value::as_u64);
         if replicas != Some(partitions) {
             problems.push(format!("{name}: deploy.replicas is {replicas:?}, expected {partitions} (the partition count)"));
@@ -376,6 +394,7 @@ pub fn compose_stack_is_wired_as_designed() -> Result<()> {
     if !redis_cmd.contains("--appendonly yes") {
         problems.push("redis: AOF is not on (--appendonly yes)".into());
     }
+    problems.extend(redis_cluster_problems(services)?);
     let bq_env = environment(service("bigquery-sink")?)?;
     let dataset_env = environment(service("bigquery-dataset")?)?;
     for (sink_key, job_key) in [
@@ -450,6 +469,57 @@ pub fn compose_stack_is_wired_as_designed() -> Result<()> {
         }
     }
     report(problems)
+}
+
+/// The redis-cluster profile: six cluster nodes with AOF, each announcing its own
+/// service name; the create job joins all of them; redis-sink-cluster's seeds are
+/// some of them.
+fn redis_cluster_problems(services: &Map<String, Value>) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let mut nodes = BTreeSet::new();
+    for (name, svc) in services {
+        let command = words(svc.get("command")).join(" ");
+        if !command.contains("--cluster-enabled yes") {
+            continue;
+        }
+        nodes.insert(format!("{name}:6379"));
+        for needle in [
+            "--appendonly yes".to_owned(),
+            format!("--cluster-announce-hostname {name}"),
+            "--cluster-preferred-endpoint-type hostname".to_owned(),
+        ] {
+            if !command.contains(&needle) {
+                problems.push(format!("{name}: its command has no `{needle}`"));
+            }
+        }
+    }
+    if nodes.len() != 6 {
+        problems.push(format!(
+            "expected 6 Redis Cluster nodes (3 primaries, 3 replicas), found {nodes:?}"
+        ));
+    }
+    let joined: BTreeSet<String> = environment(service("redis-cluster-create")?)?
+        .get("NODES")
+        .map(|n| n.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if joined != nodes {
+        problems.push(format!(
+            "redis-cluster-create joins {joined:?}, the cluster nodes are {nodes:?}"
+        ));
+    }
+    let urls = environment(service("redis-sink-cluster")?)?
+        .get("REDIS_URL")
+        .cloned()
+        .unwrap_or_default();
+    for url in urls.split(',') {
+        let host = url.rsplit('@').next().unwrap_or(url);
+        if !nodes.contains(host) {
+            problems.push(format!(
+                "redis-sink-cluster: REDIS_URL names {host}, not one of the cluster nodes {nodes:?}"
+            ));
+        }
+    }
+    Ok(problems)
 }
 
 /// Each image is built by one compose service; the others run it by name,
