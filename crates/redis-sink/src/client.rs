@@ -24,7 +24,7 @@ use sink_core::SinkError;
 use crate::access::RedisAccess;
 use crate::error::tls_refusal;
 
-/// Error kinds (see `sink::classify`) that mean the server behind the
+/// Error kinds (see `error::classify`) that mean the server behind the
 /// connection is not a writable primary (any more, or yet): the next
 /// attempt goes over a new connection, which resolves the address again.
 pub const NOT_PRIMARY: &[&str] = &["redis_read_only", "redis_loading", "redis_master_down"];
@@ -88,9 +88,6 @@ enum Reopen {
     /// ([`RedisAccess::pipeline_cluster_client`]).
     Cluster(redis::cluster::ClusterClient, redis::cluster::ClusterClient),
 }
-
-/// Error kinds after which a cluster connection is opened anew.
-const CLUSTER_STUCK: &[&str] = &["redis_unreachable", "redis_cluster_down", "redis_moved"];
 
 /// A connection to whatever the URL leads to now.
 pub struct Primary {
@@ -168,7 +165,7 @@ impl Primary {
         if let Err(err) = &result {
             let reopen = match self.reopen {
                 Reopen::Standalone(..) => NOT_PRIMARY,
-                Reopen::Cluster(..) => CLUSTER_STUCK,
+                Reopen::Cluster(..) => crate::error::CLUSTER_STUCK,
             };
             if reopen.contains(&err.kind()) {
                 self.reconnect(used.generation, err.kind()).await;

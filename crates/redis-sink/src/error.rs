@@ -44,6 +44,28 @@ pub fn classify(err: RedisError) -> SinkError {
     SinkError::unavailable(kind, err)
 }
 
+/// Error kinds after which a cluster connection is opened anew (the
+/// connection may be the one stuck).
+pub const CLUSTER_STUCK: &[&str] = &["redis_unreachable", "redis_cluster_down", "redis_moved"];
+
+/// Of the errors of one write's concurrent requests (one per primary), the
+/// one to report: one that needs an operator before any transient one, then
+/// one after which the connections are opened anew, so that neither hides
+/// behind, say, a slot being moved on another primary. `Ok` if none failed.
+pub fn to_report(
+    results: impl IntoIterator<Item = Result<(), SinkError>>,
+) -> Result<(), SinkError> {
+    let rank = |err: &SinkError| match err {
+        SinkError::Unavailable { .. } => 0,
+        _ if CLUSTER_STUCK.contains(&err.kind()) => 1,
+        _ => 2,
+    };
+    match results.into_iter().filter_map(Result::err).min_by_key(rank) {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
 /// What to fix when `err` is a TLS handshake that no retry can mend: the
 /// server's certificate is not trusted, or the server refused ours (or
 /// asked for one we lack). Other TLS failures are left to the retries.
@@ -126,6 +148,41 @@ mod tests {
         let sorted = classify(required);
         assert_eq!(sorted.kind(), "redis_tls");
         assert!(matches!(sorted, SinkError::Unavailable { .. }));
+    }
+
+    #[test]
+    fn of_several_errors_the_one_needing_an_operator_or_a_reconnect_is_reported() {
+        let moving = || {
+            Err(SinkError::transient(
+                "redis_slot_moving",
+                anyhow::anyhow!("ASK"),
+            ))
+        };
+        let stuck = || {
+            Err(SinkError::transient(
+                "redis_unreachable",
+                anyhow::anyhow!("timeout"),
+            ))
+        };
+        let oom = || Err(SinkError::unavailable("redis_oom", anyhow::anyhow!("OOM")));
+        let kind = |r: Result<(), SinkError>| r.map_err(|e| e.kind());
+        assert_eq!(kind(to_report([Ok(()), Ok(())])), Ok(()));
+        assert_eq!(
+            kind(to_report([moving(), stuck()])),
+            Err("redis_unreachable")
+        );
+        assert_eq!(
+            kind(to_report([stuck(), moving()])),
+            Err("redis_unreachable")
+        );
+        assert_eq!(
+            kind(to_report([moving(), stuck(), oom()])),
+            Err("redis_oom")
+        );
+        assert_eq!(
+            kind(to_report([Ok(()), moving()])),
+            Err("redis_slot_moving")
+        );
     }
 
     #[test]

@@ -399,7 +399,7 @@ impl HistoryWrites {
             .map(|group| self.write_on_node(pipelines.clone(), group, slots));
         // Every group finishes before an error is returned (as partitions
         // do in `write_over`).
-        futures::future::join_all(sends).await.into_iter().collect()
+        crate::error::to_report(futures::future::join_all(sends).await)
     }
 
     /// Writes `histories` (all of one primary, by the slot map) as one

@@ -6,9 +6,8 @@
 //! per-request machinery). With this map the sink groups a batch's
 //! histories by primary and sends each group as one pipeline, routed by the
 //! slot of its first key (see `sink::HistoryWrites`). A map gone stale
-//! only puts keys of another node in a group: that node answers MOVED or
-//! ASK, and the group is written again through redis-rs's routing, command
-//! by command.
+//! only puts keys of another node in a group: that node answers MOVED, the
+//! write fails for a retry, and the map is read again for it.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
