@@ -231,6 +231,31 @@ impl PrivateCluster {
         .await
     }
 
+    /// Waits until every node says the cluster is ok (each slot served).
+    pub async fn wait_ok(&self) -> anyhow::Result<()> {
+        let ports = self.ports()?;
+        crate::wait_for_async(
+            Duration::from_secs(60),
+            "cluster_state:ok on every node",
+            || {
+                let ports = ports.clone();
+                async move {
+                    for port in ports {
+                        let info: String = redis::cmd("CLUSTER")
+                            .arg("INFO")
+                            .query_async(&mut self.node(port).await?)
+                            .await?;
+                        if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                }
+            },
+        )
+        .await
+    }
+
     /// Starts a stopped node again on its port and data.
     pub fn start_again(&self, port: u16) -> anyhow::Result<()> {
         let status = Command::new(script())

@@ -5,7 +5,7 @@
 //! Must show: nothing lost or counted twice, and what waiting costs: peak
 //! RSS before the outage, with the backlog waiting and after catching up,
 //! and the CPU seconds used while Redis was down. redis-sink only: the
-//! outage is its backend's.
+//! outage is its backend's (on a cluster, the `{rank}` shard's).
 //!
 //! On resume a consumer fetches from the next offset it has not taken,
 //! which with batched producers is usually inside a record batch, and
@@ -17,17 +17,16 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::process::PrivateRedis;
-use e2e::{unique, Stack};
+use e2e::Stack;
 
-use crate::common::{events, on_redis};
-use crate::Outcome;
+use crate::common::{events, OwnRedis};
+use crate::{Outcome, SinkKind};
 
-pub async fn run(stack: &Stack) -> anyhow::Result<Outcome> {
+pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     const BACKLOG: usize = 1_000_000;
     const BEFORE_PAUSE: usize = 60_000;
-    let mut redis = PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?;
-    let mut p = on_redis(stack, redis.url()).await?;
+    let mut redis = OwnRedis::start(stack, kind).await?;
+    let mut p = redis.pipeline(stack).await?;
     let mut all = events(&p, 9, 3_000 + BEFORE_PAUSE + BACKLOG);
     let backlog = all.split_off(3_000 + BEFORE_PAUSE);
     let before_pause = all.split_off(3_000);
@@ -35,7 +34,7 @@ pub async fn run(stack: &Stack) -> anyhow::Result<Outcome> {
     let instance = p.start()?;
     p.wait_caught_up(&instance).await?;
     let rss_before = instance.service.peak_rss()?;
-    redis.stop()?;
+    redis.stop().await?;
     let cpu = instance.service.cpu_seconds()?;
     let outage_started = Instant::now();
     p.produce(before_pause).await?;

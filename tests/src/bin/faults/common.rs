@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 use e2e::broker::Broker;
 use e2e::generator::Generator;
 use e2e::pipeline::{Instance, Item, Load, Pipeline};
+use e2e::process::PrivateRedis;
 use e2e::redis::RedisSide;
+use e2e::redis_cluster::PrivateCluster;
 use e2e::service::SHUTDOWN_TIMEOUT;
-use e2e::Stack;
+use e2e::{unique, Stack};
 
 use crate::SinkKind;
 
@@ -30,6 +32,73 @@ pub async fn on_mock_cluster(stack: &Stack, kind: SinkKind) -> anyhow::Result<Pi
 pub async fn on_redis(stack: &Stack, redis_url: String) -> anyhow::Result<Pipeline> {
     let side = RedisSide::new(&redis_url).await?;
     Pipeline::new(stack, Broker::tansu(stack), Box::new(side)).await
+}
+
+/// A Redis of the scenario's own, which it can take down: a redis-server, or
+/// a cluster (3 primaries, a replica each) of which the `{rank}` shard goes
+/// down, its primary and that primary's replica, so that no node serves the
+/// counts and the fence.
+pub enum OwnRedis {
+    Standalone(PrivateRedis),
+    Cluster {
+        cluster: PrivateCluster,
+        /// The nodes taken down, primary first.
+        down: Vec<u16>,
+    },
+}
+
+impl OwnRedis {
+    /// Starts the backend `kind` (a redis-sink kind) writes to.
+    pub async fn start(stack: &Stack, kind: SinkKind) -> anyhow::Result<Self> {
+        let dir = stack.dir.join(unique("faults-redis"));
+        Ok(match kind {
+            SinkKind::Redis => Self::Standalone(PrivateRedis::start(dir).await?),
+            SinkKind::RedisCluster => Self::Cluster {
+                cluster: PrivateCluster::start(dir).await?,
+                down: Vec::new(),
+            },
+            SinkKind::BigQuery => anyhow::bail!("bigquery-sink writes to no Redis"),
+        })
+    }
+
+    /// A redis-sink pipeline writing to it.
+    pub async fn pipeline(&self, stack: &Stack) -> anyhow::Result<Pipeline> {
+        let url = match self {
+            Self::Standalone(redis) => redis.url(),
+            Self::Cluster { cluster, .. } => cluster.url().to_owned(),
+        };
+        on_redis(stack, url).await
+    }
+
+    /// Takes it down: redis-server stops (SIGTERM); on a cluster, the `{rank}`
+    /// shard is killed (SIGKILL), its replica first so that it is not promoted.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Standalone(redis) => redis.stop(),
+            Self::Cluster { cluster, down } => {
+                let primary = cluster.primary_of("{rank}").await?;
+                let replica = cluster.replica_of(primary).await?;
+                cluster.kill(replica)?;
+                cluster.kill(primary)?;
+                *down = vec![primary, replica];
+                Ok(())
+            }
+        }
+    }
+
+    /// Brings it back, on the same data (the primary first, so that it keeps
+    /// its slots), until it serves every slot again.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Standalone(redis) => redis.start_again().await,
+            Self::Cluster { cluster, down } => {
+                for port in down.drain(..) {
+                    cluster.start_again(port)?;
+                }
+                cluster.wait_ok().await
+            }
+        }
+    }
 }
 
 /// Events of the pipeline's topic: `n` of them, produced over `seconds`.

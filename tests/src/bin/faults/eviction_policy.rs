@@ -1,6 +1,7 @@
 //! eviction policy set for 5 s: an operator sets an evicting
 //! `maxmemory-policy` (volatile-lru) under the running sink, then sets it
-//! back to noeviction.
+//! back to noeviction. On a cluster, on a primary that holds only histories:
+//! the sink must watch every primary, not only the one it asks first.
 //!
 //! Must show: the sink stops writing meanwhile (it retries: the row fails
 //! if it kept writing), and nothing is lost or counted twice. redis-sink
@@ -8,16 +9,23 @@
 
 use std::time::Duration;
 
-use e2e::process::PrivateRedis;
-use e2e::{unique, Stack};
+use e2e::Stack;
 
-use crate::common::{catch_up, load_and_start, on_redis, outage};
-use crate::Outcome;
+use crate::common::{catch_up, load_and_start, outage, OwnRedis};
+use crate::{Outcome, SinkKind};
 
-pub async fn run(stack: &Stack) -> anyhow::Result<Outcome> {
-    let redis = PrivateRedis::start(stack.dir.join(unique("faults-eviction"))).await?;
-    let mut conn = redis.connection().await?;
-    let mut p = on_redis(stack, redis.url()).await?;
+pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
+    let redis = OwnRedis::start(stack, kind).await?;
+    let mut conn = match &redis {
+        OwnRedis::Standalone(redis) => redis.connection().await?,
+        OwnRedis::Cluster { cluster, .. } => {
+            let rank = cluster.primary_of("{rank}").await?;
+            cluster
+                .node(cluster.primary_other_than(rank).await?)
+                .await?
+        }
+    };
+    let mut p = redis.pipeline(stack).await?;
     let (load, instance) = load_and_start(&mut p, 12, 20).await?;
     let policy = |value: &'static str| {
         let mut cmd = redis::cmd("CONFIG");

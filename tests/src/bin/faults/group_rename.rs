@@ -14,8 +14,8 @@ use e2e::Stack;
 use crate::common::{catch_up, graceful_stop, load, pipeline};
 use crate::{Outcome, SinkKind};
 
-pub async fn run(stack: &Stack) -> anyhow::Result<Outcome> {
-    let mut p = pipeline(stack, SinkKind::Redis).await?;
+pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
+    let mut p = pipeline(stack, kind).await?;
     let (items, rate) = load(&p, 10, 20);
     let load = p.start_load(items, rate);
     let mut old = p.start()?;

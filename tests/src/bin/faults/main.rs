@@ -76,7 +76,7 @@ impl Scenario {
         match self {
             Self::Sigkill => "SIGKILL x5 under load",
             Self::Scale => "scale 1 -> 3 -> 1 under load",
-            Self::RedisDown => "redis-server down 10 s",
+            Self::RedisDown => "Redis down 10 s",
             Self::BigQueryDown => "BigQuery 500/429/drops 10 s",
             Self::BrokerFaults => "broker faults (mock cluster)",
             Self::Poison => "poison input",
@@ -92,23 +92,22 @@ impl Scenario {
 
     /// Runs the scenario against `kind`'s service. The scenarios without a
     /// `kind` exist for one service only (see [`PLAN`]): they fault that
-    /// service's own backend (a Redis they stop, fail over or reconfigure,
-    /// BigQuery behind a fault proxy) or rely on where Redis keeps its fence.
+    /// service's own backend (BigQuery behind a fault proxy).
     async fn run(self, stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
         match self {
             Self::Sigkill => sigkill::run(stack, kind).await,
             Self::Scale => scale::run(stack, kind).await,
-            Self::RedisDown => redis_down::run(stack).await,
+            Self::RedisDown => redis_down::run(stack, kind).await,
             Self::BigQueryDown => bigquery_down::run(stack).await,
             Self::BrokerFaults => broker_faults::run(stack, kind).await,
             Self::Poison => poison::run(stack, kind).await,
             Self::Sigterm => sigterm::run(stack, kind).await,
             Self::StaleConsumer => stale_consumer::run(stack, kind).await,
-            Self::Backlog => backlog::run(stack).await,
+            Self::Backlog => backlog::run(stack, kind).await,
             Self::ZstdInput => zstd_input::run(stack, kind).await,
-            Self::GroupRename => group_rename::run(stack).await,
-            Self::RedisFailover => redis_failover::run(stack).await,
-            Self::EvictionPolicy => eviction_policy::run(stack).await,
+            Self::GroupRename => group_rename::run(stack, kind).await,
+            Self::RedisFailover => redis_failover::run(stack, kind).await,
+            Self::EvictionPolicy => eviction_policy::run(stack, kind).await,
         }
     }
 }
@@ -135,16 +134,22 @@ const PLAN: &[(Scenario, SinkKind)] = &[
     (Scenario::GroupRename, SinkKind::Redis),
     (Scenario::RedisFailover, SinkKind::Redis),
     (Scenario::EvictionPolicy, SinkKind::Redis),
-    // The rows that fault the service or the broker, again on the stack's
-    // Redis Cluster (3 primaries, a replica each). Cluster events themselves
-    // (failovers, moved slots) are `make test`'s
+    // Every redis-sink row again on a Redis Cluster (3 primaries, a replica
+    // each): the stack's, or one of the scenario's own where it faults Redis.
+    // Moved slots are `make test`'s
     // cluster_failovers_and_moved_slots_mid_stream_count_every_event_once.
     (Scenario::Sigkill, SinkKind::RedisCluster),
     (Scenario::Scale, SinkKind::RedisCluster),
+    (Scenario::RedisDown, SinkKind::RedisCluster),
     (Scenario::BrokerFaults, SinkKind::RedisCluster),
     (Scenario::Poison, SinkKind::RedisCluster),
     (Scenario::Sigterm, SinkKind::RedisCluster),
+    (Scenario::StaleConsumer, SinkKind::RedisCluster),
+    (Scenario::Backlog, SinkKind::RedisCluster),
     (Scenario::ZstdInput, SinkKind::RedisCluster),
+    (Scenario::GroupRename, SinkKind::RedisCluster),
+    (Scenario::RedisFailover, SinkKind::RedisCluster),
+    (Scenario::EvictionPolicy, SinkKind::RedisCluster),
 ];
 
 /// Which service a row of the plan runs.

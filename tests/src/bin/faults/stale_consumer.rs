@@ -13,10 +13,9 @@
 use std::time::{Duration, Instant};
 
 use e2e::pipeline::Instance;
-use e2e::process::PrivateRedis;
-use e2e::{unique, wait_for_async, Stack};
+use e2e::{wait_for_async, Stack};
 
-use crate::common::{catch_up, graceful_stop, load, on_redis, pipeline};
+use crate::common::{catch_up, graceful_stop, load, pipeline, OwnRedis};
 use crate::{Outcome, SinkKind};
 
 pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
@@ -24,14 +23,11 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     // its Redis is one the scenario can stop. bigquery-sink needs no outage:
     // whatever it applies after SIGCONT is late.
     let mut redis = match kind {
-        SinkKind::Redis => Some(PrivateRedis::start(stack.dir.join(unique("faults-redis"))).await?),
         SinkKind::BigQuery => None,
-        SinkKind::RedisCluster => {
-            anyhow::bail!("the stale-consumer scenario stops a standalone Redis of its own")
-        }
+        SinkKind::Redis | SinkKind::RedisCluster => Some(OwnRedis::start(stack, kind).await?),
     };
     let mut p = match &redis {
-        Some(redis) => on_redis(stack, redis.url()).await?,
+        Some(redis) => redis.pipeline(stack).await?,
         None => pipeline(stack, kind).await?,
     };
     let (items, rate) = load(&p, 8, 30);
@@ -52,7 +48,7 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     )
     .await?;
     if let Some(redis) = &mut redis {
-        redis.stop()?;
+        redis.stop().await?;
         wait_for_async(
             Duration::from_secs(60),
             "the instance to hold batches it cannot write",
