@@ -707,6 +707,84 @@ async fn a_scram_sha_256_login_is_consumed_exactly() -> anyhow::Result<()> {
     assert_model(&p, &redis, since).await
 }
 
+/// Redis loses a partition's fence with the counts it guarded, as a
+/// failover to a replica that missed the last writes does (here: the
+/// `{rank}` keys deleted). While the instance that began the fence runs,
+/// it goes back to where it began it and counts everything again. An
+/// instance that found the fence when it took the partition cannot know
+/// what was lost: it writes nothing for it, says why (error, metric,
+/// readiness), and goes on once an operator puts a fence back.
+async fn a_lost_fence_is_counted_again_or_stops_the_partition(
+    topology: Topology,
+) -> anyhow::Result<()> {
+    let (mut p, redis, since) = on_stack(topology).await?;
+    let all = events(31, 9_000, 0.0);
+    let mut chunks = all.chunks(3_000).map(<[Generated]>::to_vec);
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    let mut began = p.start()?;
+    caught_up(&p, &began).await?;
+    let mut conn = redis.connect().await?;
+    let lose_rank_keys = |mut conn: e2e::redis::RedisConn| {
+        let pattern = format!("{}{{rank}}*", redis.prefix);
+        async move {
+            let keys = e2e::redis::scan_keys(&mut conn, &pattern).await?;
+            anyhow::ensure!(!keys.is_empty(), "no {pattern} keys to lose");
+            for key in keys {
+                redis::cmd("DEL").arg(&key).exec_async(&mut conn).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    lose_rank_keys(conn.clone()).await?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    caught_up(&p, &began).await?;
+    assert_model(&p, &redis, since).await?;
+
+    began.service.signal("TERM")?;
+    began
+        .service
+        .wait(SHUTDOWN_TIMEOUT + Duration::from_secs(20))
+        .await?;
+    let found = p.restart_alone(&[]).await?;
+    found.wait_metrics().await?;
+    let ends_before = p.produced_ends();
+    lose_rank_keys(conn.clone()).await?;
+    p.produce_events(chunks.next().unwrap_or_default()).await?;
+    wait_for_async(
+        Duration::from_secs(60),
+        "redis_fence_lost retries",
+        || async {
+            Ok(found
+                .metrics()
+                .await?
+                .sum_of("sink_retries_total", &[("kind", "redis_fence_lost")])
+                >= 2.0)
+        },
+    )
+    .await?;
+    assert!(!found.ready().await?, "ready with a lost fence");
+    let rank_keys = e2e::redis::scan_keys(&mut conn, &format!("{}{{rank}}*", redis.prefix)).await?;
+    assert_eq!(
+        rank_keys,
+        Vec::<String>::new(),
+        "written after the fence was lost"
+    );
+    // What the error tells the operator: HSET <fence> <partition> <offset>.
+    for (partition, end) in ends_before.iter().enumerate() {
+        redis::cmd("HSET")
+            .arg(offsets_key(&redis.prefix, &p.topic))
+            .arg(partition)
+            .arg(end)
+            .exec_async(&mut conn)
+            .await?;
+    }
+    caught_up(&p, &found).await?;
+    assert!(found.ready().await?, "not ready once the fence is back");
+    Ok(())
+}
+
+on_both!(a_lost_fence_is_counted_again_or_stops_the_partition);
+
 /// A managed Redis fails over: the replica is promoted, the old primary
 /// becomes its replica and the service's address (a DNS name; here a TCP
 /// front) moves to the new primary. Connections opened before still reach

@@ -2,16 +2,25 @@
 //! and the partition's next offset change together, or not at all.
 //!
 //! It first compares the stored offset with the batch's first offset: the
-//! batch applies only if it starts exactly where the partition stands (or
-//! nothing is stored yet). Batch ranges of a partition chain without holes
-//! (sink-core makes a range start where fetching resumed), so any other
-//! stored value means this batch must not apply:
+//! batch applies only if it starts exactly where the partition stands.
+//! Batch ranges of a partition chain without holes (sink-core makes a range
+//! start where fetching resumed), so any other stored value means this
+//! batch must not apply:
 //! - ahead of it: a replay after a crash, or a stale consumer whose partition
 //!   moved; the consumer resumes at the stored offset;
 //! - behind it: records between were never applied (Redis lost its last
 //!   writes, or a bug); the consumer goes back and applies them.
 //!
 //! Either way the stored offset is returned; -1 means applied.
+//!
+//! With nothing stored, what the sink knew decides (`origin`, ARGV[4]):
+//! - the partition had no fence when this process took it: the fence
+//!   starts with the first batch it sent (`origin`). A later batch finding
+//!   none means Redis lost the fence's first writes with their counts (a
+//!   failover to a replica that had not received them): `origin` is
+//!   returned, and the consumer goes back there and counts again;
+//! - it had one (empty `origin`): -2, lost data that only an operator can
+//!   judge (a restart without persistence, a deleted key); nothing applies.
 //!
 //! The user histories are not in the script: the sink writes them as plain
 //! commands, and only once Redis has accepted all of them sends the script.
@@ -28,15 +37,22 @@
 
 /// KEYS[1] offsets hash; KEYS[2..] ranking keys: all in the
 /// [`crate::keys::RANK_TAG`] slot, so the script runs on a cluster too.
-/// ARGV: field, first, next, then per ranking key: ttl (0 = none), n, then
-/// n pairs `member count`.
+/// ARGV: field, first, next, origin (empty for none), then per ranking
+/// key: ttl (0 = none), n, then n pairs `member count`.
 ///
 /// Redis does not roll back a script that fails half way, and counting
 /// twice is not harmless: every key's type is checked before the first
 /// `ZINCRBY`, so a script that increments anything runs to the end.
 pub const APPLY_BATCH: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
-if stored and stored ~= tonumber(ARGV[2]) then
+if stored == nil then
+  local origin = tonumber(ARGV[4])
+  if origin == nil then
+    return -2
+  elseif origin ~= tonumber(ARGV[2]) then
+    return origin
+  end
+elseif stored ~= tonumber(ARGV[2]) then
   return stored
 end
 for k = 2, #KEYS do
@@ -45,7 +61,7 @@ for k = 2, #KEYS do
     return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a sorted set: remove or rename it')
   end
 end
-local a = 4
+local a = 5
 for k = 2, #KEYS do
   local key, ttl, n = KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2

@@ -36,6 +36,8 @@ pub struct RedisSink {
     /// Moves the fence, compare-and-set (see `reset_stored_offsets`).
     reset_script: Script,
     scripts: ScriptOrder,
+    /// Where each partition's fence began, as far as this process knows.
+    origins: FenceOrigins,
     /// Which cluster node owns which history (unused on a standalone Redis).
     slots: SlotCache,
     /// When `maxmemory-policy` was last seen to be `noeviction`.
@@ -51,6 +53,7 @@ impl RedisSink {
             script: Script::new(APPLY_BATCH),
             reset_script: Script::new(RESET_FENCE),
             scripts: ScriptOrder::default(),
+            origins: FenceOrigins::default(),
             slots: SlotCache::default(),
             policy_ok_at: std::sync::Mutex::new(None),
         }
@@ -105,6 +108,7 @@ impl RedisSink {
             field: range.partition.to_string(),
             first: range.first,
             next: range.next,
+            origin: self.origins.of(range),
         };
         build(
             &self.settings.keys,
@@ -136,6 +140,9 @@ impl RedisSink {
         }
         let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
         self.scripts.answer(range);
+        if stored == FENCE_LOST {
+            return Err(fence_lost(plan, range, topic));
+        }
         if stored > range.next {
             // Another writer applied this range (a stale consumer, another
             // group) or a later batch followed a lost reply: counted as
@@ -217,6 +224,7 @@ impl Sink for RedisSink {
     }
 
     fn dispatched(&self, batch: &Batch<Action>) {
+        self.origins.dispatched(&batch.ranges);
         self.scripts.owe(&batch.ranges);
     }
 
@@ -276,12 +284,15 @@ impl RedisSink {
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
-        redis::cmd("HMGET")
+        let stored: Vec<Option<i64>> = redis::cmd("HMGET")
             .arg(self.settings.keys.offsets(topic))
             .arg(partitions)
             .query_async(&mut conn.inner.clone())
             .await
-            .map_err(classify)
+            .map_err(classify)?;
+        self.origins
+            .taken(partitions.iter().copied().zip(stored.iter().copied()));
+        Ok(stored)
     }
 
     async fn check_over(&self, conn: &Conn) -> Result<(), SinkError> {
@@ -290,6 +301,77 @@ impl RedisSink {
             .await
             .map_err(classify)?;
         self.ensure_no_eviction(conn).await
+    }
+}
+
+/// What the script returns when a fence this process found is gone.
+const FENCE_LOST: i64 = -2;
+
+/// The error for a fence gone from Redis since this process took the
+/// partition: says what happened and how to go on.
+fn fence_lost(plan: &Plan<'_>, range: &PartitionRange, topic: &str) -> SinkError {
+    let key = plan.keys.first().map_or("", String::as_str);
+    SinkError::unavailable(
+        "redis_fence_lost",
+        anyhow::anyhow!(
+            "Redis no longer holds the offset fence of {topic} partition {p} (field {p} of {key}),              which it held when this instance took the partition: Redis lost data (a restart              without persistence, a failover to a replica that missed writes) or the key was              deleted, and the counts before offset {first} may be incomplete. Nothing is written              for this partition until the fence is back; to go on from here, accepting what was              lost: HSET {key} {p} {first} (docs/redis-keys.md, Exactly once)",
+            p = range.partition,
+            first = range.first,
+        ),
+    )
+}
+
+/// Where each partition's fence began, so that a missing fence is told
+/// apart from a new one (see crate::script): a partition without a fence
+/// when taken gets the first offset this process dispatched for it.
+#[derive(Default)]
+struct FenceOrigins(std::sync::Mutex<HashMap<i32, Origin>>);
+
+#[derive(Clone, Copy)]
+enum Origin {
+    /// The fence was in Redis when the partition was taken.
+    Found,
+    /// There was none; this process began it at this offset.
+    Began(i64),
+}
+
+impl FenceOrigins {
+    /// The partitions just taken, with their stored offsets.
+    fn taken(&self, stored: impl IntoIterator<Item = (i32, Option<i64>)>) {
+        let mut origins = self.lock();
+        for (partition, offset) in stored {
+            match offset {
+                Some(_) => origins.insert(partition, Origin::Found),
+                None => origins.remove(&partition),
+            };
+        }
+    }
+
+    /// Batches dispatched in offset order: the first for a partition
+    /// without a fence is where this process begins it.
+    fn dispatched(&self, ranges: &[PartitionRange]) {
+        let mut origins = self.lock();
+        for range in ranges {
+            origins
+                .entry(range.partition)
+                .or_insert(Origin::Began(range.first));
+        }
+    }
+
+    /// The origin to send with `range`'s script (see `OffsetFence::origin`).
+    fn of(&self, range: &PartitionRange) -> Option<i64> {
+        match self.lock().get(&range.partition) {
+            Some(Origin::Found) => None,
+            Some(Origin::Began(origin)) => Some(*origin),
+            // Not dispatched through the loop (a direct write): new.
+            None => Some(range.first),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Origin>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
