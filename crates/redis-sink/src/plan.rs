@@ -42,11 +42,6 @@ pub struct OffsetFence {
     pub first: i64,
     /// Stored when applied.
     pub next: i64,
-    /// With no fence stored: `Some(origin)`, the offset this process began
-    /// the partition's fence from (a batch starting there starts it, any
-    /// other goes back there); `None` when the fence was there when the
-    /// partition was taken, so that its absence is lost data.
-    pub origin: Option<i64>,
 }
 
 /// One user history's new items: `ZADD key GT time member ...`, then trim to
@@ -68,9 +63,8 @@ pub struct Plan<'a> {
     pub histories: Vec<History<'a>>,
     /// The script's KEYS: the offsets hash, then each ranking key.
     pub keys: Vec<String>,
-    /// The script's ARGV: field, first, next, origin (empty for none),
-    /// then per ranking key: ttl (0 = none), pair count, pairs
-    /// (`member count`).
+    /// The script's ARGV: field, first, next, then per ranking key: ttl
+    /// (0 = none), pair count, pairs (`member count`).
     pub args: Vec<String>,
 }
 
@@ -136,12 +130,7 @@ pub fn build<'a>(
     let mut plan = Plan {
         histories,
         keys: vec![fence.key],
-        args: vec![
-            fence.field,
-            fence.first.to_string(),
-            fence.next.to_string(),
-            fence.origin.map_or_else(String::new, |o| o.to_string()),
-        ],
+        args: vec![fence.field, fence.first.to_string(), fence.next.to_string()],
     };
     for ((kind, hour), members) in counts {
         let (key, ttl) = match hour {
@@ -190,7 +179,6 @@ mod tests {
             field: "1".into(),
             first: 10,
             next: 15,
-            origin: Some(10),
         }
     }
 
@@ -235,7 +223,7 @@ mod tests {
         assert_eq!(
             plan.args,
             strings(&[
-                "1", "10", "15", "10", // fence
+                "1", "10", "15", // fence
                 "0", "2", "old", "1", "parasite", "3", // search total
                 "3600", "1", "parasite", "3", // search, hour 11
                 "0", "1", "m7", "1", // movie total
@@ -290,6 +278,6 @@ mod tests {
         let plan = build(&Keys::default(), RETENTION, fence(), &[], NOW);
         assert!(plan.histories.is_empty());
         assert_eq!(plan.keys, strings(&["{rank}:offsets:user3"]));
-        assert_eq!(plan.args, strings(&["1", "10", "15", "10"]));
+        assert_eq!(plan.args, strings(&["1", "10", "15"]));
     }
 }

@@ -13,13 +13,15 @@
 //!
 //! Either way the stored offset is returned; -1 means applied.
 //!
-//! With nothing stored, what the sink knew decides (`origin`, ARGV[4]):
-//! - the partition had no fence when this process took it: the fence
-//!   starts with the first batch it sent (`origin`). A later batch finding
-//!   none means Redis lost the fence's first writes with their counts (a
-//!   failover to a replica that had not received them): `origin` is
-//!   returned, and the consumer goes back there and counts again;
-//! - it had one (empty `origin`): -2, lost data that only an operator can
+//! With nothing stored, what the sink knows decides (`origin`, the last
+//! ARGV):
+//! - the fence was never seen by this process: it begins with the first
+//!   batch sent since the partition was taken (`origin`): applied, -3. A
+//!   later batch finding none means Redis lost the fence's first writes
+//!   with their counts (a failover to a replica that had not received
+//!   them): `origin` is returned, and the consumer goes back there and
+//!   counts again;
+//! - it was seen (empty `origin`): -2, lost data that only an operator can
 //!   judge (a restart without persistence, a deleted key); nothing applies.
 //!
 //! The user histories are not in the script: the sink writes them as plain
@@ -37,22 +39,23 @@
 
 /// KEYS[1] offsets hash; KEYS[2..] ranking keys: all in the
 /// [`crate::keys::RANK_TAG`] slot, so the script runs on a cluster too.
-/// ARGV: field, first, next, origin (empty for none), then per ranking
-/// key: ttl (0 = none), n, then n pairs `member count`.
+/// ARGV: field, first, next, then per ranking key: ttl (0 = none), n, then
+/// n pairs `member count`; last, the origin (empty for none).
 ///
 /// Redis does not roll back a script that fails half way, and counting
 /// twice is not harmless: every key's type is checked before the first
 /// `ZINCRBY`, so a script that increments anything runs to the end.
 pub const APPLY_BATCH: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+local first = tonumber(ARGV[2])
+local origin = tonumber(ARGV[#ARGV])
 if stored == nil then
-  local origin = tonumber(ARGV[4])
-  if origin == nil then
+  if origin == nil or origin > first then
     return -2
-  elseif origin ~= tonumber(ARGV[2]) then
+  elseif origin < first then
     return origin
   end
-elseif stored ~= tonumber(ARGV[2]) then
+elseif stored ~= first then
   return stored
 end
 for k = 2, #KEYS do
@@ -61,7 +64,7 @@ for k = 2, #KEYS do
     return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a sorted set: remove or rename it')
   end
 end
-local a = 5
+local a = 4
 for k = 2, #KEYS do
   local key, ttl, n = KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
@@ -74,6 +77,9 @@ for k = 2, #KEYS do
   a = a + 2 * n
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if stored == nil then
+  return -3
+end
 return -1
 ";
 

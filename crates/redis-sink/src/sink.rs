@@ -108,7 +108,6 @@ impl RedisSink {
             field: range.partition.to_string(),
             first: range.first,
             next: range.next,
-            origin: self.origins.of(range),
         };
         build(
             &self.settings.keys,
@@ -138,10 +137,28 @@ impl RedisSink {
         for arg in &plan.args {
             invocation.arg(arg);
         }
+        // Read once the batch before has been answered: its reply may have
+        // settled what this process knows of the fence.
+        let origin = self.origins.of(range);
+        invocation.arg(origin.map_or_else(String::new, |o| o.to_string()));
         let stored: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
-        self.scripts.answer(range);
         if stored == FENCE_LOST {
+            // Not answered: the partition's later batches keep waiting
+            // behind this one, whose first offset the error names.
             return Err(fence_lost(plan, range, topic));
+        }
+        self.scripts.answer(range);
+        self.origins.answered(range, origin, stored);
+        if (0..range.first).contains(&stored) {
+            tracing::warn!(
+                topic,
+                partition = range.partition,
+                stored,
+                first = range.first,
+                "Redis holds less of this partition than was written (it lost writes: a failover \
+                 to a replica that missed them, or a restart from an older file): counting again \
+                 from the offset it holds"
+            );
         }
         if stored > range.next {
             // Another writer applied this range (a stale consumer, another
@@ -156,7 +173,9 @@ impl RedisSink {
         // instead would make the loop seek for nothing.
         // Below `next`: resume there (a replay ahead of `first`, or Redis
         // lost writes behind it).
-        Ok((stored >= 0 && stored < range.next).then_some((range.partition, stored)))
+        Ok((0..range.next)
+            .contains(&stored)
+            .then_some((range.partition, stored)))
     }
 }
 
@@ -284,14 +303,16 @@ impl RedisSink {
         topic: &str,
         partitions: &[i32],
     ) -> Result<Vec<Option<i64>>, SinkError> {
+        // Before anything can fail: if this read does not return, the loop
+        // starts these partitions from Kafka's offsets, knowing nothing.
+        self.origins.forget(partitions);
         let stored: Vec<Option<i64>> = redis::cmd("HMGET")
             .arg(self.settings.keys.offsets(topic))
             .arg(partitions)
             .query_async(&mut conn.inner.clone())
             .await
             .map_err(classify)?;
-        self.origins
-            .taken(partitions.iter().copied().zip(stored.iter().copied()));
+        self.origins.found(partitions.iter().zip(&stored));
         Ok(stored)
     }
 
@@ -306,65 +327,104 @@ impl RedisSink {
 
 /// What the script returns when a fence this process found is gone.
 const FENCE_LOST: i64 = -2;
+/// What the script returns when it applied a batch and began the fence.
+const FENCE_BEGUN: i64 = -3;
 
-/// The error for a fence gone from Redis since this process took the
-/// partition: says what happened and how to go on.
+/// The error for a fence gone from Redis though this process found it:
+/// says what happened and how to go on.
 fn fence_lost(plan: &Plan<'_>, range: &PartitionRange, topic: &str) -> SinkError {
     let key = plan.keys.first().map_or("", String::as_str);
     SinkError::unavailable(
         "redis_fence_lost",
         anyhow::anyhow!(
-            "Redis no longer holds the offset fence of {topic} partition {p} (field {p} of {key}),              which it held when this instance took the partition: Redis lost data (a restart              without persistence, a failover to a replica that missed writes) or the key was              deleted, and the counts before offset {first} may be incomplete. Nothing is written              for this partition until the fence is back; to go on from here, accepting what was              lost: HSET {key} {p} {first} (docs/redis-keys.md, Exactly once)",
+            "Redis no longer holds the offset fence of {topic} partition {p} (field {p} of \
+             {key}), which it held before: Redis lost data (a restart without persistence, a \
+             failover to a replica that missed writes) or the key was deleted, so the counts \
+             before offset {first} may be incomplete. Nothing more is counted until the fence \
+             is back; to go on from here, accepting what was lost: HSET {key} {p} {first} \
+             (docs/redis-keys.md, Exactly once)",
             p = range.partition,
             first = range.first,
         ),
     )
 }
 
-/// Where each partition's fence began, so that a missing fence is told
-/// apart from a new one (see crate::script): a partition without a fence
-/// when taken gets the first offset this process dispatched for it.
+/// What this process knows of each partition's fence, so that a missing
+/// fence is told apart from a new one (see crate::script).
 #[derive(Default)]
 struct FenceOrigins(std::sync::Mutex<HashMap<i32, Origin>>);
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
-    /// The fence was in Redis when the partition was taken.
+    /// Redis held the fence when asked (at assignment or by a reply): its
+    /// absence would be lost data.
     Found,
-    /// There was none; this process began it at this offset.
+    /// Not known yet: the first batch dispatched since the partition was
+    /// taken starts at this offset, and begins the fence there if Redis
+    /// has none.
+    Pending(i64),
+    /// This process began the fence at this offset: if it goes missing,
+    /// Redis lost it together with every count since, which are counted
+    /// again from here.
     Began(i64),
 }
 
 impl FenceOrigins {
-    /// The partitions just taken, with their stored offsets.
-    fn taken(&self, stored: impl IntoIterator<Item = (i32, Option<i64>)>) {
+    /// Partitions being taken: whatever was known of them is stale.
+    fn forget(&self, partitions: &[i32]) {
+        let mut origins = self.lock();
+        for partition in partitions {
+            origins.remove(partition);
+        }
+    }
+
+    /// The stored offsets read for partitions just taken.
+    fn found<'a>(&self, stored: impl IntoIterator<Item = (&'a i32, &'a Option<i64>)>) {
         let mut origins = self.lock();
         for (partition, offset) in stored {
-            match offset {
-                Some(_) => origins.insert(partition, Origin::Found),
-                None => origins.remove(&partition),
-            };
+            if offset.is_some() {
+                origins.insert(*partition, Origin::Found);
+            }
         }
     }
 
     /// Batches dispatched in offset order: the first for a partition
-    /// without a fence is where this process begins it.
+    /// whose fence is not known is where this process would begin it.
     fn dispatched(&self, ranges: &[PartitionRange]) {
         let mut origins = self.lock();
         for range in ranges {
             origins
                 .entry(range.partition)
-                .or_insert(Origin::Began(range.first));
+                .or_insert(Origin::Pending(range.first));
         }
     }
 
-    /// The origin to send with `range`'s script (see `OffsetFence::origin`).
+    /// The origin to send with `range`'s script: none once the fence was
+    /// seen in Redis.
     fn of(&self, range: &PartitionRange) -> Option<i64> {
         match self.lock().get(&range.partition) {
             Some(Origin::Found) => None,
-            Some(Origin::Began(origin)) => Some(*origin),
+            Some(Origin::Pending(origin) | Origin::Began(origin)) => Some(*origin),
             // Not dispatched through the loop (a direct write): new.
             None => Some(range.first),
+        }
+    }
+
+    /// What the script's reply `stored` to `range` (sent with `origin`)
+    /// says of the fence.
+    fn answered(&self, range: &PartitionRange, origin: Option<i64>, stored: i64) {
+        let mut origins = self.lock();
+        let Some(state) = origins.get_mut(&range.partition) else {
+            return;
+        };
+        if let Origin::Pending(pending) = *state {
+            *state = match stored {
+                FENCE_BEGUN => Origin::Began(pending),
+                // Sent back to the origin: no fence seen yet.
+                _ if Some(stored) == origin => return,
+                // Applied onto a fence, or one that stands elsewhere.
+                _ => Origin::Found,
+            };
         }
     }
 
@@ -703,6 +763,42 @@ mod tests {
             first,
             next,
         }
+    }
+
+    #[test]
+    fn a_fence_is_begun_only_by_the_first_batch_since_the_partition_was_taken() {
+        let origins = FenceOrigins::default();
+        // Partition 0 had a fence at assignment, 1 had none, 2's read failed.
+        origins.forget(&[0, 1, 2]);
+        origins.found([(&0, &Some(7)), (&1, &None)]);
+        origins.dispatched(&[range(0, 7, 10), range(1, 0, 10), range(2, 50, 60)]);
+        origins.dispatched(&[range(1, 10, 20)]);
+        assert_eq!(
+            origins.of(&range(0, 7, 10)),
+            None,
+            "found: a loss is an error"
+        );
+        assert_eq!(origins.of(&range(1, 10, 20)), Some(0));
+        assert_eq!(origins.of(&range(2, 50, 60)), Some(50));
+
+        // 1: applied and begun; later batches keep that origin.
+        origins.answered(&range(1, 0, 10), Some(0), FENCE_BEGUN);
+        origins.answered(&range(1, 10, 20), Some(0), -1);
+        assert_eq!(origins.lock().get(&1), Some(&Origin::Began(0)));
+        // 2: its fence was there after all (applied onto it): found.
+        origins.answered(&range(2, 50, 60), Some(50), -1);
+        assert_eq!(origins.of(&range(2, 60, 70)), None);
+
+        // Taken again: what was known is forgotten until the read says.
+        origins.forget(&[1]);
+        origins.dispatched(&[range(1, 20, 30)]);
+        assert_eq!(origins.lock().get(&1), Some(&Origin::Pending(20)));
+        // A reply sending it back to its origin says nothing of the fence.
+        origins.answered(&range(1, 25, 30), Some(20), 20);
+        assert_eq!(origins.lock().get(&1), Some(&Origin::Pending(20)));
+        // A fence standing elsewhere: found.
+        origins.answered(&range(1, 20, 30), Some(20), 40);
+        assert_eq!(origins.lock().get(&1), Some(&Origin::Found));
     }
 
     #[tokio::test]
