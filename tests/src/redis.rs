@@ -187,15 +187,14 @@ pub struct RedisSide {
     pub access: RedisAccess,
     /// `--key-prefix`.
     pub prefix: String,
-    /// A connection to that Redis, made once.
-    pub conn: RedisConn,
 }
 
 /// `--history-size` of redis-sink (its default).
 pub const HISTORY_SIZE: usize = 50;
 
 impl RedisSide {
-    /// The Redis at `url`, under a fresh key prefix.
+    /// The Redis at `url`, under a fresh key prefix. Connects only when
+    /// asked: a test may start the service before that Redis serves.
     pub async fn new(url: &str) -> anyhow::Result<Self> {
         Self::with_access(RedisAccess::url(url)).await
     }
@@ -203,7 +202,6 @@ impl RedisSide {
     /// The Redis `access` leads to, under a fresh key prefix.
     pub async fn with_access(access: RedisAccess) -> anyhow::Result<Self> {
         Ok(Self {
-            conn: connect_with(&access).await?,
             access,
             prefix: format!("{}:", crate::unique("user3")),
         })

@@ -37,6 +37,42 @@ impl PrivateCluster {
         Ok(Self { dir, url })
     }
 
+    /// One cluster node under `dir` that no cluster was created on yet (it
+    /// serves no slot), as a deployment sees it before its create job ran.
+    pub fn uncreated(dir: PathBuf) -> anyhow::Result<Self> {
+        let (port, bus) = (crate::free_port()?, crate::free_port()?);
+        std::fs::create_dir_all(dir.join(port.to_string()))?;
+        std::fs::write(dir.join("ports"), format!("{port}\n"))?;
+        std::fs::write(dir.join(port.to_string()).join("bus"), bus.to_string())?;
+        let cluster = Self {
+            url: format!("redis://127.0.0.1:{port}"),
+            dir,
+        };
+        cluster.start_again(port)?;
+        Ok(cluster)
+    }
+
+    /// Creates a cluster of one on an [`uncreated`](Self::uncreated) node:
+    /// every slot assigned to it.
+    pub async fn create_alone(&self) -> anyhow::Result<()> {
+        let mut conn = self.node(self.seed_port()?).await?;
+        // Alone, it never learns its address from a peer: CLUSTER NODES
+        // would list it without a host.
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("cluster-announce-ip")
+            .arg("127.0.0.1")
+            .exec_async(&mut conn)
+            .await?;
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(0)
+            .arg(16_383)
+            .exec_async(&mut conn)
+            .await?;
+        self.wait_ok().await
+    }
+
     /// The primaries' URLs, comma-separated (`--redis-url`).
     pub fn url(&self) -> &str {
         &self.url

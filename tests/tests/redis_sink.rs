@@ -824,13 +824,52 @@ async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
     let front = TcpFront::start(nothing).await?;
     let url = format!("redis://{}", front.addr());
     let instance = p.start_with(&["--redis-url", &url])?;
+    waiting_to_start(&instance, "redis_unreachable").await?;
+
+    let redis_addr = redis
+        .access
+        .redis_url
+        .trim_start_matches("redis://")
+        .parse()
+        .context("the stack's REDIS_URL")?;
+    front.switch(redis_addr);
+    p.produce_events(events(10, 2_000, 0.0)).await?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await?;
+    assert!(instance.counter("sink_starting").await? < 1.0);
+    Ok(())
+}
+
+/// A cluster that cannot serve when the service starts (its nodes up, the
+/// cluster not created yet, as before a deployment's create job ran): the
+/// service waits as for a standalone Redis that is not up yet, and starts
+/// once every slot is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_waiting_for_a_cluster_to_serve_at_start_says_so() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let cluster = PrivateCluster::uncreated(stack.dir.join(unique("cluster")))?;
+    let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), cluster.url()).await?;
+    let instance = p.start()?;
+    waiting_to_start(&instance, "redis_cluster_down").await?;
+
+    cluster.create_alone().await?;
+    p.produce_events(events(12, 2_000, 0.0)).await?;
+    caught_up(&p, &instance).await?;
+    assert_model(&p, &redis, since).await?;
+    assert!(instance.counter("sink_starting").await? < 1.0);
+    Ok(())
+}
+
+/// Fails unless `instance` says it is waiting to start: connect attempts of
+/// `kind` counted, `sink_starting`, live but not ready.
+async fn waiting_to_start(instance: &Instance, kind: &str) -> anyhow::Result<()> {
     wait_for_async(
         Duration::from_secs(60),
         "two connect attempts on /metrics",
         || async {
             let connects = Scrape::or_empty(instance.metrics_port).await.sum_of(
                 "sink_retries_total",
-                &[("operation", "connect"), ("kind", "redis_unreachable")],
+                &[("operation", "connect"), ("kind", kind)],
             );
             Ok(connects >= 2.0)
         },
@@ -847,18 +886,6 @@ async fn a_service_waiting_for_redis_at_start_says_so() -> anyhow::Result<()> {
         "not live while waiting for Redis"
     );
     assert!(!instance.ready().await?, "ready before Redis answered");
-
-    let redis_addr = redis
-        .access
-        .redis_url
-        .trim_start_matches("redis://")
-        .parse()
-        .context("the stack's REDIS_URL")?;
-    front.switch(redis_addr);
-    p.produce_events(events(10, 2_000, 0.0)).await?;
-    caught_up(&p, &instance).await?;
-    assert_model(&p, &redis, since).await?;
-    assert!(instance.counter("sink_starting").await? < 1.0);
     Ok(())
 }
 
@@ -1023,7 +1050,7 @@ async fn a_key_of_the_wrong_type_blocks_until_removed_and_nothing_counts_twice(
         } else {
             format!("{}{{rank}}:search:total", redis.prefix)
         };
-        let mut conn = redis.conn.clone();
+        let mut conn = redis.connect().await?;
         redis::cmd("SET")
             .arg(&key)
             .arg("not a sorted set")
@@ -1175,8 +1202,9 @@ async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::R
     let stack = Stack::get()?;
     let server = PrivateRedis::start_without_aof(stack.dir.join(unique("redis-eviction"))).await?;
     let (mut p, redis, since) = pipeline(&stack, Broker::tansu(&stack), &server.url()).await?;
+    let conn = redis.connect().await?;
     let set_policy = |policy: &'static str| {
-        let mut conn = redis.conn.clone();
+        let mut conn = conn.clone();
         async move {
             redis::cmd("CONFIG")
                 .arg("SET")

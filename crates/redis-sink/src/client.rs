@@ -252,15 +252,8 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
     let primary = if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
         let (cluster_client, pipeline_client) =
             (access.cluster_client()?, access.pipeline_cluster_client()?);
-        let conns = open_cluster(&cluster_client, &pipeline_client)
-            .await
-            .with_context(|| {
-                format!(
-                    "{} is a Redis Cluster node, but the cluster's slot map cannot be read \
-                     through it (is the cluster created, all slots assigned?)",
-                    client.get_connection_info().addr()
-                )
-            })?;
+        let seed = client.get_connection_info().addr().to_string();
+        let conns = cluster_serving(&cluster_client, &pipeline_client, &seed).await?;
         tracing::info!("Redis is a cluster: histories go to the nodes owning their slots");
         Primary::over(Reopen::Cluster(cluster_client, pipeline_client), conns)
     } else {
@@ -366,6 +359,66 @@ async fn first_answering(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Both cluster connections, once every primary answers: waits (with
+/// backoff, counted as connect retries) while the cluster cannot serve yet
+/// (being created, a failover under way, a primary down), as a standalone
+/// start waits for its server. What no wait fixes (a refused certificate or
+/// password) stops the start.
+async fn cluster_serving(
+    client: &redis::cluster::ClusterClient,
+    pipelines: &redis::cluster::ClusterClient,
+    seed: &str,
+) -> anyhow::Result<Connections> {
+    // What no wait fixes stops the start; anything else is why we wait.
+    let waited_for = |err: RedisError| -> anyhow::Result<String> {
+        if let Some(why) = tls_refusal(&err) {
+            bail!("cannot connect to the Redis Cluster node a seed leads to: {why}");
+        }
+        match crate::error::classify(err) {
+            SinkError::Unavailable { kind, source } => Err(source).with_context(|| {
+                format!("{seed} is a Redis Cluster node, but the cluster refuses us ({kind})")
+            }),
+            transient => Ok(transient.to_string()),
+        }
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let why = match open_cluster(client, pipelines).await {
+            Ok(mut conns) => match serving(&mut conns.inner).await {
+                Ok(true) => return Ok(conns),
+                Ok(false) => "a primary says cluster_state is not ok".to_owned(),
+                Err(err) => waited_for(err)?,
+            },
+            Err(err) => waited_for(err)?,
+        };
+        sink_core::metrics::retry("connect", "redis_cluster_down");
+        tracing::warn!(
+            %seed, error = why, retry_in = ?delay,
+            "the Redis Cluster cannot serve yet (is it created, every slot assigned, every \
+             primary up and reachable at the address it announces?)"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Whether the primaries say the cluster is ok (every slot served).
+async fn serving(conn: &mut RedisConn) -> Result<bool, RedisError> {
+    use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+    let RedisConn::Cluster(conn) = conn else {
+        return Ok(true);
+    };
+    let primaries = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+    let replies = conn
+        .route_command(redis::cmd("CLUSTER").arg("INFO").clone(), primaries)
+        .await?;
+    // Answered as a map node → reply.
+    let replies: Vec<(String, String)> = redis::from_redis_value(replies)?;
+    Ok(replies
+        .iter()
+        .all(|(_, info)| info.lines().any(|l| l.trim() == "cluster_state:ok")))
 }
 
 /// How far this host's clock may be from Redis's.
