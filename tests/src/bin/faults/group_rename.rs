@@ -29,6 +29,7 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     Ok(Outcome::new(p.tally().await?)
         .recovered_in(recovery)
         .note(format!(
-            "old group exit {code:?} in {took:.1} s; batches the new group found applied: {already}"
+            "old group exit {code:?} in {took:.1} s; batches the new group found applied: {}",
+            already as u64
         )))
 }
