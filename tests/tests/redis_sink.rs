@@ -1262,13 +1262,15 @@ async fn an_eviction_policy_stops_the_sink_until_it_is_noeviction() -> anyhow::R
     assert_model(&p, &redis, since).await
 }
 
+on_both!(a_batch_redis_has_already_passed_counts_as_applied);
 /// A retry that finds its partition's stored offset at or past the batch's
 /// end (an earlier attempt got through before its reply was lost, and the
 /// next batch after it) is applied: nothing is counted again and the loop is
 /// not sent back to re-read what Redis holds. Inside the batch's range the
 /// stored offset still says where to resume.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<()> {
+async fn a_batch_redis_has_already_passed_counts_as_applied(
+    topology: Topology,
+) -> anyhow::Result<()> {
     use redis_sink::client::connect;
     use redis_sink::config::RedisSettings;
     use redis_sink::sink::RedisSink;
@@ -1277,10 +1279,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied() -> anyhow::Result<
     let stack = Stack::get()?;
     let prefix = format!("{}:", unique("passed"));
     let keys = redis_sink::keys::Keys::new(prefix.as_str());
-    let primary = connect(&redis_sink::access::RedisAccess::url(
-        stack.redis_url.as_str(),
-    ))
-    .await?;
+    let primary = connect(&redis_sink::access::RedisAccess::url(topology.url(&stack)?)).await?;
     let mut conn = primary.get().inner;
     let sink = RedisSink::new(
         primary,
@@ -1377,14 +1376,14 @@ async fn compressed_batches_equal_the_model(
     assert_model(&p, &redis, since).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gzip_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model(Topology::Standalone, "gzip").await
+on_both!(gzip_batches_equal_the_model);
+async fn gzip_batches_equal_the_model(topology: Topology) -> anyhow::Result<()> {
+    compressed_batches_equal_the_model(topology, "gzip").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snappy_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model(Topology::Standalone, "snappy").await
+on_both!(snappy_batches_equal_the_model);
+async fn snappy_batches_equal_the_model(topology: Topology) -> anyhow::Result<()> {
+    compressed_batches_equal_the_model(topology, "snappy").await
 }
 
 on_both!(lz4_batches_equal_the_model);
@@ -1392,9 +1391,9 @@ async fn lz4_batches_equal_the_model(topology: Topology) -> anyhow::Result<()> {
     compressed_batches_equal_the_model(topology, "lz4").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zstd_batches_equal_the_model() -> anyhow::Result<()> {
-    compressed_batches_equal_the_model(Topology::Standalone, "zstd").await
+on_both!(zstd_batches_equal_the_model);
+async fn zstd_batches_equal_the_model(topology: Topology) -> anyhow::Result<()> {
+    compressed_batches_equal_the_model(topology, "zstd").await
 }
 
 on_both!(metrics_show_only_the_partitions_a_replica_owns);
