@@ -238,11 +238,10 @@ impl PrivateCluster {
             let ports = ports.clone();
             async move {
                 for port in ports.into_iter().filter(|p| *p != lost_port) {
+                    if !self.says_ok(port).await? {
+                        return Ok(false);
+                    }
                     let mut conn = self.node(port).await?;
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query_async(&mut conn)
-                        .await?;
                     let nodes: String = redis::cmd("CLUSTER")
                         .arg("NODES")
                         .query_async(&mut conn)
@@ -257,7 +256,7 @@ impl PrivateCluster {
                             .is_some_and(|a| a.starts_with(&format!("127.0.0.1:{lost_port}@")))
                             && fields.len() > 8
                     });
-                    if lost_serves || !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    if lost_serves {
                         return Ok(false);
                     }
                 }
@@ -277,11 +276,7 @@ impl PrivateCluster {
                 let ports = ports.clone();
                 async move {
                     for port in ports {
-                        let info: String = redis::cmd("CLUSTER")
-                            .arg("INFO")
-                            .query_async(&mut self.node(port).await?)
-                            .await?;
-                        if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                        if !self.says_ok(port).await? {
                             return Ok(false);
                         }
                     }
@@ -290,6 +285,15 @@ impl PrivateCluster {
             },
         )
         .await
+    }
+
+    /// Whether the node on `port` says `cluster_state:ok`.
+    async fn says_ok(&self, port: u16) -> anyhow::Result<bool> {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut self.node(port).await?)
+            .await?;
+        Ok(info.lines().any(|l| l.trim() == "cluster_state:ok"))
     }
 
     /// Starts a stopped node again on its port and data.
