@@ -15,10 +15,11 @@ build:
 	cargo build --workspace --release
 
 ## test: start the local stack (with a Redis Cluster beside the standalone Redis:
-## redis-sink's end-to-end tests run on both), run every test, stop the stack even
-## on failure.
+## redis-sink's end-to-end tests run on both), run every test (the live page's in
+## headless Chromium, installed if missing), stop the stack even on failure.
 test:
 	@$(BUILD_DEPS)
+	@scripts/chromium.sh
 	@STACK_REDIS=both $(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
 	  cargo build --workspace --bins || { $(STACK) down; exit 1; }; \

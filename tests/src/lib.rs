@@ -16,6 +16,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;
+pub mod read_api;
 pub mod redis;
 pub mod redis_cluster;
 pub mod redis_model;

@@ -324,3 +324,85 @@ impl SinkSide for RedisSide {
         })
     }
 }
+
+/// A redis-sink pipeline on `broker` writing to the Redis at `url` under a
+/// fresh prefix; a clone of its Redis side, for the test to look at Redis
+/// itself; and a time (ms) before any key under that prefix was written.
+pub async fn pipeline(
+    stack: &crate::Stack,
+    broker: crate::broker::Broker,
+    url: &str,
+) -> anyhow::Result<(crate::pipeline::Pipeline, RedisSide, i64)> {
+    let since = chrono::Utc::now().timestamp_millis();
+    let redis = RedisSide::new(url).await?;
+    let p = crate::pipeline::Pipeline::new(stack, broker, Box::new(redis.clone())).await?;
+    Ok((p, redis, since))
+}
+
+/// Which of the stack's Redis deployments a test runs against.
+#[derive(Debug, Clone, Copy)]
+pub enum Topology {
+    /// One redis-server.
+    Standalone,
+    /// A Redis Cluster of 3 primaries, each with a replica.
+    Cluster,
+}
+
+impl Topology {
+    /// The seed URL(s) of that Redis on `stack`.
+    pub fn url(self, stack: &crate::Stack) -> anyhow::Result<&str> {
+        match self {
+            Self::Standalone => Ok(&stack.redis_url),
+            Self::Cluster => stack.redis_cluster_url(),
+        }
+    }
+}
+
+/// Runs the scenario `$name(topology)` as two tests, `$name::standalone`
+/// and `$name::cluster`: every promise holds on both. The test file
+/// imports [`Topology`](crate::redis::Topology).
+#[macro_export]
+macro_rules! on_both {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn standalone() -> anyhow::Result<()> {
+                super::$name(super::Topology::Standalone).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cluster() -> anyhow::Result<()> {
+                super::$name(super::Topology::Cluster).await
+            }
+        }
+    };
+}
+
+/// A pipeline on the stack's tansu and its `topology` Redis, as
+/// [`pipeline`] makes it.
+pub async fn on_stack(
+    topology: Topology,
+) -> anyhow::Result<(crate::pipeline::Pipeline, RedisSide, i64)> {
+    let stack = crate::Stack::get()?;
+    pipeline(
+        &stack,
+        crate::broker::Broker::tansu(&stack),
+        topology.url(&stack)?,
+    )
+    .await
+}
+
+/// Waits until `instance` has applied everything produced: the offsets
+/// stored in Redis are then exactly the produced ends, no further.
+pub async fn caught_up(
+    p: &crate::pipeline::Pipeline,
+    instance: &crate::pipeline::Instance,
+) -> anyhow::Result<()> {
+    p.wait_caught_up(instance).await?;
+    assert_eq!(
+        p.applied().await?,
+        p.produced_ends(),
+        "stored offsets = produced per partition"
+    );
+    Ok(())
+}

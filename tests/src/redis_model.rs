@@ -29,13 +29,13 @@ pub fn expected<'a>(
         } else {
             "movie"
         };
-        let hour = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(truth.time_ms)
-            .unwrap_or_default()
-            .format("%Y%m%d%H")
-            .to_string();
+        let time = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(truth.time_ms)
+            .unwrap_or_default();
+        let (hour, minute) = (time.format("%Y%m%d%H"), time.format("%Y%m%d%H%M"));
         for key in [
             format!("{prefix}{RANK_TAG}:{kind}:total"),
             format!("{prefix}{RANK_TAG}:{kind}:h:{hour}"),
+            format!("{prefix}{RANK_TAG}:{kind}:m:{minute}"),
         ] {
             *state
                 .entry(key)

@@ -10,9 +10,10 @@ use anyhow::Context;
 use e2e::broker::Broker;
 use e2e::generator::{Generated, Generator, Mix, Truth};
 use e2e::metrics::Scrape;
+use e2e::on_both;
 use e2e::pipeline::{Instance, Pipeline};
 use e2e::process::{fail_over, PrivateRedis, Service};
-use e2e::redis::{offsets_key, RedisSide, HISTORY_SIZE};
+use e2e::redis::{caught_up, offsets_key, on_stack, pipeline, RedisSide, Topology, HISTORY_SIZE};
 use e2e::redis_cluster::PrivateCluster;
 use e2e::secured_kafka::{Scram, SecuredKafka};
 use e2e::service::{ServiceFlags, SHUTDOWN_TIMEOUT};
@@ -20,76 +21,6 @@ use e2e::tcp_front::TcpFront;
 use e2e::{kafka, unique, wait_for, wait_for_async, Stack};
 use rand::{Rng, SeedableRng};
 use redis_sink::access::RedisAccess;
-
-/// A redis-sink pipeline on `broker` writing to the Redis at `url` under a
-/// fresh prefix; a clone of its Redis side, for the test to look at Redis
-/// itself; and a time (ms) before any key under that prefix was written.
-async fn pipeline(
-    stack: &Stack,
-    broker: Broker,
-    url: &str,
-) -> anyhow::Result<(Pipeline, RedisSide, i64)> {
-    let since = chrono::Utc::now().timestamp_millis();
-    let redis = RedisSide::new(url).await?;
-    let p = Pipeline::new(stack, broker, Box::new(redis.clone())).await?;
-    Ok((p, redis, since))
-}
-
-/// Which of the stack's Redis deployments a test runs against.
-#[derive(Debug, Clone, Copy)]
-enum Topology {
-    /// One redis-server.
-    Standalone,
-    /// A Redis Cluster of 3 primaries, each with a replica.
-    Cluster,
-}
-
-impl Topology {
-    /// The seed URL(s) of that Redis on `stack`.
-    fn url(self, stack: &Stack) -> anyhow::Result<&str> {
-        match self {
-            Self::Standalone => Ok(&stack.redis_url),
-            Self::Cluster => stack.redis_cluster_url(),
-        }
-    }
-}
-
-/// Runs the scenario `$name(topology)` as two tests, `$name::standalone`
-/// and `$name::cluster`: every promise holds on both.
-macro_rules! on_both {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn standalone() -> anyhow::Result<()> {
-                super::$name(super::Topology::Standalone).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn cluster() -> anyhow::Result<()> {
-                super::$name(super::Topology::Cluster).await
-            }
-        }
-    };
-}
-
-/// A pipeline on the stack's tansu and its `topology` Redis, as
-/// [`pipeline`] makes it.
-async fn on_stack(topology: Topology) -> anyhow::Result<(Pipeline, RedisSide, i64)> {
-    let stack = Stack::get()?;
-    pipeline(&stack, Broker::tansu(&stack), topology.url(&stack)?).await
-}
-
-/// Waits until `instance` has applied everything produced: the offsets
-/// stored in Redis are then exactly the produced ends, no further.
-async fn caught_up(p: &Pipeline, instance: &Instance) -> anyhow::Result<()> {
-    p.wait_caught_up(instance).await?;
-    assert_eq!(
-        p.applied().await?,
-        p.produced_ends(),
-        "stored offsets = produced per partition"
-    );
-    Ok(())
-}
 
 /// Fails unless Redis holds what the model makes of everything `p`
 /// produced, each key expiring as the contract says, and the dead-letter
@@ -100,9 +31,10 @@ async fn assert_model(p: &Pipeline, redis: &RedisSide, since_ms: i64) -> anyhow:
     p.tally().await?.assert_holds()
 }
 
-/// Each key expires as docs/redis-keys.md says: a total never, an hourly
-/// bucket `--bucket-ttl-secs` and a history `--history-ttl-secs` after its
-/// last write (defaults), which was between `since_ms` and now.
+/// Each key expires as docs/redis-keys.md says: a total never, a minute or
+/// hour bucket `--bucket-ttl-secs` after its span ends, a history
+/// `--history-ttl-secs` after its last write (defaults), which was between
+/// `since_ms` and now.
 async fn assert_expiries<'k>(
     redis: &RedisSide,
     keys: impl Iterator<Item = &'k String>,
@@ -132,7 +64,25 @@ async fn assert_expiries<'k>(
         } else if rest.starts_with("history:") {
             Some(HISTORY_TTL_MS)
         } else {
-            Some(BUCKET_TTL_MS)
+            // `…:h:YYYYMMDDHH` or `…:m:YYYYMMDDHHMM`.
+            let (_, name) = rest.rsplit_once(':').unwrap_or_default();
+            let (start, span) = match name.len() {
+                10 => (format!("{name}00"), 3_600_000),
+                _ => (name.to_owned(), 60_000),
+            };
+            let end = chrono::NaiveDateTime::parse_from_str(&start, "%Y%m%d%H%M")
+                .with_context(|| format!("bucket name {key}"))?
+                .and_utc()
+                .timestamp_millis()
+                + span;
+            // EXPIREAT: exactly the retention after the bucket's end (PTTL
+            // read a little before `now`).
+            let deadline = now + ttl;
+            assert!(
+                (end + BUCKET_TTL_MS..=end + BUCKET_TTL_MS + 5_000).contains(&deadline),
+                "{key} expires at {deadline}, not {BUCKET_TTL_MS} ms after its end {end}"
+            );
+            continue;
         };
         match lifetime {
             None => assert_eq!(ttl, -1, "{key} must not expire"),
@@ -954,7 +904,7 @@ async fn top_and_history_print_what_the_model_says(topology: Topology) -> anyhow
     );
     // Every generated event is from the last two hours: three hours = all time.
     let top_movies_3h = as_rows(
-        cli(&["top", "--kind", "movie", "--hours", "3", "--limit", "7"])?,
+        cli(&["top", "--kind", "movie", "--window", "3h", "--limit", "7"])?,
         "count",
     );
     assert_eq!(
@@ -1288,6 +1238,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied(
             group: "g".into(),
             retention: redis_sink::plan::Retention {
                 bucket_ttl_secs: 3_600,
+                ranked_cap: 0,
                 history_size: 50,
                 history_ttl_secs: 3_600,
             },

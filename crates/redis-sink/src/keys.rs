@@ -2,10 +2,10 @@
 //! `top` / `history` commands read exactly these names.
 //!
 //! One layout on a standalone Redis and on a Redis Cluster: every key the
-//! ranking script touches (the rankings, the offsets fence) and the
-//! readers' cache carry the hash tag [`RANK_TAG`], so that on a cluster
-//! they share one hash slot and stay in one atomic script; histories carry
-//! no tag and spread over the cluster's nodes.
+//! ranking script touches (the rankings, the offsets fence) carries the
+//! hash tag [`RANK_TAG`], so that on a cluster they share one hash slot,
+//! stay in one atomic script and can be read in one `ZUNION`; histories
+//! carry no tag and spread over the cluster's nodes.
 
 use chrono::{DateTime, Utc};
 
@@ -40,6 +40,19 @@ impl Keys {
         format!("{}{RANK_TAG}:{}:h:{hour}", self.prefix, kind.as_str())
     }
 
+    /// Ranking of one UTC minute (`YYYYMMDDHHMM`): ZSET member → count.
+    pub fn minute(&self, kind: Kind, minute: &str) -> String {
+        format!("{}{RANK_TAG}:{}:m:{minute}", self.prefix, kind.as_str())
+    }
+
+    /// The bucket holding one span of time.
+    pub fn bucket(&self, kind: Kind, bucket: Bucket) -> String {
+        match bucket {
+            Bucket::Hour(hour) => self.hour(kind, &hour_bucket(hour * MS_PER_HOUR)),
+            Bucket::Minute(minute) => self.minute(kind, &minute_bucket(minute * MS_PER_MINUTE)),
+        }
+    }
+
     /// A user's recent items: ZSET member → event time in ms.
     pub fn history(&self, kind: Kind, user: &str) -> String {
         format!("{}history:{}:{user}", self.prefix, kind.as_str())
@@ -53,14 +66,29 @@ impl Keys {
     pub fn offsets(&self, topic: &str) -> String {
         format!("{}{RANK_TAG}:offsets:{topic}", self.prefix)
     }
+}
 
-    /// Short-lived union of recent hourly rankings, shared by readers.
-    pub fn top_cache(&self, kind: Kind, hours: u32, hour: &str) -> String {
-        format!(
-            "{}{RANK_TAG}:cache:top:{}:{hours}h:{hour}",
-            self.prefix,
-            kind.as_str()
-        )
+/// Milliseconds in a minute.
+pub const MS_PER_MINUTE: i64 = 60_000;
+/// Milliseconds in an hour.
+pub const MS_PER_HOUR: i64 = 3_600_000;
+
+/// One ranking bucket: a UTC hour or minute, numbered since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Bucket {
+    /// Hour `n` since the epoch.
+    Hour(i64),
+    /// Minute `n` since the epoch.
+    Minute(i64),
+}
+
+impl Bucket {
+    /// When the bucket's span ends, ms since the epoch.
+    pub fn end_ms(self) -> i64 {
+        match self {
+            Self::Hour(hour) => (hour + 1) * MS_PER_HOUR,
+            Self::Minute(minute) => (minute + 1) * MS_PER_MINUTE,
+        }
     }
 }
 
@@ -69,6 +97,14 @@ pub fn hour_bucket(time_ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(time_ms)
         .unwrap_or_default()
         .format("%Y%m%d%H")
+        .to_string()
+}
+
+/// The minute bucket of a time: `YYYYMMDDHHMM` in UTC.
+pub fn minute_bucket(time_ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(time_ms)
+        .unwrap_or_default()
+        .format("%Y%m%d%H%M")
         .to_string()
 }
 
@@ -97,5 +133,13 @@ mod tests {
         // 2024-05-01T12:59:59.999Z
         assert_eq!(hour_bucket(1_714_568_399_999), "2024050112");
         assert_eq!(hour_bucket(1_714_568_400_000), "2024050113");
+        assert_eq!(minute_bucket(1_714_568_399_999), "202405011259");
+        assert_eq!(
+            Keys::default().bucket(
+                Kind::Search,
+                Bucket::Minute(1_714_568_400_000 / MS_PER_MINUTE)
+            ),
+            "{rank}:search:m:202405011300"
+        );
     }
 }

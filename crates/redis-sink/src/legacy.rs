@@ -24,7 +24,7 @@ use redis::Script;
 
 use crate::client::RedisConn;
 use crate::decode::Kind;
-use crate::keys::{hour_bucket, Keys, RANK_TAG};
+use crate::keys::{hour_bucket, Keys, MS_PER_HOUR, RANK_TAG};
 
 /// KEYS: the old offsets hashes (`n` of them, ARGV[1]), each followed by
 /// the new fence of its topic; then pairs (old ranking key, new name).
@@ -190,8 +190,6 @@ pub async fn move_old_layout(
     }
     Ok(moved)
 }
-
-const MS_PER_HOUR: i64 = 3_600_000;
 
 /// Adds a leftover old ranking into its new key (keeping the new key's
 /// expiry, or taking the old one's), then deletes it.

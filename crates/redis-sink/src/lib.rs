@@ -13,10 +13,14 @@
 //! - [`error`]: sorting Redis errors into transient and needs-an-operator;
 //! - [`slots`]: which cluster node owns which key, for one pipeline per node;
 //! - [`sink`]: the [`sink_core::Sink`] tying them together;
-//! - [`query`]: reading rankings and histories back;
+//! - [`window`]: which buckets a reader's window reads (pure);
+//! - [`query`]: reading rankings, rising terms and histories back, with
+//!   read-only commands;
+//! - [`api`]: the read API and live page (`redis-sink serve`);
 //! - [`keys`]: the key contract (docs/redis-keys.md).
 
 pub mod access;
+pub mod api;
 pub mod client;
 pub mod config;
 pub mod decode;
@@ -28,3 +32,4 @@ pub mod query;
 pub mod script;
 pub mod sink;
 pub mod slots;
+pub mod window;

@@ -1,5 +1,6 @@
-//! `redis-sink`: the consumer (`redis-sink` or `redis-sink run`) and the
-//! read-back commands (`redis-sink top`, `redis-sink history`).
+//! `redis-sink`: the consumer (`redis-sink` or `redis-sink run`), the read
+//! API (`redis-sink serve`) and the read-back commands (`redis-sink top`,
+//! `redis-sink history`).
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use redis_sink::access::RedisAccess;
+use redis_sink::api::Api;
 use redis_sink::client::{connect, open, warn_if_fewer_replicas};
 use redis_sink::config::{RedisSettings, ReplicaAcks};
 use redis_sink::decode::{DecodeRules, Kind};
@@ -15,6 +17,7 @@ use redis_sink::legacy::{move_old_layout, RecentHours};
 use redis_sink::plan::Retention;
 use redis_sink::query;
 use redis_sink::sink::RedisSink;
+use redis_sink::window::Window;
 use sink_core::{ConsumerArgs, ServiceDefaults};
 
 mod text_table;
@@ -62,6 +65,8 @@ struct RunOnly {
 enum Command {
     /// Consume the topic into Redis (the default).
     Run(Box<RunArgs>),
+    /// Serve the read API (HTTP/JSON) and the live page; reads only.
+    Serve(ServeArgs),
     /// Print the most searched keywords or most viewed movies.
     Top(TopArgs),
     /// Print a user's recent searches or viewed movies, newest first.
@@ -93,9 +98,11 @@ struct RunArgs {
     /// How far an event's @timestamp may lie ahead of both its Kafka timestamp and this service's clock; later ones go to the DLQ.
     #[arg(long, env = "MAX_FUTURE_SKEW_SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     max_future_skew_secs: u64,
-    /// Hourly ranking buckets expire this long after their last write.
-    #[arg(long, env = "BUCKET_TTL_SECS", default_value_t = 172_800, value_parser = clap::value_parser!(u64).range(3_600..=31_536_000))]
-    bucket_ttl_secs: u64,
+    #[command(flatten)]
+    retention: BucketRetention,
+    /// Members each all-time ranking keeps: after every batch, those below the highest this many are removed (their count starts again from 0 if they come back).
+    #[arg(long, env = "MAX_RANKED_MEMBERS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(10..=100_000_000))]
+    max_ranked_members: u64,
     /// Items kept per user history.
     #[arg(long, env = "HISTORY_SIZE", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     history_size: u64,
@@ -110,16 +117,44 @@ struct RunArgs {
     redis_wait_timeout_ms: u64,
 }
 
+/// How long ranking buckets are kept: the writer's retention, and so the
+/// longest window a reader may ask for.
+#[derive(Debug, Args)]
+struct BucketRetention {
+    /// Minute and hour ranking buckets are kept this long after their minute or hour ends: the longest window readers can ask for (give readers the same value).
+    #[arg(long, env = "BUCKET_TTL_SECS", default_value_t = 172_800, value_parser = clap::value_parser!(u64).range(3_600..=31_536_000))]
+    bucket_ttl_secs: u64,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    retention: BucketRetention,
+    /// Where to serve HTTP.
+    #[arg(long, env = "API_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: std::net::SocketAddr,
+    /// How long a ranking read from Redis is served to every request: the API's cost to Redis, and how stale a ranking may be.
+    #[arg(long, env = "API_CACHE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    cache_ms: u64,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = sink_core::telemetry::LogFormat::Pretty)]
+    log_format: sink_core::telemetry::LogFormat,
+}
+
 #[derive(Debug, Args)]
 struct TopArgs {
     #[command(flatten)]
     redis: RedisArgs,
+    #[command(flatten)]
+    retention: BucketRetention,
     /// Which ranking.
     #[arg(long, value_enum)]
     kind: Kind,
-    /// Only the last H hours (the current one included); all time when absent.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=8_760))]
-    hours: Option<u32>,
+    /// The last N minutes (15m), hours (6h) or days (2d), the current minute included; or all.
+    #[arg(long, default_value = "all", value_parser = parse_window)]
+    window: Window,
     /// How many to print.
     #[arg(long, default_value_t = 10)]
     limit: usize,
@@ -144,6 +179,11 @@ struct HistoryArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_window(text: &str) -> Result<Window, String> {
+    text.parse()
+        .map_err(|err: redis_sink::window::WindowError| err.to_string())
 }
 
 /// A prefix with braces would take the place of the `{rank}` hash tag and
@@ -172,12 +212,14 @@ fn main() -> ExitCode {
     };
     let log_format = match &command {
         Command::Run(run) => run.consumer.log_format,
+        Command::Serve(serve) => serve.log_format,
         _ => sink_core::telemetry::LogFormat::Pretty,
     };
     sink_core::telemetry::init(log_format);
     sink_core::block_on_main(async move {
         match command {
             Command::Run(args) => run(*args).await,
+            Command::Serve(args) => serve(args).await,
             Command::Top(args) => top(args).await,
             Command::History(args) => history(args).await,
         }
@@ -190,7 +232,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         keys: Keys::new(args.redis.key_prefix.clone()),
         group: args.consumer.group_id.clone(),
         retention: Retention {
-            bucket_ttl_secs: args.bucket_ttl_secs,
+            bucket_ttl_secs: args.retention.bucket_ttl_secs,
+            ranked_cap: args.max_ranked_members,
             history_size: usize::try_from(args.history_size).context("--history-size")?,
             history_ttl_secs: args.history_ttl_secs,
         },
@@ -209,7 +252,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let recent = RecentHours {
         from_ms: now_ms()
-            - i64::try_from(args.bucket_ttl_secs).context("--bucket-ttl-secs")? * 1000
+            - i64::try_from(args.retention.bucket_ttl_secs).context("--bucket-ttl-secs")? * 1000
             - 2 * 3_600_000,
         to_ms: now_ms() + settings.rules.max_future_skew_ms + 2 * 3_600_000,
     };
@@ -236,18 +279,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     sink_core::run_connecting(&args.consumer, connect, sink_core::shutdown::signal()).await
 }
 
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let conn = open(&args.redis.access).await?;
+    let api = Api::new(
+        conn,
+        Keys::new(args.redis.key_prefix),
+        args.retention.bucket_ttl_secs,
+        std::time::Duration::from_millis(args.cache_ms),
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on --listen {}: is the port in use?",
+                args.listen
+            )
+        })?;
+    tracing::info!(addr = %listener.local_addr()?, "serving the read API and the live page");
+    axum::serve(listener, api.router())
+        .with_graceful_shutdown(sink_core::shutdown::signal())
+        .await
+        .context("the read API stopped")
+}
+
 async fn top(args: TopArgs) -> anyhow::Result<()> {
+    let window = args
+        .window
+        .check(1, args.retention.bucket_ttl_secs)
+        .map_err(|err| anyhow::anyhow!("--window: {err}"))?;
     let mut conn = open(&args.redis.access).await?;
     let keys = Keys::new(args.redis.key_prefix);
-    let rows = query::top(
-        &mut conn,
-        &keys,
-        args.kind,
-        args.hours,
-        args.limit,
-        chrono::Utc::now(),
-    )
-    .await?;
+    let now_ms = now_ms();
+    let counts = query::counts(&mut conn, &keys, args.kind, window, 0, now_ms).await?;
+    let rows = query::top(counts, args.limit);
     let body: Vec<Vec<String>> = rows
         .iter()
         .enumerate()

@@ -17,14 +17,19 @@
 use std::collections::BTreeMap;
 
 use crate::decode::{Action, Kind};
-use crate::keys::{hour_bucket, Keys};
+use crate::keys::{Bucket, Keys, MS_PER_HOUR, MS_PER_MINUTE};
 
-/// Retention settings.
+/// Retention settings: what bounds the memory the rankings and histories
+/// take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
-    /// Hourly buckets expire this long after their last write; events older
-    /// than this update no bucket.
+    /// Minute and hour buckets are kept this long after their span ends:
+    /// the longest window a reader can ask for. Events whose bucket would
+    /// already be gone update no bucket (the total still counts them).
     pub bucket_ttl_secs: u64,
+    /// Members the all-time rankings keep: after each batch, those beyond
+    /// the highest `ranked_cap` are removed. 0 keeps every member.
+    pub ranked_cap: u64,
     /// Items kept per user history.
     pub history_size: usize,
     /// Histories expire this long after their last write.
@@ -63,8 +68,9 @@ pub struct Plan<'a> {
     pub histories: Vec<History<'a>>,
     /// The script's KEYS: the offsets hash, then each ranking key.
     pub keys: Vec<String>,
-    /// The script's ARGV: field, first, next, then per ranking key: ttl
-    /// (0 = none), pair count, pairs (`member count`).
+    /// The script's ARGV: field, first, next, then per ranking key: expiry
+    /// (unix seconds, 0 = none), member cap (0 = none), pair count, pairs
+    /// (`member count`).
     pub args: Vec<String>,
 }
 
@@ -76,15 +82,16 @@ pub fn build<'a>(
     actions: impl IntoIterator<Item = &'a Action>,
     now_ms: i64,
 ) -> Plan<'a> {
-    let bucket_cutoff_ms = now_ms.saturating_sub(
-        i64::try_from(retention.bucket_ttl_secs)
-            .unwrap_or(i64::MAX)
-            .saturating_mul(1000),
-    );
+    let bucket_ttl_ms = i64::try_from(retention.bucket_ttl_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    // A bucket already past its retention is not written: it would expire
+    // at once, and no window reads it.
+    let kept = |bucket: Bucket| bucket.end_ms().saturating_add(bucket_ttl_ms) > now_ms;
     // Keyed by parts, not by key names: a name is formatted once per
     // distinct key, not once per event.
-    // (kind, hour since the epoch or None for the total) → member → count
-    let mut counts: BTreeMap<(Kind, Option<i64>), BTreeMap<&str, u64>> = BTreeMap::new();
+    // (kind, bucket or None for the total) → member → count
+    let mut counts: BTreeMap<(Kind, Option<Bucket>), BTreeMap<&str, u64>> = BTreeMap::new();
     // (kind, user, member, time) of every event with a user; one sort
     // groups them, cheaper than a map per history.
     let mut seen: Vec<(Kind, &str, &str, i64)> = Vec::new();
@@ -95,13 +102,17 @@ pub fn build<'a>(
             .or_default()
             .entry(member)
             .or_default() += 1;
-        if action.time_ms >= bucket_cutoff_ms {
-            let hour = action.time_ms.div_euclid(MS_PER_HOUR);
-            *counts
-                .entry((action.kind, Some(hour)))
-                .or_default()
-                .entry(member)
-                .or_default() += 1;
+        for bucket in [
+            Bucket::Hour(action.time_ms.div_euclid(MS_PER_HOUR)),
+            Bucket::Minute(action.time_ms.div_euclid(MS_PER_MINUTE)),
+        ] {
+            if kept(bucket) {
+                *counts
+                    .entry((action.kind, Some(bucket)))
+                    .or_default()
+                    .entry(member)
+                    .or_default() += 1;
+            }
         }
         if let Some(user) = &action.user {
             seen.push((action.kind, user, member, action.time_ms));
@@ -132,17 +143,21 @@ pub fn build<'a>(
         keys: vec![fence.key],
         args: vec![fence.field, fence.first.to_string(), fence.next.to_string()],
     };
-    for ((kind, hour), members) in counts {
-        let (key, ttl) = match hour {
-            None => (keys.total(kind), 0),
-            Some(hour) => (
-                keys.hour(kind, &hour_bucket(hour * MS_PER_HOUR)),
-                retention.bucket_ttl_secs,
+    for ((kind, bucket), members) in counts {
+        let (key, expire_at, cap) = match bucket {
+            None => (keys.total(kind), 0, retention.ranked_cap),
+            Some(bucket) => (
+                keys.bucket(kind, bucket),
+                (bucket.end_ms().saturating_add(bucket_ttl_ms)) / 1000,
+                0,
             ),
         };
         plan.keys.push(key);
-        plan.args
-            .extend([ttl.to_string(), members.len().to_string()]);
+        plan.args.extend([
+            expire_at.to_string(),
+            cap.to_string(),
+            members.len().to_string(),
+        ]);
         for (member, count) in members {
             plan.args.extend([member.to_owned(), count.to_string()]);
         }
@@ -150,14 +165,13 @@ pub fn build<'a>(
     plan
 }
 
-const MS_PER_HOUR: i64 = 3_600_000;
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const RETENTION: Retention = Retention {
         bucket_ttl_secs: 3600,
+        ranked_cap: 0,
         history_size: 50,
         history_ttl_secs: 600,
     };
@@ -193,7 +207,8 @@ mod tests {
             action(Kind::Search, "parasite", Some("u1"), NOW - 5000),
             action(Kind::Search, "parasite", None, NOW - 2000),
             action(Kind::Movie, "m7", Some("u2"), NOW - 10),
-            // Older than the bucket TTL: totals and history, no bucket.
+            // Its buckets ended more than the bucket TTL ago: totals and
+            // history, no bucket.
             action(Kind::Search, "old", Some("u1"), NOW - 3_600_001),
         ];
         let plan = build(&Keys::default(), RETENTION, fence(), &actions, NOW);
@@ -216,18 +231,51 @@ mod tests {
                 "{rank}:offsets:user3",
                 "{rank}:search:total",
                 "{rank}:search:h:2024050111",
+                "{rank}:search:m:202405011159",
                 "{rank}:movie:total",
                 "{rank}:movie:h:2024050111",
+                "{rank}:movie:m:202405011159",
             ])
         );
+        // Buckets expire a bucket TTL after their span: 12:00 + 1 h.
         assert_eq!(
             plan.args,
             strings(&[
-                "1", "10", "15", // fence
-                "0", "2", "old", "1", "parasite", "3", // search total
-                "3600", "1", "parasite", "3", // search, hour 11
-                "0", "1", "m7", "1", // movie total
-                "3600", "1", "m7", "1", // movie, hour 11
+                "1",
+                "10",
+                "15", // fence
+                "0",
+                "0",
+                "2",
+                "old",
+                "1",
+                "parasite",
+                "3", // search total
+                "1714568400",
+                "0",
+                "1",
+                "parasite",
+                "3", // search, hour 11
+                "1714568400",
+                "0",
+                "1",
+                "parasite",
+                "3", // search, 11:59
+                "0",
+                "0",
+                "1",
+                "m7",
+                "1", // movie total
+                "1714568400",
+                "0",
+                "1",
+                "m7",
+                "1", // movie, hour 11
+                "1714568400",
+                "0",
+                "1",
+                "m7",
+                "1", // movie, 11:59
             ])
         );
     }
@@ -268,9 +316,32 @@ mod tests {
             strings(&[
                 "{rank}:offsets:user3",
                 "p:{rank}:search:total",
-                "p:{rank}:search:h:2024050112"
+                "p:{rank}:search:h:2024050112",
+                "p:{rank}:search:m:202405011200"
             ])
         );
+    }
+
+    #[test]
+    fn a_late_event_counts_in_the_buckets_still_kept() {
+        let retention = Retention {
+            ranked_cap: 3,
+            ..RETENTION
+        };
+        // 11:00:30: minute 11:00 ended at 11:01, more than an hour ago;
+        // hour 11 ends at 12:00 and is kept until 13:00.
+        let actions = [action(Kind::Movie, "m1", None, NOW - 3_600_000 + 30_000)];
+        let plan = build(&Keys::default(), retention, fence(), &actions, NOW + 60_000);
+        assert_eq!(
+            plan.keys,
+            strings(&[
+                "{rank}:offsets:user3",
+                "{rank}:movie:total",
+                "{rank}:movie:h:2024050111"
+            ])
+        );
+        // The total carries the cap.
+        assert_eq!(&plan.args[3..8], strings(&["0", "3", "1", "m1", "1"]));
     }
 
     #[test]

@@ -39,8 +39,14 @@
 
 /// KEYS[1] offsets hash; KEYS[2..] ranking keys: all in the
 /// [`crate::keys::RANK_TAG`] slot, so the script runs on a cluster too.
-/// ARGV: field, first, next, then per ranking key: ttl (0 = none), n, then
-/// n pairs `member count`; last, the origin (empty for none).
+/// ARGV: field, first, next, then per ranking key: expiry (unix seconds,
+/// 0 = none), member cap (0 = none), n, then n pairs `member count`; last,
+/// the origin (empty for none).
+///
+/// A capped key keeps its `cap` highest members after the batch's
+/// increments (`ZREMRANGEBYRANK` drops the lowest; ties go by member, as
+/// Redis orders them): trimmed here, in the same atomic step, so a replay
+/// can never count twice what a trim left.
 ///
 /// Redis does not roll back a script that fails half way, and counting
 /// twice is not harmless: every key's type is checked before the first
@@ -66,13 +72,19 @@ for k = 2, #KEYS do
 end
 local a = 4
 for k = 2, #KEYS do
-  local key, ttl, n = KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
+  local key, expire_at, cap, n = KEYS[k], tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
   for i = 0, n - 1 do
     redis.call('ZINCRBY', key, ARGV[a + 2 * i + 1], ARGV[a + 2 * i])
   end
-  if ttl > 0 then
-    redis.call('EXPIRE', key, ttl)
+  if expire_at > 0 then
+    redis.call('EXPIREAT', key, expire_at)
+  end
+  if cap > 0 then
+    local excess = redis.call('ZCARD', key) - cap
+    if excess > 0 then
+      redis.call('ZREMRANGEBYRANK', key, 0, excess - 1)
+    end
   end
   a = a + 2 * n
 end
