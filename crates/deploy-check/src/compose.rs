@@ -115,10 +115,11 @@ pub fn compose_env_and_flags_are_ones_the_binaries_accept() -> Result<()> {
         seen.insert(binary);
         let env = environment(svc)?;
         let args = words(svc.get("command"));
-        Cli::of(binary)?.check_config(
+        let (cli, _, args) = Cli::for_args(binary, &args)?;
+        cli.check_config(
             &format!("compose service {name} ({binary})"),
             &env,
-            &args,
+            args,
             &mut problems,
         );
     }

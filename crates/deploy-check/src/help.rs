@@ -9,6 +9,9 @@ use anyhow::{ensure, Context, Result};
 
 /// The services' binaries and the generator, as the images name them.
 pub(crate) const BINARIES: [&str; 3] = ["redis-sink", "bigquery-sink", "gen-events"];
+/// Subcommands a container may run instead of the default one (`run`), each
+/// with flags of its own.
+pub(crate) const SUBCOMMANDS: [(&str, &str); 1] = [("redis-sink", "serve")];
 /// Read by every binary besides its flags: tracing's filter (sink-core telemetry).
 const EXTRA_ENV: [&str; 1] = ["RUST_LOG"];
 
@@ -31,13 +34,38 @@ impl Cli {
         if CLIS.get().is_none() {
             let mut all = BTreeMap::new();
             for bin in BINARIES {
-                all.insert(bin.to_owned(), Self::parse(&help(bin)?)?);
+                all.insert(bin.to_owned(), Self::parse(&help(bin, None)?)?);
+            }
+            for (bin, sub) in SUBCOMMANDS {
+                all.insert(format!("{bin} {sub}"), Self::parse(&help(bin, Some(sub))?)?);
             }
             let _ = CLIS.set(all);
         }
         CLIS.get()
             .and_then(|all| all.get(binary))
             .with_context(|| format!("no binary {binary} (known: {BINARIES:?})"))
+    }
+
+    /// The CLI a container's arguments run: `binary`'s own, or a
+    /// subcommand's when the first argument names one (`run` is the
+    /// default); with the arguments after the subcommand.
+    pub(crate) fn for_args<'a>(
+        binary: &str,
+        args: &'a [String],
+    ) -> Result<(&'static Cli, Option<&'static str>, &'a [String])> {
+        match args.split_first() {
+            Some((first, rest)) if !first.starts_with('-') => {
+                if first == "run" {
+                    return Ok((Self::of(binary)?, None, rest));
+                }
+                let (_, sub) = SUBCOMMANDS
+                    .iter()
+                    .find(|(b, s)| *b == binary && s == first)
+                    .with_context(|| format!("{binary} has no subcommand {first} a service runs"))?;
+                Ok((Self::of(&format!("{binary} {sub}"))?, Some(sub), rest))
+            }
+            _ => Ok((Self::of(binary)?, None, args)),
+        }
     }
 
     fn parse(help: &str) -> Result<Self> {
@@ -140,9 +168,10 @@ impl Cli {
     }
 }
 
-fn help(binary: &str) -> Result<String> {
+fn help(binary: &str, subcommand: Option<&str>) -> Result<String> {
     let path = e2e::process::binary(binary)?;
     let out = Command::new(&path)
+        .args(subcommand)
         .arg("--help")
         .env_clear()
         .output()

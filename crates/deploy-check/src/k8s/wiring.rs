@@ -11,7 +11,7 @@ use crate::compose::{partitions, TOPICS};
 use crate::help::{worst_case_exit_secs, Cli};
 use crate::report;
 use crate::validators::yaml;
-use crate::values::{at, port_of, scalar, str_at};
+use crate::values::{at, port_of, scalar, str_at, words};
 
 /// The kustomization, namespaces, probes, grace periods, resources, security,
 /// the BigQuery key's Secret, and one PDB and one ScaledObject per Deployment
@@ -79,6 +79,7 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
         }
     }
 
+    let mut consumers = 0;
     for deployment in docs.iter().filter(|d| d["kind"] == "Deployment") {
         let name = name_of(deployment);
         let pod = at(deployment, &["spec", "template"]).context("no pod template")?;
@@ -97,13 +98,19 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
             .split(':')
             .next()
             .unwrap_or("");
-        let cli = Cli::of(binary)?;
+        let mut args = words(container.get("command"));
+        args.extend(words(container.get("args")));
+        let (cli, subcommand, _) = Cli::for_args(binary, &args)?;
+        // The read API (`serve`) is no consumer: no group to drain, no lag to scale by.
+        let consumer = subcommand.is_none();
+        consumers += usize::from(consumer);
         let mut ignored = Vec::new();
         let (env, _) = container_env(docs, container, name, &mut ignored);
 
-        // Probes on the metrics port.
+        // Probes on the port the service serves them on.
+        let port_var = if consumer { "METRICS_ADDR" } else { "API_LISTEN" };
         let metrics_port =
-            port_of(&cli.setting(&env, "METRICS_ADDR")?).context("METRICS_ADDR has no port")?;
+            port_of(&cli.setting(&env, port_var)?).with_context(|| format!("{port_var} has no port"))?;
         let ports = container
             .get("ports")
             .and_then(Value::as_array)
@@ -133,16 +140,20 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
             };
             if port != Some(u64::from(metrics_port)) {
                 problems.push(format!(
-                    "{name}: {probe} port {port:?} is not METRICS_ADDR's {metrics_port}"
+                    "{name}: {probe} port {port:?} is not {port_var}'s {metrics_port}"
                 ));
             }
         }
         // Shutdown fits in the grace period.
-        let worst = worst_case_exit_secs(cli, &env)?;
+        let worst = if consumer {
+            worst_case_exit_secs(cli, &env)?
+        } else {
+            0.0
+        };
         let grace = spec
             .get("terminationGracePeriodSeconds")
             .and_then(Value::as_u64);
-        if grace.is_none_or(|g| g as f64 <= worst) {
+        if consumer && grace.is_none_or(|g| g as f64 <= worst) {
             problems.push(format!("{name}: terminationGracePeriodSeconds {grace:?} is not above the worst-case exit of {worst} s (SHUTDOWN_TIMEOUT_SECS + KAFKA_SESSION_TIMEOUT_MS / 2 + 0.5 s)"));
         }
         // Resources and security.
@@ -224,6 +235,9 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
                 pdbs.len()
             ));
         }
+        if !consumer {
+            continue;
+        }
         let scaled: Vec<&Value> = docs
             .iter()
             .filter(|d| {
@@ -290,9 +304,6 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
             ));
         }
     }
-    ensure!(
-        docs.iter().filter(|d| d["kind"] == "Deployment").count() == 2,
-        "expected 2 Deployments"
-    );
+    ensure!(consumers == 2, "expected 2 consumer Deployments, found {consumers}");
     report(problems)
 }
