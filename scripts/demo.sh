@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make demo: the whole pipeline on this machine, no Docker. Starts the stack
 # (durable broker storage), both services and the event generator routed as
-# Logstash does, shows live rankings every second for DEMO_SECONDS (default
-# 30), then prints a user's history, the BigQuery row count and the DLQ
+# Logstash does, and the read API with its live page (URL printed), shows live
+# rankings every second for DEMO_SECONDS (default 30), then prints a user's history, the BigQuery row count and the DLQ
 # counts, and stops everything it started.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,11 +47,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mapfile -t ports < <(python3 scripts/free_port.py 2)
-REDIS_METRICS=${ports[0]} BQ_METRICS=${ports[1]}
+mapfile -t ports < <(python3 scripts/free_port.py 3)
+REDIS_METRICS=${ports[0]} BQ_METRICS=${ports[1]} API_PORT=${DEMO_API_PORT:-${ports[2]}}
 "$BIN/redis-sink" --metrics-addr "127.0.0.1:$REDIS_METRICS" --log-format json \
     >"$RUN/redis-sink.log" 2>&1 &
 pids+=($!)
+# The read API and live page, reading what redis-sink writes.
+"$BIN/redis-sink" serve --listen "127.0.0.1:$API_PORT" --log-format json \
+    >"$RUN/read-api.log" 2>&1 &
+pids+=($!)
+PAGE="http://127.0.0.1:$API_PORT/?window=5m"
 # The emulator takes any token: a developer's own Google credentials stay home.
 env -u GOOGLE_APPLICATION_CREDENTIALS \
 "$BIN/bigquery-sink" --bigquery-endpoint "$BIGQUERY_ENDPOINT" --project "$BIGQUERY_PROJECT" \
@@ -80,12 +85,13 @@ view() {
     printf 'redis-sink     user3: %8s events  %6s/s  lag %s\n' "$r3" "$(( r3 - ${last3:-0} ))" "$(lag redis-sink user3)"
     printf 'bigquery-sink  user2: %8s events  %6s/s  lag %s\n' "$r2" "$(( r2 - ${last2:-0} ))" "$(lag bigquery-sink user2)"
     last3=$r3 last2=$r2
+    echo "live page: $PAGE"
     echo
     echo "Top 10 searches, last hour"
-    "$BIN/redis-sink" top --kind search --hours 1 --limit 10 --redis-url "$REDIS_URL" 2>/dev/null || true
+    "$BIN/redis-sink" top --kind search --window 1h --limit 10 --redis-url "$REDIS_URL" 2>/dev/null || true
     echo
     echo "Top 10 movies, last hour"
-    "$BIN/redis-sink" top --kind movie --hours 1 --limit 10 --redis-url "$REDIS_URL" 2>/dev/null || true
+    "$BIN/redis-sink" top --kind movie --window 1h --limit 10 --redis-url "$REDIS_URL" 2>/dev/null || true
 }
 
 while kill -0 "$gen" 2>/dev/null; do
@@ -116,4 +122,9 @@ rows=$(curl -sf -X POST "$BIGQUERY_ENDPOINT/bigquery/v2/projects/$BIGQUERY_PROJE
 echo "Events generated: $(grep -o 'sent [0-9]*' "$RUN/gen-events.log" | cut -d' ' -f2)"
 echo "BigQuery rows in $BIGQUERY_DATASET.user_logs: $rows"
 echo "Dead letters: user3.dlq $(metric sink_dlq_events_total "$REDIS_METRICS"), user2.dlq $(metric sink_dlq_events_total "$BQ_METRICS")"
+if curl -sf "http://127.0.0.1:$API_PORT/api/v1/top/search?window=5m&limit=1" | grep -q '"member"'; then
+    echo "Live page (served while the demo runs; DEMO_SECONDS=600 for longer): $PAGE"
+else
+    say "the read API did not serve the rankings: $RUN/read-api.log"; exit 1
+fi
 echo "Logs: $RUN"
