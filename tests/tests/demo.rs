@@ -81,7 +81,10 @@ fn make_demo_shows_rankings_and_consistent_counts() -> anyhow::Result<()> {
     );
     assert!(last.contains("Recent searches of user"), "{last}");
     // The read API served the rankings while the demo ran (the script checks).
-    assert!(last.contains("Live page (served while the demo runs"), "{last}");
+    assert!(
+        last.contains("Live page (served while the demo runs"),
+        "{last}"
+    );
     assert!(
         !stack_dir.join("tansu.pid").exists(),
         "the demo stops the stack it started"

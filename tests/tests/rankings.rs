@@ -119,7 +119,7 @@ async fn windows_count_exactly_the_minutes_they_cover(topology: Topology) -> any
             for kind in [Kind::Search, Kind::Movie] {
                 let window = Window::Last { minutes };
                 let got: BTreeMap<String, u64> =
-                    redis_sink::query::counts(&mut conn, &keys, kind, window, 0, now_ms)
+                    redis_sink::query::counts(&mut conn, &keys, kind, window, 0, now_ms, 0)
                         .await?
                         .into_iter()
                         .map(|(m, c)| (m, c as u64))
@@ -465,5 +465,53 @@ async fn the_live_page_shows_what_the_api_serves() -> anyhow::Result<()> {
         "{}",
         screenshot.display()
     );
+    Ok(())
+}
+
+/// A Redis user refused a command the counting script sends after its
+/// first increment (here `EXPIREAT`) counts nothing, however often the
+/// batch is retried: the script checks every right before it increments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_counts_nothing_however_often_retried() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let server = PrivateRedis::start(stack.dir.join(unique("redis-noperm"))).await?;
+    let mut admin = server.connection().await?;
+    redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "sink",
+                "on",
+                ">sink-pw",
+                "~*",
+                "&*",
+                "+@all",
+                "-expireat",
+            ][..],
+        )
+        .exec_async(&mut admin)
+        .await?;
+    let url = format!("redis://sink:sink-pw@127.0.0.1:{}", server.addr().port());
+    let (mut p, redis, _) = pipeline(&stack, e2e::broker::Broker::tansu(&stack), &url).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    p.produce(
+        (0..30)
+            .map(|i| search_at("parasite", None, now - i))
+            .collect(),
+    )
+    .await?;
+    let instance = p.start()?;
+    instance.wait_metrics().await?;
+    e2e::wait_for_async(Duration::from_secs(60), "three refused writes", || async {
+        Ok(instance.counter("sink_retries_total").await? >= 3.0)
+    })
+    .await?;
+    let total = Keys::new(&redis.prefix).total(Kind::Search);
+    let count: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&total)
+        .arg("parasite")
+        .query_async(&mut admin)
+        .await?;
+    assert_eq!(count, None, "counted by refused scripts");
     Ok(())
 }

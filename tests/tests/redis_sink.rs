@@ -1108,7 +1108,9 @@ async fn the_layout_before_the_rank_tag_is_moved_once_and_still_fences() -> anyh
         rankings.extend(e2e::redis::scan_keys(&mut conn, &pattern).await?);
     }
     assert!(rankings.len() >= 4, "{rankings:?}");
-    for key in &rankings {
+    // The old layout had no minute buckets: the mover leaves those the
+    // first run wrote where they are, as it would leave none.
+    for key in rankings.iter().filter(|k| !k.contains(":m:")) {
         let old = key.replacen("{rank}:", "rank:", 1);
         old_layout.cmd("RENAME").arg(key).arg(old);
     }

@@ -61,7 +61,9 @@ impl Cli {
                 let (_, sub) = SUBCOMMANDS
                     .iter()
                     .find(|(b, s)| *b == binary && s == first)
-                    .with_context(|| format!("{binary} has no subcommand {first} a service runs"))?;
+                    .with_context(|| {
+                        format!("{binary} has no subcommand {first} a service runs")
+                    })?;
                 Ok((Self::of(&format!("{binary} {sub}"))?, Some(sub), rest))
             }
             _ => Ok((Self::of(binary)?, None, args)),

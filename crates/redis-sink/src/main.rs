@@ -310,7 +310,7 @@ async fn top(args: TopArgs) -> anyhow::Result<()> {
     let mut conn = open(&args.redis.access).await?;
     let keys = Keys::new(args.redis.key_prefix);
     let now_ms = now_ms();
-    let counts = query::counts(&mut conn, &keys, args.kind, window, 0, now_ms).await?;
+    let counts = query::counts(&mut conn, &keys, args.kind, window, 0, now_ms, args.limit).await?;
     let rows = query::top(counts, args.limit);
     let body: Vec<Vec<String>> = rows
         .iter()

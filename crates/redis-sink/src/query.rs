@@ -45,9 +45,11 @@ pub struct Seen {
 /// Damps the rising score of small counts: see [`rising`].
 pub const RISING_SMOOTHING: f64 = 10.0;
 
-/// Every member of a kind's window at `now_ms` (`back` windows earlier)
-/// with its count, in no particular order: one `ZUNION` (or `ZRANGE` for
-/// all time), never a write.
+/// The members of a kind's window at `now_ms` (`back` windows earlier)
+/// with their counts, in no particular order: every member (one `ZUNION`
+/// of its buckets), or for all time the `all_time_limit` highest (one
+/// `ZRANGE` of a ranking that holds up to `--max-ranked-members`). Never a
+/// write.
 pub async fn counts<C: ConnectionLike>(
     conn: &mut C,
     keys: &Keys,
@@ -55,13 +57,19 @@ pub async fn counts<C: ConnectionLike>(
     window: Window,
     back: u32,
     now_ms: i64,
+    all_time_limit: usize,
 ) -> redis::RedisResult<Vec<(String, f64)>> {
     match window.buckets(now_ms, back) {
         None => {
+            let stop = isize::try_from(all_time_limit).unwrap_or(isize::MAX) - 1;
+            if stop < 0 {
+                return Ok(Vec::new());
+            }
             redis::cmd("ZRANGE")
                 .arg(keys.total(kind))
                 .arg(0)
-                .arg(-1)
+                .arg(stop)
+                .arg("REV")
                 .arg("WITHSCORES")
                 .query_async(conn)
                 .await

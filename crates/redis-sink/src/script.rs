@@ -49,8 +49,10 @@
 /// can never count twice what a trim left.
 ///
 /// Redis does not roll back a script that fails half way, and counting
-/// twice is not harmless: every key's type is checked before the first
-/// `ZINCRBY`, so a script that increments anything runs to the end.
+/// twice is not harmless: every key's type, and the user's right to every
+/// command the script sends (`redis.acl_check_cmd`, Redis >= 7), is checked
+/// before the first `ZINCRBY`, so a script that increments anything runs to
+/// the end, and a retried refusal counts nothing.
 pub const APPLY_BATCH: &str = r"
 local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
 local first = tonumber(ARGV[2])
@@ -64,10 +66,18 @@ if stored == nil then
 elseif stored ~= first then
   return stored
 end
+local can = redis.acl_check_cmd
+if can and not can('HSET', KEYS[1], ARGV[1], ARGV[3]) then
+  return redis.error_reply('NOPERM the Redis user may not HSET ' .. KEYS[1] .. ': grant what docs/security.md lists')
+end
 for k = 2, #KEYS do
   local t = redis.call('TYPE', KEYS[k])['ok']
   if t ~= 'zset' and t ~= 'none' then
     return redis.error_reply('WRONGTYPE key ' .. KEYS[k] .. ' holds a ' .. t .. ', not a sorted set: remove or rename it')
+  end
+  if can and not (can('ZINCRBY', KEYS[k], '1', 'm') and can('EXPIREAT', KEYS[k], '1')
+      and can('ZCARD', KEYS[k]) and can('ZREMRANGEBYRANK', KEYS[k], '0', '0')) then
+    return redis.error_reply('NOPERM the Redis user may not ZINCRBY, EXPIREAT, ZCARD and ZREMRANGEBYRANK ' .. KEYS[k] .. ': grant what docs/security.md lists')
   end
 end
 local a = 4

@@ -130,14 +130,16 @@ impl FromStr for Window {
         if text == "all" {
             return Ok(Self::AllTime);
         }
-        let split = text.len().checked_sub(1).ok_or_else(unreadable)?;
-        let (number, unit) = text.split_at(split);
-        let per_unit: u32 = match unit {
-            "m" => 1,
-            "h" => 60,
-            "d" => 1_440,
-            _ => return Err(unreadable()),
-        };
+        // By suffix, not by byte index: a multi-byte last character
+        // (`5분`) must be refused, not split inside.
+        let (number, per_unit) = [('m', 1_u32), ('h', 60), ('d', 1_440)]
+            .into_iter()
+            .find_map(|(unit, minutes)| Some((text.strip_suffix(unit)?, minutes)))
+            .ok_or_else(unreadable)?;
+        // Digits only: `u32::from_str` would also take `+5`.
+        if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(unreadable());
+        }
         let count: u32 = number.parse().map_err(|_| unreadable())?;
         let minutes = count.checked_mul(per_unit).ok_or_else(unreadable)?;
         if minutes == 0 {
@@ -249,7 +251,19 @@ mod tests {
             assert_eq!(last(minutes).to_string(), text);
         }
         assert_eq!("all".parse(), Ok(Window::AllTime));
-        for bad in ["", "0m", "m", "15", "1w", "-1h", "1.5h", "99999999d"] {
+        for bad in [
+            "",
+            "0m",
+            "m",
+            "15",
+            "1w",
+            "-1h",
+            "+5m",
+            "1.5h",
+            "99999999d",
+            "5분",
+            "é",
+        ] {
             assert!(bad.parse::<Window>().is_err(), "{bad}");
         }
     }

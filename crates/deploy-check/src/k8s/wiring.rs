@@ -108,9 +108,13 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
         let (env, _) = container_env(docs, container, name, &mut ignored);
 
         // Probes on the port the service serves them on.
-        let port_var = if consumer { "METRICS_ADDR" } else { "API_LISTEN" };
-        let metrics_port =
-            port_of(&cli.setting(&env, port_var)?).with_context(|| format!("{port_var} has no port"))?;
+        let port_var = if consumer {
+            "METRICS_ADDR"
+        } else {
+            "API_LISTEN"
+        };
+        let metrics_port = port_of(&cli.setting(&env, port_var)?)
+            .with_context(|| format!("{port_var} has no port"))?;
         let ports = container
             .get("ports")
             .and_then(Value::as_array)
@@ -304,6 +308,9 @@ pub fn k8s_manifests_are_wired_as_designed() -> Result<()> {
             ));
         }
     }
-    ensure!(consumers == 2, "expected 2 consumer Deployments, found {consumers}");
+    ensure!(
+        consumers == 2,
+        "expected 2 consumer Deployments, found {consumers}"
+    );
     report(problems)
 }

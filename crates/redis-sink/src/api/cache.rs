@@ -16,6 +16,9 @@ pub struct Cache<K, V> {
     slots: Mutex<HashMap<K, Arc<Slot<V>>>>,
 }
 
+/// Keys kept before stale ones are dropped.
+const MAX_KEYS: usize = 1_024;
+
 type Slot<V> = tokio::sync::Mutex<Option<Read<V>>>;
 
 /// The last read of a key.
@@ -56,6 +59,17 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
     {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if slots.len() >= MAX_KEYS && !slots.contains_key(key) {
+                // Bounded: keys asked for once (a client cycling through
+                // every window) are forgotten once stale and not in use.
+                let ttl = self.ttl;
+                slots.retain(|_, slot| {
+                    Arc::strong_count(slot) > 1
+                        || slot.try_lock().map_or(true, |last| {
+                            last.as_ref().is_some_and(|l| l.at.elapsed() < ttl)
+                        })
+                });
+            }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
         let mut slot = slot.lock().await;

@@ -10,6 +10,7 @@
 
 pub mod cache;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ use cache::Cache;
 
 /// The most members one request may ask for (and what the cache keeps).
 pub const MAX_LIMIT: usize = 100;
+
+/// Redis reads one API process runs at once.
+const CONCURRENT_READS: usize = 4;
 
 /// How long one Redis read may take before the request fails (and the
 /// last good value is served, marked stale).
@@ -62,6 +66,9 @@ pub struct Api {
     cache_max_age: HeaderValue,
     top: Cache<(Kind, Window), Snapshot<Ranked>>,
     rising: Cache<(Kind, Window), Snapshot<Rising>>,
+    reads: tokio::sync::Semaphore,
+    /// Redis has answered since the start (see `ready`).
+    answered: AtomicBool,
 }
 
 impl Api {
@@ -77,6 +84,8 @@ impl Api {
                 .unwrap_or(HeaderValue::from_static("no-cache")),
             top: Cache::new(cache),
             rising: Cache::new(cache),
+            reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
+            answered: AtomicBool::new(false),
         }
     }
 
@@ -225,15 +234,17 @@ async fn top(
         .top
         .get(&(kind, window), || async {
             let now_ms = now_ms();
-            let counts = read(query::counts(
-                &mut api.conn.clone(),
-                &api.keys,
-                kind,
-                window,
-                0,
-                now_ms,
-            ))
-            .await?;
+            let counts = api
+                .read(query::counts(
+                    &mut api.conn.clone(),
+                    &api.keys,
+                    kind,
+                    window,
+                    0,
+                    now_ms,
+                    MAX_LIMIT,
+                ))
+                .await?;
             Ok(Snapshot {
                 as_of_ms: now_ms,
                 from_ms: window.start_ms(now_ms),
@@ -266,10 +277,16 @@ async fn rising(
         .get(&(kind, window), || async {
             let now_ms = now_ms();
             let mut conn = api.conn.clone();
-            let current =
-                read(query::counts(&mut conn, &api.keys, kind, window, 0, now_ms)).await?;
-            let previous =
-                read(query::counts(&mut conn, &api.keys, kind, window, 1, now_ms)).await?;
+            let current = api
+                .read(query::counts(
+                    &mut conn, &api.keys, kind, window, 0, now_ms, MAX_LIMIT,
+                ))
+                .await?;
+            let previous = api
+                .read(query::counts(
+                    &mut conn, &api.keys, kind, window, 1, now_ms, MAX_LIMIT,
+                ))
+                .await?;
             Ok(Snapshot {
                 as_of_ms: now_ms,
                 from_ms: window.start_ms(now_ms),
@@ -325,20 +342,27 @@ async fn history(
     let Query(asked) = asked?;
     let kind = kind(&kind_name)?;
     let limit = limit(asked.limit, 50)?;
-    let items = read(query::history(
-        &mut api.conn.clone(),
-        &api.keys,
-        kind,
-        &user,
-        limit,
-    ))
-    .await
-    .map_err(ApiError::unavailable)?;
+    let items = api
+        .read(query::history(
+            &mut api.conn.clone(),
+            &api.keys,
+            kind,
+            &user,
+            limit,
+        ))
+        .await
+        .map_err(ApiError::unavailable)?;
     Ok(Json(HistoryReply { kind, user, items }))
 }
 
+/// Ready once Redis has answered since the start: afterwards a Redis outage
+/// leaves the API serving its last reads (marked stale), which an unready
+/// pod behind a Service could not.
 async fn ready(State(api): State<Arc<Api>>) -> Result<&'static str, ApiError> {
-    read(async {
+    if api.answered.load(Ordering::Relaxed) {
+        return Ok("ready\n");
+    }
+    api.read(async {
         redis::cmd("PING")
             .query_async::<()>(&mut api.conn.clone())
             .await
@@ -356,18 +380,27 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// One Redis read, bounded by [`READ_TIMEOUT`], its error as text (logged
-/// once per read, not per request).
-async fn read<T>(
-    reading: impl std::future::Future<Output = redis::RedisResult<T>>,
-) -> Result<T, String> {
-    let error = match tokio::time::timeout(READ_TIMEOUT, reading).await {
-        Ok(Ok(value)) => return Ok(value),
-        Ok(Err(err)) => format!("cannot read Redis: {err}"),
-        Err(_) => format!("Redis did not answer within {READ_TIMEOUT:?}"),
-    };
-    tracing::warn!(error = %error, "read failed");
-    Err(error)
+impl Api {
+    /// One Redis read, bounded by [`READ_TIMEOUT`] and at most
+    /// [`CONCURRENT_READS`] at a time (requests cycling through windows
+    /// must not turn into a `ZUNION` each), its error as text (logged once
+    /// per read, not per request).
+    async fn read<T>(
+        &self,
+        reading: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        let _permit = self.reads.acquire().await.map_err(|e| e.to_string())?;
+        let error = match tokio::time::timeout(READ_TIMEOUT, reading).await {
+            Ok(Ok(value)) => {
+                self.answered.store(true, Ordering::Relaxed);
+                return Ok(value);
+            }
+            Ok(Err(err)) => format!("cannot read Redis: {err}"),
+            Err(_) => format!("Redis did not answer within {READ_TIMEOUT:?}"),
+        };
+        tracing::warn!(error = %error, "read failed");
+        Err(error)
+    }
 }
 
 fn now_ms() -> i64 {
