@@ -64,7 +64,7 @@ bench:
 	  $(TARGET_DIR)/release/bench redis && $(TARGET_DIR)/release/bench cluster && \
 	  $(TARGET_DIR)/release/bench bigquery && \
 	  $(TARGET_DIR)/release/bench bigquery --skip-emulator --malformed 0.01 && \
-	  $(TARGET_DIR)/release/bench freshness; status=$$?; \
+	  $(TARGET_DIR)/release/bench freshness && $(TARGET_DIR)/release/bench api; status=$$?; \
 	  $(STACK) down; exit $$status
 
 ## faults: the fault suite against the local stack (release builds); prints

@@ -515,3 +515,93 @@ async fn a_refused_command_counts_nothing_however_often_retried() -> anyhow::Res
     assert_eq!(count, None, "counted by refused scripts");
     Ok(())
 }
+
+/// On a Redis Cluster, `serve --read-from-replicas` reads the rankings from
+/// a replica of the `{rank}` slot's primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_api_reads_from_replicas() -> anyhow::Result<()> {
+    let (mut p, redis, _) = on_stack(Topology::Cluster).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    p.produce(
+        (0..30)
+            .map(|i| search_at("parasite", None, now - i))
+            .collect(),
+    )
+    .await?;
+    let instance = p.start()?;
+    caught_up(&p, &instance).await?;
+
+    // The replicas of the node serving `{rank}`, from CLUSTER NODES:
+    // `<id> <host:port@bus> <flags> <primary id> ... <slots>`.
+    let mut conn = redis.connect().await?;
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("{rank}")
+        .query_async(&mut conn)
+        .await?;
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut conn)
+        .await?;
+    let fields: Vec<Vec<&str>> = nodes.lines().map(|l| l.split(' ').collect()).collect();
+    let serves = |node: &&Vec<&str>| {
+        node.iter().skip(8).any(|range| {
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            (from.parse().unwrap_or(u16::MAX)..=to.parse().unwrap_or(0)).contains(&slot)
+        })
+    };
+    let primary = fields
+        .iter()
+        .find(|n| n[2].contains("master") && serves(n))
+        .map(|n| n[0])
+        .ok_or_else(|| anyhow::anyhow!("no primary serves slot {slot}:\n{nodes}"))?;
+    let replicas: Vec<String> = fields
+        .iter()
+        .filter(|n| n[2].contains("slave") && n[3] == primary)
+        .map(|n| format!("redis://{}", n[1].split('@').next().unwrap_or_default()))
+        .collect();
+    anyhow::ensure!(!replicas.is_empty(), "no replica of {primary}:\n{nodes}");
+    let zunions = || async {
+        let mut calls = 0;
+        for url in &replicas {
+            let mut node =
+                e2e::redis::connect_to_node(&redis_sink::access::RedisAccess::url(url)).await?;
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut node)
+                .await?;
+            calls += info
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_zunion:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        anyhow::Ok(calls)
+    };
+
+    let stack = Stack::get()?;
+    let api = ReadApi::start(
+        &redis.access,
+        &redis.prefix,
+        &["--read-from-replicas"],
+        &stack.dir.join("logs"),
+    )
+    .await?;
+    let before = zunions().await?;
+    // The replica may lag the primary by a moment: read until it has all.
+    e2e::wait_for_async(
+        Duration::from_secs(30),
+        "the count through a replica",
+        || async {
+            let top = api.ok("/api/v1/top/search?window=5m").await?;
+            Ok(members(&top) == [("parasite".to_owned(), 30)])
+        },
+    )
+    .await?;
+    assert!(
+        zunions().await? > before,
+        "no ZUNION reached a replica of {primary}"
+    );
+    Ok(())
+}

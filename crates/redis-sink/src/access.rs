@@ -129,11 +129,34 @@ impl RedisAccess {
         self.cluster_client_with(0, Duration::from_secs(20), Duration::from_secs(25))
     }
 
+    /// The cluster client of a reader (`serve`, `top`, `history`): as
+    /// [`Self::cluster_client`], reading from the replicas of each slot's
+    /// primary when `from_replicas` (redis-rs sends `READONLY` to them and
+    /// routes read-only commands there, to the primary while none is up).
+    pub fn reader_cluster_client(&self, from_replicas: bool) -> anyhow::Result<ClusterClient> {
+        self.cluster_client_built(
+            5,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+            from_replicas,
+        )
+    }
+
     fn cluster_client_with(
         &self,
         retries: u32,
         response_timeout: Duration,
         overall_timeout: Duration,
+    ) -> anyhow::Result<ClusterClient> {
+        self.cluster_client_built(retries, response_timeout, overall_timeout, false)
+    }
+
+    fn cluster_client_built(
+        &self,
+        retries: u32,
+        response_timeout: Duration,
+        overall_timeout: Duration,
+        from_replicas: bool,
     ) -> anyhow::Result<ClusterClient> {
         let mut builder = ClusterClient::builder(self.infos()?)
             .connection_timeout(Duration::from_secs(5))
@@ -144,6 +167,10 @@ impl RedisAccess {
             .max_retry_wait(1_000);
         if let Some(tls) = self.tls()? {
             builder = builder.certs(tls);
+        }
+        if from_replicas {
+            builder =
+                builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
         }
         builder.build().context(
             "--redis-url (REDIS_URL): the cluster's seed nodes must share the scheme \

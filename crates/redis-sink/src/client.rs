@@ -294,6 +294,15 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
 /// the first answering node says, without the checks of [`connect`] and
 /// without waiting: for readers and tools.
 pub async fn open(access: &RedisAccess) -> anyhow::Result<RedisConn> {
+    open_for_reads(access, false).await
+}
+
+/// As [`open`]; on a cluster, reading from replicas when `from_replicas`
+/// (a standalone reader reads a replica by its URL).
+pub async fn open_for_reads(
+    access: &RedisAccess,
+    from_replicas: bool,
+) -> anyhow::Result<RedisConn> {
     let mut last = None;
     for client in access.clients()? {
         let url = client.get_connection_info().addr().to_string();
@@ -325,7 +334,10 @@ pub async fn open(access: &RedisAccess) -> anyhow::Result<RedisConn> {
         if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
             return Ok(RedisConn::Standalone(conn));
         }
-        let cluster = access.cluster_client()?.get_async_connection().await?;
+        let cluster = access
+            .reader_cluster_client(from_replicas)?
+            .get_async_connection()
+            .await?;
         return Ok(RedisConn::Cluster(cluster));
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("--redis-url (REDIS_URL) names no Redis")))

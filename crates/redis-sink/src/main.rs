@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use redis_sink::access::RedisAccess;
 use redis_sink::api::Api;
-use redis_sink::client::{connect, open, warn_if_fewer_replicas};
+use redis_sink::client::{connect, open, open_for_reads, warn_if_fewer_replicas};
 use redis_sink::config::{RedisSettings, ReplicaAcks};
 use redis_sink::decode::{DecodeRules, Kind};
 use redis_sink::keys::Keys;
@@ -138,6 +138,9 @@ struct ServeArgs {
     /// How long a ranking read from Redis is served to every request: the API's cost to Redis, and how stale a ranking may be.
     #[arg(long, env = "API_CACHE_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     cache_ms: u64,
+    /// On a Redis Cluster, read from each primary's replicas (a standalone reader reads a replica by its --redis-url).
+    #[arg(long, env = "REDIS_READ_FROM_REPLICAS")]
+    read_from_replicas: bool,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = sink_core::telemetry::LogFormat::Pretty)]
     log_format: sink_core::telemetry::LogFormat,
@@ -280,7 +283,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let conn = open(&args.redis.access).await?;
+    let conn = open_for_reads(&args.redis.access, args.read_from_replicas).await?;
     let api = Api::new(
         conn,
         Keys::new(args.redis.key_prefix),

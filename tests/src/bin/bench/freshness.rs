@@ -1,11 +1,16 @@
 //! Freshness: how long an event takes from its produce to being served, at
 //! a steady rate, with each service's default settings: for redis-sink, to
-//! its count being visible in Redis; for bigquery-sink, to the insertAll
-//! request that carries its row being accepted.
+//! its count being visible in Redis, and through the read API; for
+//! bigquery-sink, to the insertAll request that carries its row being
+//! accepted.
 //!
 //! One event in 50 is a probe: a search for a keyword of its own, sent
 //! anonymously (it writes no history). The bench notes when it hands each
-//! probe to the producer. For redis-sink it asks Redis for the waiting
+//! probe to the producer. Through the read API every probe searches one
+//! keyword, on one partition (so probes count in the order sent), seeded
+//! with 1,000 searches so that it ranks among the top 100 from the start:
+//! probe n is visible once `GET /api/v1/top/search?window=5m&limit=100`
+//! counts n. For redis-sink it asks Redis for the waiting
 //! probes' counts (`ZMSCORE` on the all-time search ranking) once per 10 ms
 //! tick of the load, every 5 ms after it; a probe's latency is the first
 //! look that sees it less its send time, so it reads up to 10 ms long. For
@@ -96,6 +101,14 @@ enum Watch {
         conn: redis::aio::MultiplexedConnection,
         ranking: String,
     },
+    /// The read API's 5-minute search ranking, where every probe counts
+    /// for [`API_PROBE`].
+    Api {
+        client: reqwest::Client,
+        url: String,
+        /// Probes sent so far (with the seed): the next one's number.
+        sent: u64,
+    },
     /// The requests bigquery-sink sent to the instant endpoint.
     Proxy {
         proxy: FaultProxy,
@@ -104,7 +117,28 @@ enum Watch {
     },
 }
 
+/// The keyword every probe through the read API searches.
+const API_PROBE: &str = "fresh-probe-api";
+/// Searches for [`API_PROBE`] before the probes: it ranks from the start.
+const API_SEED: u64 = 1_000;
+
 impl Watch {
+    /// The next probe, named `label` where probes have names of their own:
+    /// its key in [`Probes::waiting`], its payload, and the partition it
+    /// must go to (`None`: any).
+    fn next_probe(&mut self, label: &str) -> (String, Vec<u8>, Option<i32>) {
+        match self {
+            Self::Api { sent, .. } => {
+                *sent += 1;
+                (format!("{:012}", *sent), probe(API_PROBE), Some(0))
+            }
+            _ => {
+                let keyword = format!("{PROBE_PREFIX}{label}");
+                (keyword.clone(), probe(&keyword), None)
+            }
+        }
+    }
+
     /// Notes every waiting probe that is now visible.
     async fn look(&mut self, probes: &mut Probes) -> anyhow::Result<()> {
         if probes.waiting.is_empty() {
@@ -123,6 +157,26 @@ impl Watch {
                     if score.is_some() {
                         probes.seen(keyword, now);
                     }
+                }
+            }
+            Self::Api { client, url, .. } => {
+                let reply: serde_json::Value =
+                    client.get(url.as_str()).send().await?.json().await?;
+                let now = Instant::now();
+                let count = reply["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|m| m["member"] == API_PROBE)
+                    .and_then(|m| m["count"].as_u64())
+                    .unwrap_or(0);
+                let visible: Vec<String> = probes
+                    .waiting
+                    .range(..=format!("{count:012}"))
+                    .map(|(key, _)| key.clone())
+                    .collect();
+                for key in visible {
+                    probes.seen(&key, now);
                 }
             }
             Self::Proxy { proxy, scanned } => {
@@ -188,6 +242,46 @@ pub async fn redis(stack: &Stack, rate: usize, seconds: u64) -> anyhow::Result<F
     })
 }
 
+/// Runs redis-sink and the read API (both with their defaults, a fresh
+/// redis-server without AOF) on a fresh topic fed at `rate` events/s for
+/// `seconds`.
+pub async fn api(stack: &Stack, rate: usize, seconds: u64) -> anyhow::Result<Freshness> {
+    let dir = stack.dir.join(unique("bench-fresh-api"));
+    let redis = PrivateRedis::start_without_aof(dir.clone()).await?;
+    let broker = Broker::tansu(stack);
+    let topic = broker.topic_with_dlq("bench-fresh").await?;
+    let group = unique("bench-fresh");
+    let prefix = format!("{group}:");
+    let logs = stack.dir.join("logs");
+    let service =
+        ServiceFlags::redis_sink(broker.bootstrap(), &topic, &group, &redis.access(), &prefix)
+            .set("--log-format", "json")
+            .start(&logs, &group)?;
+    let read_api = e2e::read_api::ReadApi::start(&redis.access(), &prefix, &[], &logs).await?;
+    let producer = kafka::producer(broker.bootstrap())?;
+    kafka::produce(
+        &producer,
+        &topic,
+        (0..API_SEED).map(|_| (0, probe(API_PROBE))),
+    )
+    .await?;
+    let watch = Watch::Api {
+        client: reqwest::Client::new(),
+        url: format!("{}/api/v1/top/search?window=5m&limit=100", read_api.base),
+        sent: API_SEED,
+    };
+    let figures = load(&broker, &topic, Mix::User3, watch, &service, rate, seconds).await;
+    drop(read_api);
+    drop(service);
+    drop(redis);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(Freshness {
+        what: "redis-sink and the read API with their defaults (Redis without AOF): produce to count served",
+        knob: "the API's --cache-ms, default 1000, trades it against Redis reads; then redis-sink's --batch-linger-ms",
+        ..figures?
+    })
+}
+
 /// Runs bigquery-sink (defaults) against the instant endpoint on a fresh
 /// topic fed at `rate` events/s for `seconds`.
 pub async fn bigquery(stack: &Stack, rate: usize, seconds: u64) -> anyhow::Result<Freshness> {
@@ -243,9 +337,9 @@ async fn load(
 
     // Until one probe is visible, the group joins (and redis-sink loads its
     // scripts, bigquery-sink reads the table): not what freshness means.
-    let warm_up = format!("{PROBE_PREFIX}warmup");
-    probes.waiting.insert(warm_up.clone(), Instant::now());
-    drop(send(probe(&warm_up), 0)?);
+    let (warm_up, payload, partition) = watch.next_probe("warmup");
+    probes.waiting.insert(warm_up, Instant::now());
+    drop(send(payload, partition.unwrap_or(0))?);
     let warm = async {
         let deadline = Instant::now() + WARM_UP_TIMEOUT;
         while !probes.waiting.is_empty() {
@@ -272,11 +366,11 @@ async fn load(
     let mut i = 0;
     while i < total {
         for _ in 0..per_tick.min(total - i) {
-            let partition = (i % PARTITIONS as usize) as i32;
+            let mut partition = (i % PARTITIONS as usize) as i32;
             let payload = if i % PROBE_EVERY == 0 {
-                let keyword = format!("{PROBE_PREFIX}{i}");
-                let payload = probe(&keyword);
-                probes.waiting.insert(keyword, Instant::now());
+                let (key, payload, to) = watch.next_probe(&i.to_string());
+                partition = to.unwrap_or(partition);
+                probes.waiting.insert(key, Instant::now());
                 payload
             } else {
                 generator.next_event().payload

@@ -22,12 +22,16 @@
 //! rate (first insertAll to last, start-up excluded) and the CPU the bench
 //! process itself (the proxy) used meanwhile. `--skip-emulator` runs (a) only.
 //!
+//! `bench api`: the read API under concurrent clients, and Redis memory per
+//! member (see `api`).
+//!
 //! `bench cluster`: redis-sink on a Redis Cluster against one Redis, with
 //! each node's CPU and what it implies for more nodes (see `cluster`).
 //!
 //! Run through `make bench`, which builds release binaries and starts the
 //! stack.
 
+mod api;
 mod cluster;
 mod freshness;
 
@@ -77,6 +81,18 @@ enum Command {
         rate: usize,
         /// Seconds of load.
         #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// The read API: requests/s and latency at concurrent clients, Redis commands per request; Redis memory per ranked member and history item.
+    Api {
+        /// Production-shaped events redis-sink writes before the API is loaded.
+        #[arg(long, default_value_t = 300_000)]
+        events: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
     /// redis-sink on a Redis Cluster (3 primaries, a replica each) against one Redis, on the production-shaped input: events/s, each node's CPU and commands, peak RSS.
@@ -182,8 +198,14 @@ async fn main() -> anyhow::Result<()> {
             print_figures(&figures);
         }
         Command::Cluster { events, malformed } => cluster::run(&stack, events, malformed).await?,
+        Command::Api {
+            events,
+            clients,
+            seconds,
+        } => api::run(&stack, events, clients, seconds).await?,
         Command::Freshness { rate, seconds } => {
             freshness::print(&freshness::redis(&stack, rate, seconds).await?);
+            freshness::print(&freshness::api(&stack, rate, seconds).await?);
             freshness::print(&freshness::bigquery(&stack, rate, seconds).await?);
         }
         Command::Bigquery {
