@@ -58,6 +58,12 @@ impl Keys {
         format!("{}history:{}:{user}", self.prefix, kind.as_str())
     }
 
+    /// HASH of the writers' settings readers must follow:
+    /// `bucket_ttl_secs`, the retention of the minute and hour buckets.
+    pub fn settings(&self) -> String {
+        format!("{}{RANK_TAG}:settings", self.prefix)
+    }
+
     /// HASH partition → next offset to apply, per topic: written by the
     /// same script as the data it covers. Not per consumer group: the
     /// rankings under this prefix are one set of counts whatever group fills

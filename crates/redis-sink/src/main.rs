@@ -121,9 +121,31 @@ struct RunArgs {
 /// longest window a reader may ask for.
 #[derive(Debug, Args)]
 struct BucketRetention {
-    /// Minute and hour ranking buckets are kept this long after their minute or hour ends: the longest window readers can ask for (give readers the same value).
+    /// Minute and hour ranking buckets are kept this long after their minute or hour ends: the longest window readers can ask for. redis-sink records it in Redis, and readers follow the recorded value; theirs applies only where none is recorded.
     #[arg(long, env = "BUCKET_TTL_SECS", default_value_t = 172_800, value_parser = clap::value_parser!(u64).range(3_600..=31_536_000))]
     bucket_ttl_secs: u64,
+}
+
+impl BucketRetention {
+    /// The retention a reader goes by: the one the writers recorded in
+    /// Redis, else this flag's (a Redis filled by an older redis-sink).
+    async fn writers(
+        &self,
+        conn: &mut redis_sink::client::RedisConn,
+        keys: &Keys,
+    ) -> anyhow::Result<u64> {
+        let recorded = query::recorded_retention(conn, keys)
+            .await
+            .context("cannot read the writers' --bucket-ttl-secs from Redis")?;
+        if let Some(recorded) = recorded.filter(|r| *r != self.bucket_ttl_secs) {
+            tracing::info!(
+                recorded,
+                flag = self.bucket_ttl_secs,
+                "windows follow the writers' recorded --bucket-ttl-secs, not this flag"
+            );
+        }
+        Ok(recorded.unwrap_or(self.bucket_ttl_secs))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -277,17 +299,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             recent,
         )
         .await?;
+        let ttl = args.retention.bucket_ttl_secs;
+        let before = query::record_retention(&mut primary.get().inner, &settings.keys, ttl)
+            .await
+            .context("cannot record --bucket-ttl-secs in Redis for the readers")?;
+        if before.is_some_and(|b| b != ttl) {
+            tracing::warn!(
+                recorded = before,
+                bucket_ttl_secs = ttl,
+                "another --bucket-ttl-secs was recorded: the readers now take this one; give every redis-sink the same"
+            );
+        }
         Ok(RedisSink::new(primary, settings))
     };
     sink_core::run_connecting(&args.consumer, connect, sink_core::shutdown::signal()).await
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let conn = open_for_reads(&args.redis.access, args.read_from_replicas).await?;
+    let mut conn = open_for_reads(&args.redis.access, args.read_from_replicas).await?;
+    let keys = Keys::new(args.redis.key_prefix);
+    let retention = args.retention.writers(&mut conn, &keys).await?;
     let api = Api::new(
         conn,
-        Keys::new(args.redis.key_prefix),
-        args.retention.bucket_ttl_secs,
+        keys,
+        retention,
         std::time::Duration::from_millis(args.cache_ms),
     );
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -306,12 +341,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn top(args: TopArgs) -> anyhow::Result<()> {
-    let window = args
-        .window
-        .check(1, args.retention.bucket_ttl_secs)
-        .map_err(|err| anyhow::anyhow!("--window: {err}"))?;
     let mut conn = open(&args.redis.access).await?;
     let keys = Keys::new(args.redis.key_prefix);
+    let retention = args.retention.writers(&mut conn, &keys).await?;
+    let window = args
+        .window
+        .check(1, retention)
+        .map_err(|err| anyhow::anyhow!("--window: {err}"))?;
     let now_ms = now_ms();
     let counts = query::counts(&mut conn, &keys, args.kind, window, 0, now_ms, args.limit).await?;
     let rows = query::top(counts, args.limit);

@@ -141,6 +141,38 @@ pub fn rising(
     rising
 }
 
+/// The bucket retention the writers recorded (`--bucket-ttl-secs`), if
+/// any: a reader refuses windows by it, whatever its own flag says.
+pub async fn recorded_retention<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &Keys,
+) -> redis::RedisResult<Option<u64>> {
+    redis::cmd("HGET")
+        .arg(keys.settings())
+        .arg(RETENTION_FIELD)
+        .query_async(conn)
+        .await
+}
+
+/// Records a writer's bucket retention for readers; returns the one
+/// recorded before, if any.
+pub async fn record_retention<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &Keys,
+    bucket_ttl_secs: u64,
+) -> redis::RedisResult<Option<u64>> {
+    let before = recorded_retention(conn, keys).await?;
+    redis::cmd("HSET")
+        .arg(keys.settings())
+        .arg(RETENTION_FIELD)
+        .arg(bucket_ttl_secs)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(before)
+}
+
+const RETENTION_FIELD: &str = "bucket_ttl_secs";
+
 /// A user's recent items, newest first.
 pub async fn history<C: ConnectionLike>(
     conn: &mut C,
