@@ -355,6 +355,7 @@ async fn the_api_serves_rankings_refuses_what_it_cannot_and_spares_redis() -> an
         ("/api/v1/top/search?limit=many", 400, "bad_query"),
         ("/api/v1/top/films", 404, "unknown_kind"),
         ("/api/v2/top", 404, "not_found"),
+        ("/api/v1/history/search/%FF", 400, "bad_path"),
     ] {
         let (got, body) = api.get(path).await?;
         assert_eq!(

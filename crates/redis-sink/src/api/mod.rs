@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -106,6 +106,13 @@ impl Api {
                     "no such path: see /openapi.json",
                 )
             })
+            .method_not_allowed_fallback(|| async {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "this API only answers GET",
+                )
+            })
             .with_state(Arc::new(self))
     }
 }
@@ -184,6 +191,12 @@ impl From<WindowError> for ApiError {
     }
 }
 
+impl From<PathRejection> for ApiError {
+    fn from(err: PathRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_path", err.body_text())
+    }
+}
+
 impl From<QueryRejection> for ApiError {
     fn from(err: QueryRejection) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_query", err.body_text())
@@ -223,10 +236,10 @@ fn window(asked: Option<&str>, times: u32, bucket_ttl_secs: u64) -> Result<Windo
 
 async fn top(
     State(api): State<Arc<Api>>,
-    Path(kind_name): Path<String>,
+    kind_name: Result<Path<String>, PathRejection>,
     asked: Result<Query<RankingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(asked) = asked?;
+    let (Path(kind_name), Query(asked)) = (kind_name?, asked?);
     let kind = kind(&kind_name)?;
     let window = window(asked.window.as_deref(), 1, api.bucket_ttl_secs)?;
     let limit = limit(asked.limit, 10)?;
@@ -258,10 +271,10 @@ async fn top(
 
 async fn rising(
     State(api): State<Arc<Api>>,
-    Path(kind_name): Path<String>,
+    kind_name: Result<Path<String>, PathRejection>,
     asked: Result<Query<RankingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(asked) = asked?;
+    let (Path(kind_name), Query(asked)) = (kind_name?, asked?);
     let kind = kind(&kind_name)?;
     let window = window(asked.window.as_deref(), 2, api.bucket_ttl_secs)?;
     if window == Window::AllTime {
@@ -336,10 +349,10 @@ struct HistoryReply {
 
 async fn history(
     State(api): State<Arc<Api>>,
-    Path((kind_name, user)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     asked: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Json<HistoryReply>, ApiError> {
-    let Query(asked) = asked?;
+    let (Path((kind_name, user)), Query(asked)) = (path?, asked?);
     let kind = kind(&kind_name)?;
     let limit = limit(asked.limit, 50)?;
     let items = api
