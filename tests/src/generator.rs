@@ -104,6 +104,8 @@ pub struct Generator {
     users: u32,
     movies: u32,
     now_ms: i64,
+    /// Event times are spread over this long before `now_ms`.
+    spread_ms: i64,
     seq: u64,
     /// Set by [`Generator::production`].
     production: Option<Production>,
@@ -139,6 +141,7 @@ impl Generator {
             users: 2_000,
             movies: 500,
             now_ms,
+            spread_ms: 7_200_000,
             seq: 0,
             production: None,
         }
@@ -165,6 +168,14 @@ impl Generator {
     /// Share of malformed lines, 0.0..=1.0.
     pub fn bad_fraction(mut self, fraction: f64) -> Self {
         self.bad_fraction = fraction.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Event times spread over `ms` before `now_ms` instead of two hours
+    /// (what a stream that arrives as it happens looks like: one minute
+    /// for 300,000 events at 5,000 a second).
+    pub fn spread(mut self, ms: i64) -> Self {
+        self.spread_ms = ms.max(1);
         self
     }
 
@@ -224,7 +235,7 @@ impl Generator {
             Mix::All if roll < 0.55 => "movie_detail",
             Mix::All => OTHER_KINDS[self.rng.random_range(0..OTHER_KINDS.len())],
         };
-        let time_ms = self.now_ms - self.rng.random_range(0..7_200_000);
+        let time_ms = self.now_ms - self.rng.random_range(0..self.spread_ms);
         let timestamp = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(time_ms)
             .unwrap_or_default()
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);

@@ -34,7 +34,10 @@ pub async fn run(stack: &Stack, events: usize, clients: usize, seconds: u64) -> 
         "bench-api",
         Mix::User3,
         events,
-        Input::Production { malformed: 0.01 },
+        Input::Production {
+            malformed: 0.01,
+            spread_ms: super::TWO_HOURS_MS,
+        },
     )
     .await?;
     let dir = stack.dir.join(unique("bench-api"));

@@ -42,7 +42,10 @@ struct NodeFigures {
 
 /// Runs the rows and prints them.
 pub async fn run(stack: &Stack, events: usize, malformed: f64) -> anyhow::Result<()> {
-    let input = Input::Production { malformed };
+    let input = Input::Production {
+        malformed,
+        spread_ms: super::TWO_HOURS_MS,
+    };
     let label = format!("production {:.0}% bad", malformed * 100.0);
     let (topic, _) = fill_topic(
         stack,

@@ -47,6 +47,9 @@ use e2e::redis::applied_offsets;
 use e2e::service::ServiceFlags;
 use e2e::{kafka, poll_until, unique, Stack, PARTITIONS};
 
+/// The generator's default spread of event times.
+const TWO_HOURS_MS: i64 = 7_200_000;
+
 /// How long one run may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -122,6 +125,9 @@ enum Command {
         /// Which inputs to run.
         #[arg(long, value_enum, default_value_t = Inputs::Both)]
         input: Inputs,
+        /// The production-shaped input's event times spread over this many seconds before now (60: 300,000 events arriving at 5,000 a second, as a live stream does; the default keeps the figures comparable).
+        #[arg(long, default_value_t = 7_200)]
+        time_spread_secs: i64,
     },
 }
 
@@ -140,7 +146,11 @@ enum Input {
     Uniform { users: u32 },
     /// `Generator::production` with this share of malformed lines, in
     /// lz4-compressed record batches as Logstash sends them.
-    Production { malformed: f64 },
+    Production {
+        malformed: f64,
+        /// Event times spread over this many ms (`--time-spread-secs`).
+        spread_ms: i64,
+    },
 }
 
 struct Figures {
@@ -164,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
             production_events,
             malformed,
             input,
+            time_spread_secs,
         } => {
             let mut figures = Vec::new();
             if input != Inputs::Production {
@@ -179,8 +190,14 @@ async fn main() -> anyhow::Result<()> {
             }
             if input != Inputs::Uniform {
                 for share in malformed {
-                    let production = Input::Production { malformed: share };
-                    let label = format!("production {:.0}% bad", share * 100.0);
+                    let production = Input::Production {
+                        malformed: share,
+                        spread_ms: time_spread_secs * 1000,
+                    };
+                    let mut label = format!("production {:.0}% bad", share * 100.0);
+                    if time_spread_secs * 1000 != TWO_HOURS_MS {
+                        label += &format!(", times over {time_spread_secs} s");
+                    }
                     let (topic, _) = fill_topic(
                         &stack,
                         "bench-user3",
@@ -214,7 +231,10 @@ async fn main() -> anyhow::Result<()> {
             malformed,
         } => {
             let input = match malformed {
-                Some(malformed) => Input::Production { malformed },
+                Some(malformed) => Input::Production {
+                    malformed,
+                    spread_ms: TWO_HOURS_MS,
+                },
                 None => Input::Uniform { users: 2_000 },
             };
             let (topic, rows) = fill_topic(&stack, "bench-user2", Mix::All, events, input).await?;
@@ -278,11 +298,15 @@ async fn fill_topic(
             kafka::producer_with(broker.bootstrap(), false)?,
             Generator::new(42, mix, now).users(users),
         ),
-        Input::Production { malformed } => (
+        Input::Production {
+            malformed,
+            spread_ms,
+        } => (
             kafka::logstash_producer(broker.bootstrap(), "lz4")?,
             Generator::new(42, mix, now)
                 .production()
-                .bad_fraction(malformed),
+                .bad_fraction(malformed)
+                .spread(spread_ms),
         ),
     };
     let mut bytes = 0usize;
