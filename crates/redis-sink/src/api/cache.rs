@@ -72,10 +72,14 @@ impl<K: Eq + Hash + Clone, V> Cache<K, V> {
             }
             Arc::clone(slots.entry(key.clone()).or_default())
         };
+        let asked = Instant::now();
         let mut slot = slot.lock().await;
+        // A read that ended after this request came is as fresh as one it
+        // would make: requests that waited for it share it, even with a
+        // zero `ttl`.
         let fresh = slot
             .as_ref()
-            .is_some_and(|last| last.at.elapsed() < self.ttl);
+            .is_some_and(|last| last.at.elapsed() < self.ttl || last.at >= asked);
         if !fresh {
             let outcome = read().await.map(Arc::new);
             let last_good = match (&outcome, slot.take()) {
@@ -131,6 +135,31 @@ mod tests {
             assert_eq!(task.await.ok().and_then(Result::ok), Some(7));
         }
         assert_eq!(reads.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_for_a_read_share_it_even_without_a_ttl() {
+        let cache: Arc<Cache<&str, usize>> = Arc::new(Cache::new(Duration::ZERO));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, reads) = (Arc::clone(&cache), Arc::clone(&reads));
+                tokio::spawn(async move {
+                    let read = || async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(reads.fetch_add(1, Ordering::SeqCst))
+                    };
+                    cache.get(&"k", read).await.map(|c| *c.value)
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.ok().and_then(Result::ok), Some(0));
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        // A request after that read reads again.
+        let later = cache.get(&"k", || async { Ok(9) }).await.map(|c| *c.value);
+        assert_eq!(later, Ok(9));
     }
 
     #[tokio::test]
