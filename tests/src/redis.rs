@@ -106,6 +106,21 @@ pub async fn wait_for_replication(
     .await
 }
 
+/// How many times the server behind `conn` has run `command` (lowercase,
+/// as `INFO commandstats` names it), scripts' calls included.
+pub async fn command_calls(conn: &mut MultiplexedConnection, command: &str) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0))
+}
+
 /// The (host, port) of each primary of the cluster, from `CLUSTER NODES`.
 pub async fn primaries(conn: &mut RedisConn) -> anyhow::Result<Vec<(String, u16)>> {
     let nodes: String = redis::cmd("CLUSTER")

@@ -11,7 +11,7 @@ use e2e::on_both;
 use e2e::pipeline::{Item, Pipeline};
 use e2e::process::PrivateRedis;
 use e2e::read_api::{members, ReadApi};
-use e2e::redis::{caught_up, on_stack, pipeline, RedisSide, Topology};
+use e2e::redis::{caught_up, command_calls, on_stack, pipeline, RedisSide, Topology};
 use e2e::{unique, Stack};
 use redis_sink::decode::Kind;
 use redis_sink::keys::{Keys, MS_PER_HOUR, MS_PER_MINUTE};
@@ -370,8 +370,8 @@ async fn the_api_serves_rankings_refuses_what_it_cannot_and_spares_redis() -> an
     let (_, too_long) = api.get("/api/v1/top/search?window=3h").await?;
     assert_eq!(
         too_long["error"]["message"],
-        "window 3h reaches back 3h, further than the 2h the rankings keep (--bucket-ttl-secs 7200): \
-         ask for a shorter window, or keep buckets longer"
+        "window 3h reaches back 3h, further than the 2h the rankings keep (redis-sink \
+         --bucket-ttl-secs): ask for a shorter window, or keep buckets longer"
     );
     let openapi = api.ok("/openapi.json").await?;
     assert!(openapi["paths"]["/api/v1/top/{kind}"].is_object());
@@ -380,19 +380,7 @@ async fn the_api_serves_rankings_refuses_what_it_cannot_and_spares_redis() -> an
     let conn = server.connection().await?;
     let zunions = || {
         let mut conn = conn.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut conn)
-                .await?;
-            let calls = info
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_zunion:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
-            anyhow::Ok(calls)
-        }
+        async move { command_calls(&mut conn, "zunion").await }
     };
     let before = zunions().await?;
     let requests = (0..1_000).map(|_| api.ok("/api/v1/top/search?window=5m&limit=3"));
@@ -567,18 +555,9 @@ async fn on_a_cluster_the_api_reads_from_replicas() -> anyhow::Result<()> {
     let zunions = || async {
         let mut calls = 0;
         for url in &replicas {
-            let mut node =
-                e2e::redis::connect_to_node(&redis_sink::access::RedisAccess::url(url)).await?;
-            let info: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut node)
-                .await?;
-            calls += info
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_zunion:calls="))
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0);
+            let access = redis_sink::access::RedisAccess::url(url);
+            calls +=
+                command_calls(&mut e2e::redis::connect_to_node(&access).await?, "zunion").await?;
         }
         anyhow::Ok(calls)
     };
@@ -607,4 +586,29 @@ async fn on_a_cluster_the_api_reads_from_replicas() -> anyhow::Result<()> {
         "no ZUNION reached a replica of {primary}"
     );
     Ok(())
+}
+
+/// An API started before any redis-sink goes by its own
+/// `--bucket-ttl-secs`, then by what the writers record once one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_follows_a_retention_recorded_after_it_started() -> anyhow::Result<()> {
+    let (mut p, redis, _) = on_stack(Topology::Standalone).await?;
+    let stack = Stack::get()?;
+    let api = ReadApi::start(&redis.access, &redis.prefix, &[], &stack.dir.join("logs")).await?;
+    let status = || async { anyhow::Ok(api.get("/api/v1/top/search?window=3h").await?.0) };
+    assert_eq!(status().await?, 200, "3h within the default 48 h");
+    p.produce(vec![search_at(
+        "parasite",
+        None,
+        chrono::Utc::now().timestamp_millis(),
+    )])
+    .await?;
+    let instance = p.start_with(&["--bucket-ttl-secs", "7200"])?;
+    caught_up(&p, &instance).await?;
+    e2e::wait_for_async(
+        Duration::from_secs(30),
+        "3h refused by the writers' 2 h",
+        || async { Ok(status().await? == 400) },
+    )
+    .await
 }

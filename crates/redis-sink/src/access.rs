@@ -129,15 +129,18 @@ impl RedisAccess {
         self.cluster_client_with(0, Duration::from_secs(20), Duration::from_secs(25))
     }
 
-    /// The cluster client of a reader (`serve`, `top`, `history`): as
-    /// [`Self::cluster_client`], reading from the replicas of each slot's
+    /// The cluster client of the read API (`serve`): as
+    /// [`Self::cluster_client`] with shorter timeouts, reading from the replicas of each slot's
     /// primary when `from_replicas` (redis-rs sends `READONLY` to them and
     /// routes read-only commands there, to the primary while none is up).
     pub fn reader_cluster_client(&self, from_replicas: bool) -> anyhow::Result<ClusterClient> {
+        // Shorter than the sink's bounds: a reader answers within 2 s or
+        // falls back to its last read, and a replica that stops answering
+        // must fail a read in time for the next one to be tried.
         self.cluster_client_built(
-            5,
-            Duration::from_secs(5),
-            Duration::from_secs(10),
+            2,
+            Duration::from_secs(1),
+            Duration::from_secs(2),
             from_replicas,
         )
     }

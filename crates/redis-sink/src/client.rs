@@ -294,14 +294,22 @@ pub async fn connect(access: &RedisAccess) -> anyhow::Result<Primary> {
 /// the first answering node says, without the checks of [`connect`] and
 /// without waiting: for readers and tools.
 pub async fn open(access: &RedisAccess) -> anyhow::Result<RedisConn> {
-    open_for_reads(access, false).await
+    open_with(access, || access.cluster_client()).await
 }
 
-/// As [`open`]; on a cluster, reading from replicas when `from_replicas`
-/// (a standalone reader reads a replica by its URL).
+/// As [`open`], for the read API: on a cluster, with the reader's short
+/// timeouts, and reading from replicas when `from_replicas` (a standalone
+/// reader reads a replica by its URL).
 pub async fn open_for_reads(
     access: &RedisAccess,
     from_replicas: bool,
+) -> anyhow::Result<RedisConn> {
+    open_with(access, || access.reader_cluster_client(from_replicas)).await
+}
+
+async fn open_with(
+    access: &RedisAccess,
+    cluster_client: impl FnOnce() -> anyhow::Result<redis::cluster::ClusterClient>,
 ) -> anyhow::Result<RedisConn> {
     let mut last = None;
     for client in access.clients()? {
@@ -334,10 +342,7 @@ pub async fn open_for_reads(
         if !info.lines().any(|l| l.trim() == "cluster_enabled:1") {
             return Ok(RedisConn::Standalone(conn));
         }
-        let cluster = access
-            .reader_cluster_client(from_replicas)?
-            .get_async_connection()
-            .await?;
+        let cluster = cluster_client()?.get_async_connection().await?;
         return Ok(RedisConn::Cluster(cluster));
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("--redis-url (REDIS_URL) names no Redis")))

@@ -127,8 +127,8 @@ struct BucketRetention {
 }
 
 impl BucketRetention {
-    /// The retention a reader goes by: the one the writers recorded in
-    /// Redis, else this flag's (a Redis filled by an older redis-sink).
+    /// The longest window a reader may read now: what the writers recorded
+    /// in Redis, else this flag (a Redis filled by an older redis-sink).
     async fn writers(
         &self,
         conn: &mut redis_sink::client::RedisConn,
@@ -137,14 +137,7 @@ impl BucketRetention {
         let recorded = query::recorded_retention(conn, keys)
             .await
             .context("cannot read the writers' --bucket-ttl-secs from Redis")?;
-        if let Some(recorded) = recorded.filter(|r| *r != self.bucket_ttl_secs) {
-            tracing::info!(
-                recorded,
-                flag = self.bucket_ttl_secs,
-                "windows follow the writers' recorded --bucket-ttl-secs, not this flag"
-            );
-        }
-        Ok(recorded.unwrap_or(self.bucket_ttl_secs))
+        Ok(recorded.map_or(self.bucket_ttl_secs, |r| r.kept_secs(now_ms())))
     }
 }
 
@@ -300,14 +293,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .await?;
         let ttl = args.retention.bucket_ttl_secs;
-        let before = query::record_retention(&mut primary.get().inner, &settings.keys, ttl)
-            .await
-            .context("cannot record --bucket-ttl-secs in Redis for the readers")?;
-        if before.is_some_and(|b| b != ttl) {
+        let before =
+            query::record_retention(&mut primary.get().inner, &settings.keys, ttl, now_ms())
+                .await
+                .context("cannot record --bucket-ttl-secs in Redis for the readers")?;
+        if let Some(before) = before.filter(|b| b.ttl_secs != ttl) {
             tracing::warn!(
-                recorded = before,
+                recorded = before.ttl_secs,
                 bucket_ttl_secs = ttl,
-                "another --bucket-ttl-secs was recorded: the readers now take this one; give every redis-sink the same"
+                "another --bucket-ttl-secs was recorded: readers move to this one as the older buckets age; give every redis-sink the same"
             );
         }
         Ok(RedisSink::new(primary, settings))
@@ -316,15 +310,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut conn = open_for_reads(&args.redis.access, args.read_from_replicas).await?;
-    let keys = Keys::new(args.redis.key_prefix);
-    let retention = args.retention.writers(&mut conn, &keys).await?;
+    let conn = open_for_reads(&args.redis.access, args.read_from_replicas).await?;
     let api = Api::new(
         conn,
-        keys,
-        retention,
+        Keys::new(args.redis.key_prefix),
+        args.retention.bucket_ttl_secs,
         std::time::Duration::from_millis(args.cache_ms),
     );
+    api.refresh_retention()
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot read the writers' --bucket-ttl-secs: {err}"))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| {

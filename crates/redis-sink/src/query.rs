@@ -8,7 +8,7 @@ use redis::aio::ConnectionLike;
 
 use crate::decode::Kind;
 use crate::keys::Keys;
-use crate::window::Window;
+use crate::window::{Recorded, Window};
 
 /// One ranked member.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -141,37 +141,54 @@ pub fn rising(
     rising
 }
 
-/// The bucket retention the writers recorded (`--bucket-ttl-secs`), if
-/// any: a reader refuses windows by it, whatever its own flag says.
+/// What the writers recorded of their bucket retention, if anything: a
+/// reader refuses windows by it, whatever its own flag says.
 pub async fn recorded_retention<C: ConnectionLike>(
     conn: &mut C,
     keys: &Keys,
-) -> redis::RedisResult<Option<u64>> {
-    redis::cmd("HGET")
+) -> redis::RedisResult<Option<Recorded>> {
+    let (ttl, previous, since): (Option<u64>, Option<u64>, Option<i64>) = redis::cmd("HMGET")
         .arg(keys.settings())
-        .arg(RETENTION_FIELD)
+        .arg(&["bucket_ttl_secs", "previous_ttl_secs", "since_ms"][..])
         .query_async(conn)
-        .await
+        .await?;
+    Ok(ttl.map(|ttl_secs| Recorded {
+        ttl_secs,
+        previous_secs: previous,
+        since_ms: since,
+    }))
 }
 
-/// Records a writer's bucket retention for readers; returns the one
-/// recorded before, if any.
+/// Records a writer's bucket retention for readers, starting at `now_ms`;
+/// returns the record before, if any.
 pub async fn record_retention<C: ConnectionLike>(
     conn: &mut C,
     keys: &Keys,
     bucket_ttl_secs: u64,
-) -> redis::RedisResult<Option<u64>> {
-    let before = recorded_retention(conn, keys).await?;
-    redis::cmd("HSET")
-        .arg(keys.settings())
-        .arg(RETENTION_FIELD)
-        .arg(bucket_ttl_secs)
-        .query_async::<()>(conn)
-        .await?;
-    Ok(before)
+    now_ms: i64,
+) -> redis::RedisResult<Option<Recorded>> {
+    let script = redis::Script::new(crate::script::RECORD_RETENTION);
+    let text = |v: Option<String>| v.unwrap_or_default();
+    loop {
+        let before = recorded_retention(conn, keys).await?;
+        let after = Recorded::changed_to(before, bucket_ttl_secs, now_ms);
+        if Some(after) == before {
+            return Ok(before);
+        }
+        let set: i64 = script
+            .key(keys.settings())
+            .arg(text(before.map(|b| b.ttl_secs.to_string())))
+            .arg(text(before.and_then(|b| b.since_ms).map(|s| s.to_string())))
+            .arg(after.ttl_secs)
+            .arg(text(after.previous_secs.map(|p| p.to_string())))
+            .arg(text(after.since_ms.map(|s| s.to_string())))
+            .invoke_async(conn)
+            .await?;
+        if set == 1 {
+            return Ok(before);
+        }
+    }
 }
-
-const RETENTION_FIELD: &str = "bucket_ttl_secs";
 
 /// A user's recent items, newest first.
 pub async fn history<C: ConnectionLike>(

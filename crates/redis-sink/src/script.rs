@@ -124,3 +124,26 @@ for i = 1, #ARGV, 3 do
 end
 return moved_on
 ";
+
+/// Records the writers' bucket retention (`KEYS[1]`: the settings hash) if
+/// the record still holds what the writer read (`ARGV[1]` ttl, `ARGV[2]`
+/// since, empty for none): two writers starting at once must not both
+/// build on the same record. Then sets ttl `ARGV[3]`, previous `ARGV[4]`
+/// and since `ARGV[5]` (empty: removed). Returns 1 if set, 0 if the record
+/// moved on.
+pub const RECORD_RETENTION: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'bucket_ttl_secs', 'since_ms')
+if (h[1] or '') ~= ARGV[1] or (h[2] or '') ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'bucket_ttl_secs', ARGV[3])
+local fields = {'previous_ttl_secs', 'since_ms'}
+for i = 1, 2 do
+  if ARGV[3 + i] == '' then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    redis.call('HSET', KEYS[1], fields[i], ARGV[3 + i])
+  end
+end
+return 1
+";

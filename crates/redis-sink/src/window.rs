@@ -33,7 +33,7 @@ pub enum WindowError {
     #[error("window {0:?} is not a duration: give `all` or a number of minutes, hours or days, such as 5m, 15m, 1h, 24h or 2d")]
     Unreadable(String),
     /// Reaches past the buckets' retention.
-    #[error("window {window} reaches back {reach}, further than the {kept} the rankings keep (--bucket-ttl-secs {kept_secs}): ask for a shorter window, or keep buckets longer")]
+    #[error("window {window} reaches back {reach}, further than the {kept} the rankings keep (redis-sink --bucket-ttl-secs): ask for a shorter window, or keep buckets longer")]
     TooLong {
         /// The window asked for.
         window: Window,
@@ -41,8 +41,6 @@ pub enum WindowError {
         reach: Window,
         /// The retention, as a window.
         kept: Window,
-        /// The retention in seconds.
-        kept_secs: u64,
     },
 }
 
@@ -57,19 +55,18 @@ impl Window {
 
     /// Refuses a window whose oldest minute (`times` windows back: 2 for
     /// rising terms, which compare with the window before) is no longer
-    /// kept under `bucket_ttl_secs`.
-    pub fn check(self, times: u32, bucket_ttl_secs: u64) -> Result<Self, WindowError> {
+    /// kept: buckets are kept `kept_secs` ([`Recorded::kept_secs`]).
+    pub fn check(self, times: u32, kept_secs: u64) -> Result<Self, WindowError> {
         let Some(minutes) = self.minutes() else {
             return Ok(self);
         };
-        let kept = u32::try_from(bucket_ttl_secs / 60).unwrap_or(u32::MAX);
+        let kept = u32::try_from(kept_secs / 60).unwrap_or(u32::MAX);
         let reach = minutes.saturating_mul(times);
         if reach > kept {
             return Err(WindowError::TooLong {
                 window: self,
                 reach: Self::Last { minutes: reach },
                 kept: Self::Last { minutes: kept },
-                kept_secs: bucket_ttl_secs,
             });
         }
         Ok(self)
@@ -120,6 +117,63 @@ fn cover(first: i64, last: i64) -> Vec<Bucket> {
         }
     }
     buckets
+}
+
+/// What the writers recorded of their bucket retention
+/// ([`crate::keys::Keys::settings`]): the current `--bucket-ttl-secs`, and
+/// since a change, what the buckets written before it are kept for.
+/// Expiries are absolute, so after a change the longest readable window
+/// moves from the old retention to the new one as the old buckets age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// `--bucket-ttl-secs` of the writers now.
+    pub ttl_secs: u64,
+    /// Before the last change: how long every bucket written until then is
+    /// kept, at least (`None`: no change recorded).
+    pub previous_secs: Option<u64>,
+    /// When the last change was recorded, ms since the epoch.
+    pub since_ms: Option<i64>,
+}
+
+impl Recorded {
+    /// The longest window every bucket of which is still kept at `now_ms`:
+    /// once the change is older than the new retention, the new retention;
+    /// before, the buckets written since the change (all younger than it)
+    /// and those from before it (kept `previous_secs`) cover the longer of
+    /// the two.
+    pub fn kept_secs(&self, now_ms: i64) -> u64 {
+        let (Some(previous), Some(since)) = (self.previous_secs, self.since_ms) else {
+            return self.ttl_secs;
+        };
+        let elapsed = u64::try_from(now_ms.saturating_sub(since) / 1000).unwrap_or(0);
+        if elapsed > self.ttl_secs {
+            self.ttl_secs
+        } else {
+            elapsed.max(previous)
+        }
+    }
+
+    /// The record once a writer with `ttl_secs` starts at `now_ms`, after
+    /// `before`. The buckets written until now are kept at least as long
+    /// as both the window readable now and the retention they were written
+    /// with.
+    pub fn changed_to(before: Option<Self>, ttl_secs: u64, now_ms: i64) -> Self {
+        match before {
+            Some(before) if before.ttl_secs == ttl_secs => before,
+            Some(before) => Self {
+                ttl_secs,
+                previous_secs: Some(before.kept_secs(now_ms).min(before.ttl_secs)),
+                since_ms: Some(now_ms),
+            },
+            // The first record: the buckets before it (an older redis-sink)
+            // are taken as kept as long.
+            None => Self {
+                ttl_secs,
+                previous_secs: None,
+                since_ms: None,
+            },
+        }
+    }
 }
 
 impl FromStr for Window {
@@ -232,7 +286,7 @@ mod tests {
             err.as_deref(),
             Some(
                 "window 1441m reaches back 2882m, further than the 2d the rankings keep \
-                 (--bucket-ttl-secs 172800): ask for a shorter window, or keep buckets longer"
+                 (redis-sink --bucket-ttl-secs): ask for a shorter window, or keep buckets longer"
             )
         );
         assert_eq!(Window::AllTime.check(2, 3_600), Ok(Window::AllTime));
@@ -266,6 +320,30 @@ mod tests {
         ] {
             assert!(bad.parse::<Window>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_longer_retention_is_readable_as_the_old_buckets_age() {
+        const H: u64 = 3_600;
+        let ms = |secs: u64| i64::try_from(secs * 1000).unwrap_or(0);
+        let two_hours = Recorded::changed_to(None, 2 * H, 0);
+        assert_eq!(two_hours.kept_secs(ms(100 * H)), 2 * H);
+        // Raised to 48 h at t: the buckets before t expire 2 h after their end.
+        let t = ms(100 * H);
+        let raised = Recorded::changed_to(Some(two_hours), 48 * H, t);
+        assert_eq!(raised.kept_secs(t + ms(H)), 2 * H);
+        assert_eq!(raised.kept_secs(t + ms(5 * H)), 5 * H);
+        assert_eq!(raised.kept_secs(t + ms(49 * H)), 48 * H);
+        // Lowered to 2 h: the old buckets still cover 48 h until the new
+        // ones are older than 2 h.
+        let lowered = Recorded::changed_to(Some(raised), 2 * H, t + ms(60 * H));
+        assert_eq!(lowered.kept_secs(t + ms(61 * H)), 48 * H);
+        assert_eq!(lowered.kept_secs(t + ms(63 * H)), 2 * H);
+        // Raised again an hour after lowering: the buckets of that hour
+        // are kept only 2 h, so only what was readable and at most 2 h.
+        let again = Recorded::changed_to(Some(lowered), 24 * H, t + ms(61 * H));
+        assert_eq!(again.kept_secs(t + ms(66 * H)), 5 * H);
+        assert_eq!(again.kept_secs(t + ms(62 * H)), 2 * H);
     }
 
     #[test]

@@ -26,14 +26,19 @@ use crate::client::RedisConn;
 use crate::decode::Kind;
 use crate::keys::Keys;
 use crate::query::{self, Ranked, Rising, Seen};
-use crate::window::{Window, WindowError};
+use crate::window::{Recorded, Window, WindowError};
 use cache::Cache;
 
 /// The most members one request may ask for (and what the cache keeps).
 pub const MAX_LIMIT: usize = 100;
 
-/// Redis reads one API process runs at once.
+/// How often the API re-reads the writers' recorded retention.
+const RETENTION_REFRESH: Duration = Duration::from_secs(10);
+
+/// Ranking reads one API process runs at once.
 const CONCURRENT_READS: usize = 4;
+/// History reads (one `ZRANGE` each, uncached) one API process runs at once.
+const CONCURRENT_HISTORY_READS: usize = 32;
 
 /// How long one Redis read may take before the request fails (and the
 /// last good value is served, marked stale).
@@ -62,35 +67,79 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 pub struct Api {
     conn: RedisConn,
     keys: Keys,
+    /// `--bucket-ttl-secs`: used only while no writer has recorded one.
     bucket_ttl_secs: u64,
+    /// What the writers recorded, re-read every [`RETENTION_REFRESH`].
+    recorded: std::sync::Mutex<Option<Recorded>>,
     cache_max_age: HeaderValue,
     top: Cache<(Kind, Window), Snapshot<Ranked>>,
     rising: Cache<(Kind, Window), Snapshot<Rising>>,
     reads: tokio::sync::Semaphore,
+    history_reads: tokio::sync::Semaphore,
     /// Redis has answered since the start (see `ready`).
     answered: AtomicBool,
 }
 
 impl Api {
-    /// Reads `conn` under `keys`; windows may reach back `bucket_ttl_secs`
-    /// (the writer's `--bucket-ttl-secs`); rankings are reused for `cache`.
+    /// Reads `conn` under `keys`; windows may reach back as far as the
+    /// writers recorded (see [`Self::refresh_retention`]), `bucket_ttl_secs`
+    /// while none has; rankings are reused for `cache`.
     pub fn new(conn: RedisConn, keys: Keys, bucket_ttl_secs: u64, cache: Duration) -> Self {
         let max_age = format!("public, max-age={}", cache.as_secs());
         Self {
             conn,
             keys,
             bucket_ttl_secs,
+            recorded: std::sync::Mutex::new(None),
             cache_max_age: HeaderValue::from_str(&max_age)
                 .unwrap_or(HeaderValue::from_static("no-cache")),
             top: Cache::new(cache),
             rising: Cache::new(cache),
             reads: tokio::sync::Semaphore::new(CONCURRENT_READS),
+            history_reads: tokio::sync::Semaphore::new(CONCURRENT_HISTORY_READS),
             answered: AtomicBool::new(false),
         }
     }
 
-    /// The routes.
+    /// Reads what the writers recorded of their bucket retention (the
+    /// router re-reads it every [`RETENTION_REFRESH`]).
+    pub async fn refresh_retention(&self) -> Result<(), String> {
+        let recorded = self
+            .read(query::recorded_retention(
+                &mut self.conn.clone(),
+                &self.keys,
+            ))
+            .await?;
+        if recorded.is_none() {
+            tracing::warn!(
+                bucket_ttl_secs = self.bucket_ttl_secs,
+                "no redis-sink has recorded its --bucket-ttl-secs under this prefix yet: windows are refused by this one's"
+            );
+        }
+        *self.recorded.lock().unwrap_or_else(|p| p.into_inner()) = recorded;
+        Ok(())
+    }
+
+    /// The longest window readable at `now_ms`.
+    fn kept_secs(&self, now_ms: i64) -> u64 {
+        let recorded = *self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        recorded.map_or(self.bucket_ttl_secs, |r| r.kept_secs(now_ms))
+    }
+
+    /// The routes; re-reads the writers' retention in the background.
     pub fn router(self) -> Router {
+        let api = Arc::new(self);
+        let weak = Arc::downgrade(&api);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RETENTION_REFRESH);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(api) = weak.upgrade() else { return };
+                // A failure keeps the last record (and is logged by `read`).
+                let _ = api.refresh_retention().await;
+            }
+        });
         Router::new()
             .route(PATHS[0], get(page))
             .route(PATHS[1], get(openapi))
@@ -113,7 +162,7 @@ impl Api {
                     "this API only answers GET",
                 )
             })
-            .with_state(Arc::new(self))
+            .with_state(api)
     }
 }
 
@@ -229,9 +278,25 @@ fn limit(asked: Option<usize>, default: usize) -> Result<usize, ApiError> {
 
 /// Parses and checks `?window=` (default 1h) for a read that reaches back
 /// `times` windows.
-fn window(asked: Option<&str>, times: u32, bucket_ttl_secs: u64) -> Result<Window, ApiError> {
+fn window(asked: Option<&str>, times: u32, kept_secs: u64) -> Result<Window, ApiError> {
     let window: Window = asked.unwrap_or("1h").parse()?;
-    Ok(window.check(times, bucket_ttl_secs)?)
+    Ok(window.check(times, kept_secs)?)
+}
+
+/// The kind, window and limit a ranking request asks for, checked; the
+/// window reaches back `times` windows.
+fn ranking_request(
+    api: &Api,
+    kind_name: Result<Path<String>, PathRejection>,
+    asked: Result<Query<RankingQuery>, QueryRejection>,
+    times: u32,
+) -> Result<(Kind, Window, usize), ApiError> {
+    let (Path(kind_name), Query(asked)) = (kind_name?, asked?);
+    Ok((
+        kind(&kind_name)?,
+        window(asked.window.as_deref(), times, api.kept_secs(now_ms()))?,
+        limit(asked.limit, 10)?,
+    ))
 }
 
 async fn top(
@@ -239,10 +304,7 @@ async fn top(
     kind_name: Result<Path<String>, PathRejection>,
     asked: Result<Query<RankingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (Path(kind_name), Query(asked)) = (kind_name?, asked?);
-    let kind = kind(&kind_name)?;
-    let window = window(asked.window.as_deref(), 1, api.bucket_ttl_secs)?;
-    let limit = limit(asked.limit, 10)?;
+    let (kind, window, limit) = ranking_request(&api, kind_name, asked, 1)?;
     let cached = api
         .top
         .get(&(kind, window), || async {
@@ -274,9 +336,7 @@ async fn rising(
     kind_name: Result<Path<String>, PathRejection>,
     asked: Result<Query<RankingQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (Path(kind_name), Query(asked)) = (kind_name?, asked?);
-    let kind = kind(&kind_name)?;
-    let window = window(asked.window.as_deref(), 2, api.bucket_ttl_secs)?;
+    let (kind, window, limit) = ranking_request(&api, kind_name, asked, 2)?;
     if window == Window::AllTime {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -284,7 +344,6 @@ async fn rising(
             "rising terms compare a window with the one before it: give a window such as 15m or 1h, not all",
         ));
     }
-    let limit = limit(asked.limit, 10)?;
     let cached = api
         .rising
         .get(&(kind, window), || async {
@@ -356,7 +415,7 @@ async fn history(
     let kind = kind(&kind_name)?;
     let limit = limit(asked.limit, 50)?;
     let items = api
-        .read(query::history(
+        .read_history(query::history(
             &mut api.conn.clone(),
             &api.keys,
             kind,
@@ -402,8 +461,31 @@ impl Api {
         &self,
         reading: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, String> {
-        let _permit = self.reads.acquire().await.map_err(|e| e.to_string())?;
-        let error = match tokio::time::timeout(READ_TIMEOUT, reading).await {
+        self.read_within(&self.reads, reading).await
+    }
+
+    /// A history read: as [`Self::read`], with permits of its own, so that
+    /// a flood of them cannot hold back the rankings' refreshes.
+    async fn read_history<T>(
+        &self,
+        reading: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        self.read_within(&self.history_reads, reading).await
+    }
+
+    /// Waiting for a permit counts in [`READ_TIMEOUT`]: a request never
+    /// waits longer for Redis, and a ranking falls back to its last good
+    /// read.
+    async fn read_within<T>(
+        &self,
+        permits: &tokio::sync::Semaphore,
+        reading: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, String> {
+        let bounded = async {
+            let _permit = permits.acquire().await;
+            reading.await
+        };
+        let error = match tokio::time::timeout(READ_TIMEOUT, bounded).await {
             Ok(Ok(value)) => {
                 self.answered.store(true, Ordering::Relaxed);
                 return Ok(value);
