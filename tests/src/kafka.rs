@@ -85,7 +85,13 @@ pub fn producer_with(
     single_message_batches: bool,
 ) -> anyhow::Result<FutureProducer> {
     let mut config = client_config(bootstrap);
-    config.set("linger.ms", "5").set("acks", "all");
+    // Idempotent: a send retried after a lost reply (a slow broker under a
+    // loaded CI) must not write the record twice, or the sink would rightly
+    // count a record the test believes it sent once.
+    config
+        .set("linger.ms", "5")
+        .set("acks", "all")
+        .set("enable.idempotence", "true");
     if single_message_batches {
         config.set("batch.num.messages", "1");
     } else {
