@@ -60,20 +60,7 @@ pub async fn counts<C: ConnectionLike>(
     all_time_limit: usize,
 ) -> redis::RedisResult<Vec<(String, f64)>> {
     match window.buckets(now_ms, back) {
-        None => {
-            let stop = isize::try_from(all_time_limit).unwrap_or(isize::MAX) - 1;
-            if stop < 0 {
-                return Ok(Vec::new());
-            }
-            redis::cmd("ZRANGE")
-                .arg(keys.total(kind))
-                .arg(0)
-                .arg(stop)
-                .arg("REV")
-                .arg("WITHSCORES")
-                .query_async(conn)
-                .await
-        }
+        None => highest_first(conn, &keys.total(kind), all_time_limit).await,
         Some(buckets) => {
             let sources: Vec<String> = buckets.iter().map(|b| keys.bucket(kind, *b)).collect();
             redis::cmd("ZUNION")
@@ -198,18 +185,7 @@ pub async fn history<C: ConnectionLike>(
     user: &str,
     limit: usize,
 ) -> redis::RedisResult<Vec<Seen>> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
-    let rows: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(keys.history(kind, user))
-        .arg(0)
-        .arg(stop)
-        .arg("REV")
-        .arg("WITHSCORES")
-        .query_async(conn)
-        .await?;
+    let rows = highest_first(conn, &keys.history(kind, user), limit).await?;
     Ok(rows
         .into_iter()
         .map(|(member, score)| Seen {
@@ -217,6 +193,27 @@ pub async fn history<C: ConnectionLike>(
             time_ms: score as i64,
         })
         .collect())
+}
+
+/// The `limit` highest-scored members of a ZSET, highest first (ties:
+/// member descending, as `ZRANGE ... REV` orders them).
+async fn highest_first<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    limit: usize,
+) -> redis::RedisResult<Vec<(String, f64)>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
+    redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(stop)
+        .arg("REV")
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
 }
 
 fn as_count(score: f64) -> u64 {
