@@ -59,7 +59,9 @@ impl Keys {
     }
 
     /// HASH of the writers' settings readers must follow:
-    /// `bucket_ttl_secs`, the retention of the minute and hour buckets.
+    /// `bucket_ttl_secs`, the retention of the minute and hour buckets, and
+    /// after a change `previous_ttl_secs` and `since_ms`
+    /// ([`crate::window::Recorded`]).
     pub fn settings(&self) -> String {
         format!("{}{RANK_TAG}:settings", self.prefix)
     }
