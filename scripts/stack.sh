@@ -75,7 +75,14 @@ install_apt_packages() {   # redis-server (+ redis-cli), curl, and stunnel4 (TLS
 
 install_bqemulator() {
     local stamp="$BQ_VENV/.movielog-stack-installed"
-    [ "$(cat "$stamp" 2>/dev/null)" = "${BQ_PACKAGES[*]}" ] && return 0
+    [ "$(cat "$stamp" 2>/dev/null)" = "${BQ_PACKAGES[*]}" ] || install_bqemulator_packages "$stamp"
+    # Its Storage Write API deadlocks beside its REST API without this (see the script).
+    "$BQ_VENV/bin/python" "$REPO/scripts/bqemulator-patch.py" \
+        || die "patching bqemulator failed (output above); 'rm -rf $BQ_VENV' and retry"
+}
+
+install_bqemulator_packages() {
+    local stamp=$1
     log "installing ${BQ_PACKAGES[*]} into $BQ_VENV (about 30 s, once)"
     mkdir -p "$BQ_HOME"
     [ -x "$BQ_VENV/bin/python" ] || python3 -m venv "$BQ_VENV" \

@@ -264,28 +264,87 @@ impl Emulator {
     }
 }
 
+/// bigquery-sink's `--write-api`: every bigquery-sink test runs with each
+/// (see [`each_write_api!`](crate::each_write_api)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteApi {
+    /// `tabledata.insertAll`.
+    InsertAll,
+    /// The Storage Write API's `_default` stream.
+    Storage,
+}
+
+impl WriteApi {
+    /// The flag's value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::InsertAll => "insert-all",
+            Self::Storage => "storage",
+        }
+    }
+}
+
+/// Declares a module `$name` holding one test per write API, each calling
+/// `$name(WriteApi)`.
+#[macro_export]
+macro_rules! each_write_api {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn insert_all() -> anyhow::Result<()> {
+                super::$name($crate::bigquery::WriteApi::InsertAll).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn storage() -> anyhow::Result<()> {
+                super::$name($crate::bigquery::WriteApi::Storage).await
+            }
+        }
+    };
+}
+
 /// bigquery-sink's side of a [`Pipeline`](crate::pipeline::Pipeline): a
-/// fresh table in the emulator's dataset, written through `endpoint` (the
-/// emulator, or a [`FaultProxy`] in front of it). Cheap to clone: a test
-/// keeps a clone to query the table itself.
+/// fresh table in the emulator's dataset, written with `write_api` through
+/// `endpoint` / `grpc_endpoint` (the emulator, or a proxy in front of it).
+/// Cheap to clone: a test keeps a clone to query the table itself.
 #[derive(Debug, Clone)]
 pub struct BigQuerySide {
     /// The emulator.
     pub emulator: Emulator,
+    /// `--write-api`.
+    pub write_api: WriteApi,
     /// `--bigquery-endpoint`.
     pub endpoint: String,
+    /// `--bigquery-grpc-endpoint`.
+    pub grpc_endpoint: String,
     /// `--table`.
     pub table: String,
 }
 
 impl BigQuerySide {
-    /// A fresh table of the stack's emulator, written to directly.
+    /// A fresh table of the stack's emulator, written to directly with
+    /// insertAll.
     pub fn on_stack(stack: &Stack) -> anyhow::Result<Self> {
         Ok(Self {
             emulator: Emulator::new(stack)?,
+            write_api: WriteApi::InsertAll,
             endpoint: stack.bigquery_endpoint.clone(),
+            grpc_endpoint: stack.bigquery_grpc_endpoint.clone(),
             table: crate::unique("user_logs").replace('-', "_"),
         })
+    }
+
+    /// The same table, written with `write_api`.
+    pub fn with(self, write_api: WriteApi) -> Self {
+        Self { write_api, ..self }
+    }
+
+    /// The same table, its Storage Write API reached through `endpoint`.
+    pub fn via_grpc(self, grpc_endpoint: String) -> Self {
+        Self {
+            grpc_endpoint,
+            ..self
+        }
     }
 
     /// The same table, written through `endpoint` (a proxy).
@@ -399,6 +458,8 @@ impl SinkSide for BigQuerySide {
             &self.emulator.dataset,
             &self.table,
         )
+        .set("--write-api", self.write_api.flag())
+        .set("--bigquery-grpc-endpoint", &self.grpc_endpoint)
     }
 
     fn keeps(&self, event: &Generated) -> bool {

@@ -46,6 +46,8 @@ pub struct Stack {
     pub redis_cluster_url: Option<String>,
     /// Base URL of the BigQuery REST emulator.
     pub bigquery_endpoint: String,
+    /// URL of the emulator's Storage Write API (gRPC).
+    pub bigquery_grpc_endpoint: String,
     /// BigQuery project of the emulator.
     pub bigquery_project: String,
     /// Dataset created by the stack script.
@@ -66,6 +68,7 @@ impl Stack {
             "REDIS_URL",
             "REDIS_CLUSTER_URL",
             "BIGQUERY_ENDPOINT",
+            "BIGQUERY_GRPC_ENDPOINT",
             "BIGQUERY_PROJECT",
             "BIGQUERY_DATASET",
             "STACK_DIR",
@@ -89,6 +92,7 @@ impl Stack {
             redis_url: get("REDIS_URL")?,
             redis_cluster_url: get("REDIS_CLUSTER_URL").ok(),
             bigquery_endpoint: get("BIGQUERY_ENDPOINT")?,
+            bigquery_grpc_endpoint: get("BIGQUERY_GRPC_ENDPOINT")?,
             bigquery_project: get("BIGQUERY_PROJECT")?,
             bigquery_dataset: get("BIGQUERY_DATASET")?,
             dir: PathBuf::from(get("STACK_DIR")?),

@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy};
+use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy, WriteApi};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::pipeline::{Coordinates, Instance, Item, Pipeline};
-use e2e::{kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
+use e2e::{each_write_api, kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
 use serde_json::Value;
 
 /// How long a test waits for dead letters, log lines, faults and readiness.
@@ -26,14 +26,15 @@ const DECODE_CODES: [&str; 5] = [
     "bad_timestamp",
 ];
 
-/// A pipeline on `broker` into a fresh table of the emulator, written
-/// through `proxy` if given; and the table's side, to query it.
+/// A pipeline on `broker` into a fresh table of the emulator, written with
+/// `api` (through `proxy` if given); and the table's side, to query it.
 async fn into_table(
     stack: &Stack,
     broker: Broker,
+    api: WriteApi,
     proxy: Option<&FaultProxy>,
 ) -> anyhow::Result<(Pipeline, BigQuerySide)> {
-    let mut bq = BigQuerySide::on_stack(stack)?;
+    let mut bq = BigQuerySide::on_stack(stack)?.with(api);
     if let Some(proxy) = proxy {
         bq = bq.via(proxy.endpoint());
     }
@@ -41,10 +42,10 @@ async fn into_table(
     Ok((p, bq))
 }
 
-/// A pipeline on tansu into a fresh table, written to directly.
-async fn on_tansu() -> anyhow::Result<(Pipeline, BigQuerySide)> {
+/// A pipeline on tansu into a fresh table, written to directly with `api`.
+async fn on_tansu(api: WriteApi) -> anyhow::Result<(Pipeline, BigQuerySide)> {
     let stack = Stack::get()?;
-    into_table(&stack, Broker::tansu(&stack), None).await
+    into_table(&stack, Broker::tansu(&stack), api, None).await
 }
 
 /// A pipeline on tansu into a fresh table, written through a fault proxy
@@ -52,7 +53,13 @@ async fn on_tansu() -> anyhow::Result<(Pipeline, BigQuerySide)> {
 async fn through_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, FaultProxy)> {
     let stack = Stack::get()?;
     let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
-    let (p, bq) = into_table(&stack, Broker::tansu(&stack), Some(&proxy)).await?;
+    let (p, bq) = into_table(
+        &stack,
+        Broker::tansu(&stack),
+        WriteApi::InsertAll,
+        Some(&proxy),
+    )
+    .await?;
     Ok((p, bq, proxy))
 }
 
@@ -225,9 +232,11 @@ async fn recovers(p: &Pipeline, bq: &BigQuerySide, instance: &Instance) -> anyho
     wait_for_async(TIMEOUT, "readiness after the fix", || instance.ready()).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload() -> anyhow::Result<()> {
-    let (mut p, bq) = on_tansu().await?;
+each_write_api!(twenty_thousand_events_of_every_kind_land_once_with_their_payload);
+async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload(
+    api: WriteApi,
+) -> anyhow::Result<()> {
+    let (mut p, bq) = on_tansu(api).await?;
     p.produce(events(1, 20_000, 0.0)).await?;
     let instance = p.start()?;
     wait_landed(&p, &bq, &bq.table, &instance).await?;
@@ -293,14 +302,22 @@ async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload() -> 
     // Row by row for a sample.
     assert_eq!(check_rows(&p, &bq, "kafka_offset < 100").await?, 300);
     dead_letters(&p)?;
+
+    // Every batch of the instance went through one append stream.
+    let metrics = instance.metrics().await?;
+    let streams = metrics.sum(sink_core::metrics::APPEND_STREAMS);
+    let want = if api == WriteApi::Storage { 1.0 } else { 0.0 };
+    assert_eq!(streams, want, "append streams opened");
+    assert!(metrics.sum(sink_core::metrics::BATCHES) > 10.0);
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+each_write_api!(rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands);
 async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
+    api: WriteApi,
 ) -> anyhow::Result<()> {
     const YEAR_ZERO: &[u8] = br#"{"@timestamp":"0000"#;
-    let (mut p, bq) = on_tansu().await?;
+    let (mut p, bq) = on_tansu(api).await?;
     // Malformed lines of every kind, and events BigQuery refuses: year 0 is
     // valid RFC 3339, but not a BigQuery TIMESTAMP.
     let mut items = events(2, 3_000, 0.1);
@@ -354,9 +371,12 @@ async fn rows_bigquery_refuses_go_to_the_dlq_with_its_reason_and_the_rest_lands(
 /// under the wrong coordinates, skip them or repeat them: every valid event
 /// lands once, at its coordinates and with its own payload, and every
 /// malformed line is dead-lettered once.
-async fn compressed_batches_land_exactly_once(compression: &str) -> anyhow::Result<()> {
+async fn compressed_batches_land_exactly_once(
+    compression: &str,
+    api: WriteApi,
+) -> anyhow::Result<()> {
     let stack = Stack::get()?;
-    let (mut p, bq) = into_table(&stack, Broker::mock_cluster(3)?, None).await?;
+    let (mut p, bq) = into_table(&stack, Broker::mock_cluster(3)?, api, None).await?;
     p.logstash_production(compression)?;
     p.produce(events(10, 5_000, 0.02)).await?;
     let kept = coordinates_of(&p, |item| item.kept);
@@ -379,24 +399,24 @@ async fn compressed_batches_land_exactly_once(compression: &str) -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gzip_batches_land_exactly_once() -> anyhow::Result<()> {
-    compressed_batches_land_exactly_once("gzip").await
+each_write_api!(gzip_batches_land_exactly_once);
+async fn gzip_batches_land_exactly_once(api: WriteApi) -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("gzip", api).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snappy_batches_land_exactly_once() -> anyhow::Result<()> {
-    compressed_batches_land_exactly_once("snappy").await
+each_write_api!(snappy_batches_land_exactly_once);
+async fn snappy_batches_land_exactly_once(api: WriteApi) -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("snappy", api).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lz4_batches_land_exactly_once() -> anyhow::Result<()> {
-    compressed_batches_land_exactly_once("lz4").await
+each_write_api!(lz4_batches_land_exactly_once);
+async fn lz4_batches_land_exactly_once(api: WriteApi) -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("lz4", api).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zstd_batches_land_exactly_once() -> anyhow::Result<()> {
-    compressed_batches_land_exactly_once("zstd").await
+each_write_api!(zstd_batches_land_exactly_once);
+async fn zstd_batches_land_exactly_once(api: WriteApi) -> anyhow::Result<()> {
+    compressed_batches_land_exactly_once("zstd", api).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,9 +484,9 @@ async fn only_rows_bigquery_did_not_take_are_sent_again() -> anyhow::Result<()> 
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_and_restart_lose_nothing() -> anyhow::Result<()> {
-    let (mut p, bq) = on_tansu().await?;
+each_write_api!(sigkill_mid_stream_and_restart_lose_nothing);
+async fn sigkill_mid_stream_and_restart_lose_nothing(api: WriteApi) -> anyhow::Result<()> {
+    let (mut p, bq) = on_tansu(api).await?;
     p.produce(events(4, 20_000, 0.0)).await?;
     let instance = p.start()?;
     bq.wait_rows(&bq.table, 4_000, &instance).await?;
@@ -590,9 +610,9 @@ async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
     recovers(&p, &bq, &instance).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn start_up_problems_stop_the_sink_with_one_clear_line() -> anyhow::Result<()> {
-    let (mut p, bq) = on_tansu().await?;
+each_write_api!(start_up_problems_stop_the_sink_with_one_clear_line);
+async fn start_up_problems_stop_the_sink_with_one_clear_line(api: WriteApi) -> anyhow::Result<()> {
+    let (mut p, bq) = on_tansu(api).await?;
     // An existing table lacking columns.
     bq.emulator
         .create_table(

@@ -6,9 +6,11 @@
 //! connection after answering 500, and the next request on it would fail
 //! with a reset.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use gcp_bigquery_client::auth::Authenticator;
 use gcp_bigquery_client::client_builder::ClientBuilder;
 use gcp_bigquery_client::Client;
 
@@ -18,12 +20,13 @@ use crate::credentials;
 /// Connecting a socket to BigQuery: past this, the attempt is retried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The client for `settings`. Loads credentials but sends nothing yet.
+/// The REST client for `settings`, and its token source (which the Storage
+/// Write API's calls use too). Loads credentials but sends nothing yet.
 ///
 /// # Errors
 ///
 /// An unreadable or unsupported credentials file.
-pub async fn connect(settings: &Settings) -> anyhow::Result<Client> {
+pub async fn connect(settings: &Settings) -> anyhow::Result<(Client, Arc<dyn Authenticator>)> {
     let mut http = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(settings.request_timeout)
@@ -44,8 +47,9 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Client> {
         settings.request_timeout,
     )
     .await?;
-    builder
-        .build_from_authenticator(auth)
+    let client = builder
+        .build_from_authenticator(Arc::clone(&auth))
         .await
-        .context("cannot build the BigQuery client")
+        .context("cannot build the BigQuery client")?;
+    Ok((client, auth))
 }

@@ -41,6 +41,21 @@ pub struct BigQueryArgs {
     #[arg(long, env = "BIGQUERY_ENDPOINT", value_name = "URL")]
     pub bigquery_endpoint: Option<String>,
 
+    /// How rows are written: `insert-all` (the legacy streaming API,
+    /// `tabledata.insertAll`) or `storage` (the Storage Write API's
+    /// `_default` stream, at least once, half the price per GB).
+    /// docs/bigquery.md compares them.
+    #[arg(long, env = "BIGQUERY_WRITE_API", value_name = "API", value_enum,
+          default_value_t = WriteApi::InsertAll)]
+    pub write_api: WriteApi,
+
+    /// URL of a Storage Write API-compatible gRPC endpoint, such as the
+    /// emulator's (`http://127.0.0.1:9060`). Needed with --write-api
+    /// storage when --bigquery-endpoint is set. Without it: Google's
+    /// (https://bigquerystorage.googleapis.com, TLS).
+    #[arg(long, env = "BIGQUERY_GRPC_ENDPOINT", value_name = "URL")]
+    pub bigquery_grpc_endpoint: Option<String>,
+
     /// Credentials file: a service-account key, an authorized-user file, or
     /// an external_account file (Workload Identity Federation). Without it:
     /// gcloud's application default credentials, else the metadata server
@@ -74,6 +89,17 @@ pub struct BigQueryArgs {
     pub request_timeout_secs: u64,
 }
 
+/// The API rows are written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WriteApi {
+    /// `tabledata.insertAll`: JSON rows, best-effort de-duplication by
+    /// insertId.
+    InsertAll,
+    /// The Storage Write API's `_default` stream: protobuf rows on one
+    /// long-lived gRPC stream.
+    Storage,
+}
+
 /// Checked settings of the sink.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -83,6 +109,10 @@ pub struct Settings {
     pub create_table: bool,
     /// `<base>/bigquery/v2` of a BigQuery-compatible API, if not Google's.
     pub endpoint: Option<String>,
+    /// The API rows are written with.
+    pub write_api: WriteApi,
+    /// The Storage Write API's gRPC endpoint, if not Google's.
+    pub grpc_endpoint: Option<String>,
     /// Credentials file, if not application default credentials.
     pub credentials: Option<PathBuf>,
     /// Limits of one insertAll request.
@@ -121,10 +151,26 @@ impl Settings {
             .filter(|url| !url.trim().is_empty())
             .map(v2_base_url)
             .transpose()?;
+        let grpc_endpoint = args
+            .bigquery_grpc_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(grpc_url)
+            .transpose()?;
+        if args.write_api == WriteApi::Storage && endpoint.is_some() && grpc_endpoint.is_none() {
+            bail!(
+                "--write-api storage with --bigquery-endpoint (BIGQUERY_ENDPOINT) needs \
+                 --bigquery-grpc-endpoint (BIGQUERY_GRPC_ENDPOINT): the Storage Write API is \
+                 gRPC, on its own port (the emulator's --grpc-port)"
+            );
+        }
         Ok(Self {
             target,
             create_table: !args.no_create_table,
             endpoint,
+            write_api: args.write_api,
+            grpc_endpoint,
             credentials: args
                 .credentials
                 .clone()
@@ -174,6 +220,23 @@ fn v2_base_url(raw: &str) -> anyhow::Result<String> {
     } else {
         format!("{base}/bigquery/v2")
     })
+}
+
+/// A gRPC endpoint: an http(s) URL with a host and nothing after it.
+fn grpc_url(raw: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(raw).ok().filter(|u| {
+        matches!(u.scheme(), "http" | "https")
+            && u.host().is_some()
+            && u.query().is_none()
+            && matches!(u.path(), "" | "/")
+    });
+    match url {
+        Some(url) => Ok(url.as_str().trim_end_matches('/').to_owned()),
+        None => bail!(
+            "--bigquery-grpc-endpoint (BIGQUERY_GRPC_ENDPOINT) {raw:?} is not an http(s) URL \
+             such as http://127.0.0.1:9060"
+        ),
+    }
 }
 
 /// The shared flags' defaults for this service.
@@ -322,6 +385,51 @@ mod tests {
         assert!(err.contains("--table"), "{err}");
         assert!(settings(&["--table", "user_logs-2024"]).is_ok());
         assert!(settings(&["--project", "example.com:my-project"]).is_ok());
+    }
+
+    #[test]
+    fn the_storage_api_needs_a_grpc_endpoint_beside_a_rest_one() {
+        // The test stack's environment may set both endpoints.
+        let s = settings(&["--bigquery-endpoint", "", "--bigquery-grpc-endpoint", ""]).unwrap();
+        assert_eq!(s.write_api, WriteApi::InsertAll);
+        let s = settings(&[
+            "--write-api",
+            "storage",
+            "--bigquery-endpoint",
+            "",
+            "--bigquery-grpc-endpoint",
+            "",
+        ])
+        .unwrap();
+        assert_eq!((s.write_api, s.grpc_endpoint), (WriteApi::Storage, None));
+        let err = settings(&[
+            "--write-api",
+            "storage",
+            "--bigquery-endpoint",
+            "http://127.0.0.1:9050",
+            "--bigquery-grpc-endpoint",
+            "",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--bigquery-grpc-endpoint"), "{err}");
+        let s = settings(&[
+            "--write-api",
+            "storage",
+            "--bigquery-endpoint",
+            "http://127.0.0.1:9050",
+            "--bigquery-grpc-endpoint",
+            "http://127.0.0.1:9060/",
+        ])
+        .unwrap();
+        assert_eq!(s.grpc_endpoint.as_deref(), Some("http://127.0.0.1:9060"));
+        for bad in ["127.0.0.1:9060", "http://h:1/v1", "grpc://h:1"] {
+            let err = settings(&["--bigquery-grpc-endpoint", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--bigquery-grpc-endpoint"), "{bad}: {err}");
+        }
+        assert!(parse(&["--write-api", "legacy"]).is_err());
     }
 
     #[test]

@@ -118,6 +118,51 @@ fn http_class(code: i64) -> Class {
     }
 }
 
+/// Classifies a Storage Write API status, as [`class`] does HTTP errors:
+/// the same labels for the same causes. `INVALID_ARGUMENT` is not here: it
+/// names rows or the schema, and the append path sorts it out.
+pub fn grpc_class(status: &tonic::Status) -> Class {
+    use tonic::Code;
+    let message = status.message().to_ascii_lowercase();
+    match status.code() {
+        Code::ResourceExhausted
+            if message.contains("size")
+                || message.contains("too large")
+                || message.contains("exceeds") =>
+        {
+            Class::TooLarge
+        }
+        Code::ResourceExhausted => Class::Transient("rate_limited"),
+        Code::Unauthenticated => Class::Operator("unauthenticated"),
+        Code::PermissionDenied => Class::Operator("permission_denied"),
+        Code::NotFound => Class::Operator("not_found"),
+        Code::InvalidArgument => Class::Operator("bad_request"),
+        Code::FailedPrecondition => Class::Operator("failed_precondition"),
+        Code::DeadlineExceeded => Class::Transient("timeout"),
+        Code::Unavailable => Class::Transient("unavailable"),
+        Code::Aborted => Class::Transient("aborted"),
+        Code::Internal => Class::Transient("internal"),
+        Code::Cancelled => Class::Transient("cancelled"),
+        _ => Class::Transient("grpc_error"),
+    }
+}
+
+/// [`classify`] for a Storage Write API status.
+pub fn classify_status(status: &tonic::Status, target: &Target) -> Failure {
+    let what = format!("gRPC {:?}: {}", status.code(), status.message());
+    match grpc_class(status) {
+        Class::TooLarge => Failure::TooLarge(what),
+        Class::Transient(kind) => Failure::Sink(SinkError::transient(
+            kind,
+            anyhow!("Storage Write API call on {target} failed ({what})"),
+        )),
+        Class::Operator(kind) => Failure::Sink(SinkError::unavailable(
+            kind,
+            operator_message(kind, &what, target),
+        )),
+    }
+}
+
 /// True when retrying the same call soon may succeed.
 pub fn is_transient(err: &BQError) -> bool {
     matches!(class(err), Class::Transient(_))
@@ -326,6 +371,50 @@ mod tests {
         assert_eq!(class(&err), Class::Transient("connect"));
         assert!(is_transient(&err));
         assert!(describe(&err).contains("127.0.0.1:1"), "{}", describe(&err));
+    }
+
+    #[test]
+    fn grpc_statuses_are_sorted_as_http_ones() {
+        use tonic::{Code, Status};
+        let class = |code, message: &str| grpc_class(&Status::new(code, message));
+        assert_eq!(
+            class(Code::Unavailable, "down"),
+            Class::Transient("unavailable")
+        );
+        assert_eq!(class(Code::Internal, ""), Class::Transient("internal"));
+        assert_eq!(class(Code::Aborted, ""), Class::Transient("aborted"));
+        assert_eq!(
+            class(Code::DeadlineExceeded, ""),
+            Class::Transient("timeout")
+        );
+        assert_eq!(
+            class(Code::ResourceExhausted, "quota"),
+            Class::Transient("rate_limited")
+        );
+        assert_eq!(
+            class(
+                Code::ResourceExhausted,
+                "AppendRowsRequest exceeds the 10485760-byte size cap"
+            ),
+            Class::TooLarge
+        );
+        assert_eq!(
+            class(Code::PermissionDenied, ""),
+            Class::Operator("permission_denied")
+        );
+        assert_eq!(
+            class(Code::Unauthenticated, ""),
+            Class::Operator("unauthenticated")
+        );
+        assert_eq!(class(Code::NotFound, ""), Class::Operator("not_found"));
+        let Failure::Sink(err) = classify_status(&Status::permission_denied("no"), &target())
+        else {
+            panic!("not too large")
+        };
+        assert!(
+            err.to_string().contains("roles/bigquery.dataEditor"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,12 +1,17 @@
 //! bigquery-sink: every movie-service log event (topic user2) → one row of a
-//! BigQuery table, through batched streaming inserts (`tabledata.insertAll`),
-//! at least once, rows BigQuery refuses to the dead-letter topic.
+//! BigQuery table, through batched streaming inserts (`tabledata.insertAll`)
+//! or the Storage Write API's `_default` stream, at least once, rows
+//! BigQuery refuses to the dead-letter topic.
 //!
 //! - [`config`]: the service's flags, checked into settings;
 //! - [`client`]: endpoint and HTTP settings of the client;
 //! - [`credentials`]: where OAuth tokens come from (key files, Workload
 //!   Identity Federation, the metadata server);
 //! - [`decode`]: decode one record and build its row (pure);
+//! - [`proto`]: the Storage Write API's row descriptor and encoding (pure);
+//! - [`write_api`]: the Storage Write API's channel, tokens and the one
+//!   long-lived append stream of an instance;
+//! - [`append`]: a batch through that stream;
 //! - [`plan`]: pack a batch's rows into insertAll requests under the row
 //!   and byte limits, and sort a response's per-row errors (pure);
 //! - [`table`]: the table's schema, creating it, checking an existing one;
@@ -16,11 +21,14 @@
 //! `docs/bigquery.md` describes the table, the guarantee and the
 //! de-duplicated view.
 
+pub mod append;
 pub mod client;
 pub mod config;
 pub mod credentials;
 pub mod decode;
 pub mod error;
 pub mod plan;
+pub mod proto;
 pub mod sink;
 pub mod table;
+pub mod write_api;

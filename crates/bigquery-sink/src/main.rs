@@ -2,8 +2,9 @@
 
 use std::process::ExitCode;
 
-use bigquery_sink::config::{BigQueryArgs, Settings, DEFAULTS};
+use bigquery_sink::config::{BigQueryArgs, Settings, WriteApi, DEFAULTS};
 use bigquery_sink::sink::{BigQuerySink, SinkSettings};
+use bigquery_sink::write_api::{self, DefaultStream};
 use bigquery_sink::{client, table};
 use clap::Parser;
 use sink_core::ConsumerArgs;
@@ -38,14 +39,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!(
         table = %settings.target,
         endpoint = settings.endpoint.as_deref().unwrap_or("Google"),
+        write_api = ?settings.write_api,
         max_rows = settings.limits.max_rows,
         max_bytes = settings.limits.max_bytes,
         max_in_flight = settings.max_in_flight,
         "starting the BigQuery sink"
     );
     let connect = async {
-        let client = client::connect(&settings).await?;
+        let (client, auth) = client::connect(&settings).await?;
         table::ensure(&client, &settings.target, settings.create_table).await?;
+        let stream = match settings.write_api {
+            WriteApi::InsertAll => None,
+            WriteApi::Storage => Some(DefaultStream::start(
+                write_api::client(write_api::channel(settings.grpc_endpoint.as_deref())?),
+                auth,
+                &settings.target,
+                settings.request_timeout,
+            )),
+        };
         Ok(BigQuerySink::new(
             client,
             SinkSettings {
@@ -54,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_in_flight: settings.max_in_flight,
                 gzip_level: settings.gzip_level,
             },
+            stream,
         ))
     };
     sink_core::run_connecting(&cli.consumer, connect, sink_core::shutdown::signal()).await

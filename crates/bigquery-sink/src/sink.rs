@@ -1,5 +1,6 @@
 //! The [`Sink`] over BigQuery: a batch of the consume loop becomes one or
-//! more insertAll requests, sent one after the other.
+//! more insertAll requests, sent one after the other, or appends to the
+//! Storage Write API's `_default` stream ([`crate::append`]).
 //!
 //! A write succeeds only when every row of the batch is inserted or refused
 //! for good (those go to the dead-letter topic with BigQuery's reason). When
@@ -26,6 +27,7 @@ use crate::decode::{self, Columns};
 use crate::error::{classify, Failure};
 use crate::plan::{self, EncodedRows, RequestLimits};
 use crate::table;
+use crate::write_api::DefaultStream;
 
 /// Dead-letter code of a row BigQuery refused as invalid.
 pub const REFUSED: &str = "bigquery_invalid";
@@ -61,7 +63,7 @@ fn batch_key(batch: &Batch<Columns>) -> BatchKey {
 
 /// What is known of a batch's entries between attempts.
 #[derive(Debug)]
-struct Progress {
+pub(crate) struct Progress {
     /// Per entry: inserted, or refused for good.
     settled: Vec<bool>,
     /// Entries refused for good, with the reason.
@@ -79,17 +81,17 @@ impl Progress {
         }
     }
 
-    fn pending(&self) -> Vec<usize> {
+    pub(crate) fn pending(&self) -> Vec<usize> {
         (0..self.settled.len())
             .filter(|i| !self.settled[*i])
             .collect()
     }
 
-    fn insert(&mut self, entry: usize) {
+    pub(crate) fn insert(&mut self, entry: usize) {
         self.settled[entry] = true;
     }
 
-    fn reject(&mut self, entry: usize, rejection: Rejection) {
+    pub(crate) fn reject(&mut self, entry: usize, rejection: Rejection) {
         if !self.settled[entry] {
             self.settled[entry] = true;
             self.rejected.push((entry, rejection));
@@ -104,18 +106,23 @@ type Chunk = Range<usize>;
 /// Writes user2 batches into one BigQuery table.
 pub struct BigQuerySink {
     client: Client,
-    settings: SinkSettings,
+    pub(crate) settings: SinkSettings,
+    /// The Storage Write API's stream, when rows go that way; insertAll
+    /// otherwise.
+    stream: Option<DefaultStream>,
     /// Batches whose last write attempt failed part way.
     progress: Mutex<HashMap<BatchKey, Progress>>,
 }
 
 impl BigQuerySink {
     /// A sink over a client (see [`crate::client::connect`]) for a table that
-    /// exists (see [`crate::table::ensure`]).
-    pub fn new(client: Client, settings: SinkSettings) -> Self {
+    /// exists (see [`crate::table::ensure`]), writing with insertAll, or
+    /// with the Storage Write API through `stream` when given.
+    pub fn new(client: Client, settings: SinkSettings, stream: Option<DefaultStream>) -> Self {
         Self {
             client,
             settings,
+            stream,
             progress: Mutex::new(HashMap::new()),
         }
     }
@@ -261,7 +268,7 @@ impl BigQuerySink {
     /// of being dead-lettered. `no such field` is always the table's: the
     /// sink writes no field the schema lacks (BigQuery's streaming path may
     /// still say it for minutes after a column was added back).
-    async fn refused_for_the_rows_own_sake(
+    pub(crate) async fn refused_for_the_rows_own_sake(
         &self,
         rejected: &[(usize, String)],
     ) -> Result<(), SinkError> {
@@ -311,7 +318,10 @@ impl Sink for BigQuerySink {
             .filter(|p| p.settled.len() == batch.entries.len())
             .unwrap_or_else(|| Progress::new(batch.entries.len()));
         progress.retry_reasons.clear();
-        let result = self.send_pending(batch, &mut progress).await;
+        let result = match &self.stream {
+            Some(stream) => self.append_pending(stream, batch, &mut progress).await,
+            None => self.send_pending(batch, &mut progress).await,
+        };
         let waiting = progress.pending().len();
         let result = match result {
             Ok(()) if waiting == 0 => {

@@ -45,6 +45,10 @@ pub const BUFFERED_EVENTS: &str = "sink_buffered_events";
 /// 1 while a partition has records to read but has not advanced for the
 /// stall timeout (see [`crate::stall`]), by topic and partition.
 pub const PARTITION_STALLED: &str = "sink_partition_stalled";
+/// bigquery-sink with `--write-api storage`: `AppendRows` streams opened.
+/// One per instance while all is well; each failure or age-out of a
+/// stream opens another.
+pub const APPEND_STREAMS: &str = "sink_bigquery_append_streams_opened_total";
 
 /// The global Prometheus recorder, installed on first use (a process, or a
 /// test binary running several consumers, has exactly one).
@@ -121,7 +125,7 @@ const PARTITION: &[&str] = &["topic", "partition"];
 
 /// Every metric the services export, with its labels: deploy/grafana's
 /// dashboard and the alerts are checked against this list.
-pub const ALL: [Metric; 16] = [
+pub const ALL: [Metric; 17] = [
     metric(
         EVENTS_CONSUMED,
         Kind::Counter,
@@ -212,6 +216,12 @@ pub const ALL: [Metric; 16] = [
         Kind::Gauge,
         PARTITION,
         "1 while a partition with records to read has not advanced for the stall timeout",
+    ),
+    metric(
+        APPEND_STREAMS,
+        Kind::Counter,
+        &[],
+        "Storage Write API append streams bigquery-sink opened (one per instance when all is well)",
     ),
 ];
 

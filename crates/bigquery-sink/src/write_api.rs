@@ -1,0 +1,308 @@
+//! The Storage Write API's transport: the gRPC channel (TLS to Google, or
+//! plain to an emulator), an OAuth token on every call, and the one
+//! long-lived `AppendRows` stream of a service instance on the table's
+//! `_default` stream, on which appends are pipelined.
+//!
+//! [`DefaultStream::append`] queues one request and waits for its reply.
+//! A single task owns the bidirectional stream: it sends requests as they
+//! come, without waiting for earlier replies, and hands each reply to its
+//! request in order (the API answers a stream's requests in order). When
+//! the stream fails, every request waiting on it gets the error (their rows
+//! may or may not be stored: the caller sends them again, and the
+//! de-duplicated view absorbs a repeat); the next append opens a new stream
+//! with a fresh token. A stream is also replaced, between requests, once it
+//! is [`MAX_STREAM_AGE`] old, so no stream outlives the token it was opened
+//! with.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use gcp_bigquery_client::auth::Authenticator;
+use gcp_bigquery_client::google::cloud::bigquery::storage::v1::append_rows_request::{
+    ProtoData, Rows,
+};
+use gcp_bigquery_client::google::cloud::bigquery::storage::v1::big_query_write_client::BigQueryWriteClient;
+use gcp_bigquery_client::google::cloud::bigquery::storage::v1::{
+    AppendRowsRequest, AppendRowsResponse, ProtoRows, ProtoSchema,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+use crate::config::Target;
+use crate::error::describe;
+use crate::proto;
+
+/// Google's Storage Write API endpoint.
+pub const GOOGLE_ENDPOINT: &str = "https://bigquerystorage.googleapis.com";
+
+/// Largest message either way: an append request is at most 10 MB.
+const MAX_MESSAGE_BYTES: usize = 20 * 1024 * 1024;
+
+/// Connecting the channel: past this, the append fails and is retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stream older than this is replaced before its next request (Google's
+/// access tokens live an hour; the server also closes streams on its own).
+pub const MAX_STREAM_AGE: Duration = Duration::from_secs(10 * 60);
+
+/// Requests queued for the stream's task, beyond which `append` waits.
+const QUEUE: usize = 64;
+
+/// A channel to `endpoint` (Google's when `None`): TLS with the webpki
+/// roots for `https://`, plain for `http://` (an emulator). Connects on
+/// first use, so an unreachable endpoint fails appends (retried), not the
+/// start.
+///
+/// # Errors
+///
+/// An endpoint that is not an http(s) URL.
+pub fn channel(endpoint: Option<&str>) -> anyhow::Result<Channel> {
+    let url = endpoint.unwrap_or(GOOGLE_ENDPOINT);
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .with_context(|| format!("{url:?} is not a gRPC endpoint URL"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .user_agent(concat!("bigquery-sink/", env!("CARGO_PKG_VERSION")))
+        .context("user agent")?;
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_webpki_roots())
+            .context("TLS settings of the Storage Write API channel")?;
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// The generated client over `channel`, with message limits the API's
+/// request limit fits in.
+pub fn client(channel: Channel) -> BigQueryWriteClient<Channel> {
+    BigQueryWriteClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// `message` as a request carrying a fresh token and the routing header
+/// Google's front end wants for `stream`.
+///
+/// # Errors
+///
+/// `UNAUTHENTICATED` when no token could be had (with why).
+pub async fn authorized<T>(
+    auth: &dyn Authenticator,
+    stream: &str,
+    message: T,
+) -> Result<Request<T>, Status> {
+    let token = auth.access_token().await.map_err(|err| {
+        Status::unauthenticated(format!("no OAuth token for BigQuery: {}", describe(&err)))
+    })?;
+    let mut request = Request::new(message);
+    let metadata = request.metadata_mut();
+    let bearer = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| Status::unauthenticated("the OAuth token is not a valid header value"))?;
+    metadata.insert("authorization", bearer);
+    if let Ok(params) = MetadataValue::try_from(format!("write_stream={stream}")) {
+        metadata.insert("x-goog-request-params", params);
+    }
+    Ok(request)
+}
+
+/// `projects/P/datasets/D/tables/T/streams/_default`.
+pub fn default_stream_name(target: &Target) -> String {
+    format!(
+        "projects/{}/datasets/{}/tables/{}/streams/_default",
+        target.project, target.dataset, target.table
+    )
+}
+
+/// What the task needs to open a stream.
+struct Opener {
+    client: BigQueryWriteClient<Channel>,
+    auth: Arc<dyn Authenticator>,
+    stream: String,
+    timeout: Duration,
+}
+
+/// One append waiting for the task.
+struct Queued {
+    rows: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Result<AppendRowsResponse, Status>>,
+}
+
+/// The table's `_default` stream, shared by every write of the instance.
+#[derive(Clone)]
+pub struct DefaultStream {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl DefaultStream {
+    /// Starts the task owning the stream (opened at the first append). A
+    /// reply not back within `timeout` fails its append and every later one
+    /// on that stream, which is then replaced.
+    pub fn start(
+        client: BigQueryWriteClient<Channel>,
+        auth: Arc<dyn Authenticator>,
+        target: &Target,
+        timeout: Duration,
+    ) -> Self {
+        let (queue, incoming) = mpsc::channel(QUEUE);
+        let opener = Opener {
+            client,
+            auth,
+            stream: default_stream_name(target),
+            timeout,
+        };
+        tokio::spawn(run(opener, incoming));
+        Self { queue }
+    }
+
+    /// Appends `rows` (serialized by [`proto::write`]) and waits for the
+    /// reply: `Ok` with the API's response (which may carry an error for
+    /// the rows), or the status that ended the stream.
+    ///
+    /// # Errors
+    ///
+    /// The stream failed or was closed before the reply came; the rows may
+    /// or may not be stored.
+    pub async fn append(&self, rows: Vec<Vec<u8>>) -> Result<AppendRowsResponse, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Queued { rows, reply })
+            .await
+            .map_err(|_| Status::unavailable("the append stream's task has stopped"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the append stream's task has stopped"))?
+    }
+}
+
+async fn run(opener: Opener, mut incoming: mpsc::Receiver<Queued>) {
+    while let Some(first) = incoming.recv().await {
+        serve_one_stream(&opener, first, &mut incoming).await;
+    }
+}
+
+/// Opens a stream with `first`, pipelines what comes next on it, and
+/// returns when it fails, closes or ages out.
+async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::Receiver<Queued>) {
+    let (requests, outgoing) = mpsc::unbounded_channel();
+    let request = match authorized(
+        opener.auth.as_ref(),
+        &opener.stream,
+        tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing),
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(status) => {
+            let _ = first.reply.send(Err(status));
+            return;
+        }
+    };
+    let opened = Instant::now();
+    metrics::counter!(sink_core::metrics::APPEND_STREAMS).increment(1);
+    tracing::debug!(stream = %opener.stream, "opening an append stream");
+    let mut waiting: VecDeque<(Instant, oneshot::Sender<_>)> = VecDeque::new();
+    let mut with_schema = true;
+    let mut send = |queued: Queued, waiting: &mut VecDeque<_>| {
+        let _ = requests.send(append_request(&opener.stream, queued.rows, with_schema));
+        with_schema = false;
+        waiting.push_back((Instant::now(), queued.reply));
+    };
+    send(first, &mut waiting);
+
+    let mut client = opener.client.clone();
+    let call = client.append_rows(request);
+    tokio::pin!(call);
+    // The call resolves when the server answers the first request; later
+    // ones are sent meanwhile.
+    let opened_call = loop {
+        tokio::select! {
+            result = &mut call => break result,
+            Some(queued) = incoming.recv() => send(queued, &mut waiting),
+            () = overdue(&waiting, opener.timeout) => break Err(no_reply(opener.timeout)),
+        }
+    };
+    let mut replies = match opened_call {
+        Ok(response) => response.into_inner(),
+        Err(status) => return fail_all(waiting, &status),
+    };
+    loop {
+        if waiting.is_empty() && opened.elapsed() >= MAX_STREAM_AGE {
+            return;
+        }
+        tokio::select! {
+            reply = replies.message() => match reply {
+                Ok(Some(response)) => match waiting.pop_front() {
+                    Some((_, reply)) => { let _ = reply.send(Ok(response)); }
+                    None => tracing::warn!("the Storage Write API answered a request never sent"),
+                },
+                Ok(None) => {
+                    return fail_all(waiting, &Status::unavailable("the server closed the append stream"));
+                }
+                Err(status) => return fail_all(waiting, &status),
+            },
+            queued = incoming.recv(), if opened.elapsed() < MAX_STREAM_AGE => match queued {
+                Some(queued) => send(queued, &mut waiting),
+                None => return,
+            },
+            () = overdue(&waiting, opener.timeout) => {
+                return fail_all(waiting, &no_reply(opener.timeout));
+            }
+        }
+    }
+}
+
+/// Resolves when the oldest request has waited `timeout` (never when none
+/// waits).
+async fn overdue(
+    waiting: &VecDeque<(Instant, oneshot::Sender<Result<AppendRowsResponse, Status>>)>,
+    timeout: Duration,
+) {
+    match waiting.front() {
+        Some((sent, _)) => tokio::time::sleep_until(*sent + timeout).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn no_reply(timeout: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "no reply to an append within {} s (--bigquery-request-timeout-secs); replacing the stream",
+        timeout.as_secs()
+    ))
+}
+
+fn fail_all(
+    waiting: VecDeque<(Instant, oneshot::Sender<Result<AppendRowsResponse, Status>>)>,
+    status: &Status,
+) {
+    if !waiting.is_empty() {
+        tracing::debug!(waiting = waiting.len(), code = ?status.code(), message = status.message(), "append stream failed");
+    }
+    for (_, reply) in waiting {
+        let _ = reply.send(Err(Status::new(status.code(), status.message())));
+    }
+}
+
+/// An append of `rows` to `stream`. The stream is named in every request
+/// (the emulator needs it; Google allows it); the schema only in the first
+/// of a connection.
+fn append_request(stream: &str, rows: Vec<Vec<u8>>, with_schema: bool) -> AppendRowsRequest {
+    AppendRowsRequest {
+        write_stream: stream.to_owned(),
+        rows: Some(Rows::ProtoRows(ProtoData {
+            writer_schema: with_schema.then(|| ProtoSchema {
+                proto_descriptor: Some(proto::descriptor()),
+            }),
+            rows: Some(ProtoRows {
+                serialized_rows: rows,
+            }),
+        })),
+        ..AppendRowsRequest::default()
+    }
+}

@@ -1,0 +1,107 @@
+"""Patches bqemulator 1.4.0 so its Storage Write API can run beside its REST API.
+
+The emulator keeps one DuckDB connection. Its REST API uses it on the event
+loop's thread; its Storage Write API's handlers run on grpc.aio's thread
+pool and use it from there. Used at once, the two clobber each other's
+results (a COUNT(*) answered with another query's rows, rows inserted
+three times) and deadlock (every thread waiting; seen with py-spy). The
+patch runs each write handler's DuckDB work on the event loop's thread,
+as the REST API's runs, so the connection is used by one thread at a
+time. Idempotent; run by scripts/stack.sh after installing the emulator.
+"""
+
+import pathlib
+import sys
+
+import bqemulator.grpc_api.write_servicer as servicer
+
+MARK = "# movielog-stack patch"
+
+REPLACEMENTS = [
+    (
+        """        self._write_lock = RLock()
+""",
+        f"""        self._write_lock = RLock()
+        {MARK}: DuckDB work runs on the event loop's thread.
+        import asyncio as _asyncio
+
+        try:
+            self._movielog_loop = _asyncio.get_running_loop()
+        except RuntimeError:
+            self._movielog_loop = None
+
+    def _movielog_on_loop(self, fn):
+        import asyncio as _asyncio
+
+        loop = self._movielog_loop
+        if loop is None or loop.is_closed():
+            return fn()
+
+        async def call():
+            return fn()
+
+        return _asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    def _movielog_unary(self, handler):
+        return lambda request, context: self._movielog_on_loop(lambda: handler(request, context))
+""",
+    ),
+    (
+        """            bound_ctx = self._ensure_stream_bound(
+                request.write_stream,
+                bound_ctx,
+                context,
+            )
+""",
+        """            bound_ctx = self._movielog_on_loop(
+                lambda bound_ctx=bound_ctx: self._ensure_stream_bound(
+                    request.write_stream, bound_ctx, context
+                ),
+            )
+""",
+    ),
+    (
+        """            yield self._perform_append(
+                bound_stream,
+                rows_table,
+                offset,
+                max_buffered_rows,
+            )
+""",
+        """            yield self._movielog_on_loop(
+                lambda: self._perform_append(bound_stream, rows_table, offset, max_buffered_rows),
+            )
+""",
+    ),
+]
+for name in [
+    "_handle_create_write_stream",
+    "_handle_get_write_stream",
+    "_handle_finalize_write_stream",
+    "_handle_flush_rows",
+]:
+    REPLACEMENTS.append(
+        (
+            f"grpc.unary_unary_rpc_method_handler(self.{name})",
+            f"grpc.unary_unary_rpc_method_handler(self._movielog_unary(self.{name}))",
+        )
+    )
+REPLACEMENTS.append(
+    (
+        """                self._handle_batch_commit_write_streams,
+            )""",
+        """                self._movielog_unary(self._handle_batch_commit_write_streams),
+            )""",
+    )
+)
+
+path = pathlib.Path(servicer.__file__)
+text = path.read_text()
+if MARK in text:
+    sys.exit(0)
+for old, new in REPLACEMENTS:
+    if text.count(old) != 1:
+        sys.exit(f"{path}: the code to patch is not there (another bqemulator version?):\n{old}")
+    text = text.replace(old, new)
+path.write_text(text)
+print(f"patched {path}")
