@@ -7,7 +7,17 @@ results (a COUNT(*) answered with another query's rows, rows inserted
 three times) and deadlock (every thread waiting; seen with py-spy). The
 patch runs each write handler's DuckDB work on the event loop's thread,
 as the REST API's runs, so the connection is used by one thread at a
-time. Idempotent; run by scripts/stack.sh after installing the emulator.
+time.
+
+Also: grpc.aio runs those sync handlers on the event loop's default
+executor (min(32, CPUs + 4) threads: 6 here), and a handler whose
+connection is cut or whose client is killed stays blocked in its request
+iterator for good. After six such streams, every new AppendRows waits for
+a thread forever (seen: a test cutting connections five times). The patch
+gives the loop an executor of 1,024 threads (made as needed), so a test
+run's killed clients never use them up.
+
+Idempotent; run by scripts/stack.sh after installing the emulator.
 """
 
 import pathlib
@@ -29,13 +39,19 @@ REPLACEMENTS = [
             self._movielog_loop = _asyncio.get_running_loop()
         except RuntimeError:
             self._movielog_loop = None
+        if self._movielog_loop is not None:
+            import concurrent.futures as _futures
+
+            self._movielog_loop.set_default_executor(
+                _futures.ThreadPoolExecutor(max_workers=1024, thread_name_prefix="bqemu-grpc")
+            )
 
     def _movielog_on_loop(self, fn):
         import asyncio as _asyncio
 
         loop = self._movielog_loop
-        if loop is None or loop.is_closed():
-            return fn()
+        if loop is None:
+            raise RuntimeError("movielog-stack patch: the write handler was built outside the event loop")
 
         async def call():
             return fn()

@@ -1,6 +1,8 @@
 //! A loopback TCP front whose target can be switched, as a managed service's
 //! DNS name moves to a new primary after a failover: connections opened
 //! before the switch stay with the old target, new ones reach the new one.
+//! It can also cut every open connection at once, as a load balancer or a
+//! network partition does.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct TcpFront {
     addr: SocketAddr,
     target: Arc<Mutex<SocketAddr>>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -21,19 +24,29 @@ impl TcpFront {
         let addr = listener.local_addr()?;
         let target = Arc::new(Mutex::new(target));
         let current = Arc::clone(&target);
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 let to = *current
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     if let Ok(mut server) = TcpStream::connect(to).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
+                open.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(connection);
             }
         });
-        Ok(Self { addr, target, task })
+        Ok(Self {
+            addr,
+            target,
+            connections,
+            task,
+        })
     }
 
     /// Where clients connect.
@@ -47,6 +60,24 @@ impl TcpFront {
             .target
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = target;
+    }
+}
+
+impl TcpFront {
+    /// Closes every connection open now, both ways; new ones are accepted.
+    /// Returns how many were open.
+    pub fn cut(&self) -> usize {
+        let open: Vec<_> = std::mem::take(
+            &mut *self
+                .connections
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let live = open.iter().filter(|c| !c.is_finished()).count();
+        for connection in open {
+            connection.abort();
+        }
+        live
     }
 }
 

@@ -452,6 +452,48 @@ async fn errors_and_dropped_connections_lose_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Storage Write API's connection cut under the sink, five times while
+/// it writes: appends in flight fail, the stream is opened again on a new
+/// connection, and every row lands (repeats only where a cut lost the reply
+/// to a stored append, which the de-duplicated view absorbs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_append_streams_are_opened_again_and_lose_nothing() -> anyhow::Result<()> {
+    const CUTS: usize = 5;
+    let stack = Stack::get()?;
+    let emulator = stack
+        .bigquery_grpc_endpoint
+        .trim_start_matches("http://")
+        .parse()?;
+    let front = e2e::tcp_front::TcpFront::start(emulator).await?;
+    let bq = BigQuerySide::on_stack(&stack)?
+        .with(WriteApi::Storage)
+        .via_grpc(format!("http://{}", front.addr()));
+    let mut p = Pipeline::new(&stack, Broker::tansu(&stack), Box::new(bq.clone())).await?;
+    p.produce(events(12, 20_000, 0.0)).await?;
+    let instance = p.start_with(&["--batch-max-events", "100"])?;
+    let mut cut = 0;
+    for k in 1..=CUTS {
+        let rows = i64::try_from(k * 2_000)?;
+        wait_for_async(TIMEOUT, "rows to arrive", || async {
+            Ok(bq.count(&bq.table).await? >= rows)
+        })
+        .await?;
+        cut += front.cut();
+    }
+    assert!(cut >= CUTS, "{cut} connections cut");
+
+    let view = bq.create_dedup_view().await?;
+    wait_landed(&p, &bq, &view, &instance).await?;
+    let metrics = instance.metrics().await?;
+    let streams = metrics.sum(sink_core::metrics::APPEND_STREAMS);
+    assert!(
+        streams > CUTS as f64,
+        "{streams} append streams for {CUTS} cuts"
+    );
+    dead_letters(&p)?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_rows_bigquery_did_not_take_are_sent_again() -> anyhow::Result<()> {
     let (mut p, bq, proxy) = through_proxy().await?;

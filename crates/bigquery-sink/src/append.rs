@@ -141,12 +141,17 @@ impl BigQuerySink {
             )
             .await;
             let mut bad = Vec::new();
+            // An error that needs an operator, returned once the whole
+            // round is recorded (appends after it may have been stored).
+            let mut operator = None;
             for (chunk, reply) in round.into_iter().zip(replies) {
                 let count = chunk.len();
-                let reply = reply.map_or_else(Reply::Failed, |r| sort_reply(r, count));
-                match reply {
-                    Reply::Stored => chunk.for_each(|j| progress.insert(pending[j])),
-                    Reply::BadRows(named) => {
+                let status = match reply.map(|r| sort_reply(r, count)) {
+                    Ok(Reply::Stored) => {
+                        chunk.for_each(|j| progress.insert(pending[j]));
+                        continue;
+                    }
+                    Ok(Reply::BadRows(named)) => {
                         let mut rest = chunk.clone().collect::<Vec<_>>();
                         for (k, reason) in named {
                             bad.push((chunk.start + k, reason));
@@ -154,8 +159,12 @@ impl BigQuerySink {
                         }
                         // The others go again, in runs of consecutive rows.
                         queue.extend(runs(rest.into_iter().filter(|j| *j != usize::MAX)));
+                        continue;
                     }
-                    Reply::Failed(status) if status.code() == Code::InvalidArgument => {
+                    // The reply to this append refuses it as invalid without
+                    // naming rows (the emulator does so for a bad row):
+                    // halve it until the row is alone.
+                    Ok(Reply::Failed(status)) if status.code() == Code::InvalidArgument => {
                         invalid.get_or_insert_with(|| status.message().to_owned());
                         if count > 1 {
                             let middle = chunk.start + count / 2;
@@ -167,31 +176,46 @@ impl BigQuerySink {
                                 format!("BigQuery refused the row: {}", status.message()),
                             ));
                         }
+                        continue;
                     }
-                    Reply::Failed(status) => {
-                        match classify_status(&status, &self.settings.target) {
-                            Failure::TooLarge(why) if count > 1 => {
-                                tracing::warn!(rows = count, error = %why, "BigQuery found the append too large; sending it in halves");
-                                let middle = chunk.start + count / 2;
-                                queue.push_back(chunk.start..middle);
-                                queue.push_back(middle..chunk.end);
-                            }
-                            Failure::TooLarge(why) => progress.reject(
-                                pending[chunk.start],
-                                Rejection::new(
-                                    TOO_LARGE,
-                                    format!(
-                                        "BigQuery refused an append holding only this row: {why}"
-                                    ),
-                                ),
+                    Ok(Reply::Failed(status)) => status,
+                    // The stream ended (whatever its status says, it is not
+                    // about this append's rows: several batches share the
+                    // stream): nothing is refused, the rows go again.
+                    Err(status) if status.code() == Code::InvalidArgument => {
+                        self.refused_for_the_rows_own_sake(&[(0, status.message().to_owned())])
+                            .await?;
+                        status
+                    }
+                    Err(status) => status,
+                };
+                match classify_status(&status, &self.settings.target) {
+                    Failure::TooLarge(why) if count > 1 => {
+                        tracing::warn!(rows = count, error = %why, "BigQuery found the append too large; sending it in halves");
+                        let middle = chunk.start + count / 2;
+                        queue.push_back(chunk.start..middle);
+                        queue.push_back(middle..chunk.end);
+                    }
+                    // Rows are cut well under the request limit, so a lone
+                    // row found too large says nothing about the row.
+                    Failure::TooLarge(why) => {
+                        transient.get_or_insert(SinkError::transient(
+                            "append_too_large",
+                            anyhow::anyhow!(
+                                "BigQuery refused an append of one row as too large ({why})"
                             ),
-                            Failure::Sink(err @ SinkError::Transient { .. }) => {
-                                transient.get_or_insert(err);
-                            }
-                            Failure::Sink(err) => return Err(err),
-                        }
+                        ));
+                    }
+                    Failure::Sink(err @ SinkError::Transient { .. }) => {
+                        transient.get_or_insert(err);
+                    }
+                    Failure::Sink(err) => {
+                        operator.get_or_insert(err);
                     }
                 }
+            }
+            if let Some(err) = operator {
+                return Err(err);
             }
             if !schema_checked && (!bad.is_empty() || invalid.is_some()) {
                 // Refusing rows, or halving appends the API found invalid:

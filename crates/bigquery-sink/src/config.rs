@@ -83,7 +83,8 @@ pub struct BigQueryArgs {
           value_parser = clap::value_parser!(u32).range(0..=9))]
     pub gzip_level: u32,
 
-    /// Give up on one insertAll call after this long (then it is retried).
+    /// Give up on one insertAll call, or on an append whose stream has not
+    /// answered anything for this long (then it is retried).
     #[arg(long, env = "BIGQUERY_REQUEST_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub request_timeout_secs: u64,

@@ -125,10 +125,12 @@ pub fn grpc_class(status: &tonic::Status) -> Class {
     use tonic::Code;
     let message = status.message().to_ascii_lowercase();
     match status.code() {
+        // Only the request size: a throughput quota also "Exceeds" (and
+        // must be waited out, not split).
         Code::ResourceExhausted
-            if message.contains("size")
+            if message.contains("size cap")
                 || message.contains("too large")
-                || message.contains("exceeds") =>
+                || message.contains("request size") =>
         {
             Class::TooLarge
         }
@@ -138,6 +140,8 @@ pub fn grpc_class(status: &tonic::Status) -> Class {
         Code::NotFound => Class::Operator("not_found"),
         Code::InvalidArgument => Class::Operator("bad_request"),
         Code::FailedPrecondition => Class::Operator("failed_precondition"),
+        // Not a Storage Write API (a REST port given as the gRPC endpoint).
+        Code::Unimplemented => Class::Operator("unimplemented"),
         Code::DeadlineExceeded => Class::Transient("timeout"),
         Code::Unavailable => Class::Transient("unavailable"),
         Code::Aborted => Class::Transient("aborted"),
@@ -389,6 +393,13 @@ mod tests {
         );
         assert_eq!(
             class(Code::ResourceExhausted, "quota"),
+            Class::Transient("rate_limited")
+        );
+        assert_eq!(
+            class(
+                Code::ResourceExhausted,
+                "Exceeds 'AppendRows throughput' quota, user_id: x (status: INSUFFICIENT_TOKENS)"
+            ),
             Class::Transient("rate_limited")
         );
         assert_eq!(

@@ -35,6 +35,14 @@ pub const REFUSED: &str = "bigquery_invalid";
 /// Dead-letter code of a row too large for any insertAll request.
 pub const TOO_LARGE: &str = "row_too_large";
 
+/// How BigQuery says a row does not fit the table it knows: insertAll's
+/// and the Storage Write API's words.
+const SCHEMA_MISMATCH: [&str; 3] = [
+    "no such field",
+    "more fields than bigquery schema",
+    "field mismatched",
+];
+
 /// Settings of the sink.
 #[derive(Debug, Clone)]
 pub struct SinkSettings {
@@ -265,9 +273,10 @@ impl BigQuerySink {
     /// for that schema, so when it changed (a column dropped or retyped
     /// while running) every row is refused for a reason that is the
     /// table's, not theirs, and the stream must wait for an operator instead
-    /// of being dead-lettered. `no such field` is always the table's: the
-    /// sink writes no field the schema lacks (BigQuery's streaming path may
-    /// still say it for minutes after a column was added back).
+    /// of being dead-lettered. An unknown or mismatched field is always the
+    /// table's ([`SCHEMA_MISMATCH`]): the sink writes no field the schema
+    /// lacks (BigQuery's streaming path may still say so for minutes after
+    /// a column was added back).
     pub(crate) async fn refused_for_the_rows_own_sake(
         &self,
         rejected: &[(usize, String)],
@@ -275,9 +284,11 @@ impl BigQuerySink {
         let target = &self.settings.target;
         let table = self.get_table("schema").await?;
         let mut problems = table::schema_differences(&table.schema, target);
-        let unknown_field = rejected
-            .iter()
-            .find(|(_, reason)| reason.contains("no such field"));
+        let unknown_field = rejected.iter().find(|(_, reason)| {
+            SCHEMA_MISMATCH
+                .iter()
+                .any(|words| reason.to_ascii_lowercase().contains(words))
+        });
         if let (true, Some((_, reason))) = (problems.is_empty(), unknown_field) {
             problems.push(format!(
                 "BigQuery does not know a column the table has ({reason}); after a column was \

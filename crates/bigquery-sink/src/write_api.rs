@@ -34,7 +34,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::config::Target;
-use crate::error::describe;
+use crate::error::{self, describe, Class};
 use crate::proto;
 
 /// Google's Storage Write API endpoint.
@@ -99,7 +99,13 @@ pub async fn authorized<T>(
     message: T,
 ) -> Result<Request<T>, Status> {
     let token = auth.access_token().await.map_err(|err| {
-        Status::unauthenticated(format!("no OAuth token for BigQuery: {}", describe(&err)))
+        let message = format!("no OAuth token for BigQuery: {}", describe(&err));
+        // As for insertAll: an unreachable token endpoint passes on its
+        // own, refused credentials need an operator.
+        match error::class(&err) {
+            Class::Transient(_) => Status::unavailable(message),
+            _ => Status::unauthenticated(message),
+        }
     })?;
     let mut request = Request::new(message);
     let metadata = request.metadata_mut();
@@ -208,6 +214,9 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
     metrics::counter!(sink_core::metrics::APPEND_STREAMS).increment(1);
     tracing::debug!(stream = %opener.stream, "opening an append stream");
     let mut waiting: VecDeque<(Instant, oneshot::Sender<_>)> = VecDeque::new();
+    // When the stream last answered: a request behind others is overdue
+    // only once the stream has made no progress for the timeout.
+    let mut answered = Instant::now();
     let mut with_schema = true;
     let mut send = |queued: Queued, waiting: &mut VecDeque<_>| {
         let _ = requests.send(append_request(&opener.stream, queued.rows, with_schema));
@@ -225,7 +234,7 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
         tokio::select! {
             result = &mut call => break result,
             Some(queued) = incoming.recv() => send(queued, &mut waiting),
-            () = overdue(&waiting, opener.timeout) => break Err(no_reply(opener.timeout)),
+            () = overdue(&waiting, answered, opener.timeout) => break Err(no_reply(opener.timeout)),
         }
     };
     let mut replies = match opened_call {
@@ -238,10 +247,13 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
         }
         tokio::select! {
             reply = replies.message() => match reply {
-                Ok(Some(response)) => match waiting.pop_front() {
-                    Some((_, reply)) => { let _ = reply.send(Ok(response)); }
-                    None => tracing::warn!("the Storage Write API answered a request never sent"),
-                },
+                Ok(Some(response)) => {
+                    answered = Instant::now();
+                    match waiting.pop_front() {
+                        Some((_, reply)) => { let _ = reply.send(Ok(response)); }
+                        None => tracing::warn!("the Storage Write API answered a request never sent"),
+                    }
+                }
                 Ok(None) => {
                     return fail_all(waiting, &Status::unavailable("the server closed the append stream"));
                 }
@@ -251,28 +263,32 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
                 Some(queued) => send(queued, &mut waiting),
                 None => return,
             },
-            () = overdue(&waiting, opener.timeout) => {
+            () = overdue(&waiting, answered, opener.timeout) => {
                 return fail_all(waiting, &no_reply(opener.timeout));
             }
+            // An idle stream ages out too, not only one in use.
+            () = tokio::time::sleep_until(opened + MAX_STREAM_AGE), if waiting.is_empty() => return,
         }
     }
 }
 
-/// Resolves when the oldest request has waited `timeout` (never when none
+/// Resolves when the oldest request has waited `timeout` since it was sent
+/// or since the stream last answered, whichever is later (never when none
 /// waits).
 async fn overdue(
     waiting: &VecDeque<(Instant, oneshot::Sender<Result<AppendRowsResponse, Status>>)>,
+    answered: Instant,
     timeout: Duration,
 ) {
     match waiting.front() {
-        Some((sent, _)) => tokio::time::sleep_until(*sent + timeout).await,
+        Some((sent, _)) => tokio::time::sleep_until((*sent).max(answered) + timeout).await,
         None => std::future::pending().await,
     }
 }
 
 fn no_reply(timeout: Duration) -> Status {
     Status::deadline_exceeded(format!(
-        "no reply to an append within {} s (--bigquery-request-timeout-secs); replacing the stream",
+        "no reply to an append within {} s (--request-timeout-secs); replacing the stream",
         timeout.as_secs()
     ))
 }
