@@ -212,21 +212,25 @@ impl Emulator {
         Ok(())
     }
 
-    /// The table's schema fields, as BigQuery's JSON.
-    pub async fn schema_fields(&self, name: &str) -> anyhow::Result<Value> {
+    /// The table's resource, as BigQuery's JSON.
+    pub async fn table(&self, name: &str) -> anyhow::Result<Value> {
         let url = format!(
             "{}/projects/{}/datasets/{}/tables/{name}",
             self.v2, self.project, self.dataset
         );
-        let table: Value = self
+        Ok(self
             .http
             .get(&url)
             .send()
             .await?
             .error_for_status()?
             .json()
-            .await?;
-        Ok(table["schema"]["fields"].clone())
+            .await?)
+    }
+
+    /// The table's schema fields, as BigQuery's JSON.
+    pub async fn schema_fields(&self, name: &str) -> anyhow::Result<Value> {
+        Ok(self.table(name).await?["schema"]["fields"].clone())
     }
 
     /// Replaces the table's schema with `fields` (the rows stay), as an

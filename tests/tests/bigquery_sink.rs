@@ -652,6 +652,43 @@ async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
     recovers(&p, &bq, &instance).await
 }
 
+/// The table the sink creates has the partitioning and clustering its
+/// flags ask for, and the rows land in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_is_created_with_the_layout_asked_for() -> anyhow::Result<()> {
+    let (mut p, bq) = on_tansu(WriteApi::InsertAll).await?;
+    p.produce(events(13, 500, 0.0)).await?;
+    let instance = p.start_with(&[
+        "--partition-field",
+        "ingested_at",
+        "--partition-granularity",
+        "HOUR",
+        "--partition-expiration-days",
+        "7",
+        "--require-partition-filter",
+        "--clustering-fields",
+        "kafka_partition,info",
+    ])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    let table = bq.emulator.table(&bq.table).await?;
+    assert_eq!(
+        table["timePartitioning"],
+        serde_json::json!({
+            "type": "HOUR",
+            "field": "ingested_at",
+            "expirationMs": "604800000",
+            "requirePartitionFilter": true
+        }),
+        "{table}"
+    );
+    assert_eq!(
+        table["clustering"]["fields"],
+        serde_json::json!(["kafka_partition", "info"]),
+        "{table}"
+    );
+    Ok(())
+}
+
 each_write_api!(start_up_problems_stop_the_sink_with_one_clear_line);
 async fn start_up_problems_stop_the_sink_with_one_clear_line(api: WriteApi) -> anyhow::Result<()> {
     let (mut p, bq) = on_tansu(api).await?;

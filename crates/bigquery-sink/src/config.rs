@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use sink_core::{ConsumerArgs, ServiceDefaults};
 
 use crate::plan::{RequestLimits, MAX_REQUEST_BYTES, MAX_REQUEST_ROWS};
+use crate::table::{Granularity, Layout};
 
 /// Where rows go and how they are sent.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,6 +34,43 @@ pub struct BigQueryArgs {
     /// Fail at start when the table does not exist, instead of creating it.
     #[arg(long, env = "BIGQUERY_NO_CREATE_TABLE")]
     pub no_create_table: bool,
+
+    /// TIMESTAMP column the table is partitioned on, when the sink creates
+    /// it: event_time or ingested_at. (An existing table is left as it is;
+    /// a different layout is logged at start.)
+    #[arg(
+        long,
+        env = "BIGQUERY_PARTITION_FIELD",
+        value_name = "COLUMN",
+        default_value = "event_time"
+    )]
+    pub partition_field: String,
+
+    /// Partition length of the table the sink creates.
+    #[arg(long, env = "BIGQUERY_PARTITION_GRANULARITY", value_name = "UNIT",
+          value_enum, ignore_case = true, default_value_t = Granularity::Day)]
+    pub partition_granularity: Granularity,
+
+    /// BigQuery deletes partitions older than this many days, in the table
+    /// the sink creates. Without it: partitions are kept.
+    #[arg(long, env = "BIGQUERY_PARTITION_EXPIRATION_DAYS", value_name = "DAYS",
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub partition_expiration_days: Option<u64>,
+
+    /// Queries of the table the sink creates must filter on the partition
+    /// column (no accidental full scans).
+    #[arg(long, env = "BIGQUERY_REQUIRE_PARTITION_FILTER")]
+    pub require_partition_filter: bool,
+
+    /// Clustering columns of the table the sink creates, comma-separated,
+    /// at most 4 ("" for none).
+    #[arg(
+        long,
+        env = "BIGQUERY_CLUSTERING_FIELDS",
+        value_name = "COLUMNS",
+        default_value = "info,user_id"
+    )]
+    pub clustering_fields: String,
 
     /// Base URL of a BigQuery-compatible REST API, such as the emulator
     /// (`http://127.0.0.1:9050`; `/bigquery/v2` is appended) or a private
@@ -108,6 +146,8 @@ pub struct Settings {
     pub target: Target,
     /// Create the table when it is missing.
     pub create_table: bool,
+    /// Partitioning and clustering of the table the sink creates.
+    pub layout: Layout,
     /// `<base>/bigquery/v2` of a BigQuery-compatible API, if not Google's.
     pub endpoint: Option<String>,
     /// The API rows are written with.
@@ -166,9 +206,22 @@ impl Settings {
                  gRPC, on its own port (the emulator's --grpc-port)"
             );
         }
+        let layout = Layout {
+            partition_column: Layout::partition_column(args.partition_field.trim())
+                .map_err(|why| anyhow!("--partition-field (BIGQUERY_PARTITION_FIELD): {why}"))?,
+            granularity: args.partition_granularity,
+            partition_expiration: args
+                .partition_expiration_days
+                .map(|days| Duration::from_secs(days * 86_400)),
+            require_partition_filter: args.require_partition_filter,
+            clustering: Layout::clustering_columns(&args.clustering_fields).map_err(|why| {
+                anyhow!("--clustering-fields (BIGQUERY_CLUSTERING_FIELDS): {why}")
+            })?,
+        };
         Ok(Self {
             target,
             create_table: !args.no_create_table,
+            layout,
             endpoint,
             write_api: args.write_api,
             grpc_endpoint,
@@ -431,6 +484,50 @@ mod tests {
             assert!(err.contains("--bigquery-grpc-endpoint"), "{bad}: {err}");
         }
         assert!(parse(&["--write-api", "legacy"]).is_err());
+    }
+
+    #[test]
+    fn table_layout_flags() {
+        assert_eq!(settings(&[]).unwrap().layout, Layout::default());
+        let s = settings(&[
+            "--partition-field",
+            "ingested_at",
+            "--partition-granularity",
+            "hour",
+            "--partition-expiration-days",
+            "30",
+            "--require-partition-filter",
+            "--clustering-fields",
+            "kafka_partition",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.layout,
+            Layout {
+                partition_column: "ingested_at",
+                granularity: Granularity::Hour,
+                partition_expiration: Some(Duration::from_secs(30 * 86_400)),
+                require_partition_filter: true,
+                clustering: vec!["kafka_partition"],
+            }
+        );
+        assert!(settings(&["--clustering-fields", ""])
+            .unwrap()
+            .layout
+            .clustering
+            .is_empty());
+        for (flags, flag) in [
+            (&["--partition-field", "user_id"][..], "--partition-field"),
+            (
+                &["--clustering-fields", "payload"][..],
+                "--clustering-fields",
+            ),
+        ] {
+            let err = settings(flags).unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+        assert!(parse(&["--partition-granularity", "WEEK"]).is_err());
+        assert!(parse(&["--partition-expiration-days", "0"]).is_err());
     }
 
     #[test]

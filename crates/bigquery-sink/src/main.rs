@@ -45,9 +45,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight = settings.max_in_flight,
         "starting the BigQuery sink"
     );
+    if settings.layout.granularity == table::Granularity::Hour
+        && settings
+            .layout
+            .partition_expiration
+            .is_none_or(|e| e.as_secs() > 4_000 * 3_600)
+    {
+        tracing::warn!(
+            "HOUR partitions kept longer than 166 days pass BigQuery's 4,000 partitions per table: \
+             set --partition-expiration-days, or partition by DAY"
+        );
+    }
     let connect = async {
         let (client, auth) = client::connect(&settings).await?;
-        table::ensure(&client, &settings.target, settings.create_table).await?;
+        table::ensure(
+            &client,
+            &settings.target,
+            settings.create_table,
+            &settings.layout,
+        )
+        .await?;
         let stream = match settings.write_api {
             WriteApi::InsertAll => None,
             WriteApi::Storage => Some(DefaultStream::start(

@@ -139,14 +139,119 @@ pub const COLUMNS: [Column; 11] = [
     ),
 ];
 
-/// The partitioning column (DAY partitions).
-pub const PARTITION_COLUMN: &str = "event_time";
+/// How long a partition is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum Granularity {
+    /// HOUR.
+    Hour,
+    /// DAY.
+    Day,
+    /// MONTH.
+    Month,
+    /// YEAR.
+    Year,
+}
 
-/// The clustering columns, in order.
-pub const CLUSTERING_COLUMNS: [&str; 2] = ["info", "user_id"];
+impl Granularity {
+    /// BigQuery's name of it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hour => "HOUR",
+            Self::Day => "DAY",
+            Self::Month => "MONTH",
+            Self::Year => "YEAR",
+        }
+    }
+}
+
+/// Partitioning and clustering of the table the sink creates (an existing
+/// table's are only compared, see [`layout_differences`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The TIMESTAMP column partitions are cut on.
+    pub partition_column: &'static str,
+    /// How long a partition is.
+    pub granularity: Granularity,
+    /// Partitions older than this are deleted by BigQuery.
+    pub partition_expiration: Option<Duration>,
+    /// Queries must filter on the partition column.
+    pub require_partition_filter: bool,
+    /// Clustering columns, in order (at most 4).
+    pub clustering: Vec<&'static str>,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self {
+            partition_column: "event_time",
+            granularity: Granularity::Day,
+            partition_expiration: None,
+            require_partition_filter: false,
+            clustering: vec!["info", "user_id"],
+        }
+    }
+}
+
+/// BigQuery clusters a table on at most this many columns.
+pub const MAX_CLUSTERING_COLUMNS: usize = 4;
+
+impl Layout {
+    /// The column named `name` if partitions can be cut on it.
+    ///
+    /// # Errors
+    ///
+    /// Not a column of the table, or not a TIMESTAMP.
+    pub fn partition_column(name: &str) -> Result<&'static str, String> {
+        let timestamps = || {
+            COLUMNS
+                .iter()
+                .filter(|c| c.kind == Kind::Timestamp)
+                .map(|c| c.name)
+        };
+        timestamps().find(|c| *c == name).ok_or_else(|| {
+            format!(
+                "{name:?} is not a TIMESTAMP column of the table (one of: {})",
+                timestamps().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+
+    /// The clustering columns of a comma-separated list (empty: none).
+    ///
+    /// # Errors
+    ///
+    /// More than 4, one repeated, not a column, or a JSON column (BigQuery
+    /// does not cluster on JSON).
+    pub fn clustering_columns(list: &str) -> Result<Vec<&'static str>, String> {
+        let mut columns: Vec<&'static str> = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let column = COLUMNS
+                .iter()
+                .find(|c| c.name == name)
+                .ok_or_else(|| format!("{name:?} is not a column of the table"))?;
+            if column.kind == Kind::Json {
+                return Err(format!(
+                    "{name:?} is a JSON column, which BigQuery cannot cluster on"
+                ));
+            }
+            if columns.contains(&column.name) {
+                return Err(format!("{name:?} is listed twice"));
+            }
+            columns.push(column.name);
+        }
+        if columns.len() > MAX_CLUSTERING_COLUMNS {
+            return Err(format!(
+                "{} columns: BigQuery clusters on at most {MAX_CLUSTERING_COLUMNS}",
+                columns.len()
+            ));
+        }
+        Ok(columns)
+    }
+}
 
 /// The table the sink creates when it is missing.
-pub fn definition(target: &Target) -> Table {
+pub fn definition(target: &Target, layout: &Layout) -> Table {
     let fields = COLUMNS
         .iter()
         .map(|c| {
@@ -156,17 +261,31 @@ pub fn definition(target: &Target) -> Table {
             field
         })
         .collect();
-    Table::new(
+    let table = Table::new(
         &target.project,
         &target.dataset,
         &target.table,
         TableSchema::new(fields),
     )
     .description("Movie-service log events, one row per Kafka record (written by bigquery-sink; see docs/bigquery.md)")
-    .time_partitioning(TimePartitioning::per_day().field(PARTITION_COLUMN))
-    .clustering(Clustering {
-        fields: Some(CLUSTERING_COLUMNS.iter().map(|c| (*c).to_owned()).collect()),
+    .time_partitioning(TimePartitioning {
+        expiration_ms: layout
+            .partition_expiration
+            .map(|e| e.as_millis().to_string()),
+        field: Some(layout.partition_column.to_owned()),
+        // The deprecated place too: older APIs (and the emulator) read
+        // only this one.
+        require_partition_filter: layout.require_partition_filter.then_some(true),
+        r#type: layout.granularity.name().to_owned(),
     })
+    .require_partition_filter(layout.require_partition_filter);
+    if layout.clustering.is_empty() {
+        table
+    } else {
+        table.clustering(Clustering {
+            fields: Some(layout.clustering.iter().map(|c| (*c).to_owned()).collect()),
+        })
+    }
 }
 
 fn mode(field: &TableFieldSchema) -> &str {
@@ -235,17 +354,38 @@ pub fn schema_differences(existing: &TableSchema, target: &Target) -> Vec<String
     problems
 }
 
-/// Partitioning and clustering that differ from what the sink creates. Not
-/// fatal (rows are written all the same), only reported.
-pub fn layout_differences(table: &Table) -> Vec<String> {
+/// Partitioning and clustering that differ from what the sink would
+/// create with `layout`. Not fatal (rows are written all the same), only
+/// reported.
+pub fn layout_differences(table: &Table, layout: &Layout) -> Vec<String> {
     let mut notes = Vec::new();
-    let partitioned_on = table
-        .time_partitioning
-        .as_ref()
-        .map(|p| (p.r#type.as_str(), p.field.as_deref()));
-    if partitioned_on != Some(("DAY", Some(PARTITION_COLUMN))) {
+    let partitioning = table.time_partitioning.as_ref();
+    let partitioned_on = partitioning.map(|p| (p.r#type.as_str(), p.field.as_deref()));
+    let (granularity, column) = (layout.granularity.name(), layout.partition_column);
+    if partitioned_on != Some((granularity, Some(column))) {
         notes.push(format!(
-            "not DAY-partitioned on {PARTITION_COLUMN} (queries filtering on event_time scan more)"
+            "not {granularity}-partitioned on {column} (queries filtering on {column} scan more)"
+        ));
+    }
+    let expiration = partitioning
+        .and_then(|p| p.expiration_ms.as_deref())
+        .and_then(|ms| ms.parse::<u64>().ok());
+    let want_expiration = layout
+        .partition_expiration
+        .map(|e| u64::try_from(e.as_millis()).unwrap_or(u64::MAX));
+    if expiration != want_expiration {
+        notes.push(format!(
+            "partitions expire after {} ms, not {} (--partition-expiration-days)",
+            expiration.map_or("never".to_owned(), |e| e.to_string()),
+            want_expiration.map_or("never".to_owned(), |e| e.to_string()),
+        ));
+    }
+    let requires = table.require_partition_filter.unwrap_or(false)
+        || partitioning.and_then(|p| p.require_partition_filter) == Some(true);
+    if requires != layout.require_partition_filter {
+        notes.push(format!(
+            "require_partition_filter is {requires}, not {} (--require-partition-filter)",
+            layout.require_partition_filter
         ));
     }
     let clustered = table
@@ -253,9 +393,14 @@ pub fn layout_differences(table: &Table) -> Vec<String> {
         .as_ref()
         .and_then(|c| c.fields.as_deref())
         .unwrap_or_default();
-    if !clustered.iter().map(String::as_str).eq(CLUSTERING_COLUMNS) {
+    if !clustered
+        .iter()
+        .map(String::as_str)
+        .eq(layout.clustering.iter().copied())
+    {
         notes.push(format!(
-            "clustered by {clustered:?}, not {CLUSTERING_COLUMNS:?}"
+            "clustered by {clustered:?}, not {:?}",
+            layout.clustering
         ));
     }
     notes
@@ -311,7 +456,12 @@ fn startup_error(err: &BQError, what: &str, target: &Target) -> anyhow::Error {
 ///
 /// A missing dataset, a missing table with `create` false, a table whose
 /// schema differs (every difference listed), or BigQuery not reachable.
-pub async fn ensure(client: &Client, target: &Target, create: bool) -> anyhow::Result<()> {
+pub async fn ensure(
+    client: &Client,
+    target: &Target,
+    create: bool,
+    layout: &Layout,
+) -> anyhow::Result<()> {
     let dataset = at_startup("reading the dataset", || {
         client.dataset().get(&target.project, &target.dataset)
     })
@@ -342,7 +492,7 @@ pub async fn ensure(client: &Client, target: &Target, create: bool) -> anyhow::R
                 bail!("table {target} does not exist and --no-create-table (BIGQUERY_NO_CREATE_TABLE) forbids creating it");
             }
             match at_startup("creating the table", || {
-                client.table().create(definition(target))
+                client.table().create(definition(target, layout))
             })
             .await
             {
@@ -368,7 +518,7 @@ pub async fn ensure(client: &Client, target: &Target, create: bool) -> anyhow::R
             problems.join("; ")
         );
     }
-    for note in layout_differences(&table) {
+    for note in layout_differences(&table, layout) {
         tracing::warn!(table = %target, "the table is {note}");
     }
     tracing::info!(table = %target, "the table's schema holds the sink's rows");
@@ -390,7 +540,7 @@ mod tests {
 
     #[test]
     fn the_definition_is_the_documented_schema() {
-        let table = definition(&target());
+        let table = definition(&target(), &Layout::default());
         let json = serde_json::to_value(&table).unwrap();
         let fields: Vec<(String, String, String)> = json["schema"]["fields"]
             .as_array()
@@ -429,7 +579,56 @@ mod tests {
             serde_json::json!(["info", "user_id"])
         );
         assert!(schema_differences(&table.schema, &target()).is_empty());
-        assert!(layout_differences(&table).is_empty());
+        assert!(layout_differences(&table, &Layout::default()).is_empty());
+        assert_eq!(json["requirePartitionFilter"], false);
+        assert!(json["timePartitioning"].get("expirationMs").is_none());
+    }
+
+    #[test]
+    fn a_configured_layout_is_created_and_compared() {
+        let layout = Layout {
+            partition_column: Layout::partition_column("ingested_at").unwrap(),
+            granularity: Granularity::Hour,
+            partition_expiration: Some(Duration::from_secs(3 * 86_400)),
+            require_partition_filter: true,
+            clustering: Layout::clustering_columns("kafka_topic, kafka_partition,user_id").unwrap(),
+        };
+        let table = definition(&target(), &layout);
+        let json = serde_json::to_value(&table).unwrap();
+        assert_eq!(
+            json["timePartitioning"],
+            serde_json::json!({"type": "HOUR", "field": "ingested_at", "expirationMs": "259200000", "requirePartitionFilter": true})
+        );
+        assert_eq!(json["requirePartitionFilter"], true);
+        assert_eq!(
+            json["clustering"]["fields"],
+            serde_json::json!(["kafka_topic", "kafka_partition", "user_id"])
+        );
+        assert!(layout_differences(&table, &layout).is_empty());
+        let notes = layout_differences(&table, &Layout::default());
+        assert_eq!(notes.len(), 4, "{notes:?}");
+
+        let unclustered = Layout {
+            clustering: Layout::clustering_columns("").unwrap(),
+            ..Layout::default()
+        };
+        let json = serde_json::to_value(definition(&target(), &unclustered)).unwrap();
+        assert!(json.get("clustering").is_none(), "{json}");
+    }
+
+    #[test]
+    fn layouts_bigquery_refuses_are_refused_with_the_reason() {
+        let err = Layout::partition_column("info").unwrap_err();
+        assert!(err.contains("event_time, ingested_at"), "{err}");
+        for (list, why) in [
+            ("payload", "JSON"),
+            ("info,info", "twice"),
+            ("nope", "not a column"),
+            ("info,user_id,host,keyword,movie_id", "at most 4"),
+        ] {
+            let err = Layout::clustering_columns(list).unwrap_err();
+            assert!(err.contains(why), "{list}: {err}");
+        }
     }
 
     fn schema(fields: &[(&str, FieldType, Option<&str>)]) -> TableSchema {
@@ -491,9 +690,9 @@ mod tests {
 
     #[test]
     fn other_layouts_are_noted() {
-        let mut table = definition(&target());
+        let mut table = definition(&target(), &Layout::default());
         table.time_partitioning = None;
         table.clustering = None;
-        assert_eq!(layout_differences(&table).len(), 2);
+        assert_eq!(layout_differences(&table, &Layout::default()).len(), 2);
     }
 }
