@@ -12,6 +12,7 @@ pub mod bigquery;
 pub mod broker;
 pub mod fake_google;
 pub mod generator;
+pub mod grpc_proxy;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;

@@ -10,9 +10,11 @@ use anyhow::Context;
 use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy, WriteApi};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
+use e2e::grpc_proxy::{GrpcFault, GrpcFaultProxy};
 use e2e::pipeline::{Coordinates, Instance, Item, Pipeline};
 use e2e::{each_write_api, kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
 use serde_json::Value;
+use tonic::Code;
 
 /// How long a test waits for dead letters, log lines, faults and readiness.
 const TIMEOUT: Duration = Duration::from_secs(240);
@@ -60,6 +62,19 @@ async fn through_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, FaultProxy)>
         Some(&proxy),
     )
     .await?;
+    Ok((p, bq, proxy))
+}
+
+/// A pipeline on tansu into a fresh table, written with `--write-api
+/// storage` through a gRPC fault proxy in front of the emulator
+/// (forwarding until told otherwise).
+async fn through_grpc_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, GrpcFaultProxy)> {
+    let stack = Stack::get()?;
+    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
+    let bq = BigQuerySide::on_stack(&stack)?
+        .with(WriteApi::Storage)
+        .via_grpc(proxy.endpoint());
+    let p = Pipeline::new(&stack, Broker::tansu(&stack), Box::new(bq.clone())).await?;
     Ok((p, bq, proxy))
 }
 
@@ -203,7 +218,7 @@ fn dead_letters(p: &Pipeline) -> anyhow::Result<BTreeMap<Coordinates, (String, S
 /// ready then.
 async fn wait_refused(
     instance: &Instance,
-    proxy: &FaultProxy,
+    faults_served: impl Fn() -> usize,
     what: &str,
     logged: impl Fn(&str) -> bool,
 ) -> anyhow::Result<()> {
@@ -213,10 +228,7 @@ async fn wait_refused(
     })
     .await;
     instance.service.with_log(seen)?;
-    wait_for(TIMEOUT, "three writes refused", || {
-        proxy.faults_served() >= 3
-    })
-    .await?;
+    wait_for(TIMEOUT, "three writes refused", || faults_served() >= 3).await?;
     assert!(
         !instance.ready().await?,
         "ready while every write is refused"
@@ -618,9 +630,12 @@ async fn a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_letter
         .await?;
     proxy.set_faults(vec![Fault::RefuseRowsAs("no such field: host.")]);
     p.produce(events(9, 1_000, 0.0)).await?;
-    wait_refused(&instance, &proxy, "the schema problem in the log", |l| {
-        l.contains("table_schema_changed") && l.contains("column `host` is missing")
-    })
+    wait_refused(
+        &instance,
+        || proxy.faults_served(),
+        "the schema problem in the log",
+        |l| l.contains("table_schema_changed") && l.contains("column `host` is missing"),
+    )
     .await?;
     assert_eq!(bq.count(&bq.table).await?, 1_000);
     dead_letters(&p)?;
@@ -637,9 +652,12 @@ async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
     p.produce(events(7, 2_000, 0.0)).await?;
     proxy.set_faults(vec![Fault::Status(403)]);
     let instance = p.start()?;
-    wait_refused(&instance, &proxy, "the operator message in the log", |l| {
-        l.contains("roles/bigquery.dataEditor")
-    })
+    wait_refused(
+        &instance,
+        || proxy.faults_served(),
+        "the operator message in the log",
+        |l| l.contains("roles/bigquery.dataEditor"),
+    )
     .await?;
     assert_eq!(bq.count(&bq.table).await?, 0);
     assert_eq!(
@@ -786,5 +804,288 @@ async fn workload_identity_federation_tokens_reach_every_insert() -> anyhow::Res
             .any(|h| h.to_ascii_lowercase() == sts_bearer)),
         "{impersonations:?}"
     );
+    Ok(())
+}
+
+/// `--write-api storage` under the Storage Write API's failures: error
+/// replies, streams ended before or after the rows were stored, a
+/// throughput quota. Every row lands (the view exact), none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_errors_and_ended_streams_lose_nothing() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    p.produce(events(3, 10_000, 0.0)).await?;
+    proxy.set_faults(vec![
+        GrpcFault::Reply(Code::Unavailable, "backend unavailable"),
+        GrpcFault::Forward,
+        GrpcFault::Reply(Code::Internal, "internal error"),
+        GrpcFault::EndStream(Code::Unavailable, "connection reset"),
+        GrpcFault::Forward,
+        GrpcFault::EndStreamAfterForward,
+        GrpcFault::Reply(
+            Code::ResourceExhausted,
+            "Exceeds 'AppendRows throughput' quota, user_id: x (status: INSUFFICIENT_TOKENS)",
+        ),
+        GrpcFault::Reply(Code::Aborted, "aborted"),
+        GrpcFault::Forward,
+    ]);
+    let instance = p.start_with(&["--batch-max-events", "100"])?;
+    wait_for(TIMEOUT, "40 faults served", || proxy.faults_served() >= 40).await?;
+    proxy.clear_faults();
+    let served = proxy.served();
+    assert_eq!(
+        served.len(),
+        6,
+        "every kind of fault was served: {served:?}"
+    );
+
+    let view = bq.create_dedup_view().await?;
+    wait_landed(&p, &bq, &view, &instance).await?;
+    // Appends stored before their stream ended were sent again.
+    assert!(bq.count(&bq.table).await? > 10_000);
+    assert!(dead_letters(&p)?.is_empty());
+    assert!(proxy.streams() > 1, "ended streams were opened again");
+    Ok(())
+}
+
+/// An append the API finds too large (nothing stored) is sent in halves;
+/// no row lands twice in the table itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_appends_found_too_large_are_halved() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    p.produce(events(6, 5_000, 0.0)).await?;
+    proxy.set_faults(vec![GrpcFault::TooLargeAbove(60), GrpcFault::Forward]);
+    let instance = p.start_with(&["--batch-max-events", "200"])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    assert!(
+        proxy
+            .served()
+            .get("TooLargeAbove(60)")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
+    let appends = proxy.appends();
+    assert!(
+        appends.iter().any(|a| a.rows > 60) && appends.iter().any(|a| a.rows <= 60 && a.rows > 1),
+        "{appends:?}"
+    );
+    assert!(dead_letters(&p)?.is_empty());
+    Ok(())
+}
+
+/// Rows the Storage Write API names as bad (`row_errors`; nothing of that
+/// append stored) go to the DLQ with its message; the rest of the append
+/// is sent again and lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_rows_named_bad_go_to_the_dlq_and_the_rest_lands_once() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    p.produce(events(14, 3_000, 0.0)).await?;
+    proxy.set_faults(vec![
+        GrpcFault::RefuseFirstRow,
+        GrpcFault::Forward,
+        GrpcFault::Forward,
+    ]);
+    let instance = p.start_with(&["--batch-max-events", "100"])?;
+    wait_for(TIMEOUT, "10 rows refused", || proxy.faults_served() >= 10).await?;
+    proxy.clear_faults();
+    let refused = proxy.faults_served();
+
+    // Every record is a row or a dead letter, never both, never twice.
+    let mut lettered = BTreeSet::new();
+    let letters = kafka::read_at_least(
+        p.broker.bootstrap(),
+        &p.dlq(),
+        refused,
+        TIMEOUT,
+        Duration::from_secs(3),
+    )?;
+    for letter in &letters {
+        let header = |k: &str| letter.headers.get(k).cloned().unwrap_or_default();
+        assert_eq!(header("error.code"), "bigquery_invalid");
+        assert_eq!(
+            header("error"),
+            "BigQuery refused the row: Field event_time: refused by the fault proxy"
+        );
+        let at: Coordinates = (
+            header("source.partition").parse()?,
+            header("source.offset").parse()?,
+        );
+        assert!(lettered.insert(at), "{at:?} dead-lettered twice");
+    }
+    assert_eq!(lettered.len(), refused, "one dead letter per refused row");
+    let rows: BTreeSet<Coordinates> = coordinates_of(&p, |_| true)
+        .difference(&lettered)
+        .copied()
+        .collect();
+    bq.wait_rows(&bq.table, rows.len(), &instance).await?;
+    bq.assert_exactly(&bq.table, &p.topic, &rows).await
+}
+
+/// A column dropped while the sink writes through the Storage Write API:
+/// the API ends the stream as `INVALID_ARGUMENT` (extra fields). That is
+/// the table's fault: nothing is dead-lettered or committed, readiness
+/// turns false, and once the schema is restored every row lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_a_schema_changed_while_running_waits_for_the_fix() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    let instance = p.start()?;
+    p.produce(events(8, 1_000, 0.0)).await?;
+    bq.wait_rows(&bq.table, 1_000, &instance).await?;
+
+    let documented = bq.emulator.schema_fields(&bq.table).await?;
+    let without_host: Vec<Value> = documented
+        .as_array()
+        .context("schema fields")?
+        .iter()
+        .filter(|field| field["name"] != "host")
+        .cloned()
+        .collect();
+    bq.emulator
+        .set_schema(&bq.table, Value::Array(without_host))
+        .await?;
+    proxy.set_faults(vec![GrpcFault::EndStream(
+        Code::InvalidArgument,
+        "Input schema has more fields than BigQuery schema, extra fields: 'host'",
+    )]);
+    p.produce(events(9, 1_000, 0.0)).await?;
+    wait_refused(
+        &instance,
+        || proxy.faults_served(),
+        "the schema problem in the log",
+        |l| l.contains("table_schema_changed") && l.contains("column `host` is missing"),
+    )
+    .await?;
+    assert_eq!(bq.count(&bq.table).await?, 1_000);
+    dead_letters(&p)?;
+
+    // The column is back, but BigQuery's write path still has the old
+    // schema for a while: the table looks right, the refusals go on. They
+    // are still the table's, never the rows'.
+    bq.emulator.set_schema(&bq.table, documented).await?;
+    let before = proxy.faults_served();
+    wait_for(TIMEOUT, "three more refusals", || {
+        proxy.faults_served() >= before + 3
+    })
+    .await?;
+    assert_eq!(bq.count(&bq.table).await?, 1_000);
+    dead_letters(&p)?;
+    proxy.clear_faults();
+    recovers(&p, &bq, &instance).await
+}
+
+/// A throughput quota (`RESOURCE_EXHAUSTED`, "Exceeds ... quota") is waited
+/// out: appends are sent again whole, never split or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_a_throughput_quota_is_waited_out_not_split() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    p.produce(events(15, 1_000, 0.0)).await?;
+    proxy.set_faults(vec![GrpcFault::Reply(
+        Code::ResourceExhausted,
+        "Exceeds 'AppendRows throughput' quota, user_id: x (status: INSUFFICIENT_TOKENS)",
+    )]);
+    let instance = p.start_with(&["--batch-max-events", "100"])?;
+    wait_for(TIMEOUT, "20 appends refused", || {
+        proxy.faults_served() >= 20
+    })
+    .await?;
+    proxy.clear_faults();
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    assert!(dead_letters(&p)?.is_empty());
+    let appends = proxy.appends();
+    assert!(
+        appends.iter().all(|a| a.rows > 1),
+        "appends were split: {:?}",
+        appends.iter().map(|a| a.rows).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// The Storage Write API denies access: readiness false with the
+/// operator's message, nothing stored or committed; every row lands once
+/// access is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_permission_denied_turns_readiness_false_until_fixed() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    p.produce(events(7, 2_000, 0.0)).await?;
+    proxy.set_faults(vec![GrpcFault::EndStream(
+        Code::PermissionDenied,
+        "Permission 'TABLES_UPDATE_DATA' denied on resource",
+    )]);
+    let instance = p.start()?;
+    wait_refused(
+        &instance,
+        || proxy.faults_served(),
+        "the operator message in the log",
+        |l| l.contains("roles/bigquery.dataEditor"),
+    )
+    .await?;
+    assert_eq!(bq.count(&bq.table).await?, 0);
+    assert_eq!(
+        p.committed_by(&p.group).await?,
+        vec![None; PARTITIONS as usize],
+        "nothing committed while denied"
+    );
+    proxy.clear_faults();
+    recovers(&p, &bq, &instance).await
+}
+
+/// Workload Identity Federation with `--write-api storage`: every append
+/// stream carries the impersonated token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_workload_identity_tokens_reach_every_stream() -> anyhow::Result<()> {
+    use e2e::fake_google::{FakeGoogle, IMPERSONATED_TOKEN};
+
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    let google = FakeGoogle::start()?;
+    let dir = Stack::get()?.dir.join(unique("wif"));
+    std::fs::create_dir_all(&dir)?;
+    let subject = dir.join("token");
+    std::fs::write(&subject, "subject-jwt-from-kubernetes")?;
+    let credentials = dir.join("external-account.json");
+    google.write_external_account(&credentials, &subject)?;
+    p.produce(events(21, 300, 0.0)).await?;
+    let instance = p.start_with(&["--credentials", &credentials.display().to_string()])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    let appends = proxy.appends();
+    assert!(!appends.is_empty());
+    let bearer = format!("Bearer {IMPERSONATED_TOKEN}");
+    for append in &appends {
+        assert_eq!(append.authorization.as_deref(), Some(bearer.as_str()));
+    }
+    Ok(())
+}
+
+/// Big rows through the Storage Write API: no append passes the API's
+/// 10 MB request limit, each row is sent once, and the payloads arrive
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_no_append_over_the_request_limit_is_sent() -> anyhow::Result<()> {
+    const LIMIT: usize = 10 * 1024 * 1024;
+    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    let now = chrono::Utc::now().to_rfc3339();
+    let items = (0..600)
+        .map(|i| {
+            let message = format!("{}#{i}", "x\"\\".repeat(10_000 + i * 10));
+            item(
+                serde_json::json!({"@timestamp": now, "info": "big", "message": message})
+                    .to_string()
+                    .into_bytes(),
+            )
+        })
+        .collect();
+    p.produce(items).await?;
+    let instance = p.start()?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    let appends = proxy.appends();
+    let largest = appends.iter().map(|a| a.bytes).max().unwrap_or(0);
+    assert!(largest < LIMIT, "a {largest}-byte append was sent");
+    // The limit binds: batches of up to 9 MB of messages fill appends.
+    assert!(largest > LIMIT / 2, "largest append {largest} bytes");
+    assert_eq!(
+        appends.iter().map(|a| a.rows).sum::<usize>(),
+        600,
+        "each row sent once"
+    );
+    assert_eq!(check_rows(&p, &bq, "info = 'big'").await?, 600);
     Ok(())
 }
