@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::bigquery::{expected_row, Fault, FaultProxy, InsertSeen};
+use e2e::bigquery::{expected_row, Fault, FaultProxy, InsertSeen, WriteApi};
+use e2e::grpc_proxy::GrpcFaultProxy;
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::process::{PrivateRedis, Service};
@@ -62,7 +63,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// bigquery-sink: rows/s and peak RSS, against an instant endpoint and the emulator.
+    /// bigquery-sink: rows/s and peak RSS per write API (insertAll, the
+    /// Storage Write API), against an instant endpoint and the emulator.
     Bigquery {
         /// Events in the topic before the sink starts.
         #[arg(long, default_value_t = 200_000)]
@@ -246,8 +248,8 @@ async fn main() -> anyhow::Result<()> {
                 &stack,
                 &topic,
                 events,
-                &proxy.endpoint(),
-                "bigquery-sink, instant endpoint".into(),
+                (WriteApi::InsertAll, &proxy.endpoint()),
+                "bigquery-sink insertAll, instant endpoint".into(),
             )
             .await?;
             let bench_cpu = own_cpu_seconds() - cpu_before;
@@ -258,17 +260,40 @@ async fn main() -> anyhow::Result<()> {
                 "the instant endpoint saw {accepted} rows of {rows}"
             );
             let mut figures = vec![instant];
+            // The Storage Write API's instant endpoint: the tests' gRPC
+            // proxy answering every append at once.
+            let instant_grpc = GrpcFaultProxy::start(None).await?;
+            figures.push(
+                run_bigquery(
+                    &stack,
+                    &topic,
+                    events,
+                    (WriteApi::Storage, &instant_grpc.endpoint()),
+                    "bigquery-sink storage, instant endpoint".into(),
+                )
+                .await?,
+            );
+            let appended: usize = instant_grpc.appends().iter().map(|a| a.rows).sum();
+            anyhow::ensure!(
+                appended == rows,
+                "the instant gRPC endpoint saw {appended} rows of {rows}"
+            );
             if !skip_emulator {
-                figures.push(
-                    run_bigquery(
-                        &stack,
-                        &topic,
-                        events,
-                        &stack.bigquery_endpoint,
-                        "bigquery-sink, emulator".into(),
-                    )
-                    .await?,
-                );
+                for (api, endpoint, name) in [
+                    (WriteApi::InsertAll, &stack.bigquery_endpoint, "insertAll"),
+                    (WriteApi::Storage, &stack.bigquery_grpc_endpoint, "storage"),
+                ] {
+                    figures.push(
+                        run_bigquery(
+                            &stack,
+                            &topic,
+                            events,
+                            (api, endpoint),
+                            format!("bigquery-sink {name}, emulator"),
+                        )
+                        .await?,
+                    );
+                }
             }
             print_figures(&figures);
             print_steady_state(started, &inserts, bench_cpu);
@@ -429,24 +454,34 @@ async fn run_private_redis(
     Ok(figures)
 }
 
+/// bigquery-sink with `api`, whose endpoint is `endpoint` (the other
+/// API's is the emulator's).
 async fn run_bigquery(
     stack: &Stack,
     topic: &str,
     events: usize,
-    endpoint: &str,
+    (api, endpoint): (WriteApi, &str),
     name: String,
 ) -> anyhow::Result<Figures> {
     let group = unique("bench-bq");
     let table = group.replace('-', "_");
-    let flags = bench_flags(ServiceFlags::bigquery_sink(
-        &stack.kafka,
-        topic,
-        &group,
-        endpoint,
-        &stack.bigquery_project,
-        &stack.bigquery_dataset,
-        &table,
-    ));
+    let (rest, grpc) = match api {
+        WriteApi::InsertAll => (endpoint, stack.bigquery_grpc_endpoint.as_str()),
+        WriteApi::Storage => (stack.bigquery_endpoint.as_str(), endpoint),
+    };
+    let flags = bench_flags(
+        ServiceFlags::bigquery_sink(
+            &stack.kafka,
+            topic,
+            &group,
+            rest,
+            &stack.bigquery_project,
+            &stack.bigquery_dataset,
+            &table,
+        )
+        .set("--write-api", api.flag())
+        .set("--bigquery-grpc-endpoint", grpc),
+    );
     let figures = run_until_committed(stack, topic, events, &group, &flags).await?;
     Ok(Figures { name, ..figures })
 }
