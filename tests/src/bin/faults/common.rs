@@ -57,7 +57,9 @@ impl OwnRedis {
                 cluster: PrivateCluster::start(dir).await?,
                 down: Vec::new(),
             },
-            SinkKind::BigQuery => anyhow::bail!("bigquery-sink writes to no Redis"),
+            SinkKind::BigQuery | SinkKind::BigQueryStorage => {
+                anyhow::bail!("bigquery-sink writes to no Redis")
+            }
         })
     }
 

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Parser;
-use e2e::bigquery::BigQuerySide;
+use e2e::bigquery::{BigQuerySide, WriteApi};
 use e2e::pipeline::{SinkSide, Tally};
 use e2e::redis::RedisSide;
 use e2e::Stack;
@@ -98,7 +98,7 @@ impl Scenario {
             Self::Sigkill => sigkill::run(stack, kind).await,
             Self::Scale => scale::run(stack, kind).await,
             Self::RedisDown => redis_down::run(stack, kind).await,
-            Self::BigQueryDown => bigquery_down::run(stack).await,
+            Self::BigQueryDown => bigquery_down::run(stack, kind).await,
             Self::BrokerFaults => broker_faults::run(stack, kind).await,
             Self::Poison => poison::run(stack, kind).await,
             Self::Sigterm => sigterm::run(stack, kind).await,
@@ -131,6 +131,15 @@ const PLAN: &[(Scenario, SinkKind)] = &[
     (Scenario::Backlog, SinkKind::Redis),
     (Scenario::ZstdInput, SinkKind::Redis),
     (Scenario::ZstdInput, SinkKind::BigQuery),
+    // Every bigquery-sink row again with --write-api storage.
+    (Scenario::Sigkill, SinkKind::BigQueryStorage),
+    (Scenario::Scale, SinkKind::BigQueryStorage),
+    (Scenario::BigQueryDown, SinkKind::BigQueryStorage),
+    (Scenario::BrokerFaults, SinkKind::BigQueryStorage),
+    (Scenario::Poison, SinkKind::BigQueryStorage),
+    (Scenario::Sigterm, SinkKind::BigQueryStorage),
+    (Scenario::StaleConsumer, SinkKind::BigQueryStorage),
+    (Scenario::ZstdInput, SinkKind::BigQueryStorage),
     (Scenario::GroupRename, SinkKind::Redis),
     (Scenario::RedisFailover, SinkKind::Redis),
     (Scenario::EvictionPolicy, SinkKind::Redis),
@@ -159,7 +168,10 @@ enum SinkKind {
     Redis,
     /// redis-sink on the stack's Redis Cluster.
     RedisCluster,
+    /// bigquery-sink with insertAll.
     BigQuery,
+    /// bigquery-sink with the Storage Write API.
+    BigQueryStorage,
 }
 
 impl SinkKind {
@@ -170,6 +182,7 @@ impl SinkKind {
             Self::Redis => "redis-sink",
             Self::RedisCluster => "redis-sink (cluster)",
             Self::BigQuery => "bigquery-sink",
+            Self::BigQueryStorage => "bigquery-sink (storage)",
         }
     }
 
@@ -185,6 +198,9 @@ impl SinkKind {
             Self::Redis => Box::new(RedisSide::on_stack(stack).await?),
             Self::RedisCluster => Box::new(RedisSide::on_stack_cluster(stack).await?),
             Self::BigQuery => Box::new(BigQuerySide::on_stack(stack)?),
+            Self::BigQueryStorage => {
+                Box::new(BigQuerySide::on_stack(stack)?.with(WriteApi::Storage))
+            }
         })
     }
 }
@@ -317,7 +333,7 @@ fn table(rows: &[Row]) -> String {
                 // Only bigquery-sink writes a raw table that may repeat rows
                 // (its at-least-once window); Redis has nothing to count there.
                 let raw = match row.kind {
-                    SinkKind::BigQuery => t.raw_duplicates.to_string(),
+                    SinkKind::BigQuery | SinkKind::BigQueryStorage => t.raw_duplicates.to_string(),
                     SinkKind::Redis | SinkKind::RedisCluster => "-".into(),
                 };
                 let recovery = o
