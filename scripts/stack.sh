@@ -77,7 +77,7 @@ install_bqemulator() {
     local stamp="$BQ_VENV/.movielog-stack-installed"
     [ "$(cat "$stamp" 2>/dev/null)" = "${BQ_PACKAGES[*]}" ] || install_bqemulator_packages "$stamp"
     # Its Storage Write API deadlocks beside its REST API without this (see the script).
-    "$BQ_VENV/bin/python" "$REPO/scripts/bqemulator-patch.py" \
+    "$BQ_VENV/bin/python" "$REPO/deploy/bqemulator/patch_write_api.py" \
         || die "patching bqemulator failed (output above); 'rm -rf $BQ_VENV' and retry"
 }
 

@@ -17,7 +17,8 @@ a thread forever (seen: a test cutting connections five times). The patch
 gives the loop an executor of 1,024 threads (made as needed), so a test
 run's killed clients never use them up.
 
-Idempotent; run by scripts/stack.sh after installing the emulator.
+Idempotent; run by scripts/stack.sh after installing the emulator, and
+by deploy/bqemulator/Dockerfile (the compose stack's emulator).
 """
 
 import pathlib
