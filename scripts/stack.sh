@@ -77,8 +77,13 @@ install_bqemulator() {
     local stamp="$BQ_VENV/.movielog-stack-installed"
     [ "$(cat "$stamp" 2>/dev/null)" = "${BQ_PACKAGES[*]}" ] || install_bqemulator_packages "$stamp"
     # Its Storage Write API deadlocks beside its REST API without this (see the script).
-    "$BQ_VENV/bin/python" "$REPO/deploy/bqemulator/patch_write_api.py" \
-        || die "patching bqemulator failed (output above); 'rm -rf $BQ_VENV' and retry"
+    local patch="$REPO/deploy/bqemulator/patch_write_api.py" status=0
+    "$BQ_VENV/bin/python" "$patch" || status=$?
+    if [ "$status" = 3 ]; then   # patched by an older version of the script
+        "$BQ_VENV/bin/pip" install --disable-pip-version-check -q --force-reinstall --no-deps "${BQ_PACKAGES[0]}" \
+            && "$BQ_VENV/bin/python" "$patch" && status=0
+    fi
+    [ "$status" = 0 ] || die "patching bqemulator failed (output above); 'rm -rf $BQ_VENV' and retry"
 }
 
 install_bqemulator_packages() {

@@ -26,7 +26,10 @@ import sys
 
 import bqemulator.grpc_api.write_servicer as servicer
 
-MARK = "# movielog-stack patch"
+# Bumped whenever the patch changes: an emulator patched by an older version
+# must be reinstalled first (exit 3 says so; scripts/stack.sh does it).
+MARK = "# movielog-stack patch v2"
+ANY_VERSION = "# movielog-stack patch"
 
 REPLACEMENTS = [
     (
@@ -116,6 +119,9 @@ path = pathlib.Path(servicer.__file__)
 text = path.read_text()
 if MARK in text:
     sys.exit(0)
+if ANY_VERSION in text:
+    print(f"{path}: patched by an older version of this script; reinstall bqemulator", file=sys.stderr)
+    sys.exit(3)
 for old, new in REPLACEMENTS:
     if text.count(old) != 1:
         sys.exit(f"{path}: the code to patch is not there (another bqemulator version?):\n{old}")

@@ -49,8 +49,9 @@ pub enum GrpcFault {
     /// Forward it (the rows are stored), then end the stream without
     /// passing the answer on: the sink cannot know, and sends them again.
     EndStreamAfterForward,
-    /// Answer `RESOURCE_EXHAUSTED` for the size when the append holds more
-    /// than this many rows (nothing stored); forward smaller ones.
+    /// Refuse the append as too large, in Google's words
+    /// (`INVALID_ARGUMENT`, "AppendRows request too large"), when it holds
+    /// more than this many rows (nothing stored); forward smaller ones.
     TooLargeAbove(usize),
     /// Refuse the append naming its first row as bad, as BigQuery does
     /// (`row_errors`, nothing stored).
@@ -268,11 +269,12 @@ impl Proxy {
                     schema.clone_from(&data.writer_schema);
                 }
             }
+            let bytes = request.encoded_len();
             let fault = {
                 let mut state = lock(&self.state);
                 state.appends.push(AppendSeen {
                     rows,
-                    bytes: request.encoded_len(),
+                    bytes,
                     authorization: authorization.clone(),
                 });
                 let fault = if state.pattern.is_empty() {
@@ -319,8 +321,8 @@ impl Proxy {
                 GrpcFault::Reply(code, message) => Ok(error_reply(code, message, Vec::new())),
                 GrpcFault::EndStream(code, message) => Err(Status::new(code, message)),
                 GrpcFault::TooLargeAbove(_) => Ok(error_reply(
-                    Code::ResourceExhausted,
-                    "AppendRowsRequest exceeds the size cap (fault proxy)",
+                    Code::InvalidArgument,
+                    &format!("AppendRows request too large: {bytes} limit 10485760"),
                     Vec::new(),
                 )),
                 GrpcFault::RefuseFirstRow => Ok(error_reply(

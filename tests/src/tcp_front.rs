@@ -64,6 +64,16 @@ impl TcpFront {
 }
 
 impl TcpFront {
+    /// Connections open now.
+    pub fn live(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|c| !c.is_finished())
+            .count()
+    }
+
     /// Closes every connection open now, both ways; new ones are accepted.
     /// Returns how many were open.
     pub fn cut(&self) -> usize {

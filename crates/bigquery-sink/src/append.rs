@@ -5,12 +5,14 @@
 //!
 //! An append is all or nothing. When the API names bad rows
 //! (`row_errors`), those are refused and the rest of that append is sent
-//! again at once; when it refuses an append as invalid without naming rows
-//! (the emulator does), the append is sent in halves until the bad row is
-//! alone. Either way, rows are refused only once the table is checked to
-//! still have the sink's schema (see [`BigQuerySink::refused_for_the_rows_own_sake`]),
-//! so a schema changed under the sink stops the partition instead of
-//! dead-lettering it. Failures are classified as insertAll's are.
+//! again at once, but only once the table is checked to still have the
+//! sink's schema (see [`BigQuerySink::refused_for_the_rows_own_sake`]), so
+//! a schema changed under the sink stops the partition instead of
+//! dead-lettering it. An append refused as `INVALID_ARGUMENT` without rows
+//! named is about the request or the table, never a reason to refuse rows:
+//! the same check, then an error for an operator (Google names bad rows;
+//! the emulator does not, and a row it cannot convert stops the partition
+//! there). Other failures are classified as insertAll's are.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -129,8 +131,6 @@ impl BigQuerySink {
 
         let mut queue: VecDeque<Range<usize>> = split.requests.into_iter().collect();
         let mut schema_checked = false;
-        // The message of an append refused as invalid without naming rows.
-        let mut invalid: Option<String> = None;
         let mut transient = None;
         while !queue.is_empty() && transient.is_none() {
             let round: Vec<Range<usize>> = queue.drain(..).collect();
@@ -141,11 +141,17 @@ impl BigQuerySink {
             )
             .await;
             let mut bad = Vec::new();
+            // Refusals without rows named (reply or stream): the table may
+            // have changed; checked once the round is recorded.
+            let mut invalid: Option<String> = None;
             // An error that needs an operator, returned once the whole
             // round is recorded (appends after it may have been stored).
             let mut operator = None;
             for (chunk, reply) in round.into_iter().zip(replies) {
                 let count = chunk.len();
+                // A reply's error is about this append; a stream's is not
+                // (several batches share the stream), but either way no
+                // row of it was stored and none is refused here.
                 let status = match reply.map(|r| sort_reply(r, count)) {
                     Ok(Reply::Stored) => {
                         chunk.for_each(|j| progress.insert(pending[j]));
@@ -161,33 +167,7 @@ impl BigQuerySink {
                         queue.extend(runs(rest.into_iter().filter(|j| *j != usize::MAX)));
                         continue;
                     }
-                    // The reply to this append refuses it as invalid without
-                    // naming rows (the emulator does so for a bad row):
-                    // halve it until the row is alone.
-                    Ok(Reply::Failed(status)) if status.code() == Code::InvalidArgument => {
-                        invalid.get_or_insert_with(|| status.message().to_owned());
-                        if count > 1 {
-                            let middle = chunk.start + count / 2;
-                            queue.push_back(chunk.start..middle);
-                            queue.push_back(middle..chunk.end);
-                        } else {
-                            bad.push((
-                                chunk.start,
-                                format!("BigQuery refused the row: {}", status.message()),
-                            ));
-                        }
-                        continue;
-                    }
-                    Ok(Reply::Failed(status)) => status,
-                    // The stream ended (whatever its status says, it is not
-                    // about this append's rows: several batches share the
-                    // stream): nothing is refused, the rows go again.
-                    Err(status) if status.code() == Code::InvalidArgument => {
-                        self.refused_for_the_rows_own_sake(&[(0, status.message().to_owned())])
-                            .await?;
-                        status
-                    }
-                    Err(status) => status,
+                    Ok(Reply::Failed(status)) | Err(status) => status,
                 };
                 match classify_status(&status, &self.settings.target) {
                     Failure::TooLarge(why) if count > 1 => {
@@ -210,23 +190,24 @@ impl BigQuerySink {
                         transient.get_or_insert(err);
                     }
                     Failure::Sink(err) => {
+                        if status.code() == Code::InvalidArgument {
+                            invalid.get_or_insert_with(|| status.message().to_owned());
+                        }
                         operator.get_or_insert(err);
                     }
                 }
             }
-            if let Some(err) = operator {
-                return Err(err);
-            }
             if !schema_checked && (!bad.is_empty() || invalid.is_some()) {
-                // Refusing rows, or halving appends the API found invalid:
-                // first make sure the table is still the sink's.
-                let reasons: Vec<(usize, String)> = bad
-                    .iter()
-                    .cloned()
-                    .chain(invalid.take().map(|m| (0, m)))
-                    .collect();
+                // Refusing rows, or refused without rows named: first make
+                // sure the table is still the sink's (its error then says
+                // what changed).
+                let reasons: Vec<(usize, String)> =
+                    bad.iter().cloned().chain(invalid.map(|m| (0, m))).collect();
                 self.refused_for_the_rows_own_sake(&reasons).await?;
                 schema_checked = true;
+            }
+            if let Some(err) = operator {
+                return Err(err);
             }
             for (j, reason) in bad {
                 progress.reject(pending[j], Rejection::new(REFUSED, reason));

@@ -135,6 +135,9 @@ pub fn grpc_class(status: &tonic::Status) -> Class {
             Class::TooLarge
         }
         Code::ResourceExhausted => Class::Transient("rate_limited"),
+        // Google's words for an append over 10 MB ("AppendRows request too
+        // large: N limit 10485760"), often as the stream's status.
+        Code::InvalidArgument if message.contains("request too large") => Class::TooLarge,
         Code::Unauthenticated => Class::Operator("unauthenticated"),
         Code::PermissionDenied => Class::Operator("permission_denied"),
         Code::NotFound => Class::Operator("not_found"),
@@ -408,6 +411,17 @@ mod tests {
                 "AppendRowsRequest exceeds the 10485760-byte size cap"
             ),
             Class::TooLarge
+        );
+        assert_eq!(
+            class(
+                Code::InvalidArgument,
+                "AppendRows request too large: 10485800 limit 10485760"
+            ),
+            Class::TooLarge
+        );
+        assert_eq!(
+            class(Code::InvalidArgument, "Input schema has more fields"),
+            Class::Operator("bad_request")
         );
         assert_eq!(
             class(Code::PermissionDenied, ""),

@@ -45,15 +45,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         max_in_flight = settings.max_in_flight,
         "starting the BigQuery sink"
     );
-    if settings.layout.granularity == table::Granularity::Hour
+    if settings.create_table
+        && settings.layout.granularity == table::Granularity::Hour
         && settings
             .layout
             .partition_expiration
-            .is_none_or(|e| e.as_secs() > 4_000 * 3_600)
+            .is_none_or(|e| e.as_secs() > 10_000 * 3_600)
     {
         tracing::warn!(
-            "HOUR partitions kept longer than 166 days pass BigQuery's 4,000 partitions per table: \
-             set --partition-expiration-days, or partition by DAY"
+            "if the sink creates the table: HOUR partitions kept longer than 416 days pass \
+             BigQuery's 10,000 partitions per table; set --partition-expiration-days, or \
+             partition by DAY"
         );
     }
     let connect = async {

@@ -23,6 +23,7 @@ use gcp_bigquery_client::auth::Authenticator;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::append_rows_request::{
     ProtoData, Rows,
 };
+use gcp_bigquery_client::google::cloud::bigquery::storage::v1::append_rows_response::Response;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::big_query_write_client::BigQueryWriteClient;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::{
     AppendRowsRequest, AppendRowsResponse, ProtoRows, ProtoSchema,
@@ -241,17 +242,28 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
         Ok(response) => response.into_inner(),
         Err(status) => return fail_all(waiting, &status),
     };
+    // No new request goes on a retiring stream; it ends once it has
+    // answered those it has.
+    let mut retiring = false;
     loop {
-        if waiting.is_empty() && opened.elapsed() >= MAX_STREAM_AGE {
+        if waiting.is_empty() && (retiring || opened.elapsed() >= MAX_STREAM_AGE) {
             return;
         }
         tokio::select! {
             reply = replies.message() => match reply {
                 Ok(Some(response)) => {
                     answered = Instant::now();
+                    let renew = refused_as_invalid(&response);
                     match waiting.pop_front() {
                         Some((_, reply)) => { let _ = reply.send(Ok(response)); }
                         None => tracing::warn!("the Storage Write API answered a request never sent"),
+                    }
+                    if renew && !retiring {
+                        // A connection may keep the table's schema as it was
+                        // when it opened: after a fix, only a new one sees
+                        // it. Replies already due still come on this one.
+                        tracing::debug!("retiring the append stream after an append refused as invalid");
+                        retiring = true;
                     }
                 }
                 Ok(None) => {
@@ -259,7 +271,7 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
                 }
                 Err(status) => return fail_all(waiting, &status),
             },
-            queued = incoming.recv(), if opened.elapsed() < MAX_STREAM_AGE => match queued {
+            queued = incoming.recv(), if !retiring && opened.elapsed() < MAX_STREAM_AGE => match queued {
                 Some(queued) => send(queued, &mut waiting),
                 None => return,
             },
@@ -270,6 +282,15 @@ async fn serve_one_stream(opener: &Opener, first: Queued, incoming: &mut mpsc::R
             () = tokio::time::sleep_until(opened + MAX_STREAM_AGE), if waiting.is_empty() => return,
         }
     }
+}
+
+/// Whether a reply refuses its append as `INVALID_ARGUMENT` without naming
+/// rows: about the request or the table's schema as the stream knows it.
+fn refused_as_invalid(response: &AppendRowsResponse) -> bool {
+    matches!(&response.response, Some(Response::Error(status))
+        if status.code == tonic::Code::InvalidArgument as i32
+            && !status.message.contains("request too large"))
+        && response.row_errors.is_empty()
 }
 
 /// Resolves when the oldest request has waited `timeout` since it was sent
