@@ -517,6 +517,103 @@ impl SinkSide for BigQuerySide {
     }
 }
 
+/// A write API's fault proxy in front of the emulator: what a test that
+/// runs with either API faults through.
+pub enum WriteProxy {
+    /// insertAll's HTTP proxy.
+    InsertAll(FaultProxy),
+    /// The Storage Write API's gRPC proxy.
+    Storage(crate::grpc_proxy::GrpcFaultProxy),
+}
+
+impl WriteProxy {
+    /// A proxy for `api` in front of the stack's emulator, forwarding until
+    /// told otherwise.
+    pub async fn start(stack: &Stack, api: WriteApi) -> anyhow::Result<Self> {
+        Ok(match api {
+            WriteApi::InsertAll => Self::InsertAll(FaultProxy::start(&stack.bigquery_endpoint)?),
+            WriteApi::Storage => Self::Storage(
+                crate::grpc_proxy::GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint))
+                    .await?,
+            ),
+        })
+    }
+
+    /// `side` written with this proxy's API, through it.
+    pub fn route(&self, side: BigQuerySide) -> BigQuerySide {
+        match self {
+            Self::InsertAll(proxy) => side.with(WriteApi::InsertAll).via(proxy.endpoint()),
+            Self::Storage(proxy) => side.with(WriteApi::Storage).via_grpc(proxy.endpoint()),
+        }
+    }
+
+    /// Faults served so far, by kind.
+    pub fn served(&self) -> BTreeMap<String, usize> {
+        match self {
+            Self::InsertAll(proxy) => proxy.served(),
+            Self::Storage(proxy) => proxy.served(),
+        }
+    }
+
+    /// Faults served so far.
+    pub fn faults_served(&self) -> usize {
+        self.served().values().sum()
+    }
+
+    /// Forwards everything from now on.
+    pub fn clear_faults(&self) {
+        match self {
+            Self::InsertAll(proxy) => proxy.clear_faults(),
+            Self::Storage(proxy) => proxy.clear_faults(),
+        }
+    }
+
+    /// The `authorization` of every write (insertAll request, or append
+    /// stream of each append) so far.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        match self {
+            Self::InsertAll(proxy) => proxy
+                .inserts()
+                .into_iter()
+                .map(|i| i.authorization)
+                .collect(),
+            Self::Storage(proxy) => proxy
+                .appends()
+                .into_iter()
+                .map(|a| a.authorization)
+                .collect(),
+        }
+    }
+
+    /// Refuses every write as BigQuery does when the sink's account lacks
+    /// the right to write the table.
+    pub fn deny_access(&self) {
+        use crate::grpc_proxy::GrpcFault;
+        match self {
+            Self::InsertAll(proxy) => proxy.set_faults(vec![Fault::Status(403)]),
+            Self::Storage(proxy) => proxy.set_faults(vec![GrpcFault::EndStream(
+                tonic::Code::PermissionDenied,
+                "Permission 'TABLES_UPDATE_DATA' denied on resource",
+            )]),
+        }
+    }
+
+    /// Refuses every write as BigQuery does when its schema lacks the
+    /// `host` column the rows carry (the emulator ignores unknown fields).
+    pub fn refuse_unknown_host_column(&self) {
+        use crate::grpc_proxy::GrpcFault;
+        match self {
+            Self::InsertAll(proxy) => {
+                proxy.set_faults(vec![Fault::RefuseRowsAs("no such field: host.")]);
+            }
+            Self::Storage(proxy) => proxy.set_faults(vec![GrpcFault::EndStream(
+                tonic::Code::InvalidArgument,
+                "Input schema has more fields than BigQuery schema, extra fields: 'host'",
+            )]),
+        }
+    }
+}
+
 /// The row bigquery-sink must make of a message, worked out from its JSON with
 /// serde_json and chrono alone: `None` if the sink must refuse it (not a
 /// JSON object, or a present `@timestamp` that is not RFC 3339), else the

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy, WriteApi};
+use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy, WriteApi, WriteProxy};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::grpc_proxy::{GrpcFault, GrpcFaultProxy};
@@ -29,17 +29,13 @@ const DECODE_CODES: [&str; 5] = [
 ];
 
 /// A pipeline on `broker` into a fresh table of the emulator, written with
-/// `api` (through `proxy` if given); and the table's side, to query it.
+/// `api`; and the table's side, to query it.
 async fn into_table(
     stack: &Stack,
     broker: Broker,
     api: WriteApi,
-    proxy: Option<&FaultProxy>,
 ) -> anyhow::Result<(Pipeline, BigQuerySide)> {
-    let mut bq = BigQuerySide::on_stack(stack)?.with(api);
-    if let Some(proxy) = proxy {
-        bq = bq.via(proxy.endpoint());
-    }
+    let bq = BigQuerySide::on_stack(stack)?.with(api);
     let p = Pipeline::new(stack, broker, Box::new(bq.clone())).await?;
     Ok((p, bq))
 }
@@ -47,21 +43,27 @@ async fn into_table(
 /// A pipeline on tansu into a fresh table, written to directly with `api`.
 async fn on_tansu(api: WriteApi) -> anyhow::Result<(Pipeline, BigQuerySide)> {
     let stack = Stack::get()?;
-    into_table(&stack, Broker::tansu(&stack), api, None).await
+    into_table(&stack, Broker::tansu(&stack), api).await
 }
 
-/// A pipeline on tansu into a fresh table, written through a fault proxy
-/// in front of the emulator (forwarding until told otherwise).
+/// A pipeline on tansu into a fresh table, written with insertAll through
+/// a fault proxy in front of the emulator (forwarding until told otherwise).
 async fn through_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, FaultProxy)> {
+    match through_write_proxy(WriteApi::InsertAll).await? {
+        (p, bq, WriteProxy::InsertAll(proxy)) => Ok((p, bq, proxy)),
+        _ => anyhow::bail!("not insertAll's proxy"),
+    }
+}
+
+/// A pipeline on tansu into a fresh table, written with `api` through its
+/// fault proxy in front of the emulator (forwarding until told otherwise).
+async fn through_write_proxy(
+    api: WriteApi,
+) -> anyhow::Result<(Pipeline, BigQuerySide, WriteProxy)> {
     let stack = Stack::get()?;
-    let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
-    let (p, bq) = into_table(
-        &stack,
-        Broker::tansu(&stack),
-        WriteApi::InsertAll,
-        Some(&proxy),
-    )
-    .await?;
+    let proxy = WriteProxy::start(&stack, api).await?;
+    let bq = proxy.route(BigQuerySide::on_stack(&stack)?);
+    let p = Pipeline::new(&stack, Broker::tansu(&stack), Box::new(bq.clone())).await?;
     Ok((p, bq, proxy))
 }
 
@@ -69,13 +71,10 @@ async fn through_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, FaultProxy)>
 /// storage` through a gRPC fault proxy in front of the emulator
 /// (forwarding until told otherwise).
 async fn through_grpc_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, GrpcFaultProxy)> {
-    let stack = Stack::get()?;
-    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
-    let bq = BigQuerySide::on_stack(&stack)?
-        .with(WriteApi::Storage)
-        .via_grpc(proxy.endpoint());
-    let p = Pipeline::new(&stack, Broker::tansu(&stack), Box::new(bq.clone())).await?;
-    Ok((p, bq, proxy))
+    match through_write_proxy(WriteApi::Storage).await? {
+        (p, bq, WriteProxy::Storage(proxy)) => Ok((p, bq, proxy)),
+        _ => anyhow::bail!("not the Storage Write API's proxy"),
+    }
 }
 
 /// Events of every kind, timed over the two hours before now.
@@ -388,7 +387,7 @@ async fn compressed_batches_land_exactly_once(
     api: WriteApi,
 ) -> anyhow::Result<()> {
     let stack = Stack::get()?;
-    let (mut p, bq) = into_table(&stack, Broker::mock_cluster(3)?, api, None).await?;
+    let (mut p, bq) = into_table(&stack, Broker::mock_cluster(3)?, api).await?;
     p.logstash_production(compression)?;
     p.produce(events(10, 5_000, 0.02)).await?;
     let kept = coordinates_of(&p, |item| item.kept);
@@ -607,71 +606,6 @@ async fn no_request_over_the_byte_limit_is_sent() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A column dropped while the sink runs: BigQuery refuses every row as
-/// invalid. That is the table's fault, not the rows': nothing may be
-/// dead-lettered or committed, readiness turns false, and once the schema
-/// is restored every row lands once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_lettering(
-) -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_proxy().await?;
-    let instance = p.start()?;
-    p.produce(events(8, 1_000, 0.0)).await?;
-    bq.wait_rows(&bq.table, 1_000, &instance).await?;
-
-    let documented = bq.emulator.schema_fields(&bq.table).await?;
-    let without_host: Vec<Value> = documented
-        .as_array()
-        .context("schema fields")?
-        .iter()
-        .filter(|field| field["name"] != "host")
-        .cloned()
-        .collect();
-    bq.emulator
-        .set_schema(&bq.table, Value::Array(without_host))
-        .await?;
-    proxy.set_faults(vec![Fault::RefuseRowsAs("no such field: host.")]);
-    p.produce(events(9, 1_000, 0.0)).await?;
-    wait_refused(
-        &instance,
-        || proxy.faults_served(),
-        "the schema problem in the log",
-        |l| l.contains("table_schema_changed") && l.contains("column `host` is missing"),
-    )
-    .await?;
-    assert_eq!(bq.count(&bq.table).await?, 1_000);
-    dead_letters(&p)?;
-
-    bq.emulator.set_schema(&bq.table, documented).await?;
-    proxy.clear_faults();
-    recovers(&p, &bq, &instance).await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
-) -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_proxy().await?;
-    p.produce(events(7, 2_000, 0.0)).await?;
-    proxy.set_faults(vec![Fault::Status(403)]);
-    let instance = p.start()?;
-    wait_refused(
-        &instance,
-        || proxy.faults_served(),
-        "the operator message in the log",
-        |l| l.contains("roles/bigquery.dataEditor"),
-    )
-    .await?;
-    assert_eq!(bq.count(&bq.table).await?, 0);
-    assert_eq!(
-        p.committed_by(&p.group).await?,
-        vec![None; PARTITIONS as usize],
-        "nothing committed while denied"
-    );
-
-    proxy.clear_faults();
-    recovers(&p, &bq, &instance).await
-}
-
 /// The table the sink creates has the partitioning and clustering its
 /// flags ask for, and the rows land in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -760,52 +694,6 @@ async fn start_up_problems_stop_the_sink_with_one_clear_line(api: WriteApi) -> a
         }
         assert!(!log.contains("panicked"), "{log}");
     }
-    Ok(())
-}
-
-/// Workload Identity Federation: an `external_account` file whose subject
-/// token is a mounted file (a projected Kubernetes service-account token,
-/// an OIDC token). The sink exchanges it at the Security Token Service,
-/// impersonates the service account with the result, and every insertAll
-/// carries that last token; the rows land exactly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workload_identity_federation_tokens_reach_every_insert() -> anyhow::Result<()> {
-    use e2e::fake_google::{FakeGoogle, IMPERSONATED_TOKEN, STS_TOKEN};
-
-    let (mut p, bq, proxy) = through_proxy().await?;
-    let google = FakeGoogle::start()?;
-    let dir = Stack::get()?.dir.join(unique("wif"));
-    std::fs::create_dir_all(&dir)?;
-    let subject = dir.join("token");
-    std::fs::write(&subject, "subject-jwt-from-kubernetes")?;
-    let credentials = dir.join("external-account.json");
-    google.write_external_account(&credentials, &subject)?;
-    p.produce(events(21, 300, 0.0)).await?;
-    let instance = p.start_with(&["--credentials", &credentials.display().to_string()])?;
-    wait_landed(&p, &bq, &bq.table, &instance).await?;
-
-    let inserts = proxy.inserts();
-    assert!(!inserts.is_empty());
-    let bearer = format!("Bearer {IMPERSONATED_TOKEN}");
-    for insert in &inserts {
-        assert_eq!(insert.authorization.as_deref(), Some(bearer.as_str()));
-    }
-    let exchanges = google.seen_at("POST /sts");
-    assert!(
-        exchanges
-            .first()
-            .is_some_and(|s| s.body.contains("subject_token=subject-jwt-from-kubernetes")),
-        "{exchanges:?}"
-    );
-    let impersonations = google.seen_at("POST /impersonate/");
-    let sts_bearer = format!("authorization: bearer {}", STS_TOKEN.to_ascii_lowercase());
-    assert!(
-        impersonations.first().is_some_and(|s| s
-            .headers
-            .iter()
-            .any(|h| h.to_ascii_lowercase() == sts_bearer)),
-        "{impersonations:?}"
-    );
     Ok(())
 }
 
@@ -921,58 +809,6 @@ async fn storage_rows_named_bad_go_to_the_dlq_and_the_rest_lands_once() -> anyho
     bq.assert_exactly(&bq.table, &p.topic, &rows).await
 }
 
-/// A column dropped while the sink writes through the Storage Write API:
-/// the API ends the stream as `INVALID_ARGUMENT` (extra fields). That is
-/// the table's fault: nothing is dead-lettered or committed, readiness
-/// turns false, and once the schema is restored every row lands once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_a_schema_changed_while_running_waits_for_the_fix() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
-    let instance = p.start()?;
-    p.produce(events(8, 1_000, 0.0)).await?;
-    bq.wait_rows(&bq.table, 1_000, &instance).await?;
-
-    let documented = bq.emulator.schema_fields(&bq.table).await?;
-    let without_host: Vec<Value> = documented
-        .as_array()
-        .context("schema fields")?
-        .iter()
-        .filter(|field| field["name"] != "host")
-        .cloned()
-        .collect();
-    bq.emulator
-        .set_schema(&bq.table, Value::Array(without_host))
-        .await?;
-    proxy.set_faults(vec![GrpcFault::EndStream(
-        Code::InvalidArgument,
-        "Input schema has more fields than BigQuery schema, extra fields: 'host'",
-    )]);
-    p.produce(events(9, 1_000, 0.0)).await?;
-    wait_refused(
-        &instance,
-        || proxy.faults_served(),
-        "the schema problem in the log",
-        |l| l.contains("table_schema_changed") && l.contains("column `host` is missing"),
-    )
-    .await?;
-    assert_eq!(bq.count(&bq.table).await?, 1_000);
-    dead_letters(&p)?;
-
-    // The column is back, but BigQuery's write path still has the old
-    // schema for a while: the table looks right, the refusals go on. They
-    // are still the table's, never the rows'.
-    bq.emulator.set_schema(&bq.table, documented).await?;
-    let before = proxy.faults_served();
-    wait_for(TIMEOUT, "three more refusals", || {
-        proxy.faults_served() >= before + 3
-    })
-    .await?;
-    assert_eq!(bq.count(&bq.table).await?, 1_000);
-    dead_letters(&p)?;
-    proxy.clear_faults();
-    recovers(&p, &bq, &instance).await
-}
-
 /// A throughput quota (`RESOURCE_EXHAUSTED`, "Exceeds ... quota") is waited
 /// out: appends are sent again whole, never split or dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1029,61 +865,6 @@ async fn storage_appends_refused_without_rows_named_dead_letter_nothing() -> any
     recovers(&p, &bq, &instance).await
 }
 
-/// The Storage Write API denies access: readiness false with the
-/// operator's message, nothing stored or committed; every row lands once
-/// access is granted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_permission_denied_turns_readiness_false_until_fixed() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
-    p.produce(events(7, 2_000, 0.0)).await?;
-    proxy.set_faults(vec![GrpcFault::EndStream(
-        Code::PermissionDenied,
-        "Permission 'TABLES_UPDATE_DATA' denied on resource",
-    )]);
-    let instance = p.start()?;
-    wait_refused(
-        &instance,
-        || proxy.faults_served(),
-        "the operator message in the log",
-        |l| l.contains("roles/bigquery.dataEditor"),
-    )
-    .await?;
-    assert_eq!(bq.count(&bq.table).await?, 0);
-    assert_eq!(
-        p.committed_by(&p.group).await?,
-        vec![None; PARTITIONS as usize],
-        "nothing committed while denied"
-    );
-    proxy.clear_faults();
-    recovers(&p, &bq, &instance).await
-}
-
-/// Workload Identity Federation with `--write-api storage`: every append
-/// stream carries the impersonated token.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_workload_identity_tokens_reach_every_stream() -> anyhow::Result<()> {
-    use e2e::fake_google::{FakeGoogle, IMPERSONATED_TOKEN};
-
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
-    let google = FakeGoogle::start()?;
-    let dir = Stack::get()?.dir.join(unique("wif"));
-    std::fs::create_dir_all(&dir)?;
-    let subject = dir.join("token");
-    std::fs::write(&subject, "subject-jwt-from-kubernetes")?;
-    let credentials = dir.join("external-account.json");
-    google.write_external_account(&credentials, &subject)?;
-    p.produce(events(21, 300, 0.0)).await?;
-    let instance = p.start_with(&["--credentials", &credentials.display().to_string()])?;
-    wait_landed(&p, &bq, &bq.table, &instance).await?;
-    let appends = proxy.appends();
-    assert!(!appends.is_empty());
-    let bearer = format!("Bearer {IMPERSONATED_TOKEN}");
-    for append in &appends {
-        assert_eq!(append.authorization.as_deref(), Some(bearer.as_str()));
-    }
-    Ok(())
-}
-
 /// Big rows through the Storage Write API: no append passes the API's
 /// 10 MB request limit, each row is sent once, and the payloads arrive
 /// whole.
@@ -1116,5 +897,133 @@ async fn storage_no_append_over_the_request_limit_is_sent() -> anyhow::Result<()
         "each row sent once"
     );
     assert_eq!(check_rows(&p, &bq, "info = 'big'").await?, 600);
+    Ok(())
+}
+
+each_write_api!(a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_lettering);
+/// A column dropped while the sink runs: BigQuery refuses every write (as
+/// invalid rows with insertAll; by ending the stream with the Storage Write
+/// API). That is the table's fault, not the rows': nothing may be
+/// dead-lettered or committed, readiness turns false. After the column is
+/// back, BigQuery's write path may still have the old schema for a while:
+/// the table looks right, the refusals go on, and they are still the
+/// table's. Once they stop, every row lands once.
+async fn a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_lettering(
+    api: WriteApi,
+) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_write_proxy(api).await?;
+    let instance = p.start()?;
+    p.produce(events(8, 1_000, 0.0)).await?;
+    bq.wait_rows(&bq.table, 1_000, &instance).await?;
+
+    let documented = bq.emulator.schema_fields(&bq.table).await?;
+    let without_host: Vec<Value> = documented
+        .as_array()
+        .context("schema fields")?
+        .iter()
+        .filter(|field| field["name"] != "host")
+        .cloned()
+        .collect();
+    bq.emulator
+        .set_schema(&bq.table, Value::Array(without_host))
+        .await?;
+    proxy.refuse_unknown_host_column();
+    p.produce(events(9, 1_000, 0.0)).await?;
+    wait_refused(
+        &instance,
+        || proxy.faults_served(),
+        "the schema problem in the log",
+        |l| l.contains("table_schema_changed") && l.contains("column `host` is missing"),
+    )
+    .await?;
+    assert_eq!(bq.count(&bq.table).await?, 1_000);
+    dead_letters(&p)?;
+
+    bq.emulator.set_schema(&bq.table, documented).await?;
+    let before = proxy.faults_served();
+    wait_for(TIMEOUT, "three more refusals", || {
+        proxy.faults_served() >= before + 3
+    })
+    .await?;
+    assert_eq!(bq.count(&bq.table).await?, 1_000);
+    dead_letters(&p)?;
+    proxy.clear_faults();
+    recovers(&p, &bq, &instance).await
+}
+
+each_write_api!(permission_denied_turns_readiness_false_until_fixed_and_loses_nothing);
+/// BigQuery denies the sink's account the right to write: readiness false
+/// with the operator's message, nothing stored or committed; every row
+/// lands once access is granted.
+async fn permission_denied_turns_readiness_false_until_fixed_and_loses_nothing(
+    api: WriteApi,
+) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_write_proxy(api).await?;
+    p.produce(events(7, 2_000, 0.0)).await?;
+    proxy.deny_access();
+    let instance = p.start()?;
+    wait_refused(
+        &instance,
+        || proxy.faults_served(),
+        "the operator message in the log",
+        |l| l.contains("roles/bigquery.dataEditor"),
+    )
+    .await?;
+    assert_eq!(bq.count(&bq.table).await?, 0);
+    assert_eq!(
+        p.committed_by(&p.group).await?,
+        vec![None; PARTITIONS as usize],
+        "nothing committed while denied"
+    );
+    proxy.clear_faults();
+    recovers(&p, &bq, &instance).await
+}
+
+each_write_api!(workload_identity_federation_tokens_reach_every_write);
+/// Workload Identity Federation: an `external_account` file whose subject
+/// token is a mounted file (a projected Kubernetes service-account token,
+/// an OIDC token). The sink exchanges it at the Security Token Service,
+/// impersonates the service account with the result, and every write
+/// (insertAll request, append stream) carries that last token; the rows
+/// land exactly.
+async fn workload_identity_federation_tokens_reach_every_write(
+    api: WriteApi,
+) -> anyhow::Result<()> {
+    use e2e::fake_google::{FakeGoogle, IMPERSONATED_TOKEN, STS_TOKEN};
+
+    let (mut p, bq, proxy) = through_write_proxy(api).await?;
+    let google = FakeGoogle::start()?;
+    let dir = Stack::get()?.dir.join(unique("wif"));
+    std::fs::create_dir_all(&dir)?;
+    let subject = dir.join("token");
+    std::fs::write(&subject, "subject-jwt-from-kubernetes")?;
+    let credentials = dir.join("external-account.json");
+    google.write_external_account(&credentials, &subject)?;
+    p.produce(events(21, 300, 0.0)).await?;
+    let instance = p.start_with(&["--credentials", &credentials.display().to_string()])?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+
+    let authorizations = proxy.authorizations();
+    assert!(!authorizations.is_empty());
+    let bearer = format!("Bearer {IMPERSONATED_TOKEN}");
+    for authorization in &authorizations {
+        assert_eq!(authorization.as_deref(), Some(bearer.as_str()));
+    }
+    let exchanges = google.seen_at("POST /sts");
+    assert!(
+        exchanges
+            .first()
+            .is_some_and(|s| s.body.contains("subject_token=subject-jwt-from-kubernetes")),
+        "{exchanges:?}"
+    );
+    let impersonations = google.seen_at("POST /impersonate/");
+    let sts_bearer = format!("authorization: bearer {}", STS_TOKEN.to_ascii_lowercase());
+    assert!(
+        impersonations.first().is_some_and(|s| s
+            .headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase() == sts_bearer)),
+        "{impersonations:?}"
+    );
     Ok(())
 }

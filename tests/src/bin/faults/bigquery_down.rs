@@ -13,9 +13,9 @@
 
 use std::time::Duration;
 
-use e2e::bigquery::{BigQuerySide, Fault, FaultProxy, WriteApi};
+use e2e::bigquery::{BigQuerySide, Fault, WriteApi, WriteProxy};
 use e2e::broker::Broker;
-use e2e::grpc_proxy::{GrpcFault, GrpcFaultProxy};
+use e2e::grpc_proxy::GrpcFault;
 use e2e::pipeline::Pipeline;
 use e2e::Stack;
 use tonic::Code;
@@ -23,34 +23,24 @@ use tonic::Code;
 use crate::common::{catch_up, load_and_start, outage};
 use crate::{Outcome, SinkKind};
 
-/// The proxy of one write API.
-enum Proxy {
-    InsertAll(FaultProxy),
-    Storage(GrpcFaultProxy),
-}
-
 pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
-    let side = BigQuerySide::on_stack(stack)?;
-    let (proxy, side) = if kind == SinkKind::BigQueryStorage {
-        let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
-        let side = side.with(WriteApi::Storage).via_grpc(proxy.endpoint());
-        (Proxy::Storage(proxy), side)
-    } else {
-        let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
-        let side = side.via(proxy.endpoint());
-        (Proxy::InsertAll(proxy), side)
+    let api = match kind {
+        SinkKind::BigQueryStorage => WriteApi::Storage,
+        _ => WriteApi::InsertAll,
     };
+    let proxy = WriteProxy::start(stack, api).await?;
+    let side = proxy.route(BigQuerySide::on_stack(stack)?);
     let mut p = Pipeline::new(stack, Broker::tansu(stack), Box::new(side)).await?;
     let (load, instance) = load_and_start(&mut p, 4, 20).await?;
     // The last of each: BigQuery stored the rows but the reply is lost.
     match &proxy {
-        Proxy::InsertAll(proxy) => proxy.set_faults(vec![
+        WriteProxy::InsertAll(proxy) => proxy.set_faults(vec![
             Fault::Status(500),
             Fault::Status(429),
             Fault::Drop,
             Fault::DropAfterForward,
         ]),
-        Proxy::Storage(proxy) => proxy.set_faults(vec![
+        WriteProxy::Storage(proxy) => proxy.set_faults(vec![
             GrpcFault::Reply(Code::Internal, "internal error"),
             GrpcFault::Reply(
                 Code::ResourceExhausted,
@@ -61,18 +51,10 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
         ]),
     }
     let outage = outage(&instance, Duration::from_secs(10)).await?;
-    let served = match &proxy {
-        Proxy::InsertAll(proxy) => {
-            proxy.clear_faults();
-            proxy.served()
-        }
-        Proxy::Storage(proxy) => {
-            proxy.clear_faults();
-            proxy.served()
-        }
-    };
+    proxy.clear_faults();
     let recovery = catch_up(&mut p, load, &instance).await?;
-    let served: Vec<String> = served
+    let served: Vec<String> = proxy
+        .served()
         .iter()
         .map(|(kind, n)| format!("{kind} {n}"))
         .collect();
