@@ -104,12 +104,14 @@ pub struct BigQueryArgs {
     /// Most rows per insertAll request. A batch of the consume loop
     /// (--batch-max-events) is split into requests of at most this many rows,
     /// each with a JSON body of at most --batch-max-bytes (below 10 MB).
+    /// insertAll only: Storage Write API appends are cut at 9.5 MB.
     #[arg(long, env = "BATCH_MAX_ROWS", value_name = "N", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..=MAX_REQUEST_ROWS as u64))]
     pub batch_max_rows: u64,
 
-    /// insertAll requests (batches) written at once. Offsets still advance in
-    /// order per partition.
+    /// Batches written at once (their insertAll requests, or their appends,
+    /// pipelined on the one stream). Offsets still advance in order per
+    /// partition.
     #[arg(long, env = "MAX_IN_FLIGHT", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_in_flight: u64,
