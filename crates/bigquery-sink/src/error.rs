@@ -157,17 +157,7 @@ pub fn grpc_class(status: &tonic::Status) -> Class {
 /// [`classify`] for a Storage Write API status.
 pub fn classify_status(status: &tonic::Status, target: &Target) -> Failure {
     let what = format!("gRPC {:?}: {}", status.code(), status.message());
-    match grpc_class(status) {
-        Class::TooLarge => Failure::TooLarge(what),
-        Class::Transient(kind) => Failure::Sink(SinkError::transient(
-            kind,
-            anyhow!("Storage Write API call on {target} failed ({what})"),
-        )),
-        Class::Operator(kind) => Failure::Sink(SinkError::unavailable(
-            kind,
-            operator_message(kind, &what, target),
-        )),
-    }
+    failure(grpc_class(status), what, "Storage Write API", target)
 }
 
 /// True when retrying the same call soon may succeed.
@@ -206,12 +196,17 @@ pub fn describe(err: &BQError) -> String {
 /// Turns an error of a call on `target` into what the write does next, with
 /// a message that tells an operator what to fix.
 pub fn classify(err: &BQError, target: &Target) -> Failure {
-    let what = describe(err);
-    match class(err) {
+    failure(class(err), describe(err), "BigQuery", target)
+}
+
+/// What a call of `api` on `target` that failed as `class` (`what`
+/// describes the error) leads to.
+fn failure(class: Class, what: String, api: &str, target: &Target) -> Failure {
+    match class {
         Class::TooLarge => Failure::TooLarge(what),
         Class::Transient(kind) => Failure::Sink(SinkError::transient(
             kind,
-            anyhow!("BigQuery call on {target} failed ({what})"),
+            anyhow!("{api} call on {target} failed ({what})"),
         )),
         Class::Operator(kind) => Failure::Sink(SinkError::unavailable(
             kind,
