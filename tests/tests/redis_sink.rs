@@ -1297,6 +1297,7 @@ async fn a_batch_redis_has_already_passed_counts_as_applied(
             WriteOutcome {
                 rejected: vec![],
                 already_applied: expected,
+                staged: None,
             },
             "stored offset {stored}, batch 10..20"
         );

@@ -37,7 +37,10 @@ pub use config::{parse_args, ConsumerArgs, ServiceDefaults};
 pub use consumer::{run, run_connecting};
 pub use event::{Event, EventError};
 pub use health::Health;
-pub use sink::{Batch, Entry, PartitionRange, Record, Rejection, Sink, SinkError, WriteOutcome};
+pub use sink::{
+    Batch, Entry, PartitionRange, Record, Rejection, Sink, SinkError, Staged, StagedAtAssign,
+    WriteOutcome,
+};
 
 /// Locks state that holds no invariant a panic elsewhere could break
 /// halfway, so a poisoned lock is as good as any.

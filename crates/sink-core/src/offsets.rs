@@ -233,6 +233,22 @@ impl OffsetTracker {
         commits
     }
 
+    /// Whether batch `batch` may record that it wrote `partitions` from
+    /// their committed offsets on (a staged write, see
+    /// [`crate::sink::Staged`]): `Some(true)` once every earlier batch of
+    /// them is done, `Some(false)` while one is still being written, `None`
+    /// when it no longer holds one of them (revoked; re-assigned partitions
+    /// start a new list, without it).
+    pub fn stage_ready(&self, batch: BatchId, partitions: &[i32]) -> Option<bool> {
+        let mut ready = true;
+        for partition in partitions {
+            let state = self.partitions.get(partition)?;
+            let at = state.in_flight.iter().position(|e| e.batch == batch)?;
+            ready &= state.in_flight.iter().take(at).all(|e| e.done);
+        }
+        Some(ready)
+    }
+
     /// True while a batch holding any of `partitions` is being written.
     pub fn in_flight(&self, partitions: &[i32]) -> bool {
         partitions.iter().any(|p| {
@@ -266,6 +282,27 @@ mod tests {
         t.complete(b1, &[]);
         assert_eq!(t.take_commits(), vec![(0, 20)]);
         assert_eq!(t.take_commits(), vec![], "nothing new");
+    }
+
+    #[test]
+    fn a_batch_stages_only_after_earlier_ones_and_while_it_holds_its_partitions() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, None);
+        t.assign(1, None);
+        let b1 = t.begin(&[range(0, 0, 5)]);
+        let b2 = t.begin(&[range(1, 0, 3), range(0, 5, 8)]);
+        assert_eq!(t.stage_ready(b1, &[0]), Some(true));
+        assert_eq!(t.stage_ready(b2, &[0, 1]), Some(false), "b1 holds 0..5");
+        t.complete(b1, &[]);
+        assert_eq!(t.stage_ready(b2, &[0, 1]), Some(true));
+        t.revoke(1);
+        assert_eq!(t.stage_ready(b2, &[0, 1]), None, "partition 1 is gone");
+        t.assign(1, Some(0));
+        assert_eq!(
+            t.stage_ready(b2, &[0, 1]),
+            None,
+            "re-assigned, partition 1 does not hold b2"
+        );
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! sink) also answers [`Sink::stored_offsets`] when partitions are assigned and
 //! reports [`WriteOutcome::already_applied`] when a batch starts below what it
 //! has already applied (a stale consumer, or a replay after a crash).
+//!
+//! A sink that writes in two steps (BigQuery's PENDING streams: append,
+//! then commit) returns its first step as [`WriteOutcome::staged`]; the
+//! loop records it in Kafka's commit metadata of the batch's partitions
+//! before [`Sink::publish`] makes it visible, and hands what it finds there
+//! back to the sink when partitions are assigned ([`Sink::assigned`]), so a
+//! staged write whose publication's outcome was lost is found, not written
+//! again.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -122,6 +130,52 @@ pub struct WriteOutcome {
     /// of this batch was written for these partitions; the loop resumes each
     /// from the given offset.
     pub already_applied: Vec<(i32, i64)>,
+    /// A write done but not visible yet, by the sink's name for it: the
+    /// loop records it with the batch's partitions (see [`Staged`]), then
+    /// calls [`Sink::publish`] with it. `None` for a write visible at once.
+    pub staged: Option<String>,
+}
+
+/// A staged write as Kafka's commit metadata of a partition records it:
+/// the partition's committed offset is where the write's records start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// Where the partition resumes once the write is visible.
+    pub next: i64,
+    /// The sink's name for the write ([`WriteOutcome::staged`]).
+    pub token: String,
+}
+
+/// Marks our metadata among what other tools may leave in a commit.
+const STAGED_PREFIX: &str = "staged-write v1 next=";
+
+impl Staged {
+    /// The commit metadata that records this write.
+    pub fn to_metadata(&self) -> String {
+        format!("{STAGED_PREFIX}{} token={}", self.next, self.token)
+    }
+
+    /// The staged write a commit's metadata records, if it records one.
+    pub fn from_metadata(metadata: &str) -> Option<Self> {
+        let rest = metadata.strip_prefix(STAGED_PREFIX)?;
+        let (next, token) = rest.split_once(" token=")?;
+        Some(Self {
+            next: next.parse().ok()?,
+            token: token.to_owned(),
+        })
+        .filter(|s| !s.token.is_empty())
+    }
+}
+
+/// Newly assigned partition whose last commit records a staged write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedAtAssign {
+    /// The partition.
+    pub partition: i32,
+    /// Its committed offset: where the staged write's records start.
+    pub first: i64,
+    /// The write.
+    pub staged: Staged,
 }
 
 /// Why a write failed. Every failure is retried: nothing is dropped because a
@@ -254,6 +308,27 @@ pub trait Sink: Send + Sync + 'static {
         true
     }
 
+    /// Makes a staged write ([`WriteOutcome::staged`]) visible: `Ok(true)`
+    /// once it is, also when it already was (a retry, or a new owner
+    /// finishing what the last one recorded); `Ok(false)` when it never
+    /// will be (nothing of it is in the sink, and its records are written
+    /// again). Only called for a sink that stages writes.
+    fn publish(&self, token: &str) -> impl Future<Output = Result<bool, SinkError>> + Send {
+        let _ = token;
+        async { Ok(true) }
+    }
+
+    /// Called as `partitions` are assigned, with those whose last commit in
+    /// Kafka records a staged write (the others record none). A sink that stages
+    /// writes must find out, before writing such a partition from that
+    /// offset again, whether the write became visible (its last owner may
+    /// have stopped before it knew), and if so skip its records
+    /// ([`WriteOutcome::already_applied`]). Synchronous and quick. The
+    /// default does nothing.
+    fn assigned(&self, topic: &str, partitions: &[i32], staged: &[StagedAtAssign]) {
+        let _ = (topic, partitions, staged);
+    }
+
     /// Readiness probe: can the sink take writes right now?
     fn check(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
         async { Ok(()) }
@@ -274,5 +349,28 @@ pub trait Sink: Send + Sync + 'static {
     /// the order they must apply in. The default does nothing.
     fn dispatched(&self, batch: &Batch<Self::Item>) {
         let _ = batch;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staged_write_survives_the_commit_metadata() {
+        let staged = Staged {
+            next: 1_234,
+            token: "projects/p/datasets/d/tables/t/streams/Cg x=1".into(),
+        };
+        let metadata = staged.to_metadata();
+        assert_eq!(Staged::from_metadata(&metadata), Some(staged));
+        for other in [
+            "",
+            "staged-write v1 next=x token=s",
+            "staged-write v1 next=5 token=",
+            "lag=3",
+        ] {
+            assert_eq!(Staged::from_metadata(other), None, "{other:?}");
+        }
     }
 }

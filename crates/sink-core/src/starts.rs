@@ -14,6 +14,8 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::sink::{Staged, StagedAtAssign};
+
 /// How long a look-up of committed offsets or of a log's bounds may take
 /// during an assignment.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,7 +35,8 @@ pub struct BeyondLogEnd {
 
 /// The partitions whose start lies beyond their log's end. Unknown
 /// `starts` are filled with Kafka's committed offsets, so the loop knows
-/// where each partition starts and sees a fetcher that goes back. A look-up
+/// where each partition starts and sees a fetcher that goes back; the
+/// staged writes those commits record go to `staged`. A look-up
 /// that fails is logged and skips the check: the fetch then starts as
 /// librdkafka decides, and a start beyond the end shows as the fetcher
 /// going back.
@@ -42,6 +45,7 @@ pub fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
     topic: &str,
     partitions: &[i32],
     starts: &mut [Option<i64>],
+    staged: &mut Vec<StagedAtAssign>,
 ) -> Vec<BeyondLogEnd> {
     let unknown: Vec<(i32, i64)> = partitions
         .iter()
@@ -63,13 +67,19 @@ pub fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
     let mut beyond = Vec::new();
     for (partition, start) in partitions.iter().zip(starts.iter_mut()) {
         if start.is_none() {
-            *start = match committed
-                .find_partition(topic, *partition)
-                .map(|e| e.offset())
-            {
+            let entry = committed.find_partition(topic, *partition);
+            *start = match entry.as_ref().map(|e| e.offset()) {
                 Some(Offset::Offset(o)) => Some(o),
                 _ => None,
             };
+            let recorded = entry.and_then(|e| Staged::from_metadata(e.metadata()));
+            if let (Some(first), Some(recorded)) = (*start, recorded) {
+                staged.push(StagedAtAssign {
+                    partition: *partition,
+                    first,
+                    staged: recorded,
+                });
+            }
         }
         let Some(start) = *start else { continue };
         match consumer.fetch_watermarks(topic, *partition, LOOKUP_TIMEOUT) {

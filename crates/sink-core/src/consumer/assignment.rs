@@ -57,12 +57,14 @@ impl<S: Sink> ConsumerContext for LoopContext<S> {
             other => {
                 tracing::error!(error = ?other, "rebalance failed; dropping the assignment");
                 // Like a lost assignment: nothing of it may be committed.
+                let staging = lock(&self.shared.staging);
                 let mut tracker = self.shared.tracker();
                 let assigned = tracker.assigned();
                 for partition in &assigned {
                     tracker.revoke(*partition);
                 }
                 drop(tracker);
+                drop(staging);
                 self.forget_stalls(&assigned);
                 let refused: Vec<i32> = lock(&self.shared.refused).iter().copied().collect();
                 self.forget_refused(&refused);
@@ -199,10 +201,12 @@ impl<S: Sink> LoopContext<S> {
         };
         let mut starts: Vec<Option<i64>> = stored.unwrap_or_else(|| vec![None; partitions.len()]);
         let mut refused = Vec::new();
+        let mut staged = Vec::new();
         if !closing {
             // Broker round trips: off the runtime's worker, as the drain.
-            let beyond =
-                blocking(|| starts::beyond_log_end(consumer, &self.topic, partitions, &mut starts));
+            let beyond = blocking(|| {
+                starts::beyond_log_end(consumer, &self.topic, partitions, &mut starts, &mut staged)
+            });
             let (reset, refuse) = self.reset_or_refuse(consumer, beyond);
             for (partition, offset) in reset {
                 if let Some(i) = partitions.iter().position(|p| *p == partition) {
@@ -210,6 +214,18 @@ impl<S: Sink> LoopContext<S> {
                 }
             }
             refused = refuse;
+        }
+        for s in &staged {
+            tracing::info!(
+                partition = s.partition,
+                offset = s.first,
+                next = s.staged.next,
+                token = %s.staged.token,
+                "the last commit records a staged write: the sink publishes it, if it was not, before writing on"
+            );
+        }
+        if !closing {
+            self.sink.assigned(&self.topic, partitions, &staged);
         }
         let mut tracker = self.shared.tracker();
         for (partition, start) in partitions.iter().zip(&starts) {
@@ -343,6 +359,8 @@ impl<S: Sink> LoopContext<S> {
             self.drain(partitions);
         }
         let commits: Vec<(i32, i64)> = {
+            // A staged write being recorded finishes first (writer.rs).
+            let _staging = lock(&self.shared.staging);
             let mut tracker = self.shared.tracker();
             partitions
                 .iter()
@@ -408,13 +426,14 @@ impl<S: Sink> Loop<S> {
             Ok(Ok(starts)) if starts.len() == refused.len() => starts,
             _ => return, // the sink cannot say: still refused, next time
         };
-        let consumer = &self.consumer;
-        let beyond =
-            blocking(|| starts::beyond_log_end(consumer, &self.topic, &refused, &mut starts));
-        let (reset, still) = self
-            .consumer
-            .context()
-            .reset_or_refuse(&self.consumer, beyond);
+        let consumer: &StreamConsumer<_> = &self.consumer;
+        // A refused log is not the one read from: what its commits record
+        // means nothing for it.
+        let mut staged = Vec::new();
+        let beyond = blocking(|| {
+            starts::beyond_log_end(consumer, &self.topic, &refused, &mut starts, &mut staged)
+        });
+        let (reset, still) = consumer.context().reset_or_refuse(consumer, beyond);
         for partition in refused.iter().filter(|p| !still.contains(p)) {
             if !reset.iter().any(|(p, _)| p == partition) {
                 tracing::error!(

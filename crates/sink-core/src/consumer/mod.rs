@@ -29,7 +29,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -54,7 +54,7 @@ use crate::lock;
 use crate::metrics as m;
 use crate::offsets::{BatchId, OffsetTracker, Skip};
 use crate::retry;
-use crate::sink::{Record, Rejection, Sink};
+use crate::sink::{PartitionRange, Record, Rejection, Sink, SinkError, Staged};
 use crate::stall::{Change, Observation, StallWatch};
 use crate::starts::{self, offsets_list, BeyondLogEnd};
 
@@ -113,6 +113,9 @@ struct Shared {
     /// marked refused).
     refused: Mutex<std::collections::BTreeSet<i32>>,
     stalls: Mutex<StallWatch>,
+    /// Held while a staged write is recorded in Kafka, and by a revoke
+    /// before it lets partitions go (see `writer::StagedWrite`).
+    staging: Mutex<()>,
 }
 
 impl Shared {
@@ -127,6 +130,7 @@ impl Shared {
             last_error: Mutex::new(None),
             refused: Mutex::new(std::collections::BTreeSet::new()),
             stalls: Mutex::new(StallWatch::new(stall_timeout)),
+            staging: Mutex::new(()),
         }
     }
 
@@ -274,7 +278,7 @@ pub async fn run_connecting<S: Sink>(
             }
         },
         max_in_flight: sink.max_in_flight().max(1),
-        consumer,
+        consumer: Arc::new(consumer),
         sink,
         dlq: Arc::clone(&dlq),
         shared: Arc::clone(&shared),
@@ -328,7 +332,9 @@ struct Leftover {
 }
 
 struct Loop<S: Sink> {
-    consumer: StreamConsumer<LoopContext<S>>,
+    /// Shared with the writers only as `Weak` (they record staged writes),
+    /// so dropping this closes the consumer.
+    consumer: Arc<StreamConsumer<LoopContext<S>>>,
     sink: Arc<S>,
     dlq: Arc<DeadLetters>,
     shared: Arc<Shared>,
@@ -402,6 +408,7 @@ impl<S: Sink> Loop<S> {
                 Arc::clone(&self.dlq),
                 Arc::clone(&self.shared),
                 Arc::clone(&self.health),
+                Arc::downgrade(&self.consumer),
                 batch_id,
                 work,
             ));

@@ -1,7 +1,8 @@
 //! The writer side: one task per batch (its dead letters and the sink
 //! write, one after the other or side by side as the sink says, then the
-//! sink's rejections, each retried until done, then the batch
-//! acknowledged), and the readiness probe while no write says anything.
+//! sink's rejections, then a staged write recorded and published, each
+//! retried until done, then the batch acknowledged), and the readiness
+//! probe while no write says anything.
 
 use super::*;
 
@@ -48,6 +49,7 @@ pub(super) async fn write_batch<S: Sink>(
     dlq: Arc<DeadLetters>,
     shared: Arc<Shared>,
     health: Arc<Health>,
+    consumer: Weak<StreamConsumer<LoopContext<S>>>,
     batch_id: BatchId,
     work: Work<S::Item>,
 ) {
@@ -67,7 +69,7 @@ pub(super) async fn write_batch<S: Sink>(
         },
         &health,
     );
-    let outcome = if sink.dead_letters_first() {
+    let mut outcome = if sink.dead_letters_first() {
         send_letters.await;
         write.await
     } else {
@@ -90,6 +92,32 @@ pub(super) async fn write_batch<S: Sink>(
             .collect();
         retry::until_ok("dead_letter", || dlq.send(&letters), &health).await;
     }
+    // After every dead letter of the batch is accepted: once published, the
+    // batch is done for any later owner too.
+    if let Some(token) = outcome.staged.take() {
+        let ranges: Vec<PartitionRange> = work
+            .batch
+            .ranges
+            .iter()
+            .filter(|r| {
+                !outcome
+                    .already_applied
+                    .iter()
+                    .any(|(p, _)| *p == r.partition)
+            })
+            .copied()
+            .collect();
+        let staged = StagedWrite {
+            topic: &work.batch.topic,
+            ranges: &ranges,
+            token: &token,
+            batch_id,
+        };
+        let unwritten = staged
+            .finish(sink.as_ref(), &shared, &health, &consumer)
+            .await;
+        outcome.already_applied.extend(unwritten);
+    }
     // Counted here, not where the loop seeks: a refused batch of a partition
     // this consumer has lost meanwhile (a stale consumer) needs no seek, but
     // is exactly what an operator wants to see counted.
@@ -106,6 +134,111 @@ pub(super) async fn write_batch<S: Sink>(
     metrics::histogram!(m::BATCH_EVENTS).record(work.len() as f64);
     shared.acknowledge(batch_id, &outcome.already_applied);
     health.batch_done(Instant::now());
+}
+
+/// A staged write of a batch ([`crate::sink::WriteOutcome::staged`]), to be
+/// recorded in Kafka's commit metadata of `ranges` and then published.
+struct StagedWrite<'a> {
+    topic: &'a str,
+    ranges: &'a [PartitionRange],
+    token: &'a str,
+    batch_id: BatchId,
+}
+
+impl StagedWrite<'_> {
+    /// Records the write, then publishes it. Returns where the partitions
+    /// resume when nothing of it became visible (their records are written
+    /// again); none when it did.
+    ///
+    /// The record is a commit of each partition's first offset (what was
+    /// committed already) carrying the write's name: a later owner finds it
+    /// and publishes the write itself instead of writing the records again
+    /// ([`Sink::assigned`]). The commit is made only while this batch still
+    /// holds its partitions, under the lock a revoke takes before letting
+    /// them go: the commit carries the generation that owns them, so a new
+    /// owner, which reads its start after it joined, sees it or it was
+    /// refused. A write never recorded is never published: a zombie's write
+    /// stays invisible.
+    async fn finish<S: Sink>(
+        &self,
+        sink: &S,
+        shared: &Shared,
+        health: &Arc<Health>,
+        consumer: &Weak<StreamConsumer<LoopContext<S>>>,
+    ) -> Vec<(i32, i64)> {
+        let unwritten = || self.ranges.iter().map(|r| (r.partition, r.first)).collect();
+        let partitions: Vec<i32> = self.ranges.iter().map(|r| r.partition).collect();
+        let recorded = retry::until_ok(
+            "record_staged_write",
+            || std::future::ready(self.record(shared, consumer, &partitions)),
+            health,
+        )
+        .await;
+        if !recorded {
+            tracing::info!(
+                ?partitions,
+                "partitions revoked before their staged write was recorded: it is abandoned, \
+                 never visible, and their next owner writes those records"
+            );
+            return unwritten();
+        }
+        if retry::until_ok("publish_staged_write", || sink.publish(self.token), health).await {
+            Vec::new()
+        } else {
+            tracing::warn!(
+                token = self.token,
+                ?partitions,
+                "the staged write cannot be published (it is gone): writing its records again"
+            );
+            unwritten()
+        }
+    }
+
+    /// One attempt to record: `Ok(false)` when the batch no longer holds
+    /// its partitions.
+    fn record<S: Sink>(
+        &self,
+        shared: &Shared,
+        consumer: &Weak<StreamConsumer<LoopContext<S>>>,
+        partitions: &[i32],
+    ) -> Result<bool, SinkError> {
+        let _staging = lock(&shared.staging);
+        match shared.tracker().stage_ready(self.batch_id, partitions) {
+            None => return Ok(false),
+            Some(false) => {
+                return Err(SinkError::transient(
+                    "earlier_batch_unfinished",
+                    anyhow::anyhow!("an earlier batch of these partitions is still being written"),
+                ))
+            }
+            Some(true) => {}
+        }
+        let Some(consumer) = consumer.upgrade() else {
+            return Ok(false);
+        };
+        let mut offsets = TopicPartitionList::new();
+        let metadata = |next| {
+            Staged {
+                next,
+                token: self.token.to_owned(),
+            }
+            .to_metadata()
+        };
+        for range in self.ranges {
+            let mut entry = offsets.add_partition(self.topic, range.partition);
+            entry
+                .set_offset(Offset::Offset(range.first))
+                .map_err(|err| SinkError::transient("record_staged_write", err))?;
+            entry.set_metadata(metadata(range.next));
+        }
+        blocking(|| consumer.commit(&offsets, CommitMode::Sync)).map_err(|err| {
+            SinkError::transient(
+                "record_staged_write",
+                anyhow::anyhow!("cannot record the staged write in Kafka's commit metadata: {err}"),
+            )
+        })?;
+        Ok(true)
+    }
 }
 
 /// The writer's timing on tokio's paused clock: minutes of outage pass in
@@ -221,6 +354,7 @@ mod tests {
             dead_letters(),
             Arc::clone(&shared),
             Arc::clone(&health),
+            Weak::new(),
             batch_id,
             work,
         ));
