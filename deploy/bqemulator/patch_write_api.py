@@ -17,6 +17,14 @@ a thread forever (seen: a test cutting connections five times). The patch
 gives the loop an executor of 1,024 threads (made as needed), so a test
 run's killed clients never use them up.
 
+And two answers made Google's, which exactly-once bigquery-sink relies on
+to learn that a stream it committed before (a lost reply, a crash) is
+committed: BatchCommitWriteStreams on a committed stream answers
+STREAM_ALREADY_COMMITTED (the emulator said INVALID_STREAM_STATE, which
+Google uses for a stream that cannot be committed), and GetWriteStream of
+a committed PENDING stream carries a commit_time (the time of the call:
+the emulator does not keep when it was).
+
 Idempotent; run by scripts/stack.sh after installing the emulator, and
 by deploy/bqemulator/Dockerfile (the compose stack's emulator).
 """
@@ -28,7 +36,7 @@ import bqemulator.grpc_api.write_servicer as servicer
 
 # Bumped whenever the patch changes: an emulator patched by an older version
 # must be reinstalled first (exit 3 says so; scripts/stack.sh does it).
-MARK = "# movielog-stack patch v2"
+MARK = "# movielog-stack patch v4"
 ANY_VERSION = "# movielog-stack patch"
 
 REPLACEMENTS = [
@@ -56,6 +64,14 @@ REPLACEMENTS = [
         loop = self._movielog_loop
         if loop is None:
             raise RuntimeError("movielog-stack patch: the write handler was built outside the event loop")
+        try:
+            running = _asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            # Some unary calls reach the handler on the loop's own thread:
+            # waiting there for the loop would never return.
+            return fn()
 
         async def call():
             return fn()
@@ -91,6 +107,32 @@ REPLACEMENTS = [
         """            yield self._movielog_on_loop(
                 lambda: self._perform_append(bound_stream, rows_table, offset, max_buffered_rows),
             )
+""",
+    ),
+]
+REPLACEMENTS += [
+    (
+        """            if stream.state is not WriteStreamState.FINALIZED:
+""",
+        f"""            if stream.state is WriteStreamState.COMMITTED:  {MARK}: Google's answer
+                stream_errors.append(
+                    types.StorageError(
+                        code=types.StorageError.StorageErrorCode.STREAM_ALREADY_COMMITTED,
+                        entity=stream_name,
+                        error_message=f"Stream already committed: {{stream_name}}",
+                    )
+                )
+                continue
+            if stream.state is not WriteStreamState.FINALIZED:
+""",
+    ),
+    (
+        """            create_time=_now_timestamp(),
+            table_schema=_table_meta_to_proto_schema(table_meta) if table_meta else None,
+""",
+        """            create_time=_now_timestamp(),
+            commit_time=_now_timestamp() if stream.state is WriteStreamState.COMMITTED else None,
+            table_schema=_table_meta_to_proto_schema(table_meta) if table_meta else None,
 """,
     ),
 ]
