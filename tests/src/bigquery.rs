@@ -276,6 +276,8 @@ pub enum WriteApi {
     InsertAll,
     /// The Storage Write API's `_default` stream.
     Storage,
+    /// A Storage Write API PENDING stream per batch.
+    StorageExactlyOnce,
 }
 
 impl WriteApi {
@@ -284,7 +286,13 @@ impl WriteApi {
         match self {
             Self::InsertAll => "insert-all",
             Self::Storage => "storage",
+            Self::StorageExactlyOnce => "storage-exactly-once",
         }
+    }
+
+    /// Whether rows go through the Storage Write API (gRPC).
+    pub fn is_storage(self) -> bool {
+        self != Self::InsertAll
     }
 }
 
@@ -302,6 +310,31 @@ macro_rules! each_write_api {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn storage() -> anyhow::Result<()> {
                 super::$name($crate::bigquery::WriteApi::Storage).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn storage_exactly_once() -> anyhow::Result<()> {
+                super::$name($crate::bigquery::WriteApi::StorageExactlyOnce).await
+            }
+        }
+    };
+}
+
+/// Declares a module `$name` holding one test per Storage Write API mode,
+/// each calling `$name(WriteApi)`: for tests of the Storage Write API's own
+/// faults.
+#[macro_export]
+macro_rules! each_storage_api {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn storage() -> anyhow::Result<()> {
+                super::$name($crate::bigquery::WriteApi::Storage).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn storage_exactly_once() -> anyhow::Result<()> {
+                super::$name($crate::bigquery::WriteApi::StorageExactlyOnce).await
             }
         }
     };
@@ -440,6 +473,9 @@ impl BigQuerySide {
     }
 }
 
+/// `--stream-interval-ms` of the services tests start.
+pub const STREAM_INTERVAL_MS: &str = "10";
+
 /// How long [`BigQuerySide::wait_rows`] waits.
 pub const ROWS_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -464,6 +500,9 @@ impl SinkSide for BigQuerySide {
         )
         .set("--write-api", self.write_api.flag())
         .set("--bigquery-grpc-endpoint", &self.grpc_endpoint)
+        // Google's stream quota is not the emulator's: tests write small
+        // batches fast (the pacing itself is unit-tested in pending.rs).
+        .set("--stream-interval-ms", STREAM_INTERVAL_MS)
     }
 
     fn keeps(&self, event: &Generated) -> bool {
@@ -522,8 +561,8 @@ impl SinkSide for BigQuerySide {
 pub enum WriteProxy {
     /// insertAll's HTTP proxy.
     InsertAll(FaultProxy),
-    /// The Storage Write API's gRPC proxy.
-    Storage(crate::grpc_proxy::GrpcFaultProxy),
+    /// The Storage Write API's gRPC proxy, and which of its APIs.
+    Storage(crate::grpc_proxy::GrpcFaultProxy, WriteApi),
 }
 
 impl WriteProxy {
@@ -532,9 +571,10 @@ impl WriteProxy {
     pub async fn start(stack: &Stack, api: WriteApi) -> anyhow::Result<Self> {
         Ok(match api {
             WriteApi::InsertAll => Self::InsertAll(FaultProxy::start(&stack.bigquery_endpoint)?),
-            WriteApi::Storage => Self::Storage(
+            api => Self::Storage(
                 crate::grpc_proxy::GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint))
                     .await?,
+                api,
             ),
         })
     }
@@ -543,7 +583,7 @@ impl WriteProxy {
     pub fn route(&self, side: BigQuerySide) -> BigQuerySide {
         match self {
             Self::InsertAll(proxy) => side.with(WriteApi::InsertAll).via(proxy.endpoint()),
-            Self::Storage(proxy) => side.with(WriteApi::Storage).via_grpc(proxy.endpoint()),
+            Self::Storage(proxy, api) => side.with(*api).via_grpc(proxy.endpoint()),
         }
     }
 
@@ -551,7 +591,7 @@ impl WriteProxy {
     pub fn served(&self) -> BTreeMap<String, usize> {
         match self {
             Self::InsertAll(proxy) => proxy.served(),
-            Self::Storage(proxy) => proxy.served(),
+            Self::Storage(proxy, _) => proxy.served(),
         }
     }
 
@@ -564,7 +604,7 @@ impl WriteProxy {
     pub fn clear_faults(&self) {
         match self {
             Self::InsertAll(proxy) => proxy.clear_faults(),
-            Self::Storage(proxy) => proxy.clear_faults(),
+            Self::Storage(proxy, _) => proxy.clear_faults(),
         }
     }
 
@@ -577,7 +617,7 @@ impl WriteProxy {
                 .into_iter()
                 .map(|i| i.authorization)
                 .collect(),
-            Self::Storage(proxy) => proxy
+            Self::Storage(proxy, _) => proxy
                 .appends()
                 .into_iter()
                 .map(|a| a.authorization)
@@ -591,7 +631,7 @@ impl WriteProxy {
         use crate::grpc_proxy::GrpcFault;
         match self {
             Self::InsertAll(proxy) => proxy.set_faults(vec![Fault::Status(403)]),
-            Self::Storage(proxy) => proxy.set_faults(vec![GrpcFault::EndStream(
+            Self::Storage(proxy, _) => proxy.set_faults(vec![GrpcFault::EndStream(
                 tonic::Code::PermissionDenied,
                 "Permission 'TABLES_UPDATE_DATA' denied on resource",
             )]),
@@ -606,7 +646,7 @@ impl WriteProxy {
             Self::InsertAll(proxy) => {
                 proxy.set_faults(vec![Fault::RefuseRowsAs("no such field: host.")]);
             }
-            Self::Storage(proxy) => proxy.set_faults(vec![GrpcFault::EndStream(
+            Self::Storage(proxy, _) => proxy.set_faults(vec![GrpcFault::EndStream(
                 tonic::Code::InvalidArgument,
                 "Input schema has more fields than BigQuery schema, extra fields: 'host'",
             )]),

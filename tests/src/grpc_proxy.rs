@@ -10,6 +10,10 @@
 //! Each sink stream gets its own upstream stream, opened at its first
 //! forwarded append; the writer schema of the sink's first request is
 //! passed on with it, whichever request that is.
+//!
+//! The calls around PENDING streams (create, finalize, commit, get) are
+//! forwarded too, or answered at once without an upstream, and can be
+//! failed, or forwarded and never answered ([`CallFault`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -26,7 +30,9 @@ use gcp_bigquery_client::google::cloud::bigquery::storage::v1::append_rows_respo
 };
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::big_query_write_client::BigQueryWriteClient;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::{
-    AppendRowsRequest, AppendRowsResponse, ProtoSchema, RowError,
+    AppendRowsRequest, AppendRowsResponse, BatchCommitWriteStreamsRequest,
+    BatchCommitWriteStreamsResponse, CreateWriteStreamRequest, FinalizeWriteStreamRequest,
+    FinalizeWriteStreamResponse, GetWriteStreamRequest, ProtoSchema, RowError, WriteStream,
 };
 use gcp_bigquery_client::google::rpc;
 use prost::Message as _;
@@ -35,7 +41,18 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceive
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-const APPEND_ROWS: &str = "/google.cloud.bigquery.storage.v1.BigQueryWrite/AppendRows";
+const SERVICE: &str = "/google.cloud.bigquery.storage.v1.BigQueryWrite/";
+
+/// What the proxy does with every call of one method other than
+/// `AppendRows`, until cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFault {
+    /// Forward the call, then never answer: it took effect, and the sink
+    /// cannot know (its timeout ends the wait).
+    HangAfterForward,
+    /// Answer with this error, forward nothing.
+    Fail(Code, &'static str),
+}
 
 /// What the proxy does with one append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +103,9 @@ struct State {
     served: BTreeMap<String, usize>,
     appends: Vec<AppendSeen>,
     streams: usize,
+    call_faults: BTreeMap<&'static str, CallFault>,
+    /// Calls other than `AppendRows`, by method.
+    calls: BTreeMap<String, usize>,
 }
 
 /// The proxy, on `127.0.0.1:<free port>`, until dropped.
@@ -173,6 +193,22 @@ impl GrpcFaultProxy {
     pub fn streams(&self) -> usize {
         lock(&self.state).streams
     }
+
+    /// Applies `fault` to every call of `method` (`"BatchCommitWriteStreams"`,
+    /// `"CreateWriteStream"`, ...) from now on.
+    pub fn set_call_fault(&self, method: &'static str, fault: CallFault) {
+        lock(&self.state).call_faults.insert(method, fault);
+    }
+
+    /// Forwards every call from now on.
+    pub fn clear_call_faults(&self) {
+        lock(&self.state).call_faults.clear();
+    }
+
+    /// Calls other than `AppendRows` received so far, by method.
+    pub fn calls(&self) -> BTreeMap<String, usize> {
+        lock(&self.state).calls.clone()
+    }
 }
 
 impl Drop for GrpcFaultProxy {
@@ -202,18 +238,171 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let proxy = self.clone();
-        if request.uri().path() != APPEND_ROWS {
-            return Box::pin(async {
-                Ok(Status::unimplemented("the fault proxy serves AppendRows only").into_http())
-            });
-        }
+        let method = request
+            .uri()
+            .path()
+            .strip_prefix(SERVICE)
+            .unwrap_or_default()
+            .to_owned();
         Box::pin(async move {
-            // Above the API's 10 MB, so that the sink's limit is what is tested.
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
-            Ok(grpc.streaming(AppendRowsCall(proxy), request).await)
+            Ok(match method.as_str() {
+                "AppendRows" => grpc().streaming(AppendRowsCall(proxy), request).await,
+                "CreateWriteStream" => {
+                    let call = Unary::new(move |r| proxy.clone().create(r));
+                    grpc().unary(call, request).await
+                }
+                "FinalizeWriteStream" => {
+                    let call = Unary::new(move |r| proxy.clone().finalize(r));
+                    grpc().unary(call, request).await
+                }
+                "BatchCommitWriteStreams" => {
+                    let call = Unary::new(move |r| proxy.clone().commit(r));
+                    grpc().unary(call, request).await
+                }
+                "GetWriteStream" => {
+                    let call = Unary::new(move |r| proxy.clone().get(r));
+                    grpc().unary(call, request).await
+                }
+                other => Status::unimplemented(format!("the fault proxy does not serve {other:?}"))
+                    .into_http(),
+            })
         })
+    }
+}
+
+/// The server side of a call. Above the API's 10 MB, so that the sink's
+/// limit is what is tested.
+fn grpc<T, U>() -> tonic::server::Grpc<tonic_prost::ProstCodec<T, U>>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// A unary method of the proxy.
+struct Unary<Req, Resp>(Box<dyn FnMut(Req) -> BoxFuture<'static, Result<Resp, Status>> + Send>);
+
+impl<Req, Resp> Unary<Req, Resp> {
+    fn new<F, Fut>(mut f: F) -> Self
+    where
+        F: FnMut(Req) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Resp, Status>> + Send + 'static,
+    {
+        Self(Box::new(move |r| Box::pin(f(r))))
+    }
+}
+
+impl<Req, Resp: Send + 'static> tonic::server::UnaryService<Req> for Unary<Req, Resp> {
+    type Response = Resp;
+    type Future = BoxFuture<'static, Result<tonic::Response<Resp>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
+        let answer = (self.0)(request.into_inner());
+        Box::pin(async move { answer.await.map(tonic::Response::new) })
+    }
+}
+
+impl Proxy {
+    /// Counts a call of `method` and applies its fault: forwards it (or
+    /// answers `instant` without an upstream), fails it, or forwards it and
+    /// never answers.
+    async fn unary<Req, Resp, Fut>(
+        &self,
+        method: &'static str,
+        request: Req,
+        forward: impl FnOnce(BigQueryWriteClient<Channel>, Req) -> Fut,
+        instant: impl FnOnce(Req) -> Resp,
+    ) -> Result<Resp, Status>
+    where
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let fault = {
+            let mut state = lock(&self.state);
+            *state.calls.entry(method.to_owned()).or_default() += 1;
+            let fault = state.call_faults.get(method).copied();
+            if let Some(fault) = fault {
+                *state
+                    .served
+                    .entry(format!("{method}:{fault:?}"))
+                    .or_default() += 1;
+            }
+            fault
+        };
+        if let Some(CallFault::Fail(code, message)) = fault {
+            return Err(Status::new(code, message));
+        }
+        let answer = match &self.upstream {
+            Some(client) => forward(client.clone(), request).await?.into_inner(),
+            None => instant(request),
+        };
+        if fault == Some(CallFault::HangAfterForward) {
+            std::future::pending::<()>().await;
+        }
+        Ok(answer)
+    }
+
+    async fn create(self, request: CreateWriteStreamRequest) -> Result<WriteStream, Status> {
+        let n = lock(&self.state)
+            .calls
+            .get("CreateWriteStream")
+            .copied()
+            .unwrap_or(0);
+        self.unary(
+            "CreateWriteStream",
+            request,
+            |mut c, r| async move { c.create_write_stream(r).await },
+            |r| WriteStream {
+                name: format!("{}/streams/instant-{n}", r.parent),
+                ..r.write_stream.unwrap_or_default()
+            },
+        )
+        .await
+    }
+
+    async fn finalize(
+        self,
+        request: FinalizeWriteStreamRequest,
+    ) -> Result<FinalizeWriteStreamResponse, Status> {
+        self.unary(
+            "FinalizeWriteStream",
+            request,
+            |mut c, r| async move { c.finalize_write_stream(r).await },
+            |_| FinalizeWriteStreamResponse::default(),
+        )
+        .await
+    }
+
+    async fn commit(
+        self,
+        request: BatchCommitWriteStreamsRequest,
+    ) -> Result<BatchCommitWriteStreamsResponse, Status> {
+        self.unary(
+            "BatchCommitWriteStreams",
+            request,
+            |mut c, r| async move { c.batch_commit_write_streams(r).await },
+            |_| BatchCommitWriteStreamsResponse {
+                commit_time: Some(Default::default()),
+                stream_errors: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    async fn get(self, request: GetWriteStreamRequest) -> Result<WriteStream, Status> {
+        self.unary(
+            "GetWriteStream",
+            request,
+            |mut c, r| async move { c.get_write_stream(r).await },
+            |r| WriteStream {
+                name: r.name,
+                commit_time: Some(Default::default()),
+                ..WriteStream::default()
+            },
+        )
+        .await
     }
 }
 

@@ -10,9 +10,11 @@ use anyhow::Context;
 use e2e::bigquery::{expected_row, int, BigQuerySide, Fault, FaultProxy, WriteApi, WriteProxy};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
-use e2e::grpc_proxy::{GrpcFault, GrpcFaultProxy};
+use e2e::grpc_proxy::{CallFault, GrpcFault, GrpcFaultProxy};
 use e2e::pipeline::{Coordinates, Instance, Item, Pipeline};
-use e2e::{each_write_api, kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS};
+use e2e::{
+    each_storage_api, each_write_api, kafka, unique, wait_for, wait_for_async, Stack, PARTITIONS,
+};
 use serde_json::Value;
 use tonic::Code;
 
@@ -67,12 +69,14 @@ async fn through_write_proxy(
     Ok((p, bq, proxy))
 }
 
-/// A pipeline on tansu into a fresh table, written with `--write-api
-/// storage` through a gRPC fault proxy in front of the emulator
+/// A pipeline on tansu into a fresh table, written with the Storage Write
+/// API (`api`) through a gRPC fault proxy in front of the emulator
 /// (forwarding until told otherwise).
-async fn through_grpc_proxy() -> anyhow::Result<(Pipeline, BigQuerySide, GrpcFaultProxy)> {
-    match through_write_proxy(WriteApi::Storage).await? {
-        (p, bq, WriteProxy::Storage(proxy)) => Ok((p, bq, proxy)),
+async fn through_grpc_proxy(
+    api: WriteApi,
+) -> anyhow::Result<(Pipeline, BigQuerySide, GrpcFaultProxy)> {
+    match through_write_proxy(api).await? {
+        (p, bq, WriteProxy::Storage(proxy, _)) => Ok((p, bq, proxy)),
         _ => anyhow::bail!("not the Storage Write API's proxy"),
     }
 }
@@ -314,12 +318,18 @@ async fn twenty_thousand_events_of_every_kind_land_once_with_their_payload(
     assert_eq!(check_rows(&p, &bq, "kafka_offset < 100").await?, 300);
     dead_letters(&p)?;
 
-    // Every batch of the instance went through one append stream.
+    // Every batch of the instance went through one append stream; with
+    // exactly-once, each through its own.
     let metrics = instance.metrics().await?;
     let streams = metrics.sum(sink_core::metrics::APPEND_STREAMS);
-    let want = if api == WriteApi::Storage { 1.0 } else { 0.0 };
+    let batches = metrics.sum(sink_core::metrics::BATCHES);
+    let want = match api {
+        WriteApi::InsertAll => 0.0,
+        WriteApi::Storage => 1.0,
+        WriteApi::StorageExactlyOnce => batches,
+    };
     assert_eq!(streams, want, "append streams opened");
-    assert!(metrics.sum(sink_core::metrics::BATCHES) > 10.0);
+    assert!(batches > 10.0);
     Ok(())
 }
 
@@ -540,8 +550,15 @@ async fn only_rows_bigquery_did_not_take_are_sent_again() -> anyhow::Result<()> 
 }
 
 each_write_api!(sigkill_mid_stream_and_restart_lose_nothing);
+/// Killed while writing, then restarted: every row lands, in the
+/// de-duplicated view; with exactly-once, in the table itself (on the mock
+/// cluster: tansu 0.6.0 forgets commit metadata).
 async fn sigkill_mid_stream_and_restart_lose_nothing(api: WriteApi) -> anyhow::Result<()> {
-    let (mut p, bq) = on_tansu(api).await?;
+    let (mut p, bq) = if api == WriteApi::StorageExactlyOnce {
+        into_table(&Stack::get()?, Broker::mock_cluster(3)?, api).await?
+    } else {
+        on_tansu(api).await?
+    };
     p.produce(events(4, 20_000, 0.0)).await?;
     let instance = p.start()?;
     bq.wait_rows(&bq.table, 4_000, &instance).await?;
@@ -552,8 +569,12 @@ async fn sigkill_mid_stream_and_restart_lose_nothing(api: WriteApi) -> anyhow::R
         "killed after everything was written ({written} rows): not mid-stream"
     );
     let instance = p.restart_alone(&[]).await?;
-    let view = bq.create_dedup_view().await?;
-    wait_landed(&p, &bq, &view, &instance).await?;
+    let relation = if api == WriteApi::StorageExactlyOnce {
+        bq.table.clone()
+    } else {
+        bq.create_dedup_view().await?
+    };
+    wait_landed(&p, &bq, &relation, &instance).await?;
     dead_letters(&p)?;
     Ok(())
 }
@@ -697,12 +718,12 @@ async fn start_up_problems_stop_the_sink_with_one_clear_line(api: WriteApi) -> a
     Ok(())
 }
 
-/// `--write-api storage` under the Storage Write API's failures: error
-/// replies, streams ended before or after the rows were stored, a
-/// throughput quota. Every row lands (the view exact), none dead-lettered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_errors_and_ended_streams_lose_nothing() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+each_storage_api!(storage_errors_and_ended_streams_lose_nothing);
+/// The Storage Write API's failures: error replies, streams ended before
+/// or after the rows were stored, a throughput quota. Every row lands (the
+/// view exact; with exactly-once, the table itself), none dead-lettered.
+async fn storage_errors_and_ended_streams_lose_nothing(api: WriteApi) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy(api).await?;
     p.produce(events(3, 10_000, 0.0)).await?;
     proxy.set_faults(vec![
         GrpcFault::Reply(Code::Unavailable, "backend unavailable"),
@@ -728,20 +749,25 @@ async fn storage_errors_and_ended_streams_lose_nothing() -> anyhow::Result<()> {
         "every kind of fault was served: {served:?}"
     );
 
-    let view = bq.create_dedup_view().await?;
-    wait_landed(&p, &bq, &view, &instance).await?;
-    // Appends stored before their stream ended were sent again.
-    assert!(bq.count(&bq.table).await? > 10_000);
+    if api == WriteApi::StorageExactlyOnce {
+        // Appends stored before their stream ended were abandoned with it.
+        wait_landed(&p, &bq, &bq.table, &instance).await?;
+    } else {
+        let view = bq.create_dedup_view().await?;
+        wait_landed(&p, &bq, &view, &instance).await?;
+        // Appends stored before their stream ended were sent again.
+        assert!(bq.count(&bq.table).await? > 10_000);
+    }
     assert!(dead_letters(&p)?.is_empty());
     assert!(proxy.streams() > 1, "ended streams were opened again");
     Ok(())
 }
 
+each_storage_api!(storage_appends_found_too_large_are_halved);
 /// An append the API finds too large (nothing stored) is sent in halves;
 /// no row lands twice in the table itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_appends_found_too_large_are_halved() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+async fn storage_appends_found_too_large_are_halved(api: WriteApi) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy(api).await?;
     p.produce(events(6, 5_000, 0.0)).await?;
     // Every append over 60 rows is refused: only halves get through.
     proxy.set_faults(vec![GrpcFault::TooLargeAbove(60)]);
@@ -761,12 +787,14 @@ async fn storage_appends_found_too_large_are_halved() -> anyhow::Result<()> {
     Ok(())
 }
 
+each_storage_api!(storage_rows_named_bad_go_to_the_dlq_and_the_rest_lands_once);
 /// Rows the Storage Write API names as bad (`row_errors`; nothing of that
 /// append stored) go to the DLQ with its message; the rest of the append
 /// is sent again and lands once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_rows_named_bad_go_to_the_dlq_and_the_rest_lands_once() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+async fn storage_rows_named_bad_go_to_the_dlq_and_the_rest_lands_once(
+    api: WriteApi,
+) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy(api).await?;
     p.produce(events(14, 3_000, 0.0)).await?;
     proxy.set_faults(vec![
         GrpcFault::RefuseFirstRow,
@@ -809,19 +837,26 @@ async fn storage_rows_named_bad_go_to_the_dlq_and_the_rest_lands_once() -> anyho
     bq.assert_exactly(&bq.table, &p.topic, &rows).await
 }
 
+each_storage_api!(storage_a_throughput_quota_is_waited_out_not_split);
 /// A throughput quota (`RESOURCE_EXHAUSTED`, "Exceeds ... quota") is waited
 /// out: appends are sent again whole, never split or dead-lettered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_a_throughput_quota_is_waited_out_not_split() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+async fn storage_a_throughput_quota_is_waited_out_not_split(api: WriteApi) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy(api).await?;
     p.produce(events(15, 1_000, 0.0)).await?;
     proxy.set_faults(vec![GrpcFault::Reply(
         Code::ResourceExhausted,
         "Exceeds 'AppendRows throughput' quota, user_id: x (status: INSUFFICIENT_TOKENS)",
     )]);
     let instance = p.start_with(&["--batch-max-events", "100"])?;
-    wait_for(TIMEOUT, "20 appends refused", || {
-        proxy.faults_served() >= 20
+    // Exactly-once writes one batch at a time: its refusals come one after
+    // the other, each after a longer backoff.
+    let refusals = if api == WriteApi::StorageExactlyOnce {
+        6
+    } else {
+        20
+    };
+    wait_for(TIMEOUT, "appends refused", || {
+        proxy.faults_served() >= refusals
     })
     .await?;
     proxy.clear_faults();
@@ -835,13 +870,15 @@ async fn storage_a_throughput_quota_is_waited_out_not_split() -> anyhow::Result<
     Ok(())
 }
 
+each_storage_api!(storage_appends_refused_without_rows_named_dead_letter_nothing);
 /// An append refused as `INVALID_ARGUMENT` without rows named is about the
 /// request or the table, not its rows (Google names bad rows): nothing is
 /// dead-lettered or committed, readiness turns false, and every row lands
 /// once the refusals stop.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_appends_refused_without_rows_named_dead_letter_nothing() -> anyhow::Result<()> {
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+async fn storage_appends_refused_without_rows_named_dead_letter_nothing(
+    api: WriteApi,
+) -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = through_grpc_proxy(api).await?;
     p.produce(events(16, 1_000, 0.0)).await?;
     proxy.set_faults(vec![GrpcFault::Reply(
         Code::InvalidArgument,
@@ -865,13 +902,13 @@ async fn storage_appends_refused_without_rows_named_dead_letter_nothing() -> any
     recovers(&p, &bq, &instance).await
 }
 
+each_storage_api!(storage_no_append_over_the_request_limit_is_sent);
 /// Big rows through the Storage Write API: no append passes the API's
 /// 10 MB request limit, each row is sent once, and the payloads arrive
 /// whole.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn storage_no_append_over_the_request_limit_is_sent() -> anyhow::Result<()> {
+async fn storage_no_append_over_the_request_limit_is_sent(api: WriteApi) -> anyhow::Result<()> {
     const LIMIT: usize = 10 * 1024 * 1024;
-    let (mut p, bq, proxy) = through_grpc_proxy().await?;
+    let (mut p, bq, proxy) = through_grpc_proxy(api).await?;
     let now = chrono::Utc::now().to_rfc3339();
     let items = (0..600)
         .map(|i| {
@@ -898,6 +935,79 @@ async fn storage_no_append_over_the_request_limit_is_sent() -> anyhow::Result<()
     );
     assert_eq!(check_rows(&p, &bq, "info = 'big'").await?, 600);
     Ok(())
+}
+
+/// Exactly-once: the sink dies while a batch's stream is being committed,
+/// before it knows whether the commit happened: the commit took effect and
+/// its reply was lost, or it never reached BigQuery. The stream was
+/// recorded in Kafka's commit metadata first, so the next instance commits
+/// it (again: a no-op if it was) and skips its records instead of writing
+/// them twice: the table itself holds every row once. On the mock cluster:
+/// tansu 0.6.0 forgets commit metadata.
+async fn a_batch_whose_commit_outcome_is_lost_is_not_written_again(
+    fault: CallFault,
+) -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
+    let bq = BigQuerySide::on_stack(&stack)?
+        .with(WriteApi::StorageExactlyOnce)
+        .via_grpc(proxy.endpoint());
+    let mut p = Pipeline::new(&stack, Broker::mock_cluster(3)?, Box::new(bq.clone())).await?;
+    p.produce(events(21, 3_000, 0.0)).await?;
+    proxy.set_call_fault("BatchCommitWriteStreams", fault);
+    let commits = || {
+        proxy
+            .calls()
+            .get("BatchCommitWriteStreams")
+            .copied()
+            .unwrap_or(0)
+    };
+    let instance = p.start_with(&["--batch-max-events", "1000"])?;
+    wait_for(TIMEOUT, "a stream's commit", || commits() >= 1).await?;
+    if fault == CallFault::HangAfterForward {
+        wait_for_async(TIMEOUT, "the committed stream's rows", || async {
+            Ok(bq.count(&bq.table).await? > 0)
+        })
+        .await?;
+    }
+    instance.service.kill()?;
+    if fault != CallFault::HangAfterForward {
+        assert_eq!(bq.count(&bq.table).await?, 0, "no commit went through");
+    }
+    proxy.clear_call_faults();
+
+    let instance = p.restart_alone(&["--batch-max-events", "1000"]).await?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    let log = std::fs::read_to_string(&instance.service.log)?;
+    assert!(
+        log.contains("the last owner's staged write is visible"),
+        "{log}"
+    );
+    dead_letters(&p)?;
+    Ok(())
+}
+
+mod a_batch_whose_commit_outcome_is_lost_is_not_written_again {
+    use super::*;
+
+    /// The commit took effect; its reply never came.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reply_lost() -> anyhow::Result<()> {
+        super::a_batch_whose_commit_outcome_is_lost_is_not_written_again(
+            CallFault::HangAfterForward,
+        )
+        .await
+    }
+
+    /// The commit never reached BigQuery.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commit_failed() -> anyhow::Result<()> {
+        super::a_batch_whose_commit_outcome_is_lost_is_not_written_again(CallFault::Fail(
+            Code::Unavailable,
+            "the fault proxy failed the commit",
+        ))
+        .await
+    }
 }
 
 each_write_api!(a_schema_changed_while_running_waits_for_the_fix_instead_of_dead_lettering);

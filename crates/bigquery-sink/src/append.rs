@@ -1,7 +1,7 @@
 //! A batch through the Storage Write API's `_default` stream (at least
 //! once): the pending rows are encoded once, cut into appends under the
 //! request limit, and the appends are sent at once, pipelined on the
-//! instance's one stream ([`crate::write_api::DefaultStream`]).
+//! instance's one stream ([`crate::write_api::AppendStream`]).
 //!
 //! An append is all or nothing. When the API names bad rows
 //! (`row_errors`), those are refused and the rest of that append is sent
@@ -28,7 +28,7 @@ use crate::error::{classify_status, Failure};
 use crate::plan::{self, RequestLimits};
 use crate::proto;
 use crate::sink::{BigQuerySink, Progress, REFUSED, TOO_LARGE};
-use crate::write_api::DefaultStream;
+use crate::write_api::AppendStream;
 
 /// Most bytes of rows in one append. The API refuses requests over 10 MB;
 /// the rest is room for the stream name and the schema.
@@ -88,7 +88,7 @@ impl BigQuerySink {
     /// whatever it returns.
     pub(crate) async fn append_pending(
         &self,
-        stream: &DefaultStream,
+        stream: &AppendStream,
         batch: &Batch<Columns>,
         progress: &mut Progress,
     ) -> Result<(), SinkError> {

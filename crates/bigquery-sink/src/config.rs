@@ -80,8 +80,10 @@ pub struct BigQueryArgs {
     pub bigquery_endpoint: Option<String>,
 
     /// How rows are written: `insert-all` (the legacy streaming API,
-    /// `tabledata.insertAll`) or `storage` (the Storage Write API's
-    /// `_default` stream, at least once, half the price per GB).
+    /// `tabledata.insertAll`), `storage` (the Storage Write API's
+    /// `_default` stream, at least once, half the price per GB) or
+    /// `storage-exactly-once` (a PENDING stream per batch, committed once
+    /// recorded in Kafka: exactly once per batch, one batch at a time).
     /// docs/bigquery.md compares them.
     #[arg(long, env = "BIGQUERY_WRITE_API", value_name = "API", value_enum,
           default_value_t = WriteApi::InsertAll)]
@@ -111,7 +113,7 @@ pub struct BigQueryArgs {
 
     /// Batches written at once (their insertAll requests, or their appends,
     /// pipelined on the one stream). Offsets still advance in order per
-    /// partition.
+    /// partition. storage-exactly-once writes one at a time.
     #[arg(long, env = "MAX_IN_FLIGHT", value_name = "N", default_value_t = 4,
           value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_in_flight: u64,
@@ -128,6 +130,14 @@ pub struct BigQueryArgs {
     #[arg(long, env = "BIGQUERY_REQUEST_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=600))]
     pub request_timeout_secs: u64,
+
+    /// storage-exactly-once: least time between two batches' streams, per
+    /// instance. BigQuery allows 10,000 CreateWriteStream calls an hour per
+    /// project and region: keep instances × 3,600,000 / this below it, and
+    /// raise --batch-max-events so that one batch per interval keeps up.
+    #[arg(long, env = "BIGQUERY_STREAM_INTERVAL_MS", value_name = "MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub stream_interval_ms: u64,
 }
 
 /// The API rows are written with.
@@ -139,6 +149,16 @@ pub enum WriteApi {
     /// The Storage Write API's `_default` stream: protobuf rows on one
     /// long-lived gRPC stream.
     Storage,
+    /// A Storage Write API PENDING stream per batch, committed after it is
+    /// recorded in Kafka's commit metadata.
+    StorageExactlyOnce,
+}
+
+impl WriteApi {
+    /// Whether rows go through the Storage Write API (gRPC).
+    pub fn is_storage(self) -> bool {
+        matches!(self, Self::Storage | Self::StorageExactlyOnce)
+    }
 }
 
 /// Checked settings of the sink.
@@ -166,6 +186,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// gzip level of request bodies.
     pub gzip_level: u32,
+    /// Least time between two PENDING streams' creation.
+    pub stream_interval: Duration,
 }
 
 impl Settings {
@@ -201,9 +223,9 @@ impl Settings {
             .filter(|url| !url.is_empty())
             .map(grpc_url)
             .transpose()?;
-        if args.write_api == WriteApi::Storage && endpoint.is_some() && grpc_endpoint.is_none() {
+        if args.write_api.is_storage() && endpoint.is_some() && grpc_endpoint.is_none() {
             bail!(
-                "--write-api storage with --bigquery-endpoint (BIGQUERY_ENDPOINT) needs \
+                "--write-api storage(-exactly-once) with --bigquery-endpoint (BIGQUERY_ENDPOINT) needs \
                  --bigquery-grpc-endpoint (BIGQUERY_GRPC_ENDPOINT): the Storage Write API is \
                  gRPC, on its own port (the emulator's --grpc-port)"
             );
@@ -235,9 +257,14 @@ impl Settings {
                 max_rows: usize::try_from(args.batch_max_rows).context("--batch-max-rows")?,
                 max_bytes,
             },
-            max_in_flight: usize::try_from(args.max_in_flight).context("--max-in-flight")?,
+            max_in_flight: if args.write_api == WriteApi::StorageExactlyOnce {
+                1
+            } else {
+                usize::try_from(args.max_in_flight).context("--max-in-flight")?
+            },
             request_timeout: Duration::from_secs(args.request_timeout_secs),
             gzip_level: args.gzip_level,
+            stream_interval: Duration::from_millis(args.stream_interval_ms),
         })
     }
 }

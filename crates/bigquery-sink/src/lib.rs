@@ -1,7 +1,8 @@
 //! bigquery-sink: every movie-service log event (topic user2) → one row of a
 //! BigQuery table, through batched streaming inserts (`tabledata.insertAll`)
-//! or the Storage Write API's `_default` stream, at least once, rows
-//! BigQuery refuses to the dead-letter topic.
+//! or the Storage Write API's `_default` stream, at least once, or its
+//! PENDING streams, exactly once per batch; rows BigQuery refuses to the
+//! dead-letter topic.
 //!
 //! - [`config`]: the service's flags, checked into settings;
 //! - [`client`]: endpoint and HTTP settings of the client;
@@ -12,6 +13,8 @@
 //! - [`write_api`]: the Storage Write API's channel, tokens and the one
 //!   long-lived append stream of an instance;
 //! - [`append`]: a batch through that stream;
+//! - [`pending`]: a batch through a PENDING stream of its own, committed
+//!   once the consume loop recorded it in Kafka;
 //! - [`plan`]: pack a batch's rows into insertAll requests under the row
 //!   and byte limits, and sort a response's per-row errors (pure);
 //! - [`table`]: the table's schema, creating it, checking an existing one;
@@ -27,6 +30,7 @@ pub mod config;
 pub mod credentials;
 pub mod decode;
 pub mod error;
+pub mod pending;
 pub mod plan;
 pub mod proto;
 pub mod sink;

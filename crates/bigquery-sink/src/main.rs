@@ -3,8 +3,9 @@
 use std::process::ExitCode;
 
 use bigquery_sink::config::{BigQueryArgs, Settings, WriteApi, DEFAULTS};
-use bigquery_sink::sink::{BigQuerySink, SinkSettings};
-use bigquery_sink::write_api::{self, DefaultStream};
+use bigquery_sink::pending::PendingStreams;
+use bigquery_sink::sink::{BigQuerySink, SinkSettings, Writer};
+use bigquery_sink::write_api::{self, AppendStream};
 use bigquery_sink::{client, table};
 use clap::Parser;
 use sink_core::ConsumerArgs;
@@ -35,6 +36,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             batch_max_events = cli.consumer.batch_max_events,
             "requests hold at most --batch-max-events rows (a batch of the consume loop); raise it too for bigger requests"
         );
+    }
+    if settings.write_api == WriteApi::StorageExactlyOnce {
+        // One batch per stream, one stream per interval at most.
+        let interval_ms = settings.stream_interval.as_millis().max(1);
+        let ceiling = u128::from(cli.consumer.batch_max_events) * 1_000 / interval_ms;
+        if ceiling < 5_000 {
+            tracing::warn!(
+                rows_per_second = ceiling,
+                batch_max_events = cli.consumer.batch_max_events,
+                stream_interval_ms = interval_ms,
+                "storage-exactly-once writes one batch per --stream-interval-ms at most: this \
+                 instance cannot write more rows per second than this; raise --batch-max-events \
+                 (15000 fits the default --batch-max-bytes; docs/bigquery.md)"
+            );
+        }
     }
     tracing::info!(
         table = %settings.target,
@@ -67,14 +83,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             &settings.layout,
         )
         .await?;
-        let stream = match settings.write_api {
-            WriteApi::InsertAll => None,
-            WriteApi::Storage => Some(DefaultStream::start(
-                write_api::client(write_api::channel(settings.grpc_endpoint.as_deref())?),
+        let grpc = || write_api::channel(settings.grpc_endpoint.as_deref()).map(write_api::client);
+        let writer = match settings.write_api {
+            WriteApi::InsertAll => Writer::InsertAll,
+            WriteApi::Storage => Writer::Default(AppendStream::start(
+                grpc()?,
                 auth,
-                &settings.target,
+                write_api::default_stream_name(&settings.target),
                 settings.request_timeout,
             )),
+            WriteApi::StorageExactlyOnce => Writer::Pending(Box::new(PendingStreams::new(
+                grpc()?,
+                auth,
+                settings.target.clone(),
+                settings.request_timeout,
+                settings.stream_interval,
+            ))),
         };
         Ok(BigQuerySink::new(
             client,
@@ -84,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_in_flight: settings.max_in_flight,
                 gzip_level: settings.gzip_level,
             },
-            stream,
+            writer,
         ))
     };
     sink_core::run_connecting(&cli.consumer, connect, sink_core::shutdown::signal()).await

@@ -1,6 +1,8 @@
 //! The [`Sink`] over BigQuery: a batch of the consume loop becomes one or
 //! more insertAll requests, sent one after the other, or appends to the
-//! Storage Write API's `_default` stream ([`crate::append`]).
+//! Storage Write API's `_default` stream ([`crate::append`]), or to a
+//! PENDING stream of its own, committed once the loop recorded it
+//! ([`crate::pending`]).
 //!
 //! A write succeeds only when every row of the batch is inserted or refused
 //! for good (those go to the dead-letter topic with BigQuery's reason). When
@@ -20,14 +22,15 @@ use gcp_bigquery_client::model::table::Table;
 use gcp_bigquery_client::model::table_data_insert_all_request::TableDataInsertAllRequestGzipped;
 use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
 use gcp_bigquery_client::Client;
-use sink_core::{Batch, Record, Rejection, Sink, SinkError, WriteOutcome};
+use sink_core::{Batch, Record, Rejection, Sink, SinkError, StagedAtAssign, WriteOutcome};
 
 use crate::config::Target;
 use crate::decode::{self, Columns};
 use crate::error::{classify, Failure};
+use crate::pending::PendingStreams;
 use crate::plan::{self, EncodedRows, RequestLimits};
 use crate::table;
-use crate::write_api::DefaultStream;
+use crate::write_api::AppendStream;
 
 /// Dead-letter code of a row BigQuery refused as invalid.
 pub const REFUSED: &str = "bigquery_invalid";
@@ -78,6 +81,9 @@ pub(crate) struct Progress {
     rejected: Vec<(usize, Rejection)>,
     /// Why rows are waiting to be sent again (this attempt).
     retry_reasons: BTreeSet<String>,
+    /// Partitions a staged write of an earlier owner holds, with where
+    /// they resume: their entries are not written.
+    skipped: Vec<(i32, i64)>,
 }
 
 impl Progress {
@@ -86,6 +92,20 @@ impl Progress {
             settled: vec![false; entries],
             rejected: Vec::new(),
             retry_reasons: BTreeSet::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Before an attempt on a new PENDING stream: what earlier attempts
+    /// appended to theirs is not visible, so only refused entries stay
+    /// settled (and those of skipped partitions).
+    fn restart(&mut self, batch: &Batch<Columns>) {
+        for (i, entry) in batch.entries.iter().enumerate() {
+            let skipped = self
+                .skipped
+                .iter()
+                .any(|(p, _)| *p == entry.record.partition);
+            self.settled[i] = skipped || self.rejected.iter().any(|(j, _)| *j == i);
         }
     }
 
@@ -111,26 +131,33 @@ impl Progress {
 /// their encoded rows) of consecutive rows.
 type Chunk = Range<usize>;
 
+/// How rows reach the table.
+pub enum Writer {
+    /// `tabledata.insertAll`.
+    InsertAll,
+    /// The Storage Write API's `_default` stream (at least once).
+    Default(AppendStream),
+    /// A PENDING stream per batch (exactly once per batch).
+    Pending(Box<PendingStreams>),
+}
+
 /// Writes user2 batches into one BigQuery table.
 pub struct BigQuerySink {
     client: Client,
     pub(crate) settings: SinkSettings,
-    /// The Storage Write API's stream, when rows go that way; insertAll
-    /// otherwise.
-    stream: Option<DefaultStream>,
+    writer: Writer,
     /// Batches whose last write attempt failed part way.
     progress: Mutex<HashMap<BatchKey, Progress>>,
 }
 
 impl BigQuerySink {
     /// A sink over a client (see [`crate::client::connect`]) for a table that
-    /// exists (see [`crate::table::ensure`]), writing with insertAll, or
-    /// with the Storage Write API through `stream` when given.
-    pub fn new(client: Client, settings: SinkSettings, stream: Option<DefaultStream>) -> Self {
+    /// exists (see [`crate::table::ensure`]), writing with `writer`.
+    pub fn new(client: Client, settings: SinkSettings, writer: Writer) -> Self {
         Self {
             client,
             settings,
-            stream,
+            writer,
             progress: Mutex::new(HashMap::new()),
         }
     }
@@ -250,6 +277,50 @@ impl BigQuerySink {
 }
 
 impl BigQuerySink {
+    /// One attempt at a batch on a PENDING stream of its own: first settles
+    /// what the commits of its partitions record (an earlier owner's write
+    /// found visible: those partitions are skipped), then appends the rest
+    /// to a new stream and finalizes it. Returns the stream's name for the
+    /// loop to record and publish (`None` when nothing was left to write);
+    /// rows still to send leave it unfinalized, and the next attempt starts
+    /// over on a new stream.
+    async fn stage(
+        &self,
+        streams: &PendingStreams,
+        batch: &Batch<Columns>,
+        progress: &mut Progress,
+    ) -> Result<Option<String>, SinkError> {
+        for range in &batch.ranges {
+            let Some(recorded) = streams.recorded_at(range.partition, range.first) else {
+                continue;
+            };
+            if streams.publish(&recorded.staged.token).await? {
+                tracing::info!(
+                    partition = range.partition,
+                    from = range.first,
+                    to = recorded.staged.next,
+                    stream = %recorded.staged.token,
+                    "the last owner's staged write is visible: its records are not written again"
+                );
+                progress
+                    .skipped
+                    .push((range.partition, recorded.staged.next));
+            }
+            streams.settled(range.partition);
+        }
+        progress.restart(batch);
+        if progress.pending().is_empty() {
+            return Ok(None);
+        }
+        let (name, appends) = streams.create().await?;
+        self.append_pending(&appends, batch, progress).await?;
+        if !progress.pending().is_empty() {
+            return Ok(None);
+        }
+        streams.finalize(&name).await?;
+        Ok(Some(name))
+    }
+
     /// The table's metadata, only `field` of it (a probe, or the schema).
     async fn get_table(&self, field: &str) -> Result<Table, SinkError> {
         let target = &self.settings.target;
@@ -329,16 +400,22 @@ impl Sink for BigQuerySink {
             .filter(|p| p.settled.len() == batch.entries.len())
             .unwrap_or_else(|| Progress::new(batch.entries.len()));
         progress.retry_reasons.clear();
-        let result = match &self.stream {
-            Some(stream) => self.append_pending(stream, batch, &mut progress).await,
-            None => self.send_pending(batch, &mut progress).await,
+        let mut staged = None;
+        let result = match &self.writer {
+            Writer::InsertAll => self.send_pending(batch, &mut progress).await,
+            Writer::Default(stream) => self.append_pending(stream, batch, &mut progress).await,
+            Writer::Pending(streams) => self
+                .stage(streams, batch, &mut progress)
+                .await
+                .map(|name| staged = name),
         };
         let waiting = progress.pending().len();
         let result = match result {
             Ok(()) if waiting == 0 => {
                 return Ok(WriteOutcome {
                     rejected: progress.rejected,
-                    already_applied: Vec::new(),
+                    already_applied: progress.skipped,
+                    staged,
                 })
             }
             Ok(()) => Err(SinkError::transient(
@@ -374,6 +451,19 @@ impl Sink for BigQuerySink {
 
     async fn check(&self) -> Result<(), SinkError> {
         self.get_table("event_time").await.map(drop)
+    }
+
+    async fn publish(&self, token: &str) -> Result<bool, SinkError> {
+        match &self.writer {
+            Writer::Pending(streams) => streams.publish(token).await,
+            _ => Ok(true),
+        }
+    }
+
+    fn assigned(&self, _topic: &str, partitions: &[i32], staged: &[StagedAtAssign]) {
+        if let Writer::Pending(streams) = &self.writer {
+            streams.assigned(partitions, staged);
+        }
     }
 
     fn max_in_flight(&self) -> usize {

@@ -1,9 +1,11 @@
 //! The Storage Write API's transport: the gRPC channel (TLS to Google, or
-//! plain to an emulator), an OAuth token on every call, and the one
-//! long-lived `AppendRows` stream of a service instance on the table's
-//! `_default` stream, on which appends are pipelined.
+//! plain to an emulator), an OAuth token on every call, the `AppendRows`
+//! connection on which a write stream's appends are pipelined (the one
+//! long-lived connection of a service instance to the table's `_default`
+//! stream, or one per batch to its PENDING stream), and the calls that
+//! create, finalize and commit PENDING streams.
 //!
-//! [`DefaultStream::append`] queues one request and waits for its reply.
+//! [`AppendStream::append`] queues one request and waits for its reply.
 //! A single task owns the bidirectional stream: it sends requests as they
 //! come, without waiting for earlier replies, and hands each reply to its
 //! request in order (the API answers a stream's requests in order). When
@@ -26,7 +28,9 @@ use gcp_bigquery_client::google::cloud::bigquery::storage::v1::append_rows_reque
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::append_rows_response::Response;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::big_query_write_client::BigQueryWriteClient;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::{
-    AppendRowsRequest, AppendRowsResponse, ProtoRows, ProtoSchema,
+    storage_error, write_stream, AppendRowsRequest, AppendRowsResponse,
+    BatchCommitWriteStreamsRequest, BatchCommitWriteStreamsResponse, CreateWriteStreamRequest,
+    FinalizeWriteStreamRequest, GetWriteStreamRequest, ProtoRows, ProtoSchema, WriteStream,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -119,12 +123,168 @@ pub async fn authorized<T>(
     Ok(request)
 }
 
-/// `projects/P/datasets/D/tables/T/streams/_default`.
-pub fn default_stream_name(target: &Target) -> String {
+/// `projects/P/datasets/D/tables/T`, as the Storage Write API names it.
+pub fn table_path(target: &Target) -> String {
     format!(
-        "projects/{}/datasets/{}/tables/{}/streams/_default",
+        "projects/{}/datasets/{}/tables/{}",
         target.project, target.dataset, target.table
     )
+}
+
+/// `projects/P/datasets/D/tables/T/streams/_default`.
+pub fn default_stream_name(target: &Target) -> String {
+    format!("{}/streams/_default", table_path(target))
+}
+
+/// Creates a PENDING stream on the table: what is appended to it becomes
+/// visible, all at once, when it is committed. Returns its name.
+///
+/// # Errors
+///
+/// The API's status.
+pub async fn create_pending(
+    client: &BigQueryWriteClient<Channel>,
+    auth: &dyn Authenticator,
+    target: &Target,
+    timeout: Duration,
+) -> Result<String, Status> {
+    let table = table_path(target);
+    let message = CreateWriteStreamRequest {
+        parent: table.clone(),
+        write_stream: Some(WriteStream {
+            r#type: write_stream::Type::Pending as i32,
+            ..WriteStream::default()
+        }),
+    };
+    let mut request = authorized_on(auth, "parent", &table, message).await?;
+    request.set_timeout(timeout);
+    let stream = client
+        .clone()
+        .create_write_stream(request)
+        .await?
+        .into_inner();
+    if stream.name.is_empty() {
+        return Err(Status::internal(
+            "CreateWriteStream answered a stream without a name",
+        ));
+    }
+    Ok(stream.name)
+}
+
+/// Finalizes a stream: nothing more can be appended, and it may be committed.
+///
+/// # Errors
+///
+/// The API's status.
+pub async fn finalize(
+    client: &BigQueryWriteClient<Channel>,
+    auth: &dyn Authenticator,
+    stream: &str,
+    timeout: Duration,
+) -> Result<(), Status> {
+    let message = FinalizeWriteStreamRequest {
+        name: stream.to_owned(),
+    };
+    let mut request = authorized_on(auth, "name", stream, message).await?;
+    request.set_timeout(timeout);
+    client.clone().finalize_write_stream(request).await?;
+    Ok(())
+}
+
+/// What committing a PENDING stream found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Commit {
+    /// Its rows are in the table: committed now, or before.
+    Visible,
+    /// Its rows will never be: the stream is gone (or was never finalized).
+    Gone(String),
+    /// The API refused for another reason (the table, permissions).
+    Refused(String),
+}
+
+/// Commits a finalized PENDING stream, or finds out it was committed before
+/// (a retry after a lost reply, a new owner finishing the last one's write).
+///
+/// # Errors
+///
+/// The API's status.
+pub async fn commit(
+    client: &BigQueryWriteClient<Channel>,
+    auth: &dyn Authenticator,
+    target: &Target,
+    stream: &str,
+    timeout: Duration,
+) -> Result<Commit, Status> {
+    let table = table_path(target);
+    let message = BatchCommitWriteStreamsRequest {
+        parent: table.clone(),
+        write_streams: vec![stream.to_owned()],
+    };
+    let mut request = authorized_on(auth, "parent", &table, message).await?;
+    request.set_timeout(timeout);
+    let response = client
+        .clone()
+        .batch_commit_write_streams(request)
+        .await?
+        .into_inner();
+    let found = sort_commit(&response);
+    if !matches!(found, Commit::Gone(_)) {
+        return Ok(found);
+    }
+    // Not committable: committed long ago, or gone. Google says which with
+    // the stream's commit time.
+    let message = GetWriteStreamRequest {
+        name: stream.to_owned(),
+        ..GetWriteStreamRequest::default()
+    };
+    let mut request = authorized_on(auth, "name", stream, message).await?;
+    request.set_timeout(timeout);
+    match client.clone().get_write_stream(request).await {
+        Ok(got) if got.get_ref().commit_time.is_some() => Ok(Commit::Visible),
+        Ok(_) => Ok(found),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok(found),
+        Err(status) => Err(status),
+    }
+}
+
+/// Sorts a `BatchCommitWriteStreams` reply for one stream.
+pub fn sort_commit(response: &BatchCommitWriteStreamsResponse) -> Commit {
+    use storage_error::StorageErrorCode as Code;
+    let Some(error) = response.stream_errors.first() else {
+        return if response.commit_time.is_some() {
+            Commit::Visible
+        } else {
+            Commit::Refused(
+                "BatchCommitWriteStreams answered neither a commit time nor an error".into(),
+            )
+        };
+    };
+    let why = format!(
+        "{}: {}",
+        Code::try_from(error.code).map_or("unknown", |c| c.as_str_name()),
+        error.error_message
+    );
+    match Code::try_from(error.code) {
+        Ok(Code::StreamAlreadyCommitted) => Commit::Visible,
+        Ok(Code::StreamNotFound | Code::InvalidStreamState) => Commit::Gone(why),
+        _ => Commit::Refused(why),
+    }
+}
+
+/// `message` as a request with a fresh token, routed by `key=value`.
+async fn authorized_on<T>(
+    auth: &dyn Authenticator,
+    key: &str,
+    value: &str,
+    message: T,
+) -> Result<Request<T>, Status> {
+    let mut request = authorized(auth, "", message).await?;
+    if let Ok(params) = MetadataValue::try_from(format!("{key}={value}")) {
+        request
+            .metadata_mut()
+            .insert("x-goog-request-params", params);
+    }
+    Ok(request)
 }
 
 /// What the task needs to open a stream.
@@ -141,27 +301,30 @@ struct Queued {
     reply: oneshot::Sender<Result<AppendRowsResponse, Status>>,
 }
 
-/// The table's `_default` stream, shared by every write of the instance.
+/// A write stream's appends: the table's `_default` stream, shared by
+/// every write of the instance, or a batch's PENDING stream. The task
+/// owning the connection stops when the last clone is dropped.
 #[derive(Clone)]
-pub struct DefaultStream {
+pub struct AppendStream {
     queue: mpsc::Sender<Queued>,
 }
 
-impl DefaultStream {
-    /// Starts the task owning the stream (opened at the first append). A
-    /// reply not back within `timeout` fails its append and every later one
-    /// on that stream, which is then replaced.
+impl AppendStream {
+    /// Starts the task owning the connection to write stream `stream`
+    /// (opened at the first append). A reply not back within `timeout`
+    /// fails its append and every later one on that connection, which is
+    /// then replaced.
     pub fn start(
         client: BigQueryWriteClient<Channel>,
         auth: Arc<dyn Authenticator>,
-        target: &Target,
+        stream: String,
         timeout: Duration,
     ) -> Self {
         let (queue, incoming) = mpsc::channel(QUEUE);
         let opener = Opener {
             client,
             auth,
-            stream: default_stream_name(target),
+            stream,
             timeout,
         };
         tokio::spawn(run(opener, incoming));

@@ -278,10 +278,31 @@ async fn main() -> anyhow::Result<()> {
                 appended == rows,
                 "the instant gRPC endpoint saw {appended} rows of {rows}"
             );
+            let instant_pending = GrpcFaultProxy::start(None).await?;
+            figures.push(
+                run_bigquery(
+                    &stack,
+                    &topic,
+                    events,
+                    (WriteApi::StorageExactlyOnce, &instant_pending.endpoint()),
+                    "bigquery-sink storage-exactly-once, instant endpoint".into(),
+                )
+                .await?,
+            );
+            let appended: usize = instant_pending.appends().iter().map(|a| a.rows).sum();
+            anyhow::ensure!(
+                appended == rows,
+                "the instant gRPC endpoint saw {appended} rows of {rows} (exactly-once)"
+            );
             if !skip_emulator {
                 for (api, endpoint, name) in [
                     (WriteApi::InsertAll, &stack.bigquery_endpoint, "insertAll"),
                     (WriteApi::Storage, &stack.bigquery_grpc_endpoint, "storage"),
+                    (
+                        WriteApi::StorageExactlyOnce,
+                        &stack.bigquery_grpc_endpoint,
+                        "storage-exactly-once",
+                    ),
                 ] {
                     figures.push(
                         run_bigquery(
@@ -454,6 +475,9 @@ async fn run_private_redis(
     Ok(figures)
 }
 
+/// `--batch-max-events` of exactly-once runs (docs/bigquery.md).
+const EXACTLY_ONCE_BATCH: &str = "15000";
+
 /// bigquery-sink with `api`, whose endpoint is `endpoint` (the other
 /// API's is the emulator's).
 async fn run_bigquery(
@@ -467,7 +491,9 @@ async fn run_bigquery(
     let table = group.replace('-', "_");
     let (rest, grpc) = match api {
         WriteApi::InsertAll => (endpoint, stack.bigquery_grpc_endpoint.as_str()),
-        WriteApi::Storage => (stack.bigquery_endpoint.as_str(), endpoint),
+        WriteApi::Storage | WriteApi::StorageExactlyOnce => {
+            (stack.bigquery_endpoint.as_str(), endpoint)
+        }
     };
     let flags = bench_flags(
         ServiceFlags::bigquery_sink(
@@ -482,6 +508,13 @@ async fn run_bigquery(
         .set("--write-api", api.flag())
         .set("--bigquery-grpc-endpoint", grpc),
     );
+    // Exactly-once writes one batch per --stream-interval-ms (1 s): with
+    // the batch size docs/bigquery.md recommends for it.
+    let flags = if api == WriteApi::StorageExactlyOnce {
+        flags.set("--batch-max-events", EXACTLY_ONCE_BATCH)
+    } else {
+        flags
+    };
     let figures = run_until_committed(stack, topic, events, &group, &flags).await?;
     Ok(Figures { name, ..figures })
 }

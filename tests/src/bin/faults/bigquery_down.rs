@@ -14,23 +14,23 @@
 use std::time::Duration;
 
 use e2e::bigquery::{BigQuerySide, Fault, WriteApi, WriteProxy};
-use e2e::broker::Broker;
 use e2e::grpc_proxy::GrpcFault;
 use e2e::pipeline::Pipeline;
 use e2e::Stack;
 use tonic::Code;
 
-use crate::common::{catch_up, load_and_start, outage};
+use crate::common::{broker, catch_up, load_and_start, outage};
 use crate::{Outcome, SinkKind};
 
 pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     let api = match kind {
         SinkKind::BigQueryStorage => WriteApi::Storage,
+        SinkKind::BigQueryExactlyOnce => WriteApi::StorageExactlyOnce,
         _ => WriteApi::InsertAll,
     };
     let proxy = WriteProxy::start(stack, api).await?;
     let side = proxy.route(BigQuerySide::on_stack(stack)?);
-    let mut p = Pipeline::new(stack, Broker::tansu(stack), Box::new(side)).await?;
+    let mut p = Pipeline::new(stack, broker(stack, kind)?, Box::new(side)).await?;
     let (load, instance) = load_and_start(&mut p, 4, 20).await?;
     // The last of each: BigQuery stored the rows but the reply is lost.
     match &proxy {
@@ -40,7 +40,7 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
             Fault::Drop,
             Fault::DropAfterForward,
         ]),
-        WriteProxy::Storage(proxy) => proxy.set_faults(vec![
+        WriteProxy::Storage(proxy, _) => proxy.set_faults(vec![
             GrpcFault::Reply(Code::Internal, "internal error"),
             GrpcFault::Reply(
                 Code::ResourceExhausted,

@@ -23,7 +23,7 @@ pub async fn run(stack: &Stack, kind: SinkKind) -> anyhow::Result<Outcome> {
     // its Redis is one the scenario can stop. bigquery-sink needs no outage:
     // whatever it applies after SIGCONT is late.
     let mut redis = match kind {
-        SinkKind::BigQuery | SinkKind::BigQueryStorage => None,
+        SinkKind::BigQuery | SinkKind::BigQueryStorage | SinkKind::BigQueryExactlyOnce => None,
         SinkKind::Redis | SinkKind::RedisCluster => Some(OwnRedis::start(stack, kind).await?),
     };
     let mut p = match &redis {
