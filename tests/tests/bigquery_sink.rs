@@ -987,6 +987,37 @@ async fn a_batch_whose_commit_outcome_is_lost_is_not_written_again(
     Ok(())
 }
 
+/// Exactly-once: the sink is stopped (SIGTERM) while a batch's commit hangs
+/// after taking effect, once earlier batches were committed. Its shutdown
+/// gives up on the batch and commits its partitions where they stand, which
+/// must keep the batch's record: the next instance then finds the batch
+/// committed and does not write it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_a_commit_hangs_keeps_the_record_of_its_batch() -> anyhow::Result<()> {
+    let stack = Stack::get()?;
+    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
+    let bq = BigQuerySide::on_stack(&stack)?
+        .with(WriteApi::StorageExactlyOnce)
+        .via_grpc(proxy.endpoint());
+    let mut p = Pipeline::new(&stack, Broker::mock_cluster(3)?, Box::new(bq.clone())).await?;
+    p.produce(events(22, 6_000, 0.0)).await?;
+    let mut instance = p.start_with(&["--batch-max-events", "300"])?;
+    wait_for_async(TIMEOUT, "a committed batch", || async {
+        Ok(bq.count(&bq.table).await? > 0)
+    })
+    .await?;
+    proxy.set_call_fault("BatchCommitWriteStreams", CallFault::HangAfterForward);
+    wait_for(TIMEOUT, "a commit hanging", || proxy.faults_served() >= 1).await?;
+    instance.service.signal("TERM")?;
+    instance.service.wait(TIMEOUT).await?;
+    proxy.clear_call_faults();
+
+    let instance = p.restart_alone(&["--batch-max-events", "300"]).await?;
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    dead_letters(&p)?;
+    Ok(())
+}
+
 mod a_batch_whose_commit_outcome_is_lost_is_not_written_again {
     use super::*;
 

@@ -471,6 +471,29 @@ mod tests {
     }
 
     #[test]
+    fn exactly_once_writes_one_batch_at_a_time_paced_by_the_stream_interval() {
+        let s = settings(&[
+            "--write-api",
+            "storage-exactly-once",
+            "--bigquery-endpoint",
+            "",
+            "--max-in-flight",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(s.write_api, WriteApi::StorageExactlyOnce);
+        assert_eq!(s.max_in_flight, 1, "one batch at a time");
+        assert_eq!(s.stream_interval, Duration::from_secs(1));
+        let s = settings(&["--bigquery-endpoint", "", "--stream-interval-ms", "1100"]).unwrap();
+        assert_eq!(s.stream_interval, Duration::from_millis(1_100));
+        assert_eq!(s.max_in_flight, 4, "other APIs keep --max-in-flight");
+        let err = settings(&["--stream-interval-ms", "1s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--stream-interval-ms"), "{err}");
+    }
+
+    #[test]
     fn the_storage_api_needs_a_grpc_endpoint_beside_a_rest_one() {
         // The test stack's environment may set both endpoints.
         let s = settings(&["--bigquery-endpoint", "", "--bigquery-grpc-endpoint", ""]).unwrap();

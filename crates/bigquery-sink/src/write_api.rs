@@ -506,3 +506,52 @@ fn append_request(stream: &str, rows: Vec<Vec<u8>>, with_schema: bool) -> Append
         ..AppendRowsRequest::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use gcp_bigquery_client::google::cloud::bigquery::storage::v1::StorageError;
+    use storage_error::StorageErrorCode as Code;
+
+    use super::*;
+
+    fn with_error(code: Code) -> BatchCommitWriteStreamsResponse {
+        BatchCommitWriteStreamsResponse {
+            commit_time: None,
+            stream_errors: vec![StorageError {
+                code: code as i32,
+                entity: "s".into(),
+                error_message: "why".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_commit_is_visible_when_done_now_or_before() {
+        let done = BatchCommitWriteStreamsResponse {
+            commit_time: Some(Default::default()),
+            stream_errors: Vec::new(),
+        };
+        assert_eq!(sort_commit(&done), Commit::Visible);
+        assert_eq!(
+            sort_commit(&with_error(Code::StreamAlreadyCommitted)),
+            Commit::Visible
+        );
+    }
+
+    #[test]
+    fn a_stream_that_cannot_be_committed_is_gone_and_other_errors_are_refusals() {
+        for code in [Code::StreamNotFound, Code::InvalidStreamState] {
+            assert!(
+                matches!(sort_commit(&with_error(code)), Commit::Gone(_)),
+                "{code:?}"
+            );
+        }
+        let Commit::Refused(why) = sort_commit(&with_error(Code::TableNotFound)) else {
+            panic!("not refused")
+        };
+        assert_eq!(why, "TABLE_NOT_FOUND: why");
+        // Neither a commit time nor an error: not done.
+        let neither = BatchCommitWriteStreamsResponse::default();
+        assert!(matches!(sort_commit(&neither), Commit::Refused(_)));
+    }
+}

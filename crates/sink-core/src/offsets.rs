@@ -16,6 +16,22 @@ use crate::sink::PartitionRange;
 /// Identifies a dispatched batch.
 pub type BatchId = u64;
 
+/// Whether a batch may record its staged write ([`OffsetTracker::stage_ready`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Every earlier batch of its partitions is done.
+    Ready,
+    /// An earlier batch of one of them is still being written.
+    Wait,
+    /// It no longer holds one of them (revoked; re-assigned partitions
+    /// start a new list, without it).
+    Lost,
+    /// These partitions' fetchers never moved where the sink said they
+    /// resume (a seek failed): the batch's records are not the ones that
+    /// follow what is done, and it must resume them there.
+    Elsewhere(Vec<(i32, i64)>),
+}
+
 #[derive(Debug, Default)]
 struct PartitionState {
     /// Batches holding this partition, in dispatch (= offset) order.
@@ -33,6 +49,14 @@ struct PartitionState {
     received: Option<i64>,
     /// The log went back under the fetcher: nothing more of it is taken.
     refused: bool,
+    /// A staged write recorded in Kafka at this offset, with the metadata
+    /// that records it: a commit of this offset carries it, so that a
+    /// revoke's or shutdown's commit does not erase the record.
+    recorded: Option<(i64, String)>,
+    /// Where the sink said the partition resumes (`already_applied`) until
+    /// the fetcher is seen to move there: a batch from elsewhere must not
+    /// be recorded as starting where everything before it is done.
+    seek_pending: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -97,6 +121,28 @@ impl OffsetTracker {
         self.seeks.retain(|(p, _)| *p != partition);
         self.revoked.push(partition);
         state.acked
+    }
+
+    /// Everything of `partition` below this is done, if known.
+    pub fn acked(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition)?.acked
+    }
+
+    /// A batch's staged write was recorded in Kafka: each `(partition,
+    /// offset, metadata)` committed. Kept until the batch completes.
+    pub fn note_recorded(&mut self, records: &[(i32, i64, String)]) {
+        for (partition, offset, metadata) in records {
+            if let Some(state) = self.partitions.get_mut(partition) {
+                state.recorded = Some((*offset, metadata.clone()));
+            }
+        }
+    }
+
+    /// The metadata a commit of `partition` at `offset` must carry: the
+    /// record of a staged write made there, if any.
+    pub fn metadata_at(&self, partition: i32, offset: i64) -> Option<String> {
+        let (at, metadata) = self.partitions.get(&partition)?.recorded.as_ref()?;
+        (*at == offset).then(|| metadata.clone())
     }
 
     /// Partitions currently owned.
@@ -178,9 +224,11 @@ impl OffsetTracker {
                 continue;
             };
             entry.done = true;
+            state.recorded = None;
             if let Some((_, applied)) = already_applied.iter().find(|(p, _)| p == partition) {
                 entry.next = *applied;
                 self.seeks.push((*partition, *applied));
+                state.seek_pending = Some(*applied);
             }
             while state.in_flight.front().is_some_and(|e| e.done) {
                 if let Some(done) = state.in_flight.pop_front() {
@@ -211,6 +259,9 @@ impl OffsetTracker {
     pub fn moved_to(&mut self, partition: i32, offset: i64) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             state.position = Some(offset);
+            if state.seek_pending == Some(offset) {
+                state.seek_pending = None;
+            }
         }
     }
 
@@ -235,18 +286,29 @@ impl OffsetTracker {
 
     /// Whether batch `batch` may record that it wrote `partitions` from
     /// their committed offsets on (a staged write, see
-    /// [`crate::sink::Staged`]): `Some(true)` once every earlier batch of
-    /// them is done, `Some(false)` while one is still being written, `None`
-    /// when it no longer holds one of them (revoked; re-assigned partitions
-    /// start a new list, without it).
-    pub fn stage_ready(&self, batch: BatchId, partitions: &[i32]) -> Option<bool> {
-        let mut ready = true;
+    /// [`crate::sink::Staged`]).
+    pub fn stage_ready(&self, batch: BatchId, partitions: &[i32]) -> Stage {
+        let mut ready = Stage::Ready;
+        let mut elsewhere = Vec::new();
         for partition in partitions {
-            let state = self.partitions.get(partition)?;
-            let at = state.in_flight.iter().position(|e| e.batch == batch)?;
-            ready &= state.in_flight.iter().take(at).all(|e| e.done);
+            let Some(state) = self.partitions.get(partition) else {
+                return Stage::Lost;
+            };
+            let Some(at) = state.in_flight.iter().position(|e| e.batch == batch) else {
+                return Stage::Lost;
+            };
+            if !state.in_flight.iter().take(at).all(|e| e.done) {
+                ready = Stage::Wait;
+            }
+            if let Some(offset) = state.seek_pending {
+                elsewhere.push((*partition, offset));
+            }
         }
-        Some(ready)
+        if elsewhere.is_empty() {
+            ready
+        } else {
+            Stage::Elsewhere(elsewhere)
+        }
     }
 
     /// True while a batch holding any of `partitions` is being written.
@@ -291,18 +353,54 @@ mod tests {
         t.assign(1, None);
         let b1 = t.begin(&[range(0, 0, 5)]);
         let b2 = t.begin(&[range(1, 0, 3), range(0, 5, 8)]);
-        assert_eq!(t.stage_ready(b1, &[0]), Some(true));
-        assert_eq!(t.stage_ready(b2, &[0, 1]), Some(false), "b1 holds 0..5");
+        assert_eq!(t.stage_ready(b1, &[0]), Stage::Ready);
+        assert_eq!(t.stage_ready(b2, &[0, 1]), Stage::Wait, "b1 holds 0..5");
         t.complete(b1, &[]);
-        assert_eq!(t.stage_ready(b2, &[0, 1]), Some(true));
+        assert_eq!(t.stage_ready(b2, &[0, 1]), Stage::Ready);
         t.revoke(1);
-        assert_eq!(t.stage_ready(b2, &[0, 1]), None, "partition 1 is gone");
+        assert_eq!(
+            t.stage_ready(b2, &[0, 1]),
+            Stage::Lost,
+            "partition 1 is gone"
+        );
         t.assign(1, Some(0));
         assert_eq!(
             t.stage_ready(b2, &[0, 1]),
-            None,
+            Stage::Lost,
             "re-assigned, partition 1 does not hold b2"
         );
+    }
+
+    #[test]
+    fn a_batch_fetched_after_a_failed_seek_is_not_staged() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, Some(0));
+        let b1 = t.begin(&[range(0, 0, 5)]);
+        // The sink holds everything below 9: resume there.
+        t.complete(b1, &[(0, 9)]);
+        assert_eq!(t.take_seeks(), vec![(0, 9)]);
+        // The seek failed; the fetcher went on from 5.
+        let b2 = t.begin(&[range(0, 5, 8)]);
+        assert_eq!(t.stage_ready(b2, &[0]), Stage::Elsewhere(vec![(0, 9)]));
+        t.complete(b2, &[(0, 9)]);
+        t.moved_to(0, 9);
+        let b3 = t.begin(&[range(0, 9, 12)]);
+        assert_eq!(t.stage_ready(b3, &[0]), Stage::Ready);
+    }
+
+    #[test]
+    fn commits_at_a_recorded_offset_carry_its_record_until_the_batch_completes() {
+        let mut t = OffsetTracker::default();
+        t.assign(0, Some(0));
+        let b1 = t.begin(&[range(0, 0, 5)]);
+        t.complete(b1, &[]);
+        assert_eq!(t.take_commits(), vec![(0, 5)]);
+        let b2 = t.begin(&[range(0, 5, 9)]);
+        t.note_recorded(&[(0, 5, "staged".into())]);
+        assert_eq!(t.metadata_at(0, 5).as_deref(), Some("staged"));
+        assert_eq!(t.metadata_at(0, 9), None);
+        t.complete(b2, &[]);
+        assert_eq!(t.metadata_at(0, 5), None);
     }
 
     #[test]

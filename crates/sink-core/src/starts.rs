@@ -20,6 +20,9 @@ use crate::sink::{Staged, StagedAtAssign};
 /// during an assignment.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many times the committed offsets are asked for.
+const LOOKUP_ATTEMPTS: u32 = 3;
+
 /// A partition whose start lies beyond its log's end.
 #[derive(Debug)]
 pub struct BeyondLogEnd {
@@ -53,17 +56,29 @@ pub fn beyond_log_end<C: ConsumerContext, K: Consumer<C>>(
         .filter(|(_, start)| start.is_none())
         .map(|(p, _)| (*p, 0))
         .collect();
-    let committed = if unknown.is_empty() {
-        TopicPartitionList::new()
-    } else {
-        match consumer.committed_offsets(offsets_list(topic, &unknown), LOOKUP_TIMEOUT) {
-            Ok(committed) => committed,
-            Err(err) => {
-                tracing::warn!(%err, "cannot read committed offsets to check them against the log");
-                TopicPartitionList::new()
-            }
+    let mut committed = TopicPartitionList::new();
+    // Tried a few times: besides the check, the commits may record staged
+    // writes, which a sink must know of before it writes those partitions.
+    for attempt in 1..=LOOKUP_ATTEMPTS {
+        if unknown.is_empty() {
+            break;
         }
-    };
+        match consumer.committed_offsets(offsets_list(topic, &unknown), LOOKUP_TIMEOUT) {
+            Ok(found) => {
+                committed = found;
+                break;
+            }
+            Err(err) if attempt < LOOKUP_ATTEMPTS => {
+                tracing::warn!(%err, attempt, "cannot read committed offsets; trying again");
+            }
+            Err(err) => tracing::error!(
+                %err,
+                "cannot read committed offsets: not checked against the log, and a staged \
+                 write they record (storage-exactly-once) is not known: its records may be \
+                 written again"
+            ),
+        }
+    }
     let mut beyond = Vec::new();
     for (partition, start) in partitions.iter().zip(starts.iter_mut()) {
         if start.is_none() {

@@ -358,17 +358,22 @@ impl<S: Sink> LoopContext<S> {
         if !lost && !self.shared.closing.load(Ordering::Relaxed) {
             self.drain(partitions);
         }
-        let commits: Vec<(i32, i64)> = {
+        let commits = {
             // A staged write being recorded finishes first (writer.rs).
             let _staging = lock(&self.shared.staging);
             let mut tracker = self.shared.tracker();
-            partitions
+            let acked: Vec<(i32, i64)> = partitions
                 .iter()
-                .filter_map(|p| tracker.revoke(*p).map(|offset| (*p, offset)))
-                .collect()
+                .filter_map(|p| tracker.acked(*p).map(|offset| (*p, offset)))
+                .collect();
+            // With the record of a staged write still being published.
+            let commits = commit_list(&self.topic, &acked, &tracker);
+            for partition in partitions {
+                tracker.revoke(*partition);
+            }
+            commits
         };
         // Listed before the refusals are forgotten: they mark what they say.
-        let commits = offsets_list(&self.topic, &commits);
         self.forget_stalls(partitions);
         self.forget_refused(partitions);
         let owned = self.set_owned();

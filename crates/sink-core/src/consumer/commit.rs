@@ -29,7 +29,11 @@ impl<S: Sink> Loop<S> {
         self.purge_revoked();
         let (seeks, commits) = {
             let mut tracker = self.shared.tracker();
-            (tracker.take_seeks(), tracker.take_commits())
+            let commits = tracker.take_commits();
+            (
+                tracker.take_seeks(),
+                commit_list(&self.topic, &commits, &tracker),
+            )
         };
         for (partition, offset) in seeks {
             self.batcher.purge(partition);
@@ -52,8 +56,7 @@ impl<S: Sink> Loop<S> {
                 ),
             }
         }
-        if !commits.is_empty() {
-            let commits = offsets_list(&self.topic, &commits);
+        if commits.count() > 0 {
             if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
                 tracing::warn!(%err, "cannot send offset commit");
             }
@@ -81,12 +84,15 @@ impl<S: Sink> Loop<S> {
         }
         let unfinished = self.tasks.len();
         self.tasks.abort_all();
-        let commits = self.shared.tracker().take_commits();
-        if !commits.is_empty() {
+        let commits = {
+            let mut tracker = self.shared.tracker();
+            let commits = tracker.take_commits();
+            commit_list(&self.topic, &commits, &tracker)
+        };
+        if commits.count() > 0 {
             // Async: a synchronous commit would hold this thread for as
             // long as the broker takes to answer, past the deadline.
             // Closing the consumer waits for it, within the deadline.
-            let commits = offsets_list(&self.topic, &commits);
             if let Err(err) = self.consumer.commit(&commits, CommitMode::Async) {
                 tracing::warn!(%err, "final commit failed; the next owner re-reads the last batches");
             }

@@ -52,7 +52,7 @@ use crate::health::Health;
 use crate::http;
 use crate::lock;
 use crate::metrics as m;
-use crate::offsets::{BatchId, OffsetTracker, Skip};
+use crate::offsets::{BatchId, OffsetTracker, Skip, Stage};
 use crate::retry;
 use crate::sink::{PartitionRange, Record, Rejection, Sink, SinkError, Staged};
 use crate::stall::{Change, Observation, StallWatch};
@@ -323,6 +323,23 @@ pub async fn run_connecting<S: Sink>(
         );
     }
     result
+}
+
+/// `commits` as librdkafka takes them, each carrying the record of a staged
+/// write made at its offset ([`OffsetTracker::metadata_at`]): a commit
+/// without it would erase the record while its write may still be
+/// published.
+fn commit_list(topic: &str, commits: &[(i32, i64)], tracker: &OffsetTracker) -> TopicPartitionList {
+    let list = offsets_list(topic, commits);
+    for (partition, offset) in commits {
+        if let (Some(metadata), Some(mut entry)) = (
+            tracker.metadata_at(*partition, *offset),
+            list.find_partition(topic, *partition),
+        ) {
+            entry.set_metadata(metadata);
+        }
+    }
+    list
 }
 
 /// What shutdown could not write before its deadline.

@@ -166,7 +166,20 @@ impl StagedWrite<'_> {
         health: &Arc<Health>,
         consumer: &Weak<StreamConsumer<LoopContext<S>>>,
     ) -> Vec<(i32, i64)> {
-        let unwritten = || self.ranges.iter().map(|r| (r.partition, r.first)).collect();
+        // Nothing of the write is visible: the partitions resume where
+        // they were (or where the sink said they do).
+        let unwritten = |elsewhere: &[(i32, i64)]| {
+            self.ranges
+                .iter()
+                .map(|r| {
+                    elsewhere
+                        .iter()
+                        .find(|(p, _)| *p == r.partition)
+                        .copied()
+                        .unwrap_or((r.partition, r.first))
+                })
+                .collect()
+        };
         let partitions: Vec<i32> = self.ranges.iter().map(|r| r.partition).collect();
         let recorded = retry::until_ok(
             "record_staged_write",
@@ -174,13 +187,25 @@ impl StagedWrite<'_> {
             health,
         )
         .await;
-        if !recorded {
-            tracing::info!(
-                ?partitions,
-                "partitions revoked before their staged write was recorded: it is abandoned, \
-                 never visible, and their next owner writes those records"
-            );
-            return unwritten();
+        match recorded {
+            Stage::Ready => {}
+            Stage::Elsewhere(elsewhere) => {
+                tracing::warn!(
+                    ?elsewhere,
+                    "a staged write holds records fetched where the partition was not to resume \
+                     (a seek failed): it is abandoned, never visible, and the partition resumes \
+                     where it should"
+                );
+                return unwritten(&elsewhere);
+            }
+            Stage::Lost | Stage::Wait => {
+                tracing::info!(
+                    ?partitions,
+                    "partitions revoked before their staged write was recorded: it is abandoned, \
+                     never visible, and their next owner writes those records"
+                );
+                return unwritten(&[]);
+            }
         }
         if retry::until_ok("publish_staged_write", || sink.publish(self.token), health).await {
             Vec::new()
@@ -190,46 +215,50 @@ impl StagedWrite<'_> {
                 ?partitions,
                 "the staged write cannot be published (it is gone): writing its records again"
             );
-            unwritten()
+            unwritten(&[])
         }
     }
 
-    /// One attempt to record: `Ok(false)` when the batch no longer holds
-    /// its partitions.
+    /// One attempt to record: `Ready` once recorded, `Lost` or `Elsewhere`
+    /// when it must not be (see [`Stage`]).
     fn record<S: Sink>(
         &self,
         shared: &Shared,
         consumer: &Weak<StreamConsumer<LoopContext<S>>>,
         partitions: &[i32],
-    ) -> Result<bool, SinkError> {
+    ) -> Result<Stage, SinkError> {
         let _staging = lock(&shared.staging);
         match shared.tracker().stage_ready(self.batch_id, partitions) {
-            None => return Ok(false),
-            Some(false) => {
+            Stage::Ready => {}
+            Stage::Wait => {
                 return Err(SinkError::transient(
                     "earlier_batch_unfinished",
                     anyhow::anyhow!("an earlier batch of these partitions is still being written"),
                 ))
             }
-            Some(true) => {}
+            other => return Ok(other),
         }
         let Some(consumer) = consumer.upgrade() else {
-            return Ok(false);
+            return Ok(Stage::Lost);
         };
+        let records: Vec<(i32, i64, String)> = self
+            .ranges
+            .iter()
+            .map(|r| {
+                let staged = Staged {
+                    next: r.next,
+                    token: self.token.to_owned(),
+                };
+                (r.partition, r.first, staged.to_metadata())
+            })
+            .collect();
         let mut offsets = TopicPartitionList::new();
-        let metadata = |next| {
-            Staged {
-                next,
-                token: self.token.to_owned(),
-            }
-            .to_metadata()
-        };
-        for range in self.ranges {
-            let mut entry = offsets.add_partition(self.topic, range.partition);
+        for (partition, offset, metadata) in &records {
+            let mut entry = offsets.add_partition(self.topic, *partition);
             entry
-                .set_offset(Offset::Offset(range.first))
+                .set_offset(Offset::Offset(*offset))
                 .map_err(|err| SinkError::transient("record_staged_write", err))?;
-            entry.set_metadata(metadata(range.next));
+            entry.set_metadata(metadata);
         }
         blocking(|| consumer.commit(&offsets, CommitMode::Sync)).map_err(|err| {
             SinkError::transient(
@@ -237,7 +266,8 @@ impl StagedWrite<'_> {
                 anyhow::anyhow!("cannot record the staged write in Kafka's commit metadata: {err}"),
             )
         })?;
-        Ok(true)
+        shared.tracker().note_recorded(&records);
+        Ok(Stage::Ready)
     }
 }
 
