@@ -215,7 +215,11 @@ pub async fn commit(
     stream: &str,
     timeout: Duration,
 ) -> Result<Commit, Status> {
-    let table = table_path(target);
+    // The stream's own table: a stream recorded before the sink was
+    // pointed at another table is committed where it was written.
+    let table = stream
+        .rsplit_once("/streams/")
+        .map_or_else(|| table_path(target), |(table, _)| table.to_owned());
     let message = BatchCommitWriteStreamsRequest {
         parent: table.clone(),
         write_streams: vec![stream.to_owned()],

@@ -116,6 +116,8 @@ struct Shared {
     /// Held while a staged write is recorded in Kafka, and by a revoke
     /// before it lets partitions go (see `writer::StagedWrite`).
     staging: Mutex<()>,
+    /// Set once the broker was checked to keep commit metadata.
+    metadata_checked: AtomicBool,
 }
 
 impl Shared {
@@ -131,6 +133,7 @@ impl Shared {
             refused: Mutex::new(std::collections::BTreeSet::new()),
             stalls: Mutex::new(StallWatch::new(stall_timeout)),
             staging: Mutex::new(()),
+            metadata_checked: AtomicBool::new(false),
         }
     }
 

@@ -267,7 +267,41 @@ impl StagedWrite<'_> {
             )
         })?;
         shared.tracker().note_recorded(&records);
+        if !shared.metadata_checked.swap(true, Ordering::Relaxed) {
+            check_metadata_kept(consumer.as_ref(), self.topic, &records);
+        }
         Ok(Stage::Ready)
+    }
+}
+
+/// Reads the first record back: a broker that does not keep commit
+/// metadata (tansu 0.6.0) loses every record, and what they protect
+/// against silently becomes at least once. Said once, loudly.
+fn check_metadata_kept<S: Sink>(
+    consumer: &StreamConsumer<LoopContext<S>>,
+    topic: &str,
+    records: &[(i32, i64, String)],
+) {
+    let offsets: Vec<(i32, i64)> = records.iter().map(|(p, o, _)| (*p, *o)).collect();
+    let lookup = || consumer.committed_offsets(offsets_list(topic, &offsets), SEEK_TIMEOUT);
+    let kept = match blocking(lookup) {
+        Ok(committed) => records.iter().all(|(partition, _, metadata)| {
+            committed
+                .find_partition(topic, *partition)
+                .is_some_and(|e| e.metadata() == metadata)
+        }),
+        Err(err) => {
+            tracing::warn!(%err, "cannot read back the record of a staged write; not checked");
+            return;
+        }
+    };
+    if !kept {
+        tracing::error!(
+            "the broker does not keep commit metadata, where staged writes are recorded: a \
+             batch whose publication's outcome is lost (a crash, a lost reply) cannot be found, \
+             and is written again: at least once, not exactly once. Use a broker that keeps it \
+             (Apache Kafka, Confluent, MSK, Redpanda; not tansu 0.6.0)"
+        );
     }
 }
 
