@@ -52,7 +52,7 @@ struct PartitionState {
     /// A staged write recorded in Kafka at this offset, with the metadata
     /// that records it: a commit of this offset carries it, so that a
     /// revoke's or shutdown's commit does not erase the record.
-    recorded: Option<(i64, String)>,
+    recorded: Option<(BatchId, i64, String)>,
     /// Where the sink said the partition resumes (`already_applied`) until
     /// the fetcher is seen to move there: a batch from elsewhere must not
     /// be recorded as starting where everything before it is done.
@@ -128,12 +128,12 @@ impl OffsetTracker {
         self.partitions.get(&partition)?.acked
     }
 
-    /// A batch's staged write was recorded in Kafka: each `(partition,
-    /// offset, metadata)` committed. Kept until the batch completes.
-    pub fn note_recorded(&mut self, records: &[(i32, i64, String)]) {
+    /// Batch `batch`'s staged write was recorded in Kafka: each
+    /// `(partition, offset, metadata)` committed. Kept until it completes.
+    pub fn note_recorded(&mut self, batch: BatchId, records: &[(i32, i64, String)]) {
         for (partition, offset, metadata) in records {
             if let Some(state) = self.partitions.get_mut(partition) {
-                state.recorded = Some((*offset, metadata.clone()));
+                state.recorded = Some((batch, *offset, metadata.clone()));
             }
         }
     }
@@ -141,7 +141,7 @@ impl OffsetTracker {
     /// The metadata a commit of `partition` at `offset` must carry: the
     /// record of a staged write made there, if any.
     pub fn metadata_at(&self, partition: i32, offset: i64) -> Option<String> {
-        let (at, metadata) = self.partitions.get(&partition)?.recorded.as_ref()?;
+        let (_, at, metadata) = self.partitions.get(&partition)?.recorded.as_ref()?;
         (*at == offset).then(|| metadata.clone())
     }
 
@@ -224,7 +224,9 @@ impl OffsetTracker {
                 continue;
             };
             entry.done = true;
-            state.recorded = None;
+            if state.recorded.as_ref().is_some_and(|(b, _, _)| *b == batch) {
+                state.recorded = None;
+            }
             if let Some((_, applied)) = already_applied.iter().find(|(p, _)| p == partition) {
                 entry.next = *applied;
                 self.seeks.push((*partition, *applied));
@@ -396,9 +398,13 @@ mod tests {
         t.complete(b1, &[]);
         assert_eq!(t.take_commits(), vec![(0, 5)]);
         let b2 = t.begin(&[range(0, 5, 9)]);
-        t.note_recorded(&[(0, 5, "staged".into())]);
+        t.note_recorded(b2, &[(0, 5, "staged".into())]);
         assert_eq!(t.metadata_at(0, 5).as_deref(), Some("staged"));
         assert_eq!(t.metadata_at(0, 9), None);
+        // Another batch completing first leaves the record alone.
+        let b3 = t.begin(&[range(0, 9, 12)]);
+        t.complete(b3, &[]);
+        assert_eq!(t.metadata_at(0, 5).as_deref(), Some("staged"));
         t.complete(b2, &[]);
         assert_eq!(t.metadata_at(0, 5), None);
     }

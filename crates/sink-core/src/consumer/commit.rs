@@ -84,6 +84,14 @@ impl<S: Sink> Loop<S> {
         }
         let unfinished = self.tasks.len();
         self.tasks.abort_all();
+        // Until they are gone: one may hold a handle on the consumer (a
+        // staged write being recorded), and closing it must be this
+        // task's, not theirs. Bounded: an aborted task ends at its next
+        // await, or once a blocking commit returns.
+        let _ = tokio::time::timeout(EXIT_RESERVE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
         let commits = {
             let mut tracker = self.shared.tracker();
             let commits = tracker.take_commits();

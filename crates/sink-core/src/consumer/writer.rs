@@ -188,7 +188,7 @@ impl StagedWrite<'_> {
         )
         .await;
         match recorded {
-            Stage::Ready => {}
+            Stage::Ready => self.check_metadata_kept(shared, consumer),
             Stage::Elsewhere(elsewhere) => {
                 tracing::warn!(
                     ?elsewhere,
@@ -227,6 +227,12 @@ impl StagedWrite<'_> {
         consumer: &Weak<StreamConsumer<LoopContext<S>>>,
         partitions: &[i32],
     ) -> Result<Stage, SinkError> {
+        // Taken before the lock, hence dropped after it: the last handle of
+        // a closing consumer closes it, which runs a revoke, which takes
+        // the lock.
+        let Some(consumer) = consumer.upgrade() else {
+            return Ok(Stage::Lost);
+        };
         let _staging = lock(&shared.staging);
         match shared.tracker().stage_ready(self.batch_id, partitions) {
             Stage::Ready => {}
@@ -238,20 +244,7 @@ impl StagedWrite<'_> {
             }
             other => return Ok(other),
         }
-        let Some(consumer) = consumer.upgrade() else {
-            return Ok(Stage::Lost);
-        };
-        let records: Vec<(i32, i64, String)> = self
-            .ranges
-            .iter()
-            .map(|r| {
-                let staged = Staged {
-                    next: r.next,
-                    token: self.token.to_owned(),
-                };
-                (r.partition, r.first, staged.to_metadata())
-            })
-            .collect();
+        let records = self.records();
         let mut offsets = TopicPartitionList::new();
         for (partition, offset, metadata) in &records {
             let mut entry = offsets.add_partition(self.topic, *partition);
@@ -260,48 +253,84 @@ impl StagedWrite<'_> {
                 .map_err(|err| SinkError::transient("record_staged_write", err))?;
             entry.set_metadata(metadata);
         }
-        blocking(|| consumer.commit(&offsets, CommitMode::Sync)).map_err(|err| {
-            SinkError::transient(
-                "record_staged_write",
-                anyhow::anyhow!("cannot record the staged write in Kafka's commit metadata: {err}"),
-            )
-        })?;
-        shared.tracker().note_recorded(&records);
-        if !shared.metadata_checked.swap(true, Ordering::Relaxed) {
-            check_metadata_kept(consumer.as_ref(), self.topic, &records);
+        if let Err(err) = blocking(|| consumer.commit(&offsets, CommitMode::Sync)) {
+            // Only the answer may be lost: a record that landed must be
+            // known, so that a revoke's commit keeps it.
+            if read_back(&consumer, self.topic, &records) != Some(true) {
+                return Err(SinkError::transient(
+                    "record_staged_write",
+                    anyhow::anyhow!(
+                        "cannot record the staged write in Kafka's commit metadata: {err}"
+                    ),
+                ));
+            }
         }
+        shared.tracker().note_recorded(self.batch_id, &records);
         Ok(Stage::Ready)
+    }
+
+    /// What recording the write commits: `(partition, offset, metadata)`.
+    fn records(&self) -> Vec<(i32, i64, String)> {
+        self.ranges
+            .iter()
+            .map(|r| {
+                let staged = Staged {
+                    next: r.next,
+                    token: self.token.to_owned(),
+                };
+                (r.partition, r.first, staged.to_metadata())
+            })
+            .collect()
+    }
+
+    /// Reads the first record back once: a broker that does not keep
+    /// commit metadata (tansu 0.6.0) loses every record, and what they
+    /// protect against silently becomes at least once. Said loudly.
+    fn check_metadata_kept<S: Sink>(
+        &self,
+        shared: &Shared,
+        consumer: &Weak<StreamConsumer<LoopContext<S>>>,
+    ) {
+        if shared.metadata_checked.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(consumer) = consumer.upgrade() else {
+            return;
+        };
+        match read_back(&consumer, self.topic, &self.records()) {
+            Some(true) => {}
+            Some(false) => tracing::error!(
+                "the broker does not keep commit metadata, where staged writes are recorded: a \
+                 batch whose publication's outcome is lost (a crash, a lost reply) cannot be \
+                 found, and is written again: at least once, not exactly once. Use a broker \
+                 that keeps it (Apache Kafka, Confluent, MSK, Redpanda; not tansu 0.6.0)"
+            ),
+            // Asked again after the next record.
+            None => return,
+        }
+        shared.metadata_checked.store(true, Ordering::Relaxed);
     }
 }
 
-/// Reads the first record back: a broker that does not keep commit
-/// metadata (tansu 0.6.0) loses every record, and what they protect
-/// against silently becomes at least once. Said once, loudly.
-fn check_metadata_kept<S: Sink>(
+/// Whether Kafka's commits of `records`' partitions carry their metadata;
+/// `None` when they cannot be read.
+fn read_back<S: Sink>(
     consumer: &StreamConsumer<LoopContext<S>>,
     topic: &str,
     records: &[(i32, i64, String)],
-) {
+) -> Option<bool> {
     let offsets: Vec<(i32, i64)> = records.iter().map(|(p, o, _)| (*p, *o)).collect();
     let lookup = || consumer.committed_offsets(offsets_list(topic, &offsets), SEEK_TIMEOUT);
-    let kept = match blocking(lookup) {
-        Ok(committed) => records.iter().all(|(partition, _, metadata)| {
+    match blocking(lookup) {
+        Ok(committed) => Some(records.iter().all(|(partition, offset, metadata)| {
             committed
                 .find_partition(topic, *partition)
-                .is_some_and(|e| e.metadata() == metadata)
-        }),
+                .is_some_and(|e| e.offset() == Offset::Offset(*offset) && e.metadata() == metadata)
+        })),
         Err(err) => {
-            tracing::warn!(%err, "cannot read back the record of a staged write; not checked");
-            return;
+            tracing::warn!(%err, "cannot read back the record of a staged write");
+            None
         }
-    };
-    if !kept {
-        tracing::error!(
-            "the broker does not keep commit metadata, where staged writes are recorded: a \
-             batch whose publication's outcome is lost (a crash, a lost reply) cannot be found, \
-             and is written again: at least once, not exactly once. Use a broker that keeps it \
-             (Apache Kafka, Confluent, MSK, Redpanda; not tansu 0.6.0)"
-        );
     }
 }
 
