@@ -81,6 +81,21 @@ async fn through_grpc_proxy(
     }
 }
 
+/// A pipeline on the mock cluster (tansu 0.6.0 forgets the commit metadata
+/// this mode records its streams in) into a fresh table, written with
+/// `--write-api storage-exactly-once` through a gRPC fault proxy in front of
+/// the emulator.
+async fn exactly_once_through_grpc_proxy(
+) -> anyhow::Result<(Pipeline, BigQuerySide, GrpcFaultProxy)> {
+    let stack = Stack::get()?;
+    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
+    let bq = BigQuerySide::on_stack(&stack)?
+        .with(WriteApi::StorageExactlyOnce)
+        .via_grpc(proxy.endpoint());
+    let p = Pipeline::new(&stack, Broker::mock_cluster(3)?, Box::new(bq.clone())).await?;
+    Ok((p, bq, proxy))
+}
+
 /// Events of every kind, timed over the two hours before now.
 fn generator(seed: u64) -> Generator {
     Generator::new(seed, Mix::All, chrono::Utc::now().timestamp_millis())
@@ -955,12 +970,7 @@ async fn storage_no_append_over_the_request_limit_is_sent(api: WriteApi) -> anyh
 async fn a_batch_whose_commit_outcome_is_lost_is_not_written_again(
     fault: CallFault,
 ) -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
-    let bq = BigQuerySide::on_stack(&stack)?
-        .with(WriteApi::StorageExactlyOnce)
-        .via_grpc(proxy.endpoint());
-    let mut p = Pipeline::new(&stack, Broker::mock_cluster(3)?, Box::new(bq.clone())).await?;
+    let (mut p, bq, proxy) = exactly_once_through_grpc_proxy().await?;
     p.produce(events(21, 3_000, 0.0)).await?;
     proxy.set_call_fault("BatchCommitWriteStreams", fault);
     let commits = || {
@@ -1003,12 +1013,7 @@ async fn a_batch_whose_commit_outcome_is_lost_is_not_written_again(
 /// committed and does not write it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_a_commit_hangs_keeps_the_record_of_its_batch() -> anyhow::Result<()> {
-    let stack = Stack::get()?;
-    let proxy = GrpcFaultProxy::start(Some(&stack.bigquery_grpc_endpoint)).await?;
-    let bq = BigQuerySide::on_stack(&stack)?
-        .with(WriteApi::StorageExactlyOnce)
-        .via_grpc(proxy.endpoint());
-    let mut p = Pipeline::new(&stack, Broker::mock_cluster(3)?, Box::new(bq.clone())).await?;
+    let (mut p, bq, proxy) = exactly_once_through_grpc_proxy().await?;
     p.produce(events(22, 6_000, 0.0)).await?;
     let mut instance = p.start_with(&["--batch-max-events", "300"])?;
     wait_for_async(TIMEOUT, "a committed batch", || async {
