@@ -22,7 +22,8 @@
 //!
 //! Rooms: this file holds the shared state, start-up and one turn of the
 //! loop; `intake.rs` takes records into the batcher; `writer.rs` writes a
-//! batch (and probes the sink while idle); `commit.rs` seeks and commits at
+//! batch (and probes the sink while idle); `staged.rs` records and
+//! publishes a batch's staged write; `commit.rs` seeks and commits at
 //! the end of each turn and at shutdown; `assignment.rs` is the rebalance
 //! callbacks. The pure parts are crate modules: [`crate::batch`],
 //! [`crate::offsets`], [`crate::flow`], [`crate::starts`].
@@ -61,6 +62,7 @@ use crate::starts::{self, offsets_list, BeyondLogEnd};
 mod assignment;
 mod commit;
 mod intake;
+mod staged;
 mod writer;
 
 use intake::detach;
