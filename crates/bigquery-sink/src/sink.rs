@@ -101,11 +101,13 @@ impl Progress {
     /// settled (and those of skipped partitions).
     fn restart(&mut self, batch: &Batch<Columns>) {
         for (i, entry) in batch.entries.iter().enumerate() {
-            let skipped = self
+            self.settled[i] = self
                 .skipped
                 .iter()
                 .any(|(p, _)| *p == entry.record.partition);
-            self.settled[i] = skipped || self.rejected.iter().any(|(j, _)| *j == i);
+        }
+        for (i, _) in &self.rejected {
+            self.settled[*i] = true;
         }
     }
 
@@ -484,6 +486,45 @@ impl Sink for BigQuerySink {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_pending_stream_keeps_only_refusals_and_skipped_partitions_settled() {
+        let record = |partition| Record {
+            topic: "t".into(),
+            partition,
+            offset: 0,
+            timestamp_ms: None,
+            key: None,
+            payload: Vec::new(),
+            headers: None,
+        };
+        let columns = || {
+            decode::decode(&Record {
+                payload: br#"{"@timestamp":"2024-05-01T00:00:00Z"}"#.to_vec(),
+                ..record(0)
+            })
+            .unwrap()
+        };
+        let batch = Batch {
+            topic: "t".into(),
+            entries: [0, 1, 1, 2]
+                .into_iter()
+                .map(|p| sink_core::Entry {
+                    record: record(p),
+                    item: columns(),
+                })
+                .collect(),
+            ranges: Vec::new(),
+        };
+        let mut progress = Progress::new(4);
+        progress.insert(0);
+        progress.insert(3);
+        progress.reject(1, Rejection::new(REFUSED, "bad"));
+        progress.skipped.push((2, 10));
+        progress.restart(&batch);
+        // Entry 0 was appended to an abandoned stream: sent again.
+        assert_eq!(progress.pending(), vec![0, 2]);
+    }
 
     #[test]
     fn progress_settles_each_entry_once() {
