@@ -113,9 +113,9 @@ impl OffsetTracker {
         );
     }
 
-    /// A partition was revoked. Returns its acknowledged offset, which the
-    /// caller commits (synchronously) before letting go: even if an
-    /// asynchronous commit of it was sent, it may have failed.
+    /// A partition was revoked. Returns its acknowledged offset (a revoke
+    /// reads it first with [`OffsetTracker::acked`], to commit it with the
+    /// record of a staged write made there, before the state is gone).
     pub fn revoke(&mut self, partition: i32) -> Option<i64> {
         let state = self.partitions.remove(&partition)?;
         self.seeks.retain(|(p, _)| *p != partition);

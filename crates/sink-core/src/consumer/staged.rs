@@ -67,6 +67,7 @@ impl StagedWrite<'_> {
                 );
                 return unwritten(&elsewhere);
             }
+            // `record` retries while it would be `Wait`: only `Lost` comes here.
             Stage::Lost | Stage::Wait => {
                 tracing::info!(
                     ?partitions,
