@@ -301,22 +301,9 @@ impl WriteApi {
 #[macro_export]
 macro_rules! each_write_api {
     ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn insert_all() -> anyhow::Result<()> {
-                super::$name($crate::bigquery::WriteApi::InsertAll).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn storage() -> anyhow::Result<()> {
-                super::$name($crate::bigquery::WriteApi::Storage).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn storage_exactly_once() -> anyhow::Result<()> {
-                super::$name($crate::bigquery::WriteApi::StorageExactlyOnce).await
-            }
-        }
+        $crate::tests_per_write_api!(
+            $name: insert_all = InsertAll, storage = Storage, storage_exactly_once = StorageExactlyOnce
+        );
     };
 }
 
@@ -326,16 +313,26 @@ macro_rules! each_write_api {
 #[macro_export]
 macro_rules! each_storage_api {
     ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn storage() -> anyhow::Result<()> {
-                super::$name($crate::bigquery::WriteApi::Storage).await
-            }
+        $crate::tests_per_write_api!(
+            $name: storage = Storage, storage_exactly_once = StorageExactlyOnce
+        );
+    };
+}
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn storage_exactly_once() -> anyhow::Result<()> {
-                super::$name($crate::bigquery::WriteApi::StorageExactlyOnce).await
-            }
+/// What [`each_write_api!`](crate::each_write_api) and
+/// [`each_storage_api!`](crate::each_storage_api) expand to: module `$name`,
+/// a test `$test` per listed [`WriteApi`] variant.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! tests_per_write_api {
+    ($name:ident: $($test:ident = $api:ident),+) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() -> anyhow::Result<()> {
+                    super::$name($crate::bigquery::WriteApi::$api).await
+                }
+            )+
         }
     };
 }

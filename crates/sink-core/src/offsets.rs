@@ -113,14 +113,14 @@ impl OffsetTracker {
         );
     }
 
-    /// A partition was revoked. Returns its acknowledged offset (a revoke
-    /// reads it first with [`OffsetTracker::acked`], to commit it with the
-    /// record of a staged write made there, before the state is gone).
-    pub fn revoke(&mut self, partition: i32) -> Option<i64> {
-        let state = self.partitions.remove(&partition)?;
-        self.seeks.retain(|(p, _)| *p != partition);
-        self.revoked.push(partition);
-        state.acked
+    /// A partition was revoked: its state is gone. (A revoke reads
+    /// [`OffsetTracker::acked`] first, to commit it with the record of a
+    /// staged write made there.)
+    pub fn revoke(&mut self, partition: i32) {
+        if self.partitions.remove(&partition).is_some() {
+            self.seeks.retain(|(p, _)| *p != partition);
+            self.revoked.push(partition);
+        }
     }
 
     /// Everything of `partition` below this is done, if known.
@@ -429,7 +429,8 @@ mod tests {
         let mut t = OffsetTracker::default();
         t.assign(0, None);
         let b = t.begin(&[range(0, 0, 5)]);
-        assert_eq!(t.revoke(0), None, "nothing acknowledged yet");
+        assert_eq!(t.acked(0), None, "nothing acknowledged yet");
+        t.revoke(0);
         t.complete(b, &[]);
         assert_eq!(t.take_commits(), vec![]);
         assert_eq!(t.accept(0, 5), Err(Skip::NotOwned), "not ours any more");
@@ -437,12 +438,14 @@ mod tests {
     }
 
     #[test]
-    fn revoke_returns_acknowledged_but_uncommitted_offset() {
+    fn an_acknowledged_offset_is_readable_until_revoked() {
         let mut t = OffsetTracker::default();
         t.assign(2, None);
         let b = t.begin(&[range(2, 0, 5)]);
         t.complete(b, &[]);
-        assert_eq!(t.revoke(2), Some(5));
+        assert_eq!(t.acked(2), Some(5), "what a revoke commits");
+        t.revoke(2);
+        assert_eq!(t.acked(2), None);
     }
 
     #[test]
