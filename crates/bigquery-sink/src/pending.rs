@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use gcp_bigquery_client::auth::Authenticator;
 use gcp_bigquery_client::google::cloud::bigquery::storage::v1::big_query_write_client::BigQueryWriteClient;
-use sink_core::{SinkError, StagedAtAssign};
+use sink_core::{PartitionRange, SinkError, StagedAtAssign};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
@@ -38,9 +38,9 @@ pub struct PendingStreams {
     timeout: Duration,
     /// When the next stream may be created.
     pace: Mutex<Pace>,
-    /// Staged writes the commits of newly assigned partitions record, until
-    /// the first batch of the partition finds out what became of them.
-    recorded: Mutex<HashMap<i32, StagedAtAssign>>,
+    /// Staged writes the commits of assigned partitions record, until the
+    /// first batch of the partition finds out what became of them.
+    recorded: Mutex<Recorded>,
 }
 
 impl PendingStreams {
@@ -59,11 +59,11 @@ impl PendingStreams {
             target,
             timeout,
             pace: Mutex::new(Pace::new(interval)),
-            recorded: Mutex::new(HashMap::new()),
+            recorded: Mutex::new(Recorded::default()),
         }
     }
 
-    fn recorded(&self) -> std::sync::MutexGuard<'_, HashMap<i32, StagedAtAssign>> {
+    fn recorded(&self) -> std::sync::MutexGuard<'_, Recorded> {
         self.recorded.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -122,43 +122,90 @@ impl PendingStreams {
             }
             Commit::Refused(why) => Err(SinkError::unavailable(
                 "stream_commit_refused",
-                anyhow!(
-                    "BigQuery refused to commit stream {name} into {}: {why}",
-                    self.target
-                ),
+                anyhow!("BigQuery refused to commit stream {name}: {why}"),
             )),
         }
     }
 
     /// Notes what the commits of newly assigned `partitions` record.
     pub fn assigned(&self, partitions: &[i32], staged: &[StagedAtAssign]) {
-        let mut recorded = self.recorded();
+        self.recorded().assigned(partitions, staged);
+    }
+
+    /// A batch was handed to a writer (see [`Recorded`]).
+    pub fn dispatched(&self, ranges: &[PartitionRange]) {
+        self.recorded().dispatched(ranges);
+    }
+
+    /// The staged write recorded for `partition` from offset `first` that
+    /// the batch being written is to settle, if any.
+    pub fn recorded_at(&self, partition: i32, first: i64) -> Option<StagedAtAssign> {
+        self.recorded().at(partition, first)
+    }
+
+    /// The batch being written has settled `partition`'s recorded write.
+    pub fn settled(&self, partition: i32) {
+        self.recorded().settled(partition);
+    }
+}
+
+/// The staged writes that the commits of assigned partitions record, and
+/// the batch that settles each: the first batch of the partition handed to
+/// a writer after the assignment. A batch handed over before it (still
+/// retrying after its partition was revoked, then assigned again) must not:
+/// it would settle the record and be ignored, and the next batch would
+/// write the records again. With PENDING streams one batch is written at a
+/// time (`--max-in-flight` is 1), so the batch being written is the last
+/// one handed over.
+#[derive(Debug, Default)]
+struct Recorded {
+    /// Found at assignment; no batch of the partition handed over since.
+    found: HashMap<i32, StagedAtAssign>,
+    /// Those the batch being written is to settle.
+    claimed: HashMap<i32, StagedAtAssign>,
+}
+
+impl Recorded {
+    fn assigned(&mut self, partitions: &[i32], staged: &[StagedAtAssign]) {
         for partition in partitions {
-            recorded.remove(partition);
+            self.found.remove(partition);
+            self.claimed.remove(partition);
         }
         for s in staged {
-            recorded.insert(s.partition, s.clone());
+            self.found.insert(s.partition, s.clone());
         }
     }
 
-    /// The staged write recorded for `partition` from offset `first`, if
-    /// any (one recorded from elsewhere is no longer this partition's:
-    /// forgotten).
-    pub fn recorded_at(&self, partition: i32, first: i64) -> Option<StagedAtAssign> {
-        let mut recorded = self.recorded();
-        match recorded.get(&partition) {
-            Some(s) if s.first == first => Some(s.clone()),
-            Some(_) => {
-                recorded.remove(&partition);
-                None
+    fn dispatched(&mut self, ranges: &[PartitionRange]) {
+        self.claimed.clear();
+        for range in ranges {
+            let Some(s) = self.found.remove(&range.partition) else {
+                continue;
+            };
+            if s.first == range.first {
+                self.claimed.insert(range.partition, s);
+            } else {
+                tracing::warn!(
+                    partition = range.partition,
+                    recorded_from = s.first,
+                    first = range.first,
+                    stream = %s.staged.token,
+                    "a staged write is recorded where the partition does not resume: it is \
+                     not settled, and records it may hold are written again"
+                );
             }
-            None => None,
         }
     }
 
-    /// The first batch of `partition` has settled its recorded write.
-    pub fn settled(&self, partition: i32) {
-        self.recorded().remove(&partition);
+    fn at(&self, partition: i32, first: i64) -> Option<StagedAtAssign> {
+        self.claimed
+            .get(&partition)
+            .filter(|s| s.first == first)
+            .cloned()
+    }
+
+    fn settled(&mut self, partition: i32) {
+        self.claimed.remove(&partition);
     }
 }
 
@@ -206,6 +253,62 @@ mod tests {
         let later = start + 10 * second;
         assert_eq!(pace.next_slot(later), later);
         assert_eq!(pace.next_slot(later + second / 2), later + second);
+    }
+
+    fn recorded(partition: i32, first: i64, token: &str) -> StagedAtAssign {
+        StagedAtAssign {
+            partition,
+            first,
+            staged: sink_core::Staged {
+                next: first + 500,
+                token: token.into(),
+            },
+        }
+    }
+
+    fn range(partition: i32, first: i64) -> PartitionRange {
+        PartitionRange {
+            partition,
+            first,
+            next: first + 500,
+        }
+    }
+
+    #[test]
+    fn a_recorded_write_is_settled_by_the_first_batch_handed_over_after_the_assignment() {
+        let mut r = Recorded::default();
+        r.assigned(&[0, 1], &[recorded(0, 100, "s0"), recorded(1, 40, "s1")]);
+        r.dispatched(&[range(0, 100)]);
+        assert_eq!(r.at(0, 100), Some(recorded(0, 100, "s0")));
+        assert_eq!(r.at(1, 40), None, "partition 1 is not in this batch");
+        r.settled(0);
+        assert_eq!(r.at(0, 100), None);
+        r.dispatched(&[range(1, 40)]);
+        assert_eq!(r.at(1, 40), Some(recorded(1, 40, "s1")));
+    }
+
+    #[test]
+    fn a_batch_handed_over_before_its_partition_came_back_leaves_the_record_to_the_next() {
+        let mut r = Recorded::default();
+        r.assigned(&[0], &[]);
+        // Batch 1 of partition 0 fails and keeps retrying; partition 0 moves
+        // away, its new owner records a write at 100 and stops; it comes back.
+        r.dispatched(&[range(0, 100)]);
+        r.assigned(&[0], &[recorded(0, 100, "theirs")]);
+        assert_eq!(r.at(0, 100), None, "batch 1 was handed over before");
+        r.dispatched(&[range(0, 100)]);
+        assert_eq!(r.at(0, 100), Some(recorded(0, 100, "theirs")));
+    }
+
+    #[test]
+    fn a_record_where_the_partition_does_not_resume_is_forgotten() {
+        let mut r = Recorded::default();
+        r.assigned(&[0], &[recorded(0, 100, "s0")]);
+        r.dispatched(&[range(0, 250)]);
+        assert_eq!(r.at(0, 250), None);
+        assert_eq!(r.at(0, 100), None);
+        r.dispatched(&[range(0, 100)]);
+        assert_eq!(r.at(0, 100), None, "forgotten, not kept for later");
     }
 
     #[test]

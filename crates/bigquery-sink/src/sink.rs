@@ -468,11 +468,28 @@ impl Sink for BigQuerySink {
     fn assigned(&self, _topic: &str, partitions: &[i32], staged: &[StagedAtAssign]) {
         if let Writer::Pending(streams) = &self.writer {
             streams.assigned(partitions, staged);
+            return;
+        }
+        for s in staged {
+            tracing::warn!(
+                partition = s.partition,
+                offset = s.first,
+                stream = %s.staged.token,
+                "the last commit records a staged write of --write-api storage-exactly-once, \
+                 which this --write-api does not publish: its records are written again (rows \
+                 the stream made visible repeat in the raw table; the view hides them)"
+            );
         }
     }
 
     fn max_in_flight(&self) -> usize {
         self.settings.max_in_flight
+    }
+
+    fn dispatched(&self, batch: &Batch<Columns>) {
+        if let Writer::Pending(streams) = &self.writer {
+            streams.dispatched(&batch.ranges);
+        }
     }
 
     /// Offsets live in Kafka's commits only: a batch's rows are inserted

@@ -323,7 +323,10 @@ pub trait Sink: Send + Sync + 'static {
     /// writes must find out, before writing such a partition from that
     /// offset again, whether the write became visible (its last owner may
     /// have stopped before it knew), and if so skip its records
-    /// ([`WriteOutcome::already_applied`]). Synchronous and quick. The
+    /// ([`WriteOutcome::already_applied`]): in a batch handed over
+    /// ([`Sink::dispatched`]) after this call, not in one handed over before
+    /// it, which may still be retrying a write from when the partition was
+    /// last held (its outcome is ignored). Synchronous and quick. The
     /// default does nothing.
     fn assigned(&self, topic: &str, partitions: &[i32], staged: &[StagedAtAssign]) {
         let _ = (topic, partitions, staged);
