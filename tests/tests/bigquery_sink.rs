@@ -1032,6 +1032,36 @@ async fn a_stop_while_a_commit_hangs_keeps_the_record_of_its_batch() -> anyhow::
     Ok(())
 }
 
+/// Exactly-once: BigQuery answers a stream's commit with an error of the
+/// whole call (here `FAILED_PRECONDITION`, as for a stream it no longer
+/// keeps) rather than one in `stream_errors`. The sink asks the stream
+/// itself: not committed, so its records are written again on a new stream
+/// (a warning says so) instead of the commit being retried for ever as an
+/// operator's error. Every record lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_commit_is_refused_as_a_whole_is_written_again_once() -> anyhow::Result<()> {
+    let (mut p, bq, proxy) = exactly_once_through_grpc_proxy().await?;
+    p.produce(events(23, 3_000, 0.0)).await?;
+    proxy.set_call_fault(
+        "BatchCommitWriteStreams",
+        CallFault::Fail(
+            Code::FailedPrecondition,
+            "the fault proxy: the stream expired",
+        ),
+    );
+    let instance = p.start_with(&["--batch-max-events", "1000"])?;
+    instance
+        .service
+        .wait_for_log(Duration::from_secs(60), "a stream written again", |log| {
+            log.contains("the stream cannot be committed and was not")
+        })
+        .await?;
+    proxy.clear_call_faults();
+    wait_landed(&p, &bq, &bq.table, &instance).await?;
+    dead_letters(&p)?;
+    Ok(())
+}
+
 mod a_batch_whose_commit_outcome_is_lost_is_not_written_again {
     use super::*;
 

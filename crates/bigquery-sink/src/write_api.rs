@@ -226,12 +226,20 @@ pub async fn commit(
     };
     let mut request = authorized_on(auth, "parent", &table, message).await?;
     request.set_timeout(timeout);
-    let response = client
-        .clone()
-        .batch_commit_write_streams(request)
-        .await?
-        .into_inner();
-    let found = sort_commit(&response);
+    let found = match client.clone().batch_commit_write_streams(request).await {
+        Ok(response) => sort_commit(response.get_ref()),
+        // Said of the call rather than of the stream (in `stream_errors`):
+        // the stream itself says below whether it was committed.
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition
+            ) =>
+        {
+            Commit::Gone(format!("gRPC {:?}: {}", status.code(), status.message()))
+        }
+        Err(status) => return Err(status),
+    };
     if !matches!(found, Commit::Gone(_)) {
         return Ok(found);
     }
