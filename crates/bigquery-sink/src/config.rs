@@ -91,8 +91,8 @@ pub struct BigQueryArgs {
 
     /// URL of a Storage Write API-compatible gRPC endpoint, such as the
     /// emulator's (`http://127.0.0.1:9060`). Needed with --write-api
-    /// storage or storage-exactly-once when --bigquery-endpoint is set. Without it: Google's
-    /// (https://bigquerystorage.googleapis.com, TLS).
+    /// storage or storage-exactly-once when --bigquery-endpoint is set.
+    /// Without it: Google's (https://bigquerystorage.googleapis.com, TLS).
     #[arg(long, env = "BIGQUERY_GRPC_ENDPOINT", value_name = "URL")]
     pub bigquery_grpc_endpoint: Option<String>,
 
