@@ -190,8 +190,8 @@ impl Recorded {
                     recorded_from = s.first,
                     first = range.first,
                     stream = %s.staged.token,
-                    "a staged write is recorded where the partition does not resume: it is \
-                     not settled, and records it may hold are written again"
+                    "a staged write is recorded where the partition does not resume (an \
+                     offset reset moved it): it is not published"
                 );
             }
         }

@@ -488,6 +488,8 @@ impl Sink for BigQuerySink {
 
     fn dispatched(&self, batch: &Batch<Columns>) {
         if let Writer::Pending(streams) = &self.writer {
+            // The batch handed over is the batch being written.
+            debug_assert_eq!(self.settings.max_in_flight, 1);
             streams.dispatched(&batch.ranges);
         }
     }
