@@ -156,8 +156,17 @@ pub fn grpc_class(status: &tonic::Status) -> Class {
 
 /// [`classify`] for a Storage Write API status.
 pub fn classify_status(status: &tonic::Status, target: &Target) -> Failure {
-    let what = format!("gRPC {:?}: {}", status.code(), status.message());
-    failure(grpc_class(status), what, "Storage Write API", target)
+    failure(
+        grpc_class(status),
+        describe_status(status),
+        "Storage Write API",
+        target,
+    )
+}
+
+/// A Storage Write API status as one line: `gRPC NotFound: <message>`.
+pub fn describe_status(status: &tonic::Status) -> String {
+    format!("gRPC {:?}: {}", status.code(), status.message())
 }
 
 /// True when retrying the same call soon may succeed.

@@ -39,7 +39,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 use crate::config::Target;
-use crate::error::{self, describe, Class};
+use crate::error::{self, describe, describe_status, Class};
 use crate::proto;
 
 /// Google's Storage Write API endpoint.
@@ -236,7 +236,7 @@ pub async fn commit(
                 tonic::Code::NotFound | tonic::Code::FailedPrecondition
             ) =>
         {
-            Commit::Gone(format!("gRPC {:?}: {}", status.code(), status.message()))
+            Commit::Gone(describe_status(&status))
         }
         Err(status) => return Err(status),
     };
