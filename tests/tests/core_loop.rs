@@ -195,6 +195,7 @@ fn consumer_args(flags: &ServiceFlags) -> anyhow::Result<ConsumerArgs> {
         batch_max_events: 500,
         batch_max_bytes: 1 << 20,
         batch_linger_ms: 50,
+        prefetch_kbytes: 4_096,
     };
     let argv = std::iter::once("test".to_owned()).chain(flags.args());
     Ok(try_parse_args_from::<Cli, _, _>(&defaults, argv)?.consumer)

@@ -34,6 +34,9 @@ const DEFAULTS: ServiceDefaults = ServiceDefaults {
     batch_max_events: 5_000,
     batch_max_bytes: 4 << 20,
     batch_linger_ms: 100,
+    // Redis bounds its speed: 2 MB ahead keep it fed; 4 MB held 6-8 MB more
+    // at peak for nothing (docs/benchmarks.md).
+    prefetch_kbytes: 2_048,
 };
 
 /// Live rankings and per-user history in Redis from search / movie_detail events.

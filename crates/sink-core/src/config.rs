@@ -27,6 +27,8 @@ pub struct ServiceDefaults {
     pub batch_max_bytes: usize,
     /// Linger before a partial batch is written.
     pub batch_linger_ms: u64,
+    /// kB of messages fetched ahead ([`ConsumerArgs::prefetch_kbytes`]).
+    pub prefetch_kbytes: u32,
 }
 
 /// Kafka, batching and operational settings of a consumer service.
@@ -108,6 +110,14 @@ pub struct ConsumerArgs {
           value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub batch_linger_ms: u64,
 
+    /// Messages fetched ahead of the loop, in kB of (decompressed) message
+    /// data, all assigned partitions together: librdkafka's
+    /// queued.max.messages.kbytes. Memory against fetch throughput; one fetch
+    /// response (up to 1 MB) can pass it, so less than 1024 saves nothing.
+    #[arg(long, env = "PREFETCH_KBYTES", value_name = "KB", default_value_t = 4_096,
+          value_parser = clap::value_parser!(u32).range(1_024..=2_097_151))]
+    pub prefetch_kbytes: u32,
+
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -163,6 +173,7 @@ const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "use --bootstrap-servers"),
     ("group.id", "use --group-id"),
     ("session.timeout.ms", "use --session-timeout-ms"),
+    ("queued.max.messages.kbytes", "use --prefetch-kbytes"),
     (
         "enable.auto.commit",
         "offsets are committed only after the sink acknowledged the records",
@@ -294,7 +305,10 @@ impl ConsumerArgs {
             // time; these keep throughput high with a ~20 MB footprint.
             .set("fetch.queue.backoff.ms", "5")
             .set("queued.min.messages", "10000")
-            .set("queued.max.messages.kbytes", "4096")
+            .set(
+                "queued.max.messages.kbytes",
+                self.prefetch_kbytes.to_string(),
+            )
             .set("max.partition.fetch.bytes", "262144")
             .set("fetch.max.bytes", "1048576")
             // tansu (the local broker) holds a fetch for fetch.wait.max.ms
@@ -592,12 +606,13 @@ where
 }
 
 fn with_defaults(command: clap::Command, d: &ServiceDefaults) -> clap::Command {
-    let defaults: [(&str, String); 5] = [
+    let defaults: [(&str, String); 6] = [
         ("topic", d.topic.to_owned()),
         ("group_id", d.group_id.to_owned()),
         ("batch_max_events", d.batch_max_events.to_string()),
         ("batch_max_bytes", d.batch_max_bytes.to_string()),
         ("batch_linger_ms", d.batch_linger_ms.to_string()),
+        ("prefetch_kbytes", d.prefetch_kbytes.to_string()),
     ];
     let mut command = command;
     for (id, value) in defaults {
@@ -689,6 +704,7 @@ mod tests {
         batch_max_events: 123,
         batch_max_bytes: 4096,
         batch_linger_ms: 7,
+        prefetch_kbytes: 1_077,
     };
 
     fn parse(args: &[&str]) -> Result<ConsumerArgs, clap::Error> {
@@ -726,6 +742,15 @@ mod tests {
         assert_eq!(args.dlq_topic(), "user3.dlq");
         assert_eq!(args.batch_max_events, 123);
         assert_eq!(args.batch_limits().linger, Duration::from_millis(7));
+        assert_eq!(
+            args.consumer_config().get("queued.max.messages.kbytes"),
+            Some("1077")
+        );
+        let tuned = parse(&["--bootstrap-servers", "k:9092", "--prefetch-kbytes", "1500"]).unwrap();
+        assert_eq!(
+            tuned.consumer_config().get("queued.max.messages.kbytes"),
+            Some("1500")
+        );
     }
 
     #[test]
@@ -819,6 +844,18 @@ mod tests {
         assert!(err.contains("enable.auto.commit"), "{err}");
         let args = parse(&["--bootstrap-servers", "k", "--dlq-topic", "user3"]).unwrap();
         assert!(args.validate().is_err());
+        // A setting with a flag of its own is refused, naming the flag.
+        for (option, flag) in [
+            ("session.timeout.ms=9000", "--session-timeout-ms"),
+            ("queued.max.messages.kbytes=1024", "--prefetch-kbytes"),
+        ] {
+            let args = parse(&["--bootstrap-servers", "k", "--kafka-option", option]).unwrap();
+            let key = option.split('=').next().unwrap_or_default();
+            assert_eq!(
+                args.validate().unwrap_err().to_string(),
+                format!("--kafka-option {key} cannot be set: use {flag}")
+            );
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! slot frees, while the open batch fills; more only hold memory. First the
 //! loop just stops taking messages (holds): librdkafka's prefetch queue
 //! fills up and fetching stops by itself, bounded by
-//! `queued.max.messages.kbytes`, and nothing is dropped. If the sink stays
+//! `--prefetch-kbytes`, and nothing is dropped. If the sink stays
 //! behind past [`HOLD_BEFORE_PAUSE`] (an outage, not a busy sink), the
 //! assignment is paused, so that the loop goes back to polling and serves
 //! rebalances while it waits. Pausing drops the prefetched messages and

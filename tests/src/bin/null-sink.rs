@@ -38,6 +38,8 @@ fn main() -> ExitCode {
         batch_max_events: 5_000,
         batch_max_bytes: 4 << 20,
         batch_linger_ms: 100,
+        // The loop's own ceiling: as much prefetch as any service uses.
+        prefetch_kbytes: 4_096,
     };
     let cli: Cli = sink_core::parse_args(&defaults);
     sink_core::telemetry::init(cli.consumer.log_format);

@@ -198,6 +198,7 @@ mod tests {
             batch_max_events: 10,
             batch_max_bytes: 1 << 20,
             batch_linger_ms: 10,
+            prefetch_kbytes: 4_096,
         };
         let argv = ["svc", "--bootstrap-servers", "127.0.0.1:9"];
         let args = try_parse_args_from::<Cli, _, _>(&defaults, argv)
