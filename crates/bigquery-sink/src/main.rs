@@ -21,6 +21,13 @@ struct Cli {
     bigquery: BigQueryArgs,
 }
 
+/// jemalloc, as redis-sink: the loop allocates each batch on one thread and
+/// a writer frees it on another; with glibc's per-thread arenas that memory
+/// stayed stranded (peak RSS up to 67 MB against 55-60 MB with jemalloc's
+/// one arena, docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli: Cli = sink_core::parse_args(&DEFAULTS);
     sink_core::telemetry::init(cli.consumer.log_format);
