@@ -23,8 +23,8 @@ struct Cli {
 
 /// jemalloc, as redis-sink: the loop allocates each batch on one thread and
 /// a writer frees it on another; with glibc's per-thread arenas that memory
-/// stayed stranded (peak RSS up to 67 MB against 55-60 MB with jemalloc's
-/// one arena, docs/benchmarks.md).
+/// stayed stranded (peak RSS up to 67.6 MB against 60.1-63.6 MB with
+/// jemalloc's one arena, and more CPU: docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

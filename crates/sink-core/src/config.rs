@@ -113,7 +113,8 @@ pub struct ConsumerArgs {
     /// Messages fetched ahead of the loop, in kB of (decompressed) message
     /// data, all assigned partitions together: librdkafka's
     /// queued.max.messages.kbytes. Memory against fetch throughput; one fetch
-    /// response (up to 1 MB) can pass it, so less than 1024 saves nothing.
+    /// response (up to 1 MB) can pass it, so below 1024 it mostly adds round
+    /// trips.
     #[arg(long, env = "PREFETCH_KBYTES", value_name = "KB", default_value_t = 4_096,
           value_parser = clap::value_parser!(u32).range(1_024..=2_097_151))]
     pub prefetch_kbytes: u32,
@@ -172,8 +173,14 @@ pub struct ConsumerArgs {
 const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "use --bootstrap-servers"),
     ("group.id", "use --group-id"),
-    ("session.timeout.ms", "use --session-timeout-ms"),
-    ("queued.max.messages.kbytes", "use --prefetch-kbytes"),
+    (
+        "session.timeout.ms",
+        "use --session-timeout-ms (KAFKA_SESSION_TIMEOUT_MS)",
+    ),
+    (
+        "queued.max.messages.kbytes",
+        "use --prefetch-kbytes (PREFETCH_KBYTES)",
+    ),
     (
         "enable.auto.commit",
         "offsets are committed only after the sink acknowledged the records",
@@ -249,7 +256,10 @@ impl ConsumerArgs {
         }
         for (key, value) in self.kafka_options() {
             if let Some((_, why)) = MANAGED_KAFKA_OPTIONS.iter().find(|(k, _)| k == key) {
-                bail!("--kafka-option {key} cannot be set: {why}");
+                bail!(
+                    "Kafka option {key} cannot be set (--kafka-option, KAFKA_OPTIONS or the \
+                     options file): {why}"
+                );
             }
             if key == "statistics.interval.ms" {
                 self.check_statistics_interval(value)?;
@@ -302,7 +312,7 @@ impl ConsumerArgs {
             .set("statistics.interval.ms", "5000")
             // Measured (docs/benchmarks.md): the default 1 s backoff
             // once the local queue fills leaves the consumer idle most of the
-            // time; these keep throughput high with a ~20 MB footprint.
+            // time; these keep throughput high within the prefetch below.
             .set("fetch.queue.backoff.ms", "5")
             .set("queued.min.messages", "10000")
             .set(
@@ -846,14 +856,23 @@ mod tests {
         assert!(args.validate().is_err());
         // A setting with a flag of its own is refused, naming the flag.
         for (option, flag) in [
-            ("session.timeout.ms=9000", "--session-timeout-ms"),
-            ("queued.max.messages.kbytes=1024", "--prefetch-kbytes"),
+            (
+                "session.timeout.ms=9000",
+                "--session-timeout-ms (KAFKA_SESSION_TIMEOUT_MS)",
+            ),
+            (
+                "queued.max.messages.kbytes=1024",
+                "--prefetch-kbytes (PREFETCH_KBYTES)",
+            ),
         ] {
             let args = parse(&["--bootstrap-servers", "k", "--kafka-option", option]).unwrap();
             let key = option.split('=').next().unwrap_or_default();
             assert_eq!(
                 args.validate().unwrap_err().to_string(),
-                format!("--kafka-option {key} cannot be set: use {flag}")
+                format!(
+                    "Kafka option {key} cannot be set (--kafka-option, KAFKA_OPTIONS or the \
+                     options file): use {flag}"
+                )
             );
         }
     }
