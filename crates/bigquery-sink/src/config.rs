@@ -331,7 +331,7 @@ pub const DEFAULTS: ServiceDefaults = ServiceDefaults {
     batch_max_bytes: 9_000_000,
     batch_linger_ms: 1_000,
     // Its input holds cut lines of 900 KiB: with 2 MB ahead it fetched
-    // 5-15 % fewer rows/s against an instant endpoint (docs/benchmarks.md).
+    // 4-15 % fewer rows/s against an instant endpoint (docs/benchmarks.md).
     prefetch_kbytes: 4_096,
 };
 
