@@ -34,7 +34,7 @@ const DEFAULTS: ServiceDefaults = ServiceDefaults {
     batch_max_events: 5_000,
     batch_max_bytes: 4 << 20,
     batch_linger_ms: 100,
-    // Redis bounds its speed: 2 MB ahead keep it fed; 4 MB held 6-8 MB more
+    // Redis bounds its speed: 2 MB ahead keep it fed; 4 MB held about 6 MB more
     // at peak for nothing (docs/benchmarks.md).
     prefetch_kbytes: 2_048,
 };
