@@ -13,10 +13,12 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use sink_core::{Event, EventError, Record, Rejection};
+
+use crate::json_text;
 
 /// The fields [`Event::parse`] knows, in the order of [`Columns`].
 const KNOWN_FIELDS: [&str; 6] = [
@@ -149,83 +151,102 @@ pub fn insert_id(record: &Record) -> String {
 /// A TIMESTAMP value as BigQuery's streaming API reads it, truncated to
 /// BigQuery's microsecond precision: `2024-05-01T12:34:56.789000Z`.
 pub fn timestamp(time: DateTime<Utc>) -> String {
-    let mut out = String::with_capacity(27);
-    // Writing to a String cannot fail. Years outside 0..=9999 are left for
-    // BigQuery to refuse (they cannot come from an RFC 3339 `@timestamp`).
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        time.year(),
-        time.month(),
-        time.day(),
-        time.hour(),
-        time.minute(),
-        time.second(),
-        time.nanosecond() % 1_000_000_000 / 1_000
-    );
-    out
+    let mut out = Vec::with_capacity(27);
+    push_timestamp(&mut out, time);
+    // Only ASCII digits and separators were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends [`timestamp`]'s text, the digits by hand: a row's two
+/// timestamps through `format!` showed in the profile.
+fn push_timestamp(out: &mut Vec<u8>, time: DateTime<Utc>) {
+    let Ok(year @ 0..=9999) = u32::try_from(time.year()) else {
+        // Years outside 0..=9999 are left for BigQuery to refuse (they
+        // cannot come from an RFC 3339 `@timestamp`).
+        let text = format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            time.year(),
+            time.month(),
+            time.day(),
+            time.hour(),
+            time.minute(),
+            time.second(),
+            time.nanosecond() % 1_000_000_000 / 1_000
+        );
+        out.extend_from_slice(text.as_bytes());
+        return;
+    };
+    let digits = |out: &mut Vec<u8>, value: u32, width: u32| {
+        for place in (0..width).rev() {
+            // One decimal digit: below 10.
+            out.push(b'0' + (value / 10_u32.pow(place) % 10) as u8);
+        }
+    };
+    digits(out, year, 4);
+    for (separator, value) in [
+        (b'-', time.month()),
+        (b'-', time.day()),
+        (b'T', time.hour()),
+        (b':', time.minute()),
+        (b':', time.second()),
+    ] {
+        out.push(separator);
+        digits(out, value, 2);
+    }
+    out.push(b'.');
+    // A leap second's nanoseconds run past 1e9; BigQuery has none.
+    digits(out, time.nanosecond() % 1_000_000_000 / 1_000, 6);
+    out.push(b'Z');
 }
 
 /// Appends the insertAll row of one decoded record to `out`, as the JSON
-/// of one element of the request's `rows`: `{"insertId":…,"json":{…}}`.
-/// `ingested_at` is the write's time, formatted by [`timestamp`] once per
-/// write. NULL columns are left out of the row (BigQuery stores NULL),
-/// which keeps requests small.
+/// of one element of the request's `rows`:
+/// `{"insertId":…,"json":{"event_time":…,…}}`. `ingested_at` is the
+/// write's time, formatted by [`timestamp`] once per write. NULL columns
+/// are left out of the row (BigQuery stores NULL), which keeps requests
+/// small.
 ///
-/// Serialized straight from borrowed fields: building a `serde_json::Value`
-/// per row (what the client's `insert_all` takes) and serializing it twice
-/// was about 40 % of the sink's CPU in a profile (docs/benchmarks.md).
+/// Written by hand ([`crate::json_text`]) straight from borrowed fields:
+/// building a `serde_json::Value` per row (what the client's `insert_all`
+/// takes) and serializing it twice was about 40 % of the sink's CPU in a
+/// profile, and serde's escaping of the payload the largest item after
+/// that (docs/benchmarks.md).
 pub fn write(out: &mut Vec<u8>, record: &Record, columns: &Columns, ingested_at: &str) {
     // A JSON column is written as a string holding the JSON text. Decoding
-    // checked the bytes are UTF-8, so this borrows them unchanged.
-    let payload = String::from_utf8_lossy(&record.payload);
-    let row = Row {
-        insert_id: insert_id(record),
-        json: RowJson {
-            event_time: timestamp(columns.event_time),
-            info: columns.info.as_deref(),
-            user_id: columns.user_id.as_deref(),
-            keyword: columns.keyword.as_deref(),
-            movie_id: columns.movie_id.as_deref(),
-            host: columns.host.as_deref(),
-            payload: &payload,
-            kafka_topic: &record.topic,
-            kafka_partition: record.partition,
-            kafka_offset: record.offset,
-            ingested_at,
-        },
+    // checked the bytes are UTF-8, so this borrows them unchanged (and
+    // `from_utf8` checks faster than the lossy conversion would).
+    let payload = match std::str::from_utf8(&record.payload) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(&record.payload),
     };
-    // Serializing these types into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, &row);
-}
-
-/// One element of an insertAll request's `rows`.
-#[derive(Serialize)]
-struct Row<'a> {
-    #[serde(rename = "insertId")]
-    insert_id: String,
-    json: RowJson<'a>,
-}
-
-/// The table's columns of one row (docs/bigquery.md).
-#[derive(Serialize)]
-struct RowJson<'a> {
-    event_time: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    info: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    keyword: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    movie_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    host: Option<&'a str>,
-    payload: &'a str,
-    kafka_topic: &'a str,
-    kafka_partition: i32,
-    kafka_offset: i64,
-    ingested_at: &'a str,
+    out.extend_from_slice(b"{\"insertId\":");
+    json_text::push_str(out, &insert_id(record));
+    out.extend_from_slice(b",\"json\":{\"event_time\":\"");
+    push_timestamp(out, columns.event_time);
+    out.push(b'"');
+    for (name, value) in [
+        (&b",\"info\":"[..], &columns.info),
+        (b",\"user_id\":", &columns.user_id),
+        (b",\"keyword\":", &columns.keyword),
+        (b",\"movie_id\":", &columns.movie_id),
+        (b",\"host\":", &columns.host),
+    ] {
+        if let Some(value) = value {
+            out.extend_from_slice(name);
+            json_text::push_str(out, value);
+        }
+    }
+    out.extend_from_slice(b",\"payload\":");
+    json_text::push_str(out, &payload);
+    out.extend_from_slice(b",\"kafka_topic\":");
+    json_text::push_str(out, &record.topic);
+    out.extend_from_slice(b",\"kafka_partition\":");
+    json_text::push_int(out, record.partition);
+    out.extend_from_slice(b",\"kafka_offset\":");
+    json_text::push_int(out, record.offset);
+    out.extend_from_slice(b",\"ingested_at\":");
+    json_text::push_str(out, ingested_at);
+    out.extend_from_slice(b"}}");
 }
 
 #[cfg(test)]
@@ -324,6 +345,9 @@ mod tests {
         // event to the dead-letter topic with BigQuery's reason.
         let year0 = DateTime::parse_from_rfc3339("0000-01-01T00:00:00Z").unwrap();
         assert_eq!(timestamp(year0.to_utc()), "0000-01-01T00:00:00.000000Z");
+        // A Kafka timestamp can reach past year 9999 (no `@timestamp`).
+        let far = DateTime::from_timestamp_millis(253_402_300_800_123).unwrap();
+        assert_eq!(timestamp(far), "10000-01-01T00:00:00.123000Z");
     }
 
     #[test]

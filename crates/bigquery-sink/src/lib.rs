@@ -9,6 +9,7 @@
 //! - [`credentials`]: where OAuth tokens come from (key files, Workload
 //!   Identity Federation, the metadata server);
 //! - [`decode`]: decode one record and build its row (pure);
+//! - [`json_text`]: the row's JSON text, escaped by hand (pure);
 //! - [`proto`]: the Storage Write API's row descriptor and encoding (pure);
 //! - [`write_api`]: the Storage Write API's channel, tokens and the one
 //!   long-lived append stream of an instance;
@@ -30,6 +31,7 @@ pub mod config;
 pub mod credentials;
 pub mod decode;
 pub mod error;
+pub mod json_text;
 pub mod pending;
 pub mod plan;
 pub mod proto;
