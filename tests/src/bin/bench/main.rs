@@ -378,7 +378,7 @@ async fn fill_topic(
 fn print_figures(figures: &[Figures]) {
     println!();
     println!(
-        "{:<48} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12} {:>12}",
+        "{:<48} {:>10} {:>9} {:>12} {:>13} {:>10} {:>12} {:>12} {:>14}",
         "consumer",
         "events",
         "seconds",
@@ -386,11 +386,12 @@ fn print_figures(figures: &[Figures]) {
         "peak RSS MB",
         "CPU s",
         "cmds/event",
-        "Redis CPU s"
+        "Redis CPU s",
+        "Redis-bound/s"
     );
     for f in figures {
         println!(
-            "{:<48} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12} {:>12}",
+            "{:<48} {:>10} {:>9.2} {:>12.0} {:>13.1} {:>10.2} {:>12} {:>12} {:>14}",
             f.name,
             f.events,
             f.seconds,
@@ -403,6 +404,11 @@ fn print_figures(figures: &[Figures]) {
             )),
             f.redis_cpu_seconds
                 .map_or("-".to_owned(), |c| format!("{c:.2}")),
+            // What Redis's one thread could take at this CPU per event,
+            // whatever the sink did: the ceiling for this input here.
+            f.redis_cpu_seconds
+                .filter(|c| *c > 0.0)
+                .map_or("-".to_owned(), |c| format!("{:.0}", f.events as f64 / c)),
         );
     }
 }
