@@ -153,8 +153,8 @@ pub fn insert_id(record: &Record) -> String {
 pub fn timestamp(time: DateTime<Utc>) -> String {
     let mut out = Vec::with_capacity(27);
     push_timestamp(&mut out, time);
-    // Only ASCII digits and separators were written.
-    String::from_utf8(out).unwrap_or_default()
+    // Only ASCII digits and separators were written: nothing is replaced.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Appends [`timestamp`]'s text, the digits by hand: a row's two
@@ -405,13 +405,95 @@ mod tests {
 }
 
 /// For any bytes: decode never panics, and yields columns or a reason.
+/// For any record and columns: the row is byte for byte what serde_json
+/// writes for the row's fields.
 #[cfg(test)]
 mod properties {
     use proptest::prelude::*;
+    use serde::Serialize;
 
     use super::*;
 
+    /// The row as serde would write it: the reference for [`write`].
+    #[derive(Serialize)]
+    struct Reference<'a> {
+        #[serde(rename = "insertId")]
+        insert_id: String,
+        json: ReferenceJson<'a>,
+    }
+
+    #[derive(Serialize)]
+    struct ReferenceJson<'a> {
+        event_time: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        info: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keyword: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        movie_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        host: Option<&'a str>,
+        payload: &'a str,
+        kafka_topic: &'a str,
+        kafka_partition: i32,
+        kafka_offset: i64,
+        ingested_at: &'a str,
+    }
+
     proptest! {
+        #[test]
+        fn a_row_is_what_serde_json_writes(
+            texts in proptest::collection::vec(proptest::option::of(any::<String>()), 5),
+            payload in any::<String>(),
+            topic in any::<String>(),
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+            event_ms in -62_135_596_800_000_i64..=253_402_300_799_999,
+            ingested_at in any::<String>(),
+        ) {
+            let record = Record {
+                topic: topic.as_str().into(),
+                partition,
+                offset,
+                timestamp_ms: None,
+                key: None,
+                payload: payload.clone().into_bytes(),
+                headers: None,
+            };
+            let columns = Columns {
+                event_time: DateTime::from_timestamp_millis(event_ms).unwrap_or_default(),
+                info: texts[0].clone(),
+                user_id: texts[1].clone(),
+                keyword: texts[2].clone(),
+                movie_id: texts[3].clone(),
+                host: texts[4].clone(),
+            };
+            let reference = Reference {
+                insert_id: insert_id(&record),
+                json: ReferenceJson {
+                    event_time: timestamp(columns.event_time),
+                    info: columns.info.as_deref(),
+                    user_id: columns.user_id.as_deref(),
+                    keyword: columns.keyword.as_deref(),
+                    movie_id: columns.movie_id.as_deref(),
+                    host: columns.host.as_deref(),
+                    payload: &payload,
+                    kafka_topic: &topic,
+                    kafka_partition: partition,
+                    kafka_offset: offset,
+                    ingested_at: &ingested_at,
+                },
+            };
+            let mut row = Vec::new();
+            write(&mut row, &record, &columns, &ingested_at);
+            prop_assert_eq!(
+                String::from_utf8(row).unwrap_or_default(),
+                serde_json::to_string(&reference).unwrap_or_default()
+            );
+        }
+
         #[test]
         fn any_bytes_decode_to_columns_or_a_reason(
             bytes in proptest::collection::vec(any::<u8>(), 0..256),

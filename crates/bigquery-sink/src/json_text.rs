@@ -38,7 +38,8 @@ const fn to_escape(word: u64) -> u64 {
 /// no call), and cut back to its first byte to escape if it has one.
 pub fn push_str(out: &mut Vec<u8>, text: &str) {
     let bytes = text.as_bytes();
-    out.reserve(bytes.len() + 2);
+    // Room for a quote-heavy payload's escapes too (about one in eight).
+    out.reserve(bytes.len() + bytes.len() / 8 + 2);
     out.push(b'"');
     let mut at = 0;
     while let Some(word) = bytes[at..].first_chunk::<8>() {
@@ -119,6 +120,26 @@ mod tests {
                 serde_json::to_string(text).unwrap(),
                 "{text:?}"
             );
+        }
+    }
+
+    #[test]
+    fn every_ascii_byte_and_wide_characters_at_every_offset_of_a_word() {
+        let specials: Vec<String> = (0_u8..0x80)
+            .map(|byte| char::from(byte).to_string())
+            .chain(["é", "검", "😀"].map(str::to_owned))
+            .collect();
+        for special in &specials {
+            for offset in 0..=16 {
+                for tail in ["", "abc", "\"", "é"] {
+                    let text = format!("{}{special}{tail}", "x".repeat(offset));
+                    assert_eq!(
+                        written(&text),
+                        serde_json::to_string(&text).unwrap(),
+                        "{text:?}"
+                    );
+                }
+            }
         }
     }
 

@@ -132,6 +132,8 @@ async fn run_cluster(
         name,
         redis_commands: Some(primaries.clone().map(|n| n.commands).sum()),
         redis_cpu_seconds: Some(primaries.map(|n| n.cpu_seconds).sum()),
+        // Not one server's: print_nodes prints the cluster's bound.
+        redis_bound: None,
         ..figures
     };
     Ok((figures, per_node))
