@@ -157,8 +157,8 @@ pub fn timestamp(time: DateTime<Utc>) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Appends [`timestamp`]'s text, the digits by hand: a row's two
-/// timestamps through `format!` showed in the profile.
+/// Appends [`timestamp`]'s text, the digits by hand: each row's
+/// `event_time` through `format!` was 3 % of the sink's profile.
 fn push_timestamp(out: &mut Vec<u8>, time: DateTime<Utc>) {
     let Ok(year @ 0..=9999) = u32::try_from(time.year()) else {
         // Years outside 0..=9999 are left for BigQuery to refuse (they
