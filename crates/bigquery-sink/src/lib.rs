@@ -18,6 +18,7 @@
 //!   once the consume loop recorded it in Kafka;
 //! - [`plan`]: pack a batch's rows into insertAll requests under the row
 //!   and byte limits, and sort a response's per-row errors (pure);
+//! - [`stored_gzip`]: a request body in an uncompressed gzip frame (pure);
 //! - [`table`]: the table's schema, creating it, checking an existing one;
 //! - [`error`]: sorting errors into retry, operator needed, or split;
 //! - [`sink`]: the [`sink_core::Sink`] tying them together.
@@ -36,5 +37,6 @@ pub mod pending;
 pub mod plan;
 pub mod proto;
 pub mod sink;
+pub mod stored_gzip;
 pub mod table;
 pub mod write_api;

@@ -15,6 +15,8 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use gcp_bigquery_client::model::table_data_insert_all_response::TableDataInsertAllResponse;
 
+use crate::stored_gzip::StoredGzip;
+
 /// BigQuery refuses an insertAll request of 10 MB or more.
 pub const MAX_REQUEST_BYTES: usize = 10_000_000;
 
@@ -85,17 +87,41 @@ impl EncodedRows {
     /// at `level` (0 = stored, 9 = smallest). Its uncompressed size is
     /// [`body_size`] of those rows' sizes.
     pub fn gzip_body(&self, rows: Range<usize>, level: u32) -> Vec<u8> {
+        if level == 0 {
+            let mut gz = StoredGzip::new(self.body_len(rows.clone()));
+            self.write_body(rows, |bytes| gz.write(bytes));
+            return gz.finish();
+        }
         let mut gz = GzEncoder::new(Vec::new(), Compression::new(level));
         // Writing into a Vec cannot fail.
-        let _ = gz.write_all(BODY_HEAD);
+        self.write_body(rows, |bytes| {
+            let _ = gz.write_all(bytes);
+        });
+        gz.finish().unwrap_or_default()
+    }
+
+    /// [`body_size`] of `rows`, from where they start and end.
+    fn body_len(&self, rows: Range<usize>) -> usize {
+        if rows.is_empty() {
+            return envelope_size();
+        }
+        let start = if rows.start == 0 {
+            0
+        } else {
+            self.ends[rows.start - 1]
+        };
+        envelope_size() + (self.ends[rows.end - 1] - start) + (rows.len() - 1)
+    }
+
+    fn write_body(&self, rows: Range<usize>, mut write: impl FnMut(&[u8])) {
+        write(BODY_HEAD);
         for i in rows.clone() {
             if i > rows.start {
-                let _ = gz.write_all(b",");
+                write(b",");
             }
-            let _ = gz.write_all(self.row(i));
+            write(self.row(i));
         }
-        let _ = gz.write_all(BODY_TAIL);
-        gz.finish().unwrap_or_default()
+        write(BODY_TAIL);
     }
 }
 
