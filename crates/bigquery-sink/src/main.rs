@@ -24,7 +24,9 @@ struct Cli {
 /// jemalloc, as redis-sink: the loop allocates each batch on one thread and
 /// a writer frees it on another; with glibc's per-thread arenas that memory
 /// stayed stranded (peak RSS up to 67.6 MB against 60.1-63.6 MB with
-/// jemalloc's one arena, and more CPU: docs/benchmarks.md).
+/// jemalloc's one arena, and more CPU). It also serves librdkafka's
+/// `malloc` (the workspace builds it unprefixed): in a glibc arena its
+/// decompressed record batches held 22-26 MB at the peak (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -119,4 +121,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ))
     };
     sink_core::run_connecting(&cli.consumer, connect, sink_core::shutdown::signal()).await
+}
+
+#[cfg(test)]
+mod tests {
+    extern "C" {
+        fn malloc(size: usize) -> *mut std::ffi::c_void;
+    }
+
+    /// What the C code (librdkafka) calls `malloc` is jemalloc's, not glibc's.
+    #[test]
+    fn c_code_allocates_from_jemalloc() {
+        let c_malloc = malloc as unsafe extern "C" fn(usize) -> *mut std::ffi::c_void;
+        let jemalloc =
+            tikv_jemalloc_sys::malloc as unsafe extern "C" fn(usize) -> *mut std::ffi::c_void;
+        assert!(
+            std::ptr::fn_addr_eq(c_malloc, jemalloc),
+            "malloc is not jemalloc's: build tikv-jemallocator with unprefixed_malloc_on_supported_platforms"
+        );
+    }
 }

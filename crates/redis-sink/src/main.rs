@@ -24,7 +24,8 @@ mod text_table;
 
 /// jemalloc, not glibc's malloc: the loop allocates each batch on one thread
 /// and a writer frees it on another, which glibc handles badly (measured:
-/// docs/benchmarks.md); mimalloc, as fast, takes peak RSS to 95 MB.
+/// docs/benchmarks.md); mimalloc, as fast, takes peak RSS to 95 MB. It is
+/// librdkafka's `malloc` too (unprefixed: the workspace Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
