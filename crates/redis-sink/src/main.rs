@@ -35,9 +35,10 @@ const DEFAULTS: ServiceDefaults = ServiceDefaults {
     batch_max_events: 5_000,
     batch_max_bytes: 4 << 20,
     batch_linger_ms: 100,
-    // Redis bounds its speed: 2 MB ahead keep it fed; 4 MB held about 6 MB more
-    // at peak for nothing (docs/benchmarks.md).
-    prefetch_kbytes: 2_048,
+    // Redis bounds its speed: 1 MB ahead (the least a fetch response may
+    // need) keeps it fed; 2 MB held about 3 MB more at peak for nothing, 4 MB
+    // about 9 MB (docs/benchmarks.md).
+    prefetch_kbytes: 1_024,
 };
 
 /// Live rankings and per-user history in Redis from search / movie_detail events.
