@@ -25,8 +25,9 @@ struct Cli {
 /// a writer frees it on another; with glibc's per-thread arenas that memory
 /// stayed stranded (peak RSS up to 67.6 MB against 60.1-63.6 MB with
 /// jemalloc's one arena, and more CPU). It also serves librdkafka's
-/// `malloc` (the workspace builds it unprefixed): in a glibc arena its
-/// decompressed record batches held 22-26 MB at the peak (docs/benchmarks.md).
+/// `malloc` (the workspace builds it unprefixed): its decompressed record
+/// batches kept a 22-26 MB glibc arena, and in jemalloc's arena the peak is
+/// 3-6 MB lower on average (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -123,13 +124,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     sink_core::run_connecting(&cli.consumer, connect, sink_core::shutdown::signal()).await
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     extern "C" {
         fn malloc(size: usize) -> *mut std::ffi::c_void;
     }
 
-    /// What the C code (librdkafka) calls `malloc` is jemalloc's, not glibc's.
+    /// What the C code (librdkafka) calls `malloc` is jemalloc's, not glibc's:
+    /// fails if tikv-jemallocator is built prefixed. (That the binary also
+    /// exports it to the shared libraries: `nm -D` lists `T malloc`.)
     #[test]
     fn c_code_allocates_from_jemalloc() {
         let c_malloc = malloc as unsafe extern "C" fn(usize) -> *mut std::ffi::c_void;

@@ -35,9 +35,9 @@ const DEFAULTS: ServiceDefaults = ServiceDefaults {
     batch_max_events: 5_000,
     batch_max_bytes: 4 << 20,
     batch_linger_ms: 100,
-    // Redis bounds its speed: 1 MB ahead (the least a fetch response may
-    // need) keeps it fed; 2 MB held about 3 MB more at peak for nothing, 4 MB
-    // about 9 MB (docs/benchmarks.md).
+    // Redis bounds its speed: with 1 MB ahead (the flag's least) it ran within
+    // 2 % of 2 MB on average, which held about 3 MB more at peak, 4 MB about
+    // 9 MB (docs/benchmarks.md). Brokers across a slow network may need more.
     prefetch_kbytes: 1_024,
 };
 

@@ -112,9 +112,9 @@ pub struct ConsumerArgs {
 
     /// Messages fetched ahead of the loop, in kB of (decompressed) message
     /// data, all assigned partitions together: librdkafka's
-    /// queued.max.messages.kbytes. Memory against fetch throughput; one fetch
-    /// response (up to 1 MB) can pass it, so below 1024 it mostly adds round
-    /// trips.
+    /// queued.max.messages.kbytes. Memory against fetch throughput; a fetch
+    /// response from each broker (up to 1 MB) can pass it, so below 1024 it
+    /// mostly adds round trips.
     #[arg(long, env = "PREFETCH_KBYTES", value_name = "KB", default_value_t = 4_096,
           value_parser = clap::value_parser!(u32).range(1_024..=2_097_151))]
     pub prefetch_kbytes: u32,
