@@ -153,6 +153,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn empty_writes_change_nothing() {
+        let mut gz = StoredGzip::with_capacity(0);
+        gz.write(&[]);
+        assert_eq!(gz.finish().len(), 10 + 5 + 8, "one empty final block");
+
+        let data = data(MAX_BLOCK);
+        let mut gz = StoredGzip::with_capacity(0);
+        gz.write(&[]);
+        gz.write(&data);
+        gz.write(&[]);
+        let body = gz.finish();
+        assert_eq!(gunzip(&body), data);
+        assert_eq!(
+            body.len(),
+            10 + 5 + MAX_BLOCK + 8,
+            "the full block is the final one"
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn any_writes_gunzip_to_their_bytes(
