@@ -202,12 +202,14 @@ impl<S: Sink> LoopContext<S> {
         let mut starts: Vec<Option<i64>> = stored.unwrap_or_else(|| vec![None; partitions.len()]);
         let mut refused = Vec::new();
         let mut staged = Vec::new();
+        let mut never_committed = Vec::new();
         if !closing {
             // Broker round trips: off the runtime's worker, as the drain.
-            let beyond = blocking(|| {
+            let checked = blocking(|| {
                 starts::beyond_log_end(consumer, &self.topic, partitions, &mut starts, &mut staged)
             });
-            let (reset, refuse) = self.reset_or_refuse(consumer, beyond);
+            never_committed = checked.never_committed;
+            let (reset, refuse) = self.reset_or_refuse(consumer, checked.beyond);
             for (partition, offset) in reset {
                 if let Some(i) = partitions.iter().position(|p| *p == partition) {
                     starts[i] = Some(offset);
@@ -232,10 +234,13 @@ impl<S: Sink> LoopContext<S> {
             if refused.contains(partition) {
                 continue;
             }
-            if let Some(offset) = start {
-                if let Err(err) =
-                    tpl.set_partition_offset(&self.topic, *partition, Offset::Offset(*offset))
-                {
+            let offset = match start {
+                Some(offset) => Some(Offset::Offset(*offset)),
+                None if never_committed.contains(partition) => self.never_committed_start,
+                None => None,
+            };
+            if let Some(offset) = offset {
+                if let Err(err) = tpl.set_partition_offset(&self.topic, *partition, offset) {
                     tracing::error!(%err, partition, "cannot set the start offset");
                 }
             }
@@ -435,10 +440,10 @@ impl<S: Sink> Loop<S> {
         // A refused log is not the one read from: what its commits record
         // means nothing for it.
         let mut staged = Vec::new();
-        let beyond = blocking(|| {
+        let checked = blocking(|| {
             starts::beyond_log_end(consumer, &self.topic, &refused, &mut starts, &mut staged)
         });
-        let (reset, still) = consumer.context().reset_or_refuse(consumer, beyond);
+        let (reset, still) = consumer.context().reset_or_refuse(consumer, checked.beyond);
         for partition in refused.iter().filter(|p| !still.contains(p)) {
             if !reset.iter().any(|(p, _)| p == partition) {
                 tracing::error!(

@@ -163,6 +163,9 @@ struct LoopContext<S: Sink> {
     health: Arc<Health>,
     drain_timeout: Duration,
     reset_to: Option<ResetTo>,
+    /// Where a partition the group never committed starts
+    /// ([`starts::never_committed_start`]).
+    never_committed_start: Option<Offset>,
 }
 
 /// Runs a future to completion from a librdkafka callback, which is
@@ -245,6 +248,7 @@ pub async fn run_connecting<S: Sink>(
 
     let sink = Arc::new(sink);
     let shared = Arc::new(Shared::new(args.stall_timeout()));
+    let consumer_config = args.consumer_config();
     let context = LoopContext {
         shared: Arc::clone(&shared),
         sink: Arc::clone(&sink),
@@ -252,11 +256,12 @@ pub async fn run_connecting<S: Sink>(
         health: Arc::clone(&health),
         drain_timeout: crate::drain_timeout(args.session_timeout_ms),
         reset_to: args.reset_offsets_beyond_log_end,
+        never_committed_start: starts::never_committed_start(
+            consumer_config.get("auto.offset.reset"),
+        ),
     };
-    let consumer: StreamConsumer<LoopContext<S>> = kafka_config_context(
-        args.consumer_config().create_with_context(context),
-        "consumer",
-    )?;
+    let consumer: StreamConsumer<LoopContext<S>> =
+        kafka_config_context(consumer_config.create_with_context(context), "consumer")?;
     consumer
         .subscribe(&[&topic])
         .with_context(|| format!("cannot subscribe to topic {topic}"))?;
