@@ -168,8 +168,9 @@ pub struct ConsumerArgs {
     pub shutdown_timeout_secs: u64,
 }
 
-/// librdkafka properties the service sets itself: overriding them would break
-/// the delivery guarantee or contradict a dedicated flag.
+/// librdkafka properties the service sets itself, and a second name
+/// librdkafka reads for one of them: overriding them would break the
+/// delivery guarantee or contradict a dedicated flag.
 const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     ("bootstrap.servers", "use --bootstrap-servers"),
     ("group.id", "use --group-id"),
@@ -180,6 +181,11 @@ const MANAGED_KAFKA_OPTIONS: &[(&str, &str)] = &[
     (
         "queued.max.messages.kbytes",
         "use --prefetch-kbytes (PREFETCH_KBYTES)",
+    ),
+    (
+        "topic.auto.offset.reset",
+        "use auto.offset.reset, without the prefix (the service sets auto.offset.reset \
+         itself, and librdkafka would take either of the two)",
     ),
     (
         "enable.auto.commit",
@@ -863,6 +869,11 @@ mod tests {
             (
                 "queued.max.messages.kbytes=1024",
                 "--prefetch-kbytes (PREFETCH_KBYTES)",
+            ),
+            (
+                "topic.auto.offset.reset=latest",
+                "auto.offset.reset, without the prefix (the service sets auto.offset.reset \
+                 itself, and librdkafka would take either of the two)",
             ),
         ] {
             let args = parse(&["--bootstrap-servers", "k", "--kafka-option", option]).unwrap();

@@ -206,7 +206,7 @@ impl<S: Sink> LoopContext<S> {
         if !closing {
             // Broker round trips: off the runtime's worker, as the drain.
             let checked = blocking(|| {
-                starts::beyond_log_end(consumer, &self.topic, partitions, &mut starts, &mut staged)
+                starts::check(consumer, &self.topic, partitions, &mut starts, &mut staged)
             });
             never_committed = checked.never_committed;
             let (reset, refuse) = self.reset_or_refuse(consumer, checked.beyond);
@@ -253,7 +253,15 @@ impl<S: Sink> LoopContext<S> {
         self.health.set_in_group(true);
         // Incremental rebalances assign only what changes owner: say what
         // this replica owns too (last, so the line ends with it).
-        tracing::info!(topic = %self.topic, added = ?partitions, ?owned, "partitions assigned");
+        tracing::info!(
+            topic = %self.topic,
+            added = ?partitions,
+            // Started where auto.offset.reset says: what a new group
+            // replays, or skips, comes from here.
+            ?never_committed,
+            ?owned,
+            "partitions assigned"
+        );
         refused
     }
 
@@ -440,9 +448,8 @@ impl<S: Sink> Loop<S> {
         // A refused log is not the one read from: what its commits record
         // means nothing for it.
         let mut staged = Vec::new();
-        let checked = blocking(|| {
-            starts::beyond_log_end(consumer, &self.topic, &refused, &mut starts, &mut staged)
-        });
+        let checked =
+            blocking(|| starts::check(consumer, &self.topic, &refused, &mut starts, &mut staged));
         let (reset, still) = consumer.context().reset_or_refuse(consumer, checked.beyond);
         for partition in refused.iter().filter(|p| !still.contains(p)) {
             if !reset.iter().any(|(p, _)| p == partition) {
