@@ -860,7 +860,8 @@ mod tests {
         assert!(err.contains("enable.auto.commit"), "{err}");
         let args = parse(&["--bootstrap-servers", "k", "--dlq-topic", "user3"]).unwrap();
         assert!(args.validate().is_err());
-        // A setting with a flag of its own is refused, naming the flag.
+        // A setting with a flag of its own is refused, naming the flag; a
+        // second name of one the service sets, naming the first.
         for (option, flag) in [
             (
                 "session.timeout.ms=9000",

@@ -147,11 +147,10 @@ pub fn check<C: ConsumerContext, K: Consumer<C>>(
 /// under a transaction, say) is not: librdkafka asks again itself.
 ///
 /// The answer can be older than the assignment by the look-ups after it,
-/// so a commit landing in between would be missed. Only this consumer's
-/// own could: another member's carries an older generation and is
-/// refused, and this consumer's own in flight went to the coordinator
-/// ahead of the look-up, on the same connection (unless the coordinator
-/// moved in between).
+/// so a commit landing in between would be missed. None can: the
+/// partition's previous owner committed synchronously on revoke before it
+/// rejoined, a lost assignment commits nothing (`on_revoke`), and a
+/// zombie's late commit carries an older generation, which Kafka refuses.
 fn never_committed(offset: Offset, error: &KafkaResult<()>) -> bool {
     offset == Offset::Invalid && error.is_ok()
 }
