@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use futures::future::BoxFuture;
 use futures::Stream;
@@ -37,7 +38,9 @@ use gcp_bigquery_client::google::cloud::bigquery::storage::v1::{
 use gcp_bigquery_client::google::rpc;
 use prost::Message as _;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnboundedReceiverStream};
+
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -92,6 +95,8 @@ pub struct AppendSeen {
     pub rows: usize,
     /// Its encoded size.
     pub bytes: usize,
+    /// When the proxy had read it.
+    pub at: Instant,
     /// Its stream's `authorization` header.
     pub authorization: Option<String>,
 }
@@ -148,7 +153,12 @@ impl GrpcFaultProxy {
         };
         let task = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
-                .serve_with_incoming(proxy, TcpListenerStream::new(listener))
+                .serve_with_incoming(
+                    proxy,
+                    // As gRPC servers do (Google's among them): a reply is
+                    // not held back waiting for the client's ACK.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                )
                 .await;
             if let Err(err) = served {
                 eprintln!("gRPC fault proxy: {err}");
@@ -464,6 +474,7 @@ impl Proxy {
                 state.appends.push(AppendSeen {
                     rows,
                     bytes,
+                    at: Instant::now(),
                     authorization: authorization.clone(),
                 });
                 let fault = if state.pattern.is_empty() {

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::bigquery::{expected_row, Fault, FaultProxy, InsertSeen, WriteApi};
+use e2e::bigquery::{expected_row, Fault, FaultProxy, WriteApi};
 use e2e::broker::Broker;
 use e2e::generator::{Generator, Mix};
 use e2e::grpc_proxy::GrpcFaultProxy;
@@ -267,6 +267,7 @@ async fn main() -> anyhow::Result<()> {
             // The Storage Write API's instant endpoint: the tests' gRPC
             // proxy answering every append at once.
             let instant_grpc = GrpcFaultProxy::start(None).await?;
+            let storage_started = Instant::now();
             let cpu_before = own_cpu_seconds();
             figures.push(
                 run_bigquery(
@@ -325,9 +326,22 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             print_figures(&figures);
-            print_steady_state(started, &inserts, bench_cpu);
-            println!(
-                "instant gRPC endpoint (storage): bench process (proxy, polling) CPU {grpc_cpu:.2} s"
+            println!();
+            print_steady_state(
+                "insertAll",
+                started,
+                &inserts.iter().map(|i| (i.at, i.rows)).collect::<Vec<_>>(),
+                bench_cpu,
+            );
+            print_steady_state(
+                "storage",
+                storage_started,
+                &instant_grpc
+                    .appends()
+                    .iter()
+                    .map(|a| (a.at, a.rows))
+                    .collect::<Vec<_>>(),
+                grpc_cpu,
             );
         }
     }
@@ -420,21 +434,22 @@ fn print_figures(figures: &[Figures]) {
     }
 }
 
-/// The instant endpoint's run without start-up: from the first insertAll
-/// request to the last (rows after the first request over that span).
-fn print_steady_state(started: Instant, inserts: &[InsertSeen], bench_cpu: f64) {
-    let (Some(first), Some(last)) = (inserts.first(), inserts.last()) else {
+/// The instant endpoint's run without start-up: from the first request
+/// (`(when, rows)`, in arrival order) to the last, the rows after the
+/// first over that span; and the bench process's CPU meanwhile (its
+/// endpoint shares the sink's cores).
+fn print_steady_state(api: &str, started: Instant, requests: &[(Instant, usize)], bench_cpu: f64) {
+    let (Some(&(first, _)), Some(&(last, _))) = (requests.first(), requests.last()) else {
         return;
     };
-    let span = last.at.duration_since(first.at).as_secs_f64();
-    let rows: usize = inserts[1..].iter().map(|i| i.rows).sum();
-    println!();
+    let span = last.duration_since(first).as_secs_f64();
+    let rows: usize = requests[1..].iter().map(|&(_, rows)| rows).sum();
     println!(
-        "instant endpoint: first insertAll {:.2} s after start; steady state (first to last \
-         insertAll, {} requests): {rows} rows in {span:.2} s = {:.0} rows/s; bench process \
-         (proxy, polling) CPU {bench_cpu:.2} s",
-        first.at.duration_since(started).as_secs_f64(),
-        inserts.len(),
+        "instant endpoint, {api}: first request {:.2} s after start; steady state (first to \
+         last request, {} requests): {rows} rows in {span:.2} s = {:.0} rows/s; bench process \
+         (endpoint, polling) CPU {bench_cpu:.2} s",
+        first.duration_since(started).as_secs_f64(),
+        requests.len(),
         rows as f64 / span.max(f64::EPSILON),
     );
 }
