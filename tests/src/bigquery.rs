@@ -1001,9 +1001,8 @@ fn respond(
         "HTTP/1.1 {status} Injected\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    // One write: a body held back behind the head until the client ACKs
-    // it (Nagle's algorithm) would add its delay to the reply.
-    stream.write_all(&[head.as_bytes(), body].concat())?;
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
     Ok(())
 }
 
@@ -1028,6 +1027,8 @@ fn serve(
     state: &Mutex<ProxyState>,
 ) -> anyhow::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
+    // As HTTP servers do: an answer goes out at once, not after the
+    // client's ACK of the previous segment (Nagle's algorithm).
     client.set_nodelay(true)?;
     let Some(request) = read_request(&mut client)? else {
         return Ok(());

@@ -2,8 +2,8 @@
 //! storage` what [`FaultProxy`](crate::bigquery::FaultProxy) is for
 //! insertAll: a gRPC server on loopback that takes the sink's `AppendRows`
 //! streams and, request by request, forwards to the emulator or answers a
-//! fault instead. It records every append (rows, bytes, the stream's
-//! `authorization`). With no upstream it answers every append at once and
+//! fault instead. It records every append (rows, bytes, when it arrived, the
+//! stream's `authorization`). With no upstream it answers every append at once and
 //! stores nothing: the instant endpoint the benchmark measures the sink's
 //! own ceiling against.
 //!
@@ -38,7 +38,6 @@ use gcp_bigquery_client::google::cloud::bigquery::storage::v1::{
 use gcp_bigquery_client::google::rpc;
 use prost::Message as _;
 use tokio::sync::mpsc;
-
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Channel;
@@ -155,8 +154,11 @@ impl GrpcFaultProxy {
             let served = tonic::transport::Server::builder()
                 .serve_with_incoming(
                     proxy,
-                    // As gRPC servers do (Google's among them): a reply is
-                    // not held back waiting for the client's ACK.
+                    // TCP_NODELAY, as gRPC servers set it: tonic's own
+                    // default applies only to `serve`, not to an incoming
+                    // stream given here, and without it each small reply
+                    // waited on Nagle's algorithm (storage-mode benches
+                    // idled, docs/benchmarks.md).
                     TcpIncoming::from(listener).with_nodelay(Some(true)),
                 )
                 .await;

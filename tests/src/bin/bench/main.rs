@@ -246,7 +246,7 @@ async fn main() -> anyhow::Result<()> {
             let (topic, rows) = fill_topic(&stack, "bench-user2", Mix::All, events, input).await?;
             let proxy = FaultProxy::start(&stack.bigquery_endpoint)?;
             proxy.set_faults(vec![Fault::Accept]);
-            let started = Instant::now();
+            let insert_all_started = Instant::now();
             let cpu_before = own_cpu_seconds();
             let instant = run_bigquery(
                 &stack,
@@ -329,7 +329,7 @@ async fn main() -> anyhow::Result<()> {
             println!();
             print_steady_state(
                 "insertAll",
-                started,
+                insert_all_started,
                 &inserts.iter().map(|i| (i.at, i.rows)).collect::<Vec<_>>(),
                 bench_cpu,
             );
@@ -446,8 +446,8 @@ fn print_steady_state(api: &str, started: Instant, requests: &[(Instant, usize)]
     let rows: usize = requests[1..].iter().map(|&(_, rows)| rows).sum();
     println!(
         "instant endpoint, {api}: first request {:.2} s after start; steady state (first to \
-         last request, {} requests): {rows} rows in {span:.2} s = {:.0} rows/s; bench process \
-         (endpoint, polling) CPU {bench_cpu:.2} s",
+         last request, {} requests): {rows} rows after the first in {span:.2} s = {:.0} rows/s; \
+         bench process (endpoint, polling) CPU {bench_cpu:.2} s",
         first.duration_since(started).as_secs_f64(),
         requests.len(),
         rows as f64 / span.max(f64::EPSILON),
