@@ -2,10 +2,10 @@
 //! storage` what [`FaultProxy`](crate::bigquery::FaultProxy) is for
 //! insertAll: a gRPC server on loopback that takes the sink's `AppendRows`
 //! streams and, request by request, forwards to the emulator or answers a
-//! fault instead. It records every append (rows, bytes, when it arrived, the
-//! stream's `authorization`). With no upstream it answers every append at once and
-//! stores nothing: the instant endpoint the benchmark measures the sink's
-//! own ceiling against.
+//! fault instead. It records every append (rows, bytes, when it arrived,
+//! the stream's `authorization`). With no upstream it answers every append
+//! at once and stores nothing: the instant endpoint the benchmark measures
+//! the sink's own ceiling against.
 //!
 //! Each sink stream gets its own upstream stream, opened at its first
 //! forwarded append; the writer schema of the sink's first request is
