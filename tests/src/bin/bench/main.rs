@@ -282,7 +282,8 @@ async fn main() -> anyhow::Result<()> {
             // The gRPC endpoint decodes every append in full: on a
             // 2-core machine its CPU is the sink's loss.
             let grpc_cpu = own_cpu_seconds() - cpu_before;
-            let appended: usize = instant_grpc.appends().iter().map(|a| a.rows).sum();
+            let appends = instant_grpc.appends();
+            let appended: usize = appends.iter().map(|a| a.rows).sum();
             anyhow::ensure!(
                 appended == rows,
                 "the instant gRPC endpoint saw {appended} rows of {rows}"
@@ -336,11 +337,7 @@ async fn main() -> anyhow::Result<()> {
             print_steady_state(
                 "storage",
                 storage_started,
-                &instant_grpc
-                    .appends()
-                    .iter()
-                    .map(|a| (a.at, a.rows))
-                    .collect::<Vec<_>>(),
+                &appends.iter().map(|a| (a.at, a.rows)).collect::<Vec<_>>(),
                 grpc_cpu,
             );
         }
