@@ -46,6 +46,9 @@ impl<S: Sink> Loop<S> {
             }
             Err(err) => {
                 let kind = kafka_error_kind(&err);
+                // Counted before it is logged: whoever reads the log line
+                // (an operator, an alert on logs, a test) finds the count.
+                crate::metrics::retry("consume", kind);
                 if err.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
                     tracing::error!(
                         %err,
@@ -74,7 +77,6 @@ impl<S: Sink> Loop<S> {
                 } else {
                     tracing::warn!(%err, "Kafka consumer error");
                 }
-                crate::metrics::retry("consume", kind);
                 *lock(&self.shared.last_error) = Some(err.to_string());
                 false
             }
