@@ -74,6 +74,16 @@ impl Broker {
         &self.bootstrap
     }
 
+    /// `result`, with the secured broker's own logs added to its error
+    /// (unchanged on tansu and the mock cluster, whose logs are the stack's
+    /// or this process's).
+    pub fn with_logs<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        match &self.secured {
+            Some(kafka) => kafka.with_logs(result),
+            None => result,
+        }
+    }
+
     /// The mock cluster, to inject faults (`None` on tansu).
     pub fn mock(&self) -> Option<Rc<Mock>> {
         self.mock.clone()

@@ -106,7 +106,7 @@ impl Pipeline {
             Mix::User3 => "user3",
             Mix::All => "user2",
         };
-        let topic = broker.topic_with_dlq(prefix).await?;
+        let topic = broker.with_logs(broker.topic_with_dlq(prefix).await)?;
         Ok(Self {
             producer: broker.producer()?,
             group: unique(sink.binary()),
@@ -227,7 +227,8 @@ impl Pipeline {
 
     /// Waits until every record of `load` is delivered and remembers them.
     pub async fn finish(&mut self, load: Load) -> anyhow::Result<()> {
-        for (coordinates, item) in load.task.await.context("load task")?? {
+        let delivered = load.task.await.context("load task")?;
+        for (coordinates, item) in self.broker.with_logs(delivered)? {
             // Two deliveries at one offset would make the tally compare
             // against the wrong record.
             if self.produced.insert(coordinates, item).is_some() {
@@ -462,7 +463,8 @@ impl Pipeline {
 
     /// Looks at what the sink has applied ([`Pipeline::applied`]) `every`
     /// so often until `check` finds what it waits for, for up to
-    /// [`CATCH_UP_TIMEOUT`]; an error shows `service`'s log.
+    /// [`CATCH_UP_TIMEOUT`]; an error shows `service`'s log (and a secured
+    /// broker's).
     async fn poll_applied<T>(
         &self,
         every: Duration,
@@ -474,7 +476,7 @@ impl Pipeline {
             Ok(check(&self.applied().await?))
         })
         .await;
-        service.with_log(found)
+        service.with_log(self.broker.with_logs(found))
     }
 
     /// Compares the sink and the dead-letter topic with what was produced.

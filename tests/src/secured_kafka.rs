@@ -59,6 +59,8 @@ pub struct SecuredKafka {
     pub options_file: PathBuf,
     /// The same as key/value pairs, for the test's own clients.
     pub options: Vec<(String, String)>,
+    /// Where tansu and stunnel write their logs.
+    dir: PathBuf,
     tansu: Child,
     stunnel: Child,
 }
@@ -79,7 +81,7 @@ impl SecuredKafka {
         // its user admin included: the user is made before, on the same
         // storage, by a broker without it.
         let mut setup = tansu(dir, plain, plain, false)?;
-        wait_for_port(plain).await?;
+        with_logs(dir, wait_for_port(plain).await)?;
         let created = Command::new("tansu")
             .args(["user", "create", "--broker"])
             .arg(format!("tcp://127.0.0.1:{plain}"))
@@ -88,15 +90,19 @@ impl SecuredKafka {
             .context("tansu user create")?;
         let _ = setup.kill();
         let _ = setup.wait();
-        anyhow::ensure!(
-            created.status.success(),
-            "tansu user create failed: {}",
-            String::from_utf8_lossy(&created.stderr)
-        );
+        if !created.status.success() {
+            return with_logs(
+                dir,
+                Err(anyhow::anyhow!(
+                    "tansu user create failed: {}",
+                    String::from_utf8_lossy(&created.stderr)
+                )),
+            );
+        }
         let tansu = tansu(dir, plain, tls, true)?;
         let stunnel = stunnel(dir, pki, tls, plain)?;
-        wait_for_port(plain).await?;
-        wait_for_port(tls).await?;
+        with_logs(dir, wait_for_port(plain).await)?;
+        with_logs(dir, wait_for_port(tls).await)?;
 
         let options: Vec<(String, String)> = [
             ("security.protocol", "SASL_SSL"),
@@ -119,10 +125,37 @@ impl SecuredKafka {
             bootstrap: format!("127.0.0.1:{tls}"),
             options_file,
             options,
+            dir: dir.to_owned(),
             tansu,
             stunnel,
         })
     }
+
+    /// `result`, its error followed by what tansu and stunnel logged: a
+    /// broker-side refusal (a SCRAM lookup, a TLS handshake) shows only
+    /// there.
+    pub fn with_logs<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        with_logs(&self.dir, result)
+    }
+}
+
+fn with_logs<T>(dir: &Path, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    result.map_err(|err| {
+        let tail = |name: &str, keep: &dyn Fn(&str) -> bool| {
+            let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        };
+        // stunnel's errors and warnings (LOG3, LOG4); its notices are one
+        // line per connection.
+        let stunnel = tail("stunnel.log", &|l| {
+            l.contains(" LOG3[") || l.contains(" LOG4[")
+        });
+        anyhow::anyhow!(
+            "{err:#}\ntansu.log (last 20 lines):\n{}\nstunnel.log (errors, last 20):\n{stunnel}",
+            tail("tansu.log", &|_| true)
+        )
+    })
 }
 
 impl Drop for SecuredKafka {
@@ -180,6 +213,8 @@ fn tansu(dir: &Path, listen: u16, advertise: u16, authentication: bool) -> anyho
         command.arg("--authentication");
     }
     command
+        // Warnings and errors, whatever the test's own RUST_LOG.
+        .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log_file(dir, "tansu.log")?)
