@@ -144,9 +144,21 @@ pub fn unique(prefix: &str) -> String {
 
 /// A loopback port free right now (for a service's --metrics-addr).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let [port] = free_ports()?;
+    Ok(port)
+}
+
+/// `N` different loopback ports free right now. (Taken one after the other,
+/// a port freed by the first could come back as the second.)
+pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// Whether the service serving metrics on `port` answers /readyz with 200

@@ -11,6 +11,7 @@
 //! against the test's CA, client certificate required by stunnel) and SCRAM
 //! (tansu checks the password) are what a test exercises.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -61,8 +62,9 @@ pub struct SecuredKafka {
     pub options: Vec<(String, String)>,
     /// Where tansu and stunnel write their logs.
     dir: PathBuf,
-    tansu: Child,
-    stunnel: Child,
+    /// tansu, then stunnel (a `RefCell`: [`SecuredKafka::with_logs`] asks
+    /// whether they still run).
+    children: RefCell<[Child; 2]>,
 }
 
 impl SecuredKafka {
@@ -75,16 +77,16 @@ impl SecuredKafka {
         password: &str,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let plain = crate::free_port()?;
-        let tls = crate::free_port()?;
+        let [setup_port, plain, tls] = crate::free_ports()?;
         // tansu refuses every request but SASL once --authentication is on,
         // its user admin included: the user is made before, on the same
-        // storage, by a broker without it.
-        let mut setup = tansu(dir, plain, plain, false)?;
-        with_logs(dir, wait_for_port(plain).await)?;
+        // storage, by a broker without it (on a port of its own, so that
+        // `plain` is never free for another test to take).
+        let mut setup = tansu(dir, setup_port, setup_port, false, "tansu-setup.log")?;
+        with_logs(dir, wait_for_port(setup_port).await)?;
         let created = Command::new("tansu")
             .args(["user", "create", "--broker"])
-            .arg(format!("tcp://127.0.0.1:{plain}"))
+            .arg(format!("tcp://127.0.0.1:{setup_port}"))
             .args(["--mechanism", scram.tansu_name(), USER, password])
             .output()
             .context("tansu user create")?;
@@ -99,72 +101,81 @@ impl SecuredKafka {
                 )),
             );
         }
-        let tansu = tansu(dir, plain, tls, true)?;
+        let tansu = tansu(dir, plain, tls, true, "tansu.log")?;
         let stunnel = stunnel(dir, pki, tls, plain)?;
-        with_logs(dir, wait_for_port(plain).await)?;
-        with_logs(dir, wait_for_port(tls).await)?;
-
-        let options: Vec<(String, String)> = [
-            ("security.protocol", "SASL_SSL"),
-            ("sasl.mechanism", scram.mechanism()),
-            ("sasl.username", USER),
-            ("sasl.password", password),
-            ("ssl.ca.location", &pki.ca.display().to_string()),
-            (
-                "ssl.certificate.location",
-                &pki.client_cert.display().to_string(),
-            ),
-            ("ssl.key.location", &pki.client_key.display().to_string()),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-        let options_file = dir.join("kafka.properties");
-        write_properties(&options_file, &options)?;
-        Ok(Self {
+        let kafka = Self {
             bootstrap: format!("127.0.0.1:{tls}"),
-            options_file,
-            options,
+            options_file: dir.join("kafka.properties"),
+            options: [
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", scram.mechanism()),
+                ("sasl.username", USER),
+                ("sasl.password", password),
+                ("ssl.ca.location", &pki.ca.display().to_string()),
+                (
+                    "ssl.certificate.location",
+                    &pki.client_cert.display().to_string(),
+                ),
+                ("ssl.key.location", &pki.client_key.display().to_string()),
+            ]
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
             dir: dir.to_owned(),
-            tansu,
-            stunnel,
-        })
+            children: RefCell::new([tansu, stunnel]),
+        };
+        kafka.with_logs(wait_for_port(plain).await)?;
+        kafka.with_logs(wait_for_port(tls).await)?;
+        write_properties(&kafka.options_file, &kafka.options)?;
+        Ok(kafka)
     }
 
-    /// `result`, its error followed by what tansu and stunnel logged: a
-    /// broker-side refusal (a SCRAM lookup, a TLS handshake) shows only
-    /// there.
+    /// `result`, its error followed by whether tansu and stunnel still run
+    /// and what they logged: a broker-side refusal (a SCRAM lookup, a TLS
+    /// handshake) shows only there.
     pub fn with_logs<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        let running = |child: &mut Child| match child.try_wait() {
+            Ok(None) => "running".to_owned(),
+            Ok(Some(status)) => format!("exited ({status})"),
+            Err(err) => format!("unknown ({err})"),
+        };
+        let [tansu, stunnel] = &mut *self.children.borrow_mut();
+        let (tansu, stunnel) = (running(tansu), running(stunnel));
         with_logs(&self.dir, result)
+            .map_err(|err| anyhow::anyhow!("tansu {tansu}, stunnel {stunnel}: {err:#}"))
     }
 }
 
+impl Drop for SecuredKafka {
+    fn drop(&mut self) {
+        for child in self.children.get_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `result`, its error followed by the tails of the logs in `dir`.
 fn with_logs<T>(dir: &Path, result: anyhow::Result<T>) -> anyhow::Result<T> {
     result.map_err(|err| {
         let tail = |name: &str, keep: &dyn Fn(&str) -> bool| {
             let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
             let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
-            lines[lines.len().saturating_sub(20)..].join("\n")
+            format!(
+                "\n{name} (last {} lines):\n{}",
+                lines.len().min(20),
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            )
         };
         // stunnel's errors and warnings (LOG3, LOG4); its notices are one
         // line per connection.
         let stunnel = tail("stunnel.log", &|l| {
             l.contains(" LOG3[") || l.contains(" LOG4[")
         });
-        anyhow::anyhow!(
-            "{err:#}\ntansu.log (last 20 lines):\n{}\nstunnel.log (errors, last 20):\n{stunnel}",
-            tail("tansu.log", &|_| true)
-        )
+        let setup = tail("tansu-setup.log", &|_| true);
+        let tansu = tail("tansu.log", &|_| true);
+        anyhow::anyhow!("{err:#}{setup}{tansu}{stunnel}")
     })
-}
-
-impl Drop for SecuredKafka {
-    fn drop(&mut self) {
-        for child in [&mut self.tansu, &mut self.stunnel] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Writes to `out` the properties file `base` with `changes` made.
@@ -198,8 +209,15 @@ pub fn write_properties(path: &Path, options: &[(String, String)]) -> anyhow::Re
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// tansu listening on `listen`, advertising `advertise`, storing in `dir`.
-fn tansu(dir: &Path, listen: u16, advertise: u16, authentication: bool) -> anyhow::Result<Child> {
+/// tansu listening on `listen`, advertising `advertise`, storing in `dir`,
+/// logging to `log` there.
+fn tansu(
+    dir: &Path,
+    listen: u16,
+    advertise: u16,
+    authentication: bool,
+    log: &str,
+) -> anyhow::Result<Child> {
     let mut command = Command::new("tansu");
     command
         .current_dir(dir)
@@ -217,7 +235,7 @@ fn tansu(dir: &Path, listen: u16, advertise: u16, authentication: bool) -> anyho
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(log_file(dir, "tansu.log")?)
+        .stderr(log_file(dir, log)?)
         .spawn()
         .context("cannot start tansu (scripts/stack.sh up installs it)")
 }

@@ -58,12 +58,20 @@ impl TestPki {
             std::fs::write(&path, pem)?;
             anyhow::Ok(path)
         };
+        // Keys readable by their owner only, as servers expect (stunnel
+        // warns of anything more).
+        let write_key = |name: &str, pem: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            let path = write(name, pem)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            anyhow::Ok(path)
+        };
         Ok(Self {
             ca: write("ca.pem", &ca.pem())?,
             server_cert: write("server.pem", &server_cert)?,
-            server_key: write("server-key.pem", &server_key)?,
+            server_key: write_key("server-key.pem", &server_key)?,
             client_cert: write("client.pem", &client_cert)?,
-            client_key: write("client-key.pem", &client_key)?,
+            client_key: write_key("client-key.pem", &client_key)?,
         })
     }
 }
