@@ -45,38 +45,7 @@ impl<S: Sink> Loop<S> {
                 true
             }
             Err(err) => {
-                let kind = kafka_error_kind(&err);
-                // Counted before it is logged: whoever reads the log line
-                // (an operator, an alert on logs, a test) finds the count.
-                crate::metrics::retry("consume", kind);
-                if err.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
-                    tracing::error!(
-                        %err,
-                        "this member cannot join its group: the members in it use another kind \
-                         of partition.assignment.strategy (cooperative-sticky here; eager range or \
-                         roundrobin there, as versions before cooperative rebalancing). Stop the \
-                         old members first, or set --kafka-option \
-                         partition.assignment.strategy=range (deploy/README.md)"
-                    );
-                } else if matches!(kind, "kafka_authentication" | "kafka_tls") {
-                    tracing::error!(
-                        %err,
-                        "Kafka refused this client's TLS or credentials, and nothing is consumed \
-                         until they are fixed: check security.protocol, sasl.mechanism, \
-                         sasl.username / sasl.password and the ssl.*.location files in \
-                         --kafka-options-file (KAFKA_OPTIONS_FILE) or KAFKA_OPTIONS \
-                         (docs/security.md)"
-                    );
-                } else if kind == "kafka_authorization" {
-                    tracing::error!(
-                        %err,
-                        "Kafka's ACLs refuse this client: its principal needs Read and Describe \
-                         on the topic, Read on the consumer group, and Write and Describe on the \
-                         dead-letter topic"
-                    );
-                } else {
-                    tracing::warn!(%err, "Kafka consumer error");
-                }
+                report_consumer_error(&err);
                 *lock(&self.shared.last_error) = Some(err.to_string());
                 false
             }
@@ -188,6 +157,43 @@ pub(super) fn detach(topic: &Arc<str>, message: &BorrowedMessage<'_>) -> Record 
     }
 }
 
+/// Counts a consumer error (`sink_retries_total`, by kind), then logs it,
+/// saying what to fix when it is the client's setup.
+fn report_consumer_error(err: &rdkafka::error::KafkaError) {
+    let kind = kafka_error_kind(err);
+    // Counted before it is logged: whoever reads the log line
+    // (an operator, an alert on logs, a test) finds the count.
+    crate::metrics::retry("consume", kind);
+    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
+        tracing::error!(
+            %err,
+            "this member cannot join its group: the members in it use another kind \
+             of partition.assignment.strategy (cooperative-sticky here; eager range or \
+             roundrobin there, as versions before cooperative rebalancing). Stop the \
+             old members first, or set --kafka-option \
+             partition.assignment.strategy=range (deploy/README.md)"
+        );
+    } else if matches!(kind, "kafka_authentication" | "kafka_tls") {
+        tracing::error!(
+            %err,
+            "Kafka refused this client's TLS or credentials, and nothing is consumed \
+             until they are fixed: check security.protocol, sasl.mechanism, \
+             sasl.username / sasl.password and the ssl.*.location files in \
+             --kafka-options-file (KAFKA_OPTIONS_FILE) or KAFKA_OPTIONS \
+             (docs/security.md)"
+        );
+    } else if kind == "kafka_authorization" {
+        tracing::error!(
+            %err,
+            "Kafka's ACLs refuse this client: its principal needs Read and Describe \
+             on the topic, Read on the consumer group, and Write and Describe on the \
+             dead-letter topic"
+        );
+    } else {
+        tracing::warn!(%err, "Kafka consumer error");
+    }
+}
+
 /// The `kind` label of a consumer error librdkafka retries by itself: a
 /// handful of values, so that an alert can tell a refused login from a
 /// broker that is down.
@@ -203,5 +209,57 @@ fn kafka_error_kind(err: &rdkafka::error::KafkaError) -> &'static str {
         ) => "kafka_authorization",
         Some(Code::AllBrokersDown | Code::BrokerTransportFailure) => "kafka_unreachable",
         _ => "kafka_other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use tracing_subscriber::layer::{Context, SubscriberExt as _};
+    use tracing_subscriber::Layer;
+
+    use super::report_consumer_error;
+
+    /// Renders /metrics at each event logged.
+    struct MetricsAtEachEvent {
+        handle: PrometheusHandle,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl<S: tracing::Subscriber> Layer<S> for MetricsAtEachEvent {
+        fn on_event(&self, _: &tracing::Event<'_>, _: Context<'_, S>) {
+            crate::lock(&self.seen).push(self.handle.render());
+        }
+    }
+
+    /// Whoever reads a consumer error's log line, then scrapes /metrics,
+    /// finds it counted (a test that did so once found 0).
+    #[test]
+    fn a_consumer_error_is_counted_when_its_line_is_logged() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(MetricsAtEachEvent {
+            handle: recorder.handle(),
+            seen: Arc::clone(&seen),
+        });
+        metrics::with_local_recorder(&recorder, || {
+            tracing::subscriber::with_default(subscriber, || {
+                report_consumer_error(&KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::Authentication,
+                ));
+            });
+        });
+        let seen = crate::lock(&seen);
+        assert_eq!(seen.len(), 1, "one line logged");
+        assert!(
+            seen[0].contains(
+                "sink_retries_total{operation=\"consume\",kind=\"kafka_authentication\"} 1"
+            ),
+            "{}",
+            seen[0]
+        );
     }
 }
