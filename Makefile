@@ -16,7 +16,8 @@ build:
 
 ## test: start the local stack (with a Redis Cluster beside the standalone Redis:
 ## redis-sink's end-to-end tests run on both), run every test (the live page's in
-## headless Chromium, installed if missing), stop the stack even on failure.
+## headless Chromium, installed if missing), print any test fixture that failed
+## once and was made again, stop the stack even on failure.
 test:
 	@$(BUILD_DEPS)
 	@scripts/chromium.sh
@@ -24,7 +25,9 @@ test:
 	@set +e; eval "$$($(STACK) env)"; \
 	  cargo build --workspace --bins || { $(STACK) down; exit 1; }; \
 	  cargo nextest --version >/dev/null 2>&1 && runner="cargo nextest run --workspace --no-fail-fast" || runner="cargo test --workspace --no-fail-fast"; \
+	  retries="$$STACK_DIR/logs/fixture-retries.log"; rm -f "$$retries"; \
 	  $$runner; status=$$?; \
+	  if [ -s "$$retries" ]; then echo "test fixtures that failed once and were made again:"; cat "$$retries"; fi; \
 	  $(STACK) down; exit $$status
 
 ## unit: tests that need no stack.

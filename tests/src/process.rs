@@ -1,6 +1,6 @@
 //! Running the service binaries as real processes (kill -9, SIGTERM, scale).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -219,9 +219,20 @@ impl Service {
 
     /// The last lines of its log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        tail(&self.log, 30, &|_| true)
+    }
+}
+
+/// The last `count` lines of the file at `path` that `keep` keeps, for
+/// failure messages (what went wrong reading it, if it could not be read).
+pub fn tail(path: &Path, count: usize, keep: &dyn Fn(&str) -> bool) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
+            lines[lines.len().saturating_sub(count)..].join("\n")
+        }
+        Err(err) => format!("(cannot read {}: {err})", path.display()),
     }
 }
 

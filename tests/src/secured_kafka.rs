@@ -62,9 +62,8 @@ pub struct SecuredKafka {
     pub options: Vec<(String, String)>,
     /// Where tansu and stunnel write their logs.
     dir: PathBuf,
-    /// tansu, then stunnel (a `RefCell`: [`SecuredKafka::with_logs`] asks
-    /// whether they still run).
-    children: RefCell<[Child; 2]>,
+    tansu: RefCell<Running>,
+    stunnel: RefCell<Running>,
 }
 
 impl SecuredKafka {
@@ -80,20 +79,25 @@ impl SecuredKafka {
         let [setup_port, plain, tls] = crate::free_ports()?;
         // tansu refuses every request but SASL once --authentication is on,
         // its user admin included: the user is made before, on the same
-        // storage, by a broker without it (on a port of its own, so that
-        // `plain` is never free for another test to take).
-        let mut setup = tansu(dir, setup_port, setup_port, false, "tansu-setup.log")?;
-        with_logs(dir, wait_for_port(setup_port).await)?;
+        // storage, by a broker without it, on a port of its own (the broker
+        // the tests use never restarts on a port just freed).
+        let setup = Running(tansu(
+            dir,
+            setup_port,
+            setup_port,
+            false,
+            "tansu-setup.log",
+        )?);
+        with_log_tails(dir, wait_for_port(setup_port).await)?;
         let created = Command::new("tansu")
             .args(["user", "create", "--broker"])
             .arg(format!("tcp://127.0.0.1:{setup_port}"))
             .args(["--mechanism", scram.tansu_name(), USER, password])
             .output()
             .context("tansu user create")?;
-        let _ = setup.kill();
-        let _ = setup.wait();
+        drop(setup);
         if !created.status.success() {
-            return with_logs(
+            return with_log_tails(
                 dir,
                 Err(anyhow::anyhow!(
                     "tansu user create failed: {}",
@@ -101,8 +105,8 @@ impl SecuredKafka {
                 )),
             );
         }
-        let tansu = tansu(dir, plain, tls, true, "tansu.log")?;
-        let stunnel = stunnel(dir, pki, tls, plain)?;
+        let tansu = Running(tansu(dir, plain, tls, true, "tansu.log")?);
+        let stunnel = Running(stunnel(dir, pki, tls, plain)?);
         let kafka = Self {
             bootstrap: format!("127.0.0.1:{tls}"),
             options_file: dir.join("kafka.properties"),
@@ -122,7 +126,8 @@ impl SecuredKafka {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
             dir: dir.to_owned(),
-            children: RefCell::new([tansu, stunnel]),
+            tansu: RefCell::new(tansu),
+            stunnel: RefCell::new(stunnel),
         };
         kafka.with_logs(wait_for_port(plain).await)?;
         kafka.with_logs(wait_for_port(tls).await)?;
@@ -131,51 +136,70 @@ impl SecuredKafka {
     }
 
     /// `result`, its error followed by whether tansu and stunnel still run
-    /// and what they logged: a broker-side refusal (a SCRAM lookup, a TLS
-    /// handshake) shows only there.
+    /// and what they logged (a panic or storage error in tansu, a handshake
+    /// stunnel refused).
     pub fn with_logs<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
-        let running = |child: &mut Child| match child.try_wait() {
-            Ok(None) => "running".to_owned(),
-            Ok(Some(status)) => format!("exited ({status})"),
-            Err(err) => format!("unknown ({err})"),
-        };
-        let [tansu, stunnel] = &mut *self.children.borrow_mut();
-        let (tansu, stunnel) = (running(tansu), running(stunnel));
-        with_logs(&self.dir, result)
-            .map_err(|err| anyhow::anyhow!("tansu {tansu}, stunnel {stunnel}: {err:#}"))
+        result.map_err(|err| {
+            let (tansu, stunnel) = (
+                self.tansu.borrow_mut().state(),
+                self.stunnel.borrow_mut().state(),
+            );
+            anyhow::anyhow!(
+                "tansu {tansu}, stunnel {stunnel}: {err:#}{}",
+                log_tails(&self.dir)
+            )
+        })
     }
 }
 
-impl Drop for SecuredKafka {
-    fn drop(&mut self) {
-        for child in self.children.get_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+/// A child process, killed when dropped (also when a start fails half-way).
+struct Running(Child);
+
+impl Running {
+    /// "running", or how it exited.
+    fn state(&mut self) -> String {
+        match self.0.try_wait() {
+            Ok(None) => "running".to_owned(),
+            Ok(Some(status)) => format!("exited ({status})"),
+            Err(err) => format!("unknown ({err})"),
         }
     }
 }
 
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `result`, its error followed by the tails of the logs in `dir`.
-fn with_logs<T>(dir: &Path, result: anyhow::Result<T>) -> anyhow::Result<T> {
-    result.map_err(|err| {
-        let tail = |name: &str, keep: &dyn Fn(&str) -> bool| {
-            let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
-            format!(
-                "\n{name} (last {} lines):\n{}",
-                lines.len().min(20),
-                lines[lines.len().saturating_sub(20)..].join("\n")
-            )
-        };
-        // stunnel's errors and warnings (LOG3, LOG4); its notices are one
-        // line per connection.
-        let stunnel = tail("stunnel.log", &|l| {
-            l.contains(" LOG3[") || l.contains(" LOG4[")
-        });
-        let setup = tail("tansu-setup.log", &|_| true);
-        let tansu = tail("tansu.log", &|_| true);
-        anyhow::anyhow!("{err:#}{setup}{tansu}{stunnel}")
-    })
+fn with_log_tails<T>(dir: &Path, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    result.map_err(|err| anyhow::anyhow!("{err:#}{}", log_tails(dir)))
+}
+
+/// The last lines of the setup broker's, tansu's and stunnel's logs in
+/// `dir`.
+fn log_tails(dir: &Path) -> String {
+    let tail = |name: &str, keep: &dyn Fn(&str) -> bool| {
+        format!(
+            "\n{name}, last lines:\n{}",
+            crate::process::tail(&dir.join(name), 20, keep)
+        )
+    };
+    // stunnel's errors and warnings (LOG3, LOG4; its notices are a line per
+    // connection), without the readiness probe's: wait_for_port connects
+    // and closes without a handshake.
+    let stunnel = tail("stunnel.log", &|l| {
+        (l.contains(" LOG3[") || l.contains(" LOG4["))
+            && !(l.contains("SSL_accept") && l.contains("unexpected eof"))
+    });
+    let all = |_: &str| true;
+    format!(
+        "{}{}{stunnel}",
+        tail("tansu-setup.log", &all),
+        tail("tansu.log", &all)
+    )
 }
 
 /// Writes to `out` the properties file `base` with `changes` made.
@@ -230,12 +254,15 @@ fn tansu(
     if authentication {
         command.arg("--authentication");
     }
+    // Its banner (listener, storage, "ready") and, whatever the test's own
+    // RUST_LOG, its warnings (a refused produce) and errors; a refused
+    // login it logs only at debug.
+    let log = log_file(dir, log)?;
     command
-        // Warnings and errors, whatever the test's own RUST_LOG.
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file(dir, log)?)
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .spawn()
         .context("cannot start tansu (scripts/stack.sh up installs it)")
 }

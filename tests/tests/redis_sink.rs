@@ -438,8 +438,9 @@ async fn a_private_ca_mutual_tls_and_a_password_file_reach_redis() -> anyhow::Re
 ///
 /// The broker (tansu behind stunnel) is the tests' fixture, not what they
 /// check, and no service has started yet: if making it or producing to it
-/// fails, the error (with tansu's and stunnel's logs) is printed and a
-/// fresh broker is made once more.
+/// fails, a fresh broker is made once more. The first error (with tansu's
+/// and stunnel's logs) goes to `fixture-retries.log` in the stack's logs,
+/// which `make test` prints: a passing test's output is not shown.
 async fn on_secured_kafka(
     scram: Scram,
     events: Vec<Generated>,
@@ -457,7 +458,16 @@ async fn on_secured_kafka(
     match attempt().await {
         Ok(made) => Ok(made),
         Err(err) => {
-            eprintln!("the SASL_SSL broker fixture failed; trying a fresh one: {err:#}");
+            let record =
+                format!("the SASL_SSL broker fixture failed; trying a fresh one: {err:#}\n");
+            eprint!("{record}");
+            let logs = stack.dir.join("logs");
+            std::fs::create_dir_all(&logs)?;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(logs.join("fixture-retries.log"))
+                .and_then(|mut file| std::io::Write::write_all(&mut file, record.as_bytes()))?;
             attempt().await
         }
     }
