@@ -315,12 +315,9 @@ impl PrivateRedis {
         secured: Option<Secured>,
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
         Ok(Self {
             child: None,
-            port,
+            port: crate::free_port()?,
             dir,
             append_only,
             secured,
