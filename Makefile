@@ -5,6 +5,10 @@ SHELL := /bin/bash
 STACK := scripts/stack.sh
 # System packages the build needs (libcurl's headers, for OIDC): installed if missing.
 BUILD_DEPS := scripts/build-deps.sh
+# A full disk shows up late and obscurely (the linker dies with "Bus error"):
+# say so first. The test build writes about 4 GB under target/.
+DISK_CHECK = free_gb=$$(df -Pk . | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+  [ "$$free_gb" -ge 6 ] || echo "warning: $$free_gb GB free on this disk; make test writes about 4 GB under target/ (free some space, or set CARGO_TARGET_DIR to a larger disk)" >&2
 # Where cargo puts binaries: CARGO_TARGET_DIR or build.target-dir may move it.
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 
@@ -20,6 +24,7 @@ build:
 ## once and was made again, stop the stack even on failure.
 test:
 	@$(BUILD_DEPS)
+	@$(DISK_CHECK)
 	@scripts/chromium.sh
 	@STACK_REDIS=both $(STACK) up > /dev/null
 	@set +e; eval "$$($(STACK) env)"; \
