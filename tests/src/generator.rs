@@ -57,6 +57,10 @@ pub const KEYWORDS: &[&str] = &[
     "toy story",
 ];
 
+/// How much earlier than its place in the stream an event's time may be
+/// ([`Generator::in_time_order`]).
+pub const ARRIVAL_JITTER_MS: i64 = 1_000;
+
 /// Event kinds besides search / movie_detail, as they appear on user2.
 pub const OTHER_KINDS: &[&str] = &["login", "logout", "play", "pause", "rate", "signup"];
 
@@ -106,6 +110,9 @@ pub struct Generator {
     now_ms: i64,
     /// Event times are spread over this long before `now_ms`.
     spread_ms: i64,
+    /// Set by [`Generator::in_time_order`]: how many events the spread
+    /// holds, in time order.
+    in_order: Option<u64>,
     seq: u64,
     /// Set by [`Generator::production`].
     production: Option<Production>,
@@ -142,6 +149,7 @@ impl Generator {
             movies: 500,
             now_ms,
             spread_ms: 7_200_000,
+            in_order: None,
             seq: 0,
             production: None,
         }
@@ -176,6 +184,17 @@ impl Generator {
     /// for 300,000 events at 5,000 a second).
     pub fn spread(mut self, ms: i64) -> Self {
         self.spread_ms = ms.max(1);
+        self
+    }
+
+    /// Event times in the order the events come, as Logstash ships a live
+    /// stream (or a backlog of one): `events` of them rise evenly over the
+    /// spread to `now_ms`, each up to [`ARRIVAL_JITTER_MS`] earlier than its
+    /// place (several web servers' lines meet in Logstash). Without it, times
+    /// are drawn at random over the whole spread: every batch then touches
+    /// every minute of it, which no stream does.
+    pub fn in_time_order(mut self, events: usize) -> Self {
+        self.in_order = Some((events as u64).max(1));
         self
     }
 
@@ -235,7 +254,19 @@ impl Generator {
             Mix::All if roll < 0.55 => "movie_detail",
             Mix::All => OTHER_KINDS[self.rng.random_range(0..OTHER_KINDS.len())],
         };
-        let time_ms = self.now_ms - self.rng.random_range(0..self.spread_ms);
+        let time_ms = match self.in_order {
+            Some(events) => {
+                let elapsed = i128::from(self.seq.min(events)) * i128::from(self.spread_ms)
+                    / i128::from(events);
+                let place =
+                    self.now_ms - self.spread_ms + i64::try_from(elapsed).unwrap_or(self.spread_ms);
+                place
+                    - self
+                        .rng
+                        .random_range(0..ARRIVAL_JITTER_MS.min(self.spread_ms))
+            }
+            None => self.now_ms - self.rng.random_range(0..self.spread_ms),
+        };
         let timestamp = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(time_ms)
             .unwrap_or_default()
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -610,6 +641,42 @@ mod tests {
             "{} bytes an event",
             bytes / n
         );
+    }
+
+    #[test]
+    fn times_in_order_rise_through_the_spread_as_a_stream_does() {
+        let now = 1_700_000_000_000;
+        let (events, spread) = (30_000, 60_000);
+        let mut g = Generator::new(7, Mix::User3, now)
+            .production()
+            .spread(spread)
+            .in_time_order(events);
+        let times: Vec<i64> = (0..events)
+            .filter_map(|_| g.next_event().truth.map(|t| t.time_ms))
+            .collect();
+        assert!(times.len() > events * 9 / 10, "{} valid", times.len());
+        let earliest = now - spread - ARRIVAL_JITTER_MS;
+        assert!(times.iter().all(|t| (earliest..=now).contains(t)));
+        // An event is never more than the jitter older than any event
+        // before it: a 5,000-event stretch spans seconds, not the spread.
+        let mut latest = earliest;
+        for time in &times {
+            assert!(
+                *time > latest - 2 * ARRIVAL_JITTER_MS,
+                "{time} after {latest}"
+            );
+            latest = latest.max(*time);
+        }
+        let minutes = |chunk: &[i64]| {
+            chunk
+                .iter()
+                .map(|t| t.div_euclid(60_000))
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        };
+        assert!(times.chunks(5_000).all(|chunk| minutes(chunk) <= 2));
+        assert!(times.first() < Some(&(now - spread + 1_000)));
+        assert!(times.last() > Some(&(now - 2_000)));
     }
 
     #[test]

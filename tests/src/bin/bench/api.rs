@@ -37,6 +37,7 @@ pub async fn run(stack: &Stack, events: usize, clients: usize, seconds: u64) -> 
         Input::Production {
             malformed: 0.01,
             spread_ms: super::TWO_HOURS_MS,
+            in_order: false,
         },
     )
     .await?;

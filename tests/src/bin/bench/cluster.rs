@@ -45,6 +45,7 @@ pub async fn run(stack: &Stack, events: usize, malformed: f64) -> anyhow::Result
     let input = Input::Production {
         malformed,
         spread_ms: super::TWO_HOURS_MS,
+        in_order: false,
     };
     let label = format!("production {:.0}% bad", malformed * 100.0);
     let (topic, _) = fill_topic(
