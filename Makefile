@@ -6,10 +6,10 @@ STACK := scripts/stack.sh
 # System packages the build needs (libcurl's headers, for OIDC): installed if missing.
 BUILD_DEPS := scripts/build-deps.sh
 # A full disk shows up late and obscurely (the linker dies with "Bus error"):
-# say so first. A first run took 5.9 GB at its peak (installs included), 3.4 GB
+# say so first. A first run took 5.6 GiB at its peak (installs included), 3.4 GiB
 # of it left in target/.
 DISK_CHECK = free_gb=$$(df -Pk . | awk 'NR == 2 { print int($$4 / 1048576) }'); \
-  [ "$$free_gb" -ge 6 ] || echo "warning: $$free_gb GB free on this disk; a first make test needs about 6 GB (free some space, or set CARGO_TARGET_DIR to a larger disk)" >&2
+  [ "$$free_gb" -ge 6 ] || echo "warning: $$free_gb GiB free on this disk; a first make test needs about 6 GiB (free some space, or set CARGO_TARGET_DIR to a larger disk)" >&2
 # Where cargo puts binaries: CARGO_TARGET_DIR or build.target-dir may move it.
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 
