@@ -8,8 +8,9 @@ BUILD_DEPS := scripts/build-deps.sh
 # A full disk shows up late and obscurely (the linker dies with "Bus error"):
 # say so first. A first run took 5.6 GiB at its peak (installs included), 3.4 GiB
 # of it left in target/.
-DISK_CHECK = free_gb=$$(df -Pk . | awk 'NR == 2 { print int($$4 / 1048576) }'); \
-  [ "$$free_gb" -ge 6 ] || echo "warning: $$free_gb GiB free on this disk; a first make test needs about 6 GiB (free some space, or set CARGO_TARGET_DIR to a larger disk)" >&2
+DISK_CHECK = dir="$(TARGET_DIR)"; while [ ! -d "$$dir" ]; do dir=$$(dirname "$$dir"); done; \
+  free_gb=$$(df -Pk "$$dir" | awk 'NR == 2 { print int($$4 / 1048576) }'); \
+  [ -z "$$free_gb" ] || [ "$$free_gb" -ge 6 ] || echo "warning: $$free_gb GiB free on the disk of $$dir; a first make test needs about 6 GiB (free some space, or set CARGO_TARGET_DIR to a larger disk)" >&2
 # Where cargo puts binaries: CARGO_TARGET_DIR or build.target-dir may move it.
 TARGET_DIR = $(shell cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 

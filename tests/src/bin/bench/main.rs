@@ -6,7 +6,10 @@
 //! batches of its 16 KB, 20,000 users, Zipf-popular keywords and movies,
 //! web-server fields, a share of malformed lines: readable JSON objects that
 //! are not a search or a view, as Logstash routes them to user3;
-//! `Generator::production`), once per `--malformed` share. Measures, for the
+//! `Generator::production`; event times in the order the events come, over
+//! `--time-spread-secs`), once per `--malformed` share, then once more at
+//! 1 % with times shuffled over two hours (`--shuffled-times`, the worst
+//! case for the rankings by minute and hour). Measures, for the
 //! do-nothing sink (the consumer's own ceiling) and for redis-sink, the time
 //! from process start until every offset is applied, events/s, peak RSS,
 //! and (redis) Redis commands per event. redis-sink runs against a fresh
@@ -135,7 +138,8 @@ enum Command {
         /// events come (as Logstash ships a live stream or a backlog of one),
         /// over this many seconds up to now: 60 is 300,000 events at 5,000 a
         /// second.
-        #[arg(long, default_value_t = STREAM_SPREAD_SECS)]
+        #[arg(long, default_value_t = STREAM_SPREAD_SECS,
+              value_parser = clap::value_parser!(i64).range(1..=7 * 24 * 3600))]
         time_spread_secs: i64,
         /// Also run the 1 % share with event times shuffled over two hours:
         /// every batch then touches every minute of them, the worst case
@@ -212,9 +216,9 @@ async fn main() -> anyhow::Result<()> {
             }
             if input != Inputs::Uniform {
                 let in_order = malformed.iter().map(|share| {
-                    let mut label = format!("production {:.0}% bad", share * 100.0);
+                    let mut label = format!("production {:.0}% bad, times in order", share * 100.0);
                     if time_spread_secs != STREAM_SPREAD_SECS {
-                        label += &format!(", times over {time_spread_secs} s");
+                        label += &format!(" over {time_spread_secs} s");
                     }
                     let production = Input::Production {
                         malformed: *share,
