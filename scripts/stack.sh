@@ -76,8 +76,9 @@ install_apt_packages() {   # redis-server (+ redis-cli), curl, and stunnel4 (TLS
 install_bqemulator() {
     local stamp="$BQ_VENV/.movielog-stack-installed"
     [ "$(cat "$stamp" 2>/dev/null)" = "${BQ_PACKAGES[*]}" ] || install_bqemulator_packages "$stamp"
-    # Its Storage Write API deadlocks beside its REST API without this (see the script).
-    local patch="$REPO/deploy/bqemulator/patch_write_api.py" status=0
+    # Without it the Storage Write API deadlocks beside the REST API, and every
+    # write copies the whole table (see the script).
+    local patch="$REPO/deploy/bqemulator/patch_bqemulator.py" status=0
     "$BQ_VENV/bin/python" "$patch" || status=$?
     if [ "$status" = 3 ]; then   # patched by an older version of the script
         "$BQ_VENV/bin/pip" install --disable-pip-version-check -q --force-reinstall --no-deps "${BQ_PACKAGES[0]}" \

@@ -1,4 +1,5 @@
-"""Patches bqemulator 1.4.0 so its Storage Write API can run beside its REST API.
+"""Patches bqemulator 1.4.0: its Storage Write API runs beside its REST API,
+and a write does not copy the whole table.
 
 The emulator keeps one DuckDB connection. Its REST API uses it on the event
 loop's thread; its Storage Write API's handlers run on grpc.aio's thread
@@ -25,6 +26,14 @@ Google uses for a stream that cannot be committed), and GetWriteStream of
 a committed PENDING stream carries a commit_time (the time of the call:
 the emulator does not keep when it was).
 
+And every write (an insertAll request, an append, a load) made the
+emulator copy the whole table into a snapshot kept seven days, for time
+travel: memory grows with the square of the rows. `make bench`'s 600,000
+emulator rows took it to 19.9 GB, DuckDB's default limit (80 % of this
+machine's RAM), and a broker starved beside it stopped answering. Nothing
+here reads a snapshot; the patch keeps the change event (it clears the
+query cache) and drops the copy.
+
 Idempotent; run by scripts/stack.sh after installing the emulator, and
 by deploy/bqemulator/Dockerfile (the compose stack's emulator).
 """
@@ -33,10 +42,11 @@ import pathlib
 import sys
 
 import bqemulator.grpc_api.write_servicer as servicer
+import bqemulator.versioning.snapshots as snapshots
 
 # Bumped whenever the patch changes: an emulator patched by an older version
 # must be reinstalled first (exit 3 says so; scripts/stack.sh does it).
-MARK = "# movielog-stack patch v4"
+MARK = "# movielog-stack patch v5"
 ANY_VERSION = "# movielog-stack patch"
 
 REPLACEMENTS = [
@@ -157,16 +167,32 @@ REPLACEMENTS.append(
     )
 )
 
-path = pathlib.Path(servicer.__file__)
-text = path.read_text()
-if MARK in text:
-    sys.exit(0)
-if ANY_VERSION in text:
-    print(f"{path}: patched by an older version of this script; reinstall bqemulator", file=sys.stderr)
-    sys.exit(3)
-for old, new in REPLACEMENTS:
-    if text.count(old) != 1:
-        sys.exit(f"{path}: the code to patch is not there (another bqemulator version?):\n{old}")
-    text = text.replace(old, new)
-path.write_text(text)
-print(f"patched {path}")
+SNAPSHOT_REPLACEMENTS = [
+    (
+        """        meta = self.capture(project_id, dataset_id, table_id, kind="AUTO")
+""",
+        f"""        meta = None  {MARK}: no copy of the whole table per write
+""",
+    ),
+]
+
+
+def patch(module, replacements):
+    """Applies `replacements` to `module`'s file, once."""
+    path = pathlib.Path(module.__file__)
+    text = path.read_text()
+    if MARK in text:
+        return
+    if ANY_VERSION in text:
+        print(f"{path}: patched by an older version of this script; reinstall bqemulator", file=sys.stderr)
+        sys.exit(3)
+    for old, new in replacements:
+        if text.count(old) != 1:
+            sys.exit(f"{path}: the code to patch is not there (another bqemulator version?):\n{old}")
+        text = text.replace(old, new)
+    path.write_text(text)
+    print(f"patched {path}")
+
+
+patch(servicer, REPLACEMENTS)
+patch(snapshots, SNAPSHOT_REPLACEMENTS)
