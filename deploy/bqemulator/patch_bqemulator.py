@@ -31,8 +31,10 @@ emulator copy the whole table into a snapshot kept seven days, for time
 travel: memory grows with the square of the rows. `make bench`'s 600,000
 emulator rows took it to 19.9 GB, DuckDB's default limit (80 % of this
 machine's RAM), and a broker starved beside it stopped answering. Nothing
-here reads a snapshot; the patch keeps the change event (it clears the
-query cache) and drops the copy.
+here reads a snapshot; the patch keeps the change event (it marks
+materialized views stale) and drops the copy. Time travel (`FOR
+SYSTEM_TIME AS OF`), the one reader of those copies, would then answer
+with today's rows: the patch makes it fail with an error that says why.
 
 Idempotent; run by scripts/stack.sh after installing the emulator, and
 by deploy/bqemulator/Dockerfile (the compose stack's emulator).
@@ -43,6 +45,7 @@ import sys
 
 import bqemulator.grpc_api.write_servicer as servicer
 import bqemulator.versioning.snapshots as snapshots
+import bqemulator.versioning.time_travel as time_travel
 
 # Bumped whenever the patch changes: an emulator patched by an older version
 # must be reinstalled first (exit 3 says so; scripts/stack.sh does it).
@@ -176,6 +179,19 @@ SNAPSHOT_REPLACEMENTS = [
     ),
 ]
 
+TIME_TRAVEL_REPLACEMENTS = [
+    (
+        """        snap = snapshots.resolve_time_travel(
+""",
+        f"""        raise InvalidQueryError(  {MARK}
+            "FOR SYSTEM_TIME AS OF: this emulator keeps no table history "
+            "(deploy/bqemulator/patch_bqemulator.py removed it)"
+        )
+        snap = snapshots.resolve_time_travel(
+""",
+    ),
+]
+
 
 def patch(module, replacements):
     """Applies `replacements` to `module`'s file, once."""
@@ -196,3 +212,4 @@ def patch(module, replacements):
 
 patch(servicer, REPLACEMENTS)
 patch(snapshots, SNAPSHOT_REPLACEMENTS)
+patch(time_travel, TIME_TRAVEL_REPLACEMENTS)
