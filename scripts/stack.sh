@@ -233,7 +233,14 @@ start_redis() {
         --dir "$STACK_DIR/redis" --save '' --daemonize no
 }
 
+# The patch the emulator runs with (its MARK line): an emulator started before
+# the patch changed still runs the old code, so `up` restarts it.
+bq_patch_mark() {
+    grep -m1 '^MARK = ' "$REPO/deploy/bqemulator/patch_bqemulator.py"
+}
+
 start_bqemulator() {
+    bq_patch_mark >"$STACK_DIR/bqemulator.patch"
     echo "$1" >"$STACK_DIR/bqemulator.port"
     echo "$2" >"$STACK_DIR/bqemulator.grpc.port"
     spawn bqemulator env HOME="$BQ_HOME" BQEMU_ENABLE_FORMAT_EXTENSIONS=false \
@@ -306,9 +313,12 @@ cmd_up() {
     lock_stack
     if stack_is_up && [ "$(cat "$STACK_DIR/tansu.storage" 2>/dev/null)" = "$KAFKA_STORAGE" ] \
         && [ "$(cat "$STACK_DIR/redis.mode" 2>/dev/null)" = "$REDIS_MODE" ]; then
-        log "stack already up in $STACK_DIR"
-        cat "$STACK_DIR/env" >&3
-        return 0
+        if [ "$(cat "$STACK_DIR/bqemulator.patch" 2>/dev/null)" = "$(bq_patch_mark)" ]; then
+            log "stack already up in $STACK_DIR"
+            cat "$STACK_DIR/env" >&3
+            return 0
+        fi
+        log "the emulator runs an older patch of deploy/bqemulator/patch_bqemulator.py: restarting the stack"
     fi
     stop_all   # a partial (or differently configured) stack: stop the survivors
     # If anything below fails, stop what we started rather than leave half a stack.

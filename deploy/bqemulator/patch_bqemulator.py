@@ -49,7 +49,7 @@ import bqemulator.versioning.time_travel as time_travel
 
 # Bumped whenever the patch changes: an emulator patched by an older version
 # must be reinstalled first (exit 3 says so; scripts/stack.sh does it).
-MARK = "# movielog-stack patch v5"
+MARK = "# movielog-stack patch v6"
 ANY_VERSION = "# movielog-stack patch"
 
 REPLACEMENTS = [
