@@ -57,6 +57,10 @@ pub const KEYWORDS: &[&str] = &[
     "toy story",
 ];
 
+/// How far before `now` a generator's event times go unless
+/// [`Generator::spread`] says otherwise: two hours.
+pub const DEFAULT_SPREAD_MS: i64 = 7_200_000;
+
 /// How much earlier than its place in the stream an event's time may be
 /// ([`Generator::in_time_order`]).
 pub const ARRIVAL_JITTER_MS: i64 = 1_000;
@@ -148,7 +152,7 @@ impl Generator {
             users: 2_000,
             movies: 500,
             now_ms,
-            spread_ms: 7_200_000,
+            spread_ms: DEFAULT_SPREAD_MS,
             in_order: None,
             seq: 0,
             production: None,

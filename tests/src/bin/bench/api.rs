@@ -34,11 +34,7 @@ pub async fn run(stack: &Stack, events: usize, clients: usize, seconds: u64) -> 
         "bench-api",
         Mix::User3,
         events,
-        Input::Production {
-            malformed: 0.01,
-            spread_ms: super::TWO_HOURS_MS,
-            in_order: false,
-        },
+        Input::shuffled(0.01),
     )
     .await?;
     let dir = stack.dir.join(unique("bench-api"));

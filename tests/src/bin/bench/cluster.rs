@@ -42,11 +42,7 @@ struct NodeFigures {
 
 /// Runs the rows and prints them.
 pub async fn run(stack: &Stack, events: usize, malformed: f64) -> anyhow::Result<()> {
-    let input = Input::Production {
-        malformed,
-        spread_ms: super::TWO_HOURS_MS,
-        in_order: false,
-    };
+    let input = Input::shuffled(malformed);
     let label = format!("production {:.0}% bad", malformed * 100.0);
     let (topic, _) = fill_topic(
         stack,

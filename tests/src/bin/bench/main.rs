@@ -44,15 +44,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use e2e::bigquery::{expected_row, Fault, FaultProxy, WriteApi};
 use e2e::broker::Broker;
-use e2e::generator::{Generator, Mix};
+use e2e::generator::{Generator, Mix, DEFAULT_SPREAD_MS};
 use e2e::grpc_proxy::GrpcFaultProxy;
 use e2e::process::{PrivateRedis, Service};
 use e2e::redis::applied_offsets;
 use e2e::service::ServiceFlags;
 use e2e::{kafka, poll_until, unique, Stack, PARTITIONS};
-
-/// The generator's default spread of event times.
-const TWO_HOURS_MS: i64 = 7_200_000;
 
 /// `bench redis`'s default spread of the production-shaped input's event
 /// times, in arrival order: 300,000 events at 5,000 a second.
@@ -174,6 +171,18 @@ enum Input {
     },
 }
 
+impl Input {
+    /// The production-shaped input with event times drawn at random over
+    /// the generator's two hours: every batch touches every minute of them.
+    fn shuffled(malformed: f64) -> Self {
+        Self::Production {
+            malformed,
+            spread_ms: DEFAULT_SPREAD_MS,
+            in_order: false,
+        }
+    }
+}
+
 struct Figures {
     name: String,
     events: usize,
@@ -228,13 +237,8 @@ async fn main() -> anyhow::Result<()> {
                     (production, label)
                 });
                 let shuffled = shuffled_times.then(|| {
-                    let production = Input::Production {
-                        malformed: 0.01,
-                        spread_ms: TWO_HOURS_MS,
-                        in_order: false,
-                    };
                     (
-                        production,
+                        Input::shuffled(0.01),
                         "production 1% bad, times shuffled over 2 h".to_owned(),
                     )
                 });
@@ -272,11 +276,7 @@ async fn main() -> anyhow::Result<()> {
             malformed,
         } => {
             let input = match malformed {
-                Some(malformed) => Input::Production {
-                    malformed,
-                    spread_ms: TWO_HOURS_MS,
-                    in_order: false,
-                },
+                Some(malformed) => Input::shuffled(malformed),
                 None => Input::Uniform { users: 2_000 },
             };
             let (topic, rows) = fill_topic(&stack, "bench-user2", Mix::All, events, input).await?;
